@@ -1,0 +1,159 @@
+//! Return-routability cookies: proof that a binding client receives at the address it sends from.
+//!
+//! Stateless, like a DTLS HelloVerifyRequest or a QUIC Retry token: the relay keeps nothing
+//! between the CHALLENGE and the second BIND. A cookie is the time it was issued and a MAC over
+//! that time, the client's address and the ticket, keyed by a secret only this relay process
+//! holds. It is useless from another address, for another ticket, on another relay, or after its
+//! lifetime.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::wire::COOKIE_LEN;
+
+const MAC_LEN: usize = COOKIE_LEN - 8;
+
+/// Mints and checks cookies for one relay process.
+#[derive(Clone)]
+pub struct Cookies {
+    secret: [u8; 32],
+    lifetime: Duration,
+}
+
+impl std::fmt::Debug for Cookies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cookies")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a cookie was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CookieError {
+    /// The MAC does not match: another address, ticket or relay, or forged.
+    #[error("cookie does not match")]
+    Mismatch,
+    /// Older than the lifetime, or issued in the future.
+    #[error("cookie expired")]
+    Expired,
+}
+
+impl Cookies {
+    /// `secret` must be random and private to this relay process; `lifetime` bounds how long a
+    /// client may take between CHALLENGE and the second BIND.
+    pub fn new(secret: [u8; 32], lifetime: Duration) -> Self {
+        Self { secret, lifetime }
+    }
+
+    fn mac(&self, issued_ms: u64, from: SocketAddr, ticket: &[u8]) -> [u8; 32] {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC accepts any key length");
+        mac.update(&issued_ms.to_be_bytes());
+        let ip = match from.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        mac.update(&ip.octets());
+        mac.update(&from.port().to_be_bytes());
+        mac.update(ticket);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Mints a cookie for `from` and `ticket` at `now_ms` (milliseconds on the relay's own
+    /// monotonic clock).
+    pub fn mint(&self, now_ms: u64, from: SocketAddr, ticket: &[u8]) -> [u8; COOKIE_LEN] {
+        let mut c = [0u8; COOKIE_LEN];
+        c[..8].copy_from_slice(&now_ms.to_be_bytes());
+        c[8..].copy_from_slice(&self.mac(now_ms, from, ticket)[..MAC_LEN]);
+        c
+    }
+
+    /// Checks a cookie presented by `from` with `ticket` at `now_ms`.
+    pub fn check(
+        &self,
+        now_ms: u64,
+        from: SocketAddr,
+        ticket: &[u8],
+        cookie: &[u8],
+    ) -> Result<(), CookieError> {
+        if cookie.len() != COOKIE_LEN {
+            return Err(CookieError::Mismatch);
+        }
+        let issued = u64::from_be_bytes(cookie[..8].try_into().expect("8 bytes"));
+        let expected = self.mac(issued, from, ticket);
+        if !bool::from(expected[..MAC_LEN].ct_eq(&cookie[8..])) {
+            return Err(CookieError::Mismatch);
+        }
+        let age = now_ms.checked_sub(issued).ok_or(CookieError::Expired)?;
+        if age > self.lifetime.as_millis() as u64 {
+            return Err(CookieError::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookie_is_bound_to_address_ticket_relay_and_time() {
+        let c = Cookies::new([1; 32], Duration::from_secs(10));
+        let a: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:5000".parse().unwrap();
+        let cookie = c.mint(1_000, a, b"ticket");
+        assert_eq!(c.check(1_000, a, b"ticket", &cookie), Ok(()));
+        assert_eq!(c.check(11_000, a, b"ticket", &cookie), Ok(()));
+        assert_eq!(
+            c.check(11_001, a, b"ticket", &cookie),
+            Err(CookieError::Expired)
+        );
+        assert_eq!(
+            c.check(999, a, b"ticket", &cookie),
+            Err(CookieError::Expired)
+        );
+        assert_eq!(
+            c.check(1_000, b, b"ticket", &cookie),
+            Err(CookieError::Mismatch)
+        );
+        let other_port: SocketAddr = "127.0.0.2:5001".parse().unwrap();
+        assert_eq!(
+            c.check(1_000, other_port, b"ticket", &cookie),
+            Err(CookieError::Mismatch)
+        );
+        assert_eq!(
+            c.check(1_000, a, b"tickeu", &cookie),
+            Err(CookieError::Mismatch)
+        );
+        let other_relay = Cookies::new([2; 32], Duration::from_secs(10));
+        assert_eq!(
+            other_relay.check(1_000, a, b"ticket", &cookie),
+            Err(CookieError::Mismatch)
+        );
+        let mut forged = cookie;
+        forged[..8].copy_from_slice(&5_000u64.to_be_bytes());
+        assert_eq!(
+            c.check(5_000, a, b"ticket", &forged),
+            Err(CookieError::Mismatch)
+        );
+        assert_eq!(
+            c.check(1_000, a, b"ticket", &cookie[..23]),
+            Err(CookieError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_addresses_are_distinct_inputs() {
+        let c = Cookies::new([1; 32], Duration::from_secs(10));
+        let v6: SocketAddr = "[::1]:5000".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let cookie = c.mint(0, v6, b"t");
+        assert_eq!(c.check(0, v6, b"t", &cookie), Ok(()));
+        assert_eq!(c.check(0, v4, b"t", &cookie), Err(CookieError::Mismatch));
+    }
+}

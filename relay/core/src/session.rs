@@ -1,0 +1,398 @@
+//! The relay's session table: which endpoint each leg of each session is bound to.
+//!
+//! The [`Directory`] is shared by every IO worker of a relay. The kernel spreads clients over
+//! workers by their 4-tuple, so two legs of one call may be served by different workers; each
+//! worker must see where the other legs are bound. A session's bound legs live in a copy-on-write
+//! [`LegSet`] behind an `ArcSwap`: binds (rare) take the directory's mutex and publish a new set;
+//! forwarding (every packet) reads the current set without a lock and without writing to any
+//! shared cache line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+
+use crate::token::{SessionId, Ticket};
+
+/// Identifies a QUIC connection within one relay (assigned by the QUIC adapter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+/// Where a bound leg receives its media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// A UDP client at this address.
+    Udp(SocketAddr),
+    /// A QUIC client on this connection.
+    Quic(ConnId),
+}
+
+/// The bound legs of one session: an immutable snapshot, replaced on every change.
+#[derive(Debug, Default, Clone)]
+pub struct LegSet {
+    slots: Vec<(u8, Endpoint)>,
+}
+
+impl LegSet {
+    /// The endpoint leg `leg` is bound to, if any.
+    #[inline]
+    pub fn get(&self, leg: u8) -> Option<Endpoint> {
+        self.slots.iter().find(|(l, _)| *l == leg).map(|(_, e)| *e)
+    }
+
+    /// Every bound endpoint except that of leg `except`.
+    #[inline]
+    pub fn others(&self, except: u8) -> impl Iterator<Item = Endpoint> + '_ {
+        self.slots
+            .iter()
+            .filter(move |(l, _)| *l != except)
+            .map(|(_, e)| *e)
+    }
+
+    /// Number of bound legs.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True if no leg is bound.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn with(&self, leg: u8, ep: Endpoint) -> Self {
+        let mut slots = self.slots.clone();
+        match slots.iter_mut().find(|(l, _)| *l == leg) {
+            Some(slot) => slot.1 = ep,
+            None => slots.push((leg, ep)),
+        }
+        Self { slots }
+    }
+
+    fn without(&self, leg: u8) -> Self {
+        Self {
+            slots: self
+                .slots
+                .iter()
+                .filter(|(l, _)| *l != leg)
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+/// One session as a relay serves it.
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    expires_unix_ms: u64,
+    legs: ArcSwap<LegSet>,
+    closed: AtomicBool,
+}
+
+impl Session {
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// When the session's tokens expire, Unix milliseconds.
+    pub fn expires_unix_ms(&self) -> u64 {
+        self.expires_unix_ms
+    }
+
+    /// The current bound legs. Lock-free; hold the guard only briefly (one packet).
+    #[inline]
+    pub fn legs(&self) -> arc_swap::Guard<Arc<LegSet>> {
+        self.legs.load()
+    }
+
+    /// True once the session was revoked: forward nothing more.
+    #[inline]
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the directory refused a bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The session was revoked.
+    #[error("session closed")]
+    SessionClosed,
+    /// The relay holds its maximum number of legs.
+    #[error("relay full")]
+    RelayFull,
+    /// The relay is draining and the session is not already served here.
+    #[error("draining")]
+    Draining,
+}
+
+/// A successful bind.
+#[derive(Debug)]
+pub struct Bound {
+    /// The session.
+    pub session: Arc<Session>,
+    /// The endpoint the leg was bound to before, if it moved.
+    pub previous: Option<Endpoint>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Keyed by controller-chosen random ids, not by anything a client picks freely (a client
+    /// only reaches this map with an authenticated ticket): SipHash's cost is irrelevant here,
+    /// as the map is touched on binds and expiry only, never per packet.
+    sessions: HashMap<SessionId, Arc<Session>>,
+    /// Revoked sessions and their token expiry: refused until then.
+    revoked: HashMap<SessionId, u64>,
+}
+
+/// The table of sessions and their bound legs, shared by a relay's workers and adapters.
+#[derive(Debug)]
+pub struct Directory {
+    inner: Mutex<Inner>,
+    legs: AtomicUsize,
+    max_legs: usize,
+    draining: AtomicBool,
+}
+
+impl Directory {
+    /// An empty directory that accepts at most `max_legs` bound legs.
+    pub fn new(max_legs: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            legs: AtomicUsize::new(0),
+            max_legs,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves maps that are still consistent (every update is
+        // a single insert or remove), so poisoning carries no information: recover.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Binds leg `ticket.leg` of `ticket.session` to `ep`, replacing any previous endpoint of
+    /// that leg. The caller has authenticated the ticket and checked its expiry.
+    pub fn bind(&self, ticket: &Ticket, ep: Endpoint) -> Result<Bound, BindError> {
+        let mut inner = self.lock();
+        if inner.revoked.contains_key(&ticket.session) {
+            return Err(BindError::SessionClosed);
+        }
+        let existing = inner.sessions.get(&ticket.session).cloned();
+        let previous = existing
+            .as_ref()
+            .and_then(|s| s.legs.load().get(ticket.leg));
+        if previous.is_none() {
+            if existing.is_none() && self.draining.load(Ordering::Relaxed) {
+                return Err(BindError::Draining);
+            }
+            if self.legs.load(Ordering::Relaxed) >= self.max_legs {
+                return Err(BindError::RelayFull);
+            }
+            self.legs.fetch_add(1, Ordering::Relaxed);
+        }
+        let session = existing.unwrap_or_else(|| {
+            let s = Arc::new(Session {
+                id: ticket.session,
+                expires_unix_ms: ticket.expires_unix_ms,
+                legs: ArcSwap::from_pointee(LegSet::default()),
+                closed: AtomicBool::new(false),
+            });
+            inner.sessions.insert(ticket.session, s.clone());
+            s
+        });
+        let next = session.legs.load().with(ticket.leg, ep);
+        session.legs.store(Arc::new(next));
+        Ok(Bound { session, previous })
+    }
+
+    /// Unbinds leg `leg` of `session` if it is still bound to `ep` (it may have moved since);
+    /// returns whether it was. Removes the session once its last leg is gone.
+    pub fn unbind(&self, session: &Session, leg: u8, ep: Endpoint) -> bool {
+        let mut inner = self.lock();
+        let legs = session.legs.load();
+        if legs.get(leg) != Some(ep) {
+            return false;
+        }
+        let next = legs.without(leg);
+        let empty = next.is_empty();
+        session.legs.store(Arc::new(next));
+        self.legs.fetch_sub(1, Ordering::Relaxed);
+        if empty
+            && inner
+                .sessions
+                .get(&session.id)
+                .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), session))
+        {
+            inner.sessions.remove(&session.id);
+        }
+        true
+    }
+
+    /// Revokes a session until `expires_unix_ms`: its legs are unbound at once, workers stop
+    /// forwarding its media at their next packet, and its tokens no longer bind. Returns the
+    /// session's endpoints that were bound, so the caller can tell them.
+    pub fn revoke(&self, id: SessionId, expires_unix_ms: u64) -> Vec<Endpoint> {
+        let mut inner = self.lock();
+        inner.revoked.insert(id, expires_unix_ms);
+        let Some(session) = inner.sessions.remove(&id) else {
+            return Vec::new();
+        };
+        session.closed.store(true, Ordering::Relaxed);
+        let legs = session.legs.swap(Arc::new(LegSet::default()));
+        self.legs.fetch_sub(legs.len(), Ordering::Relaxed);
+        legs.slots.iter().map(|(_, e)| *e).collect()
+    }
+
+    /// True if `id` is revoked.
+    pub fn is_revoked(&self, id: SessionId) -> bool {
+        self.lock().revoked.contains_key(&id)
+    }
+
+    /// Forgets revocations whose tokens have expired by `now_unix_ms`.
+    pub fn forget_expired_revocations(&self, now_unix_ms: u64) {
+        self.lock().revoked.retain(|_, exp| *exp > now_unix_ms);
+    }
+
+    /// Number of revocations in force.
+    pub fn revocations(&self) -> usize {
+        self.lock().revoked.len()
+    }
+
+    /// Number of sessions with at least one bound leg.
+    pub fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Number of bound legs.
+    pub fn legs(&self) -> usize {
+        self.legs.load(Ordering::Relaxed)
+    }
+
+    /// The most legs this directory accepts.
+    pub fn max_legs(&self) -> usize {
+        self.max_legs
+    }
+
+    /// Starts (or stops) draining: binds for sessions not already served here are refused.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{KeyId, Limits};
+
+    fn ticket(session: u64, leg: u8) -> Ticket {
+        Ticket {
+            key_id: KeyId(1),
+            session: SessionId(session),
+            leg,
+            legs: 4,
+            expires_unix_ms: 1_000,
+            limits: Limits::default(),
+        }
+    }
+
+    fn udp(port: u16) -> Endpoint {
+        Endpoint::Udp(SocketAddr::from(([127, 0, 0, 2], port)))
+    }
+
+    #[test]
+    fn bind_rebind_unbind() {
+        let d = Directory::new(10);
+        let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        assert_eq!(a.previous, None);
+        let b = d.bind(&ticket(1, 1), udp(2)).unwrap();
+        assert!(Arc::ptr_eq(&a.session, &b.session));
+        assert_eq!(d.legs(), 2);
+        assert_eq!(a.session.legs().others(0).collect::<Vec<_>>(), vec![udp(2)]);
+
+        // The leg moves: same count, new endpoint, the old one reported.
+        let moved = d.bind(&ticket(1, 1), udp(3)).unwrap();
+        assert_eq!(moved.previous, Some(udp(2)));
+        assert_eq!(d.legs(), 2);
+        assert!(
+            !d.unbind(&a.session, 1, udp(2)),
+            "stale endpoint unbinds nothing"
+        );
+        assert!(d.unbind(&a.session, 1, udp(3)));
+        assert!(d.unbind(&a.session, 0, udp(1)));
+        assert_eq!((d.legs(), d.sessions()), (0, 0));
+
+        // A new bind after the session emptied starts a new session object.
+        let c = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        assert!(!Arc::ptr_eq(&a.session, &c.session));
+    }
+
+    #[test]
+    fn capacity_counts_legs_not_rebinds() {
+        let d = Directory::new(2);
+        d.bind(&ticket(1, 0), udp(1)).unwrap();
+        d.bind(&ticket(1, 1), udp(2)).unwrap();
+        assert_eq!(
+            d.bind(&ticket(1, 2), udp(3)).unwrap_err(),
+            BindError::RelayFull
+        );
+        assert_eq!(
+            d.bind(&ticket(2, 0), udp(3)).unwrap_err(),
+            BindError::RelayFull
+        );
+        assert!(
+            d.bind(&ticket(1, 1), udp(4)).is_ok(),
+            "moving a bound leg needs no capacity"
+        );
+    }
+
+    #[test]
+    fn revoke_closes_and_refuses() {
+        let d = Directory::new(10);
+        let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        d.bind(&ticket(1, 1), udp(2)).unwrap();
+        let mut eps = d.revoke(SessionId(1), 500);
+        eps.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(eps, vec![udp(1), udp(2)]);
+        assert!(a.session.is_closed());
+        assert!(a.session.legs().is_empty());
+        assert_eq!((d.legs(), d.sessions()), (0, 0));
+        assert_eq!(
+            d.bind(&ticket(1, 0), udp(1)).unwrap_err(),
+            BindError::SessionClosed
+        );
+        assert!(!d.unbind(&a.session, 0, udp(1)));
+        d.forget_expired_revocations(499);
+        assert!(d.is_revoked(SessionId(1)));
+        d.forget_expired_revocations(500);
+        assert!(!d.is_revoked(SessionId(1)));
+    }
+
+    #[test]
+    fn draining_refuses_only_new_sessions() {
+        let d = Directory::new(10);
+        d.bind(&ticket(1, 0), udp(1)).unwrap();
+        d.set_draining(true);
+        assert_eq!(
+            d.bind(&ticket(2, 0), udp(2)).unwrap_err(),
+            BindError::Draining
+        );
+        assert!(
+            d.bind(&ticket(1, 1), udp(3)).is_ok(),
+            "a call already here continues"
+        );
+        assert!(
+            d.bind(&ticket(1, 0), udp(4)).is_ok(),
+            "and its legs may move"
+        );
+    }
+}
