@@ -246,7 +246,8 @@ pub mod session_service_client {
     ///
     /// * INVALID_ARGUMENT: a request field is out of its documented range; the message names the field.
     /// * NOT_FOUND: no session with that id (never allocated here, or past its expiry).
-    /// * FAILED_PRECONDITION: a `call_id` is reused with different participants, or after release.
+    /// * ALREADY_EXISTS: the `call_id` is taken: by a session with different participants, or by a
+    ///  session that was released (a new call needs a new `call_id`).
     /// * UNAVAILABLE: no relay can take the session right now; retry with backoff.
     #[derive(Debug, Clone)]
     pub struct SessionServiceClient<T> {
@@ -455,7 +456,8 @@ pub mod session_service_server {
     ///
     /// * INVALID_ARGUMENT: a request field is out of its documented range; the message names the field.
     /// * NOT_FOUND: no session with that id (never allocated here, or past its expiry).
-    /// * FAILED_PRECONDITION: a `call_id` is reused with different participants, or after release.
+    /// * ALREADY_EXISTS: the `call_id` is taken: by a session with different participants, or by a
+    ///  session that was released (a new call needs a new `call_id`).
     /// * UNAVAILABLE: no relay can take the session right now; retry with backoff.
     #[derive(Debug)]
     pub struct SessionServiceServer<T> {

@@ -15,7 +15,9 @@ pub mod stats;
 pub mod token;
 pub mod wire;
 
-pub use relay::{Config, LegState, LegStatus, Node, Refusal, Relay, Targets, Transmit, Verdict};
+pub use relay::{
+    Config, Event, LegState, LegStatus, Node, Refusal, Relay, Targets, Transmit, Verdict,
+};
 pub use session::{ConnId, Endpoint};
 pub use stats::{BindResult, DropReason, SharedStats, Stats};
 pub use token::{KeyId, KeyRing, Limits, SessionId, Ticket, Token};

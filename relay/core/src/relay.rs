@@ -327,6 +327,36 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// Something that happened to a leg, for the shell to log or act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A leg was bound (or moved) to `peer`.
+    Bound {
+        /// Its session.
+        session: SessionId,
+        /// Its index.
+        leg: u8,
+        /// The client address.
+        peer: SocketAddr,
+        /// True if the leg was bound elsewhere before.
+        moved: bool,
+    },
+    /// A leg stopped being served through this worker.
+    Unbound {
+        /// Its session.
+        session: SessionId,
+        /// Its index.
+        leg: u8,
+        /// The client address.
+        peer: SocketAddr,
+        /// Why.
+        why: LegStatus,
+    },
+}
+
+/// Events kept for the shell at most; beyond this the oldest are discarded (they only feed logs).
+const MAX_EVENTS: usize = 1024;
+
 /// A control message the relay originates.
 #[derive(Debug, Clone, Copy)]
 pub struct Transmit {
@@ -338,14 +368,15 @@ pub struct Transmit {
 
 /// Forwarding state for one UDP IO worker. Performs no I/O and never reads the clock.
 ///
-/// After every `handle_*` call, drain [`Relay::poll_transmit`], then re-arm the timer from
-/// [`Relay::poll_timeout`].
+/// After every `handle_*` call (or batch of calls), drain [`Relay::poll_transmit`], then
+/// [`Relay::poll_event`], then re-arm the timer from [`Relay::poll_timeout`].
 #[derive(Debug)]
 pub struct Relay {
     node: Arc<Node>,
     /// Keyed by client address, which an attacker chooses: keep SipHash (randomly keyed).
     by_peer: HashMap<SocketAddr, LegState>,
     transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
     stats: Stats,
     next_sweep: Instant,
 }
@@ -358,6 +389,7 @@ impl Relay {
             node,
             by_peer: HashMap::new(),
             transmits: VecDeque::with_capacity(64),
+            events: VecDeque::new(),
             stats: Stats::default(),
             next_sweep,
         }
@@ -404,12 +436,25 @@ impl Relay {
                 let verdict = leg.forward(now, pkt, &mut self.stats);
                 match verdict {
                     Verdict::Drop(DropReason::SessionClosed) => {
-                        let session = leg.session().0;
+                        let (session, index) = (leg.session(), leg.leg());
                         self.by_peer.remove(&from);
-                        self.send(from, wire::close(ErrorCode::SessionClosed, session));
+                        self.send(from, wire::close(ErrorCode::SessionClosed, session.0));
+                        self.event(Event::Unbound {
+                            session,
+                            leg: index,
+                            peer: from,
+                            why: LegStatus::Closed,
+                        });
                     }
                     Verdict::Drop(DropReason::Unbound) => {
+                        let (session, index) = (leg.session(), leg.leg());
                         self.by_peer.remove(&from);
+                        self.event(Event::Unbound {
+                            session,
+                            leg: index,
+                            peer: from,
+                            why: LegStatus::Moved,
+                        });
                     }
                     _ => {}
                 }
@@ -492,7 +537,21 @@ impl Relay {
         }
         self.stats.binds[BindResult::Bound as usize] += 1;
         self.send(from, wire::bind_ok(bind.txn, node.idle_timeout_secs()));
+        let moved = previous.is_some_and(|p| p != Endpoint::Udp(from));
+        self.event(Event::Bound {
+            session: ticket.session,
+            leg: ticket.leg,
+            peer: from,
+            moved,
+        });
         Verdict::Control
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
     }
 
     fn send(&mut self, dst: SocketAddr, msg: Encoded) {
@@ -541,6 +600,11 @@ impl Relay {
     /// When [`Relay::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         Some(self.next_sweep)
+    }
+
+    /// The next event, for logs.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// The next control message to send.

@@ -1,0 +1,179 @@
+//! The controller's flags, with `VEIL_*` environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use veil_ops::logging::LogFormat;
+use veil_relay_core::{KeyRing, Limits};
+
+use crate::placement::RegionMap;
+
+/// veil-controller: allocates relay sessions for signaling services, mints per-participant leg
+/// tokens, and steers calls across the relays attached to it. Every flag can also be set
+/// through the environment variable named in its description.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "veil-controller", version)]
+pub struct Config {
+    /// gRPC address (SessionService, RelayRegistry, grpc.health.v1, reflection).
+    #[arg(long, env = "VEIL_CONTROLLER_GRPC_ADDR", default_value = "[::]:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the ops HTTP endpoint: /metrics, /healthz, /readyz.
+    #[arg(long, env = "VEIL_CONTROLLER_OPS_ADDR", default_value = "[::]:9200")]
+    pub ops_addr: SocketAddr,
+
+    /// Cluster key ring file: one `<key-id> <hex-secret> [signing]` line per key. Required
+    /// unless --dev.
+    #[arg(long, env = "VEIL_KEY_FILE", required_unless_present = "dev")]
+    pub key_file: Option<PathBuf>,
+
+    /// Bearer tokens accepted from signaling services (comma-separated). Empty: SessionService
+    /// is open, for local development only.
+    #[arg(
+        long,
+        env = "VEIL_CONTROLLER_SIGNALING_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub signaling_tokens: Vec<String>,
+
+    /// Bearer tokens accepted from relays (comma-separated). Empty: RelayRegistry is open, for
+    /// local development only.
+    #[arg(
+        long,
+        env = "VEIL_CONTROLLER_RELAY_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub relay_tokens: Vec<String>,
+
+    /// Distances between regions for placement, comma-separated `REGION:REGION=DISTANCE`
+    /// entries (symmetric; unlisted pairs of different regions count 100).
+    #[arg(long, env = "VEIL_CONTROLLER_REGION_DISTANCES", value_delimiter = ',')]
+    pub region_distance: Vec<String>,
+
+    /// Mark a relay down after this many milliseconds without a load report.
+    #[arg(long, env = "VEIL_CONTROLLER_RELAY_TIMEOUT_MS", default_value_t = 3000)]
+    pub relay_timeout_ms: u64,
+
+    /// Packet-rate limit written into each leg token (packets per second; 0 = none).
+    #[arg(long, env = "VEIL_CONTROLLER_LEG_MAX_PPS", default_value_t = 5000)]
+    pub leg_max_pps: u32,
+
+    /// Bit-rate limit written into each leg token (kilobits per second; 0 = none).
+    #[arg(long, env = "VEIL_CONTROLLER_LEG_MAX_KBPS", default_value_t = 50_000)]
+    pub leg_max_kbps: u32,
+
+    /// Run a whole local cluster in this process on loopback: this controller plus
+    /// --dev-relays relays, with generated keys; print `READY {json}` and serve until
+    /// interrupted. --grpc-addr and --ops-addr are ignored (ports are picked on 127.0.0.1).
+    #[arg(long)]
+    pub dev: bool,
+
+    /// Number of relays in --dev mode.
+    #[arg(long, default_value_t = 1, requires = "dev")]
+    pub dev_relays: usize,
+
+    /// Log format.
+    #[arg(long, env = "VEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, for example `info` or `veil_controller=debug,info`.
+    #[arg(long, env = "VEIL_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// The controller's validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// gRPC bind address.
+    pub grpc_addr: SocketAddr,
+    /// Ops endpoint bind address.
+    pub ops_addr: SocketAddr,
+    /// The cluster key ring.
+    pub keys: KeyRing,
+    /// Where it came from, for reloads.
+    pub key_file: Option<PathBuf>,
+    /// Signaling service tokens.
+    pub signaling_tokens: Vec<String>,
+    /// Relay tokens.
+    pub relay_tokens: Vec<String>,
+    /// Region distances.
+    pub regions: RegionMap,
+    /// Relay silence timeout.
+    pub relay_timeout: Duration,
+    /// Limits for each leg.
+    pub leg_limits: Limits,
+}
+
+impl Settings {
+    /// Settings for a controller on loopback with the given keys: for `--dev` and tests.
+    pub fn local(keys: KeyRing) -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            keys,
+            key_file: None,
+            signaling_tokens: Vec::new(),
+            relay_tokens: Vec::new(),
+            regions: RegionMap::default(),
+            relay_timeout: Duration::from_secs(3),
+            leg_limits: Limits {
+                max_pps: 5000,
+                max_kbps: 50_000,
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Validates the flags and reads the key file (not used with --dev).
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let keys = match &self.key_file {
+            Some(path) => veil_relay::config::read_key_file(path)?,
+            None => crate::dev::generate_keys(),
+        };
+        let regions = RegionMap::parse(&self.region_distance)
+            .map_err(|e| anyhow::anyhow!("--region-distance {e}"))?;
+        if !(500..=60_000).contains(&self.relay_timeout_ms) {
+            bail!("--relay-timeout-ms must be from 500 to 60000");
+        }
+        for (flag, tokens) in [
+            ("--signaling-tokens", &self.signaling_tokens),
+            ("--relay-tokens", &self.relay_tokens),
+        ] {
+            if tokens
+                .iter()
+                .any(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                bail!("{flag}: each token must be at least 16 characters without spaces");
+            }
+        }
+        if self
+            .signaling_tokens
+            .iter()
+            .any(|t| self.relay_tokens.contains(t))
+        {
+            bail!("--signaling-tokens and --relay-tokens must not share a token");
+        }
+        if self.dev && !(1..=16).contains(&self.dev_relays) {
+            bail!("--dev-relays must be from 1 to 16");
+        }
+        Ok(Settings {
+            grpc_addr: self.grpc_addr,
+            ops_addr: self.ops_addr,
+            keys,
+            key_file: self.key_file.clone(),
+            signaling_tokens: self.signaling_tokens.clone(),
+            relay_tokens: self.relay_tokens.clone(),
+            regions,
+            relay_timeout: Duration::from_millis(self.relay_timeout_ms),
+            leg_limits: Limits {
+                max_pps: self.leg_max_pps,
+                max_kbps: self.leg_max_kbps,
+            },
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! A whole local cluster in one process: a controller and N relays on loopback, with generated
+//! key material. Behind `veil-controller --dev` and `veil-loadtest --local`, and used by tests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio::sync::watch;
+use veil_relay::RelayServer;
+use veil_relay_core::{KeyRing, Node};
+
+use crate::ControllerServer;
+use crate::config::Settings;
+use crate::state::Controller;
+
+/// Generates a fresh two-key ring (the second key signs), as a rotation in progress would look.
+pub fn generate_keys() -> KeyRing {
+    KeyRing::from_keys(&[(1, rand::random()), (2, rand::random())], 2)
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Number of relays.
+    pub relays: usize,
+    /// UDP IO workers per relay.
+    pub workers_per_relay: usize,
+    /// Regions of the relays, cycled; empty for none.
+    pub regions: Vec<String>,
+    /// Leg idle timeout on the relays.
+    pub leg_idle: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            relays: 1,
+            workers_per_relay: 2,
+            regions: Vec::new(),
+            leg_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One relay of the local cluster, as `READY` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DevRelay {
+    /// Node id.
+    pub node_id: String,
+    /// UDP media address.
+    pub udp: SocketAddr,
+    /// QUIC address, if served.
+    pub quic: Option<SocketAddr>,
+    /// Ops endpoint (/metrics, /healthz, /readyz).
+    pub metrics: SocketAddr,
+}
+
+/// A running local cluster.
+pub struct Cluster {
+    /// The controller's gRPC URL.
+    pub controller_url: String,
+    /// The controller's ops endpoint.
+    pub controller_ops: SocketAddr,
+    /// The relays.
+    pub relays: Vec<DevRelay>,
+    /// The generated key ring.
+    pub keys: KeyRing,
+    /// The controller's state.
+    pub controller: Arc<Controller>,
+    /// Each relay's shared state.
+    pub relay_nodes: Vec<Arc<Node>>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("controller_url", &self.controller_url)
+            .field("relays", &self.relays)
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    controller: &'a str,
+    controller_metrics: SocketAddr,
+    relays: &'a [DevRelay],
+}
+
+impl Cluster {
+    /// Starts the controller and the relays, and waits until every relay has attached.
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        if opts.relays == 0 {
+            bail!("a local cluster needs at least one relay");
+        }
+        let keys = generate_keys();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let server = ControllerServer::load(Settings::local(keys.clone())).await?;
+        let controller_url = format!("http://{}", server.grpc_addr());
+        let controller_ops = server.ops_addr();
+        let controller = server.controller().clone();
+        tasks.spawn(server.run(stopped(stop_rx.clone())));
+
+        let mut relays = Vec::new();
+        let mut relay_nodes = Vec::new();
+        for i in 0..opts.relays {
+            let mut s = veil_relay::config::Settings::local(
+                keys.clone(),
+                &format!("relay-{i}"),
+                vec![controller_url.clone()],
+            );
+            s.workers = opts.workers_per_relay.max(1);
+            s.core.leg_idle = opts.leg_idle;
+            if !opts.regions.is_empty() {
+                s.region = opts.regions[i % opts.regions.len()].clone();
+            }
+            s.zone = format!("zone-{i}");
+            s.report_interval = Duration::from_millis(500);
+            let relay = RelayServer::load(s).await?;
+            relays.push(DevRelay {
+                node_id: format!("relay-{i}"),
+                udp: relay.public_udp_addr(),
+                quic: None,
+                metrics: relay.ops_addr(),
+            });
+            relay_nodes.push(relay.node().clone());
+            tasks.spawn(relay.run(stopped(stop_rx.clone())));
+        }
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while controller.registry.up() < opts.relays {
+            if Instant::now() > deadline {
+                bail!("relays did not attach to the controller within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            controller_url,
+            controller_ops,
+            relays,
+            keys,
+            controller,
+            relay_nodes,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The `READY {json}` line.
+    pub fn ready_line(&self) -> String {
+        let ready = Ready {
+            controller: &self.controller_url,
+            controller_metrics: self.controller_ops,
+            relays: &self.relays,
+        };
+        format!(
+            "READY {}",
+            serde_json::to_string(&ready).expect("plain data serialises")
+        )
+    }
+
+    /// Stops everything and waits for it.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        while let Some(r) = self.tasks.join_next().await {
+            r.context("cluster task panicked")??;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a local cluster until `shutdown`: prints `READY {json}` on standard output once every
+/// relay has attached.
+pub async fn serve(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let cluster = Cluster::start(opts).await?;
+    println!("{}", cluster.ready_line());
+    use std::io::Write;
+    std::io::stdout().flush().context("flush stdout")?;
+    shutdown.await;
+    cluster.shutdown().await
+}

@@ -1,0 +1,190 @@
+//! `veil-controller`: the gRPC controller that signaling services call to allocate relay
+//! sessions. It keeps a registry of the relays attached to it, places each session on a primary
+//! and a backup relay, mints one leg token per participant, and tells relays when a session is
+//! released. It never learns a client address, and never holds media keys.
+//!
+//! ```no_run
+//! # async fn example(settings: veil_controller::config::Settings) -> anyhow::Result<()> {
+//! let controller = veil_controller::ControllerServer::load(settings).await?;
+//! controller.run(veil_ops::signal::shutdown()).await
+//! # }
+//! ```
+
+pub mod api;
+pub mod config;
+pub mod dev;
+pub mod metrics;
+pub mod placement;
+pub mod registry;
+pub mod service;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use veil_proto::v1::relay_registry_server::RelayRegistryServer;
+use veil_proto::v1::session_service_server::SessionServiceServer;
+
+use crate::config::Settings;
+use crate::metrics::ControllerMetrics;
+use crate::service::{Auth, RegistryApi, SessionApi};
+use crate::state::Controller;
+
+/// Largest request message accepted, in bytes. An allocation of 16 participants with maximal
+/// ids is about 5 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest a unary call may take on the server.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A controller with its sockets bound, ready to run.
+pub struct ControllerServer {
+    settings: Settings,
+    controller: Arc<Controller>,
+    listener: tokio::net::TcpListener,
+    grpc_addr: SocketAddr,
+    ops_addr: SocketAddr,
+    stop_ops: watch::Sender<bool>,
+    ops_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ControllerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerServer")
+            .field("grpc_addr", &self.grpc_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControllerServer {
+    /// Binds the gRPC and ops endpoints.
+    pub async fn load(settings: Settings) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let metrics = ControllerMetrics::register(&registry)?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let controller = Arc::new(Controller::new(
+            settings.keys.clone(),
+            settings.regions.clone(),
+            settings.leg_limits,
+            metrics,
+        ));
+        let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("bind gRPC address {}", settings.grpc_addr))?;
+        let grpc_addr = listener.local_addr()?;
+        let (stop_ops, mut stop_rx) = watch::channel(false);
+        let ops = veil_ops::http::Ops {
+            registry,
+            refresh: {
+                let c = controller.clone();
+                Arc::new(move || {
+                    c.metrics.sessions.set(c.sessions() as i64);
+                    c.metrics.set_relays(&c.registry.views());
+                })
+            },
+            ready: {
+                let c = controller.clone();
+                Arc::new(move || {
+                    if c.registry.up() > 0 {
+                        Ok(())
+                    } else {
+                        Err("no relay attached".into())
+                    }
+                })
+            },
+        };
+        let (ops_addr, ops_task) = veil_ops::http::serve(settings.ops_addr, ops, async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        })
+        .await?;
+        Ok(Self {
+            settings,
+            controller,
+            listener,
+            grpc_addr,
+            ops_addr,
+            stop_ops,
+            ops_task,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound ops address.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    /// The controller's state.
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let auth = Auth::new(
+            self.settings.signaling_tokens.clone(),
+            self.settings.relay_tokens.clone(),
+        );
+        let sessions = SessionServiceServer::new(SessionApi {
+            controller: self.controller.clone(),
+            auth: auth.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let relays = RelayRegistryServer::new(RegistryApi {
+            controller: self.controller.clone(),
+            auth,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<SessionServiceServer<SessionApi>>()
+            .await;
+        health
+            .set_serving::<RelayRegistryServer<RegistryApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(veil_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("build reflection service")?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let housekeeping = tokio::spawn(
+            self.controller
+                .clone()
+                .housekeeping(self.settings.relay_timeout, stop_rx),
+        );
+        tracing::info!(grpc = %self.grpc_addr, ops = %self.ops_addr, "controller serving");
+        let incoming = TcpListenerStream::new(self.listener);
+        let served = tonic::transport::Server::builder()
+            .timeout(RPC_TIMEOUT)
+            .concurrency_limit_per_connection(1024)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(sessions)
+            .add_service(relays)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        let _ = stop_tx.send(true);
+        let _ = self.stop_ops.send(true);
+        let _ = housekeeping.await;
+        let _ = self.ops_task.await;
+        served.context("gRPC server")?;
+        tracing::info!("controller stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! `veil-controller`: see `veil-controller --help`.
+
+use veil_controller::ControllerServer;
+use veil_controller::config::Config;
+use veil_controller::dev;
+
+#[tokio::main]
+async fn main() {
+    let config: Config = veil_ops::parse_flags();
+    if let Err(e) = veil_ops::logging::init(config.log_format, &config.log_filter) {
+        veil_ops::config_error(&e);
+    }
+    let settings = match config.settings() {
+        Ok(s) => s,
+        Err(e) => veil_ops::config_error(&e),
+    };
+    let result = if config.dev {
+        dev::serve(
+            dev::Options {
+                relays: config.dev_relays,
+                ..dev::Options::default()
+            },
+            veil_ops::signal::shutdown(),
+        )
+        .await
+    } else {
+        async {
+            ControllerServer::load(settings)
+                .await?
+                .run(veil_ops::signal::shutdown())
+                .await
+        }
+        .await
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %format!("{e:#}"), "controller failed");
+        std::process::exit(1);
+    }
+}

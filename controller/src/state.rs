@@ -1,0 +1,356 @@
+//! The controller's state and operations, apart from gRPC: sessions (with `call_id`
+//! idempotency), placement on relays, token minting, release and revocation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use veil_proto::v1 as pb;
+use veil_relay_core::{KeyRing, Limits, SessionId, Ticket};
+
+use crate::api::{AllocateError, AllocateRequest, NotFound, Participant, Transport};
+use crate::metrics::ControllerMetrics;
+use crate::placement::{self, RegionMap};
+use crate::registry::{Registry, RelayInfo};
+
+/// A relay's part in a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Bind here first.
+    Primary,
+    /// Move here when the primary fails.
+    Backup,
+}
+
+/// One leg of a session.
+#[derive(Debug, Clone)]
+pub struct Leg {
+    /// The participant.
+    pub participant_id: String,
+    /// Leg index.
+    pub index: u8,
+    /// The leg token.
+    pub token: Vec<u8>,
+    /// Transport the participant should use.
+    pub transport: Transport,
+}
+
+/// A session as the controller stores it.
+#[derive(Debug)]
+pub struct Session {
+    /// Session id.
+    pub id: u64,
+    /// The call it serves.
+    pub call_id: String,
+    /// Participants as requested (for idempotency checks).
+    pub participants: Vec<Participant>,
+    /// One leg per participant.
+    pub legs: Vec<Leg>,
+    /// Primary, then backup.
+    pub relays: Vec<(RelayInfo, Role)>,
+    /// Expiry, Unix milliseconds.
+    pub expires_unix_ms: u64,
+    released: AtomicBool,
+}
+
+impl Session {
+    /// True once released.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Relaxed)
+    }
+
+    fn expired(&self, now_unix_ms: u64) -> bool {
+        self.expires_unix_ms <= now_unix_ms
+    }
+
+    /// The public API's view of the session.
+    pub fn to_pb(&self) -> pb::Session {
+        let expires_at = prost_types::Timestamp {
+            seconds: (self.expires_unix_ms / 1000) as i64,
+            nanos: ((self.expires_unix_ms % 1000) * 1_000_000) as i32,
+        };
+        let relays: Vec<pb::RelayEndpoint> = self
+            .relays
+            .iter()
+            .map(|(r, role)| pb::RelayEndpoint {
+                node_id: r.node_id.clone(),
+                region: r.region.clone(),
+                udp_address: r.udp_address.clone(),
+                quic_address: r.quic_address.clone(),
+                quic_cert_sha256: r.quic_cert_sha256.clone(),
+                role: match role {
+                    Role::Primary => pb::RelayRole::Primary,
+                    Role::Backup => pb::RelayRole::Backup,
+                } as i32,
+            })
+            .collect();
+        pb::Session {
+            session_id: veil_proto::format_session_id(self.id),
+            call_id: self.call_id.clone(),
+            expires_at: Some(expires_at),
+            legs: self
+                .legs
+                .iter()
+                .map(|l| pb::Leg {
+                    participant_id: l.participant_id.clone(),
+                    leg_index: u32::from(l.index),
+                    token: l.token.clone(),
+                    expires_at: Some(expires_at),
+                    transport: match l.transport {
+                        Transport::Udp => pb::Transport::Udp,
+                        Transport::Quic => pb::Transport::Quic,
+                    } as i32,
+                    relays: relays.clone(),
+                })
+                .collect(),
+            state: if self.is_released() {
+                pb::SessionState::Released
+            } else {
+                pb::SessionState::Active
+            } as i32,
+            relays,
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the controller does, behind its gRPC services.
+pub struct Controller {
+    /// The relays.
+    pub registry: Registry,
+    by_id: DashMap<u64, Arc<Session>>,
+    /// `call_id` → session id. Keyed by caller-chosen strings: DashMap's default (SipHash,
+    /// randomly keyed) resists collision floods.
+    by_call: DashMap<String, u64>,
+    keys: RwLock<Arc<KeyRing>>,
+    regions: RegionMap,
+    limits: Limits,
+    /// The controller's metrics.
+    pub metrics: ControllerMetrics,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("sessions", &self.by_id.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// A controller signing with `keys`, placing by `regions`, giving each leg `limits`.
+    pub fn new(
+        keys: KeyRing,
+        regions: RegionMap,
+        limits: Limits,
+        metrics: ControllerMetrics,
+    ) -> Self {
+        Self {
+            registry: Registry::default(),
+            by_id: DashMap::new(),
+            by_call: DashMap::new(),
+            keys: RwLock::new(Arc::new(keys)),
+            regions,
+            limits,
+            metrics,
+        }
+    }
+
+    /// Replaces the key ring (rotation): new tokens are signed with its signing key.
+    pub fn set_keys(&self, keys: KeyRing) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+    }
+
+    fn keys(&self) -> Arc<KeyRing> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Allocates a session, or returns the live one already allocated for the same `call_id`
+    /// and participants. Returns whether it was created.
+    pub fn allocate(&self, req: AllocateRequest) -> Result<(Arc<Session>, bool), AllocateError> {
+        let now = unix_ms();
+        // The entry holds this call_id's shard lock while the session is placed and minted (no
+        // await inside), so concurrent retries of one call cannot create two sessions.
+        match self.by_call.entry(req.call_id.clone()) {
+            Entry::Occupied(mut e) => {
+                if let Some(existing) = self.by_id.get(e.get()).map(|s| s.clone())
+                    && !existing.expired(now)
+                {
+                    if existing.is_released() {
+                        return Err(AllocateError::Released);
+                    }
+                    if existing.participants != req.participants {
+                        return Err(AllocateError::Conflict);
+                    }
+                    return Ok((existing, false));
+                }
+                let session = self.create(&req, now)?;
+                e.insert(session.id);
+                Ok((session, true))
+            }
+            Entry::Vacant(e) => {
+                let session = self.create(&req, now)?;
+                e.insert(session.id);
+                Ok((session, true))
+            }
+        }
+    }
+
+    fn create(&self, req: &AllocateRequest, now: u64) -> Result<Arc<Session>, AllocateError> {
+        let views = self.registry.views();
+        let candidates: Vec<_> = views.iter().map(|v| v.candidate()).collect();
+        let legs = req.participants.len() as u64;
+        let hints: Vec<&str> = req.participants.iter().map(|p| p.region.as_str()).collect();
+        let placement =
+            placement::place(&candidates, legs, &hints, &self.regions, &mut rand::rng())
+                .map_err(|e| AllocateError::NoRelay(e.to_string()))?;
+        let primary = &views[placement.primary];
+        let backup = placement.backup.map(|i| &views[i]);
+        self.registry.note_placed(&primary.info.node_id, legs);
+        self.metrics
+            .placements
+            .with_label_values(&["primary"])
+            .inc();
+        // The backup carries no traffic until a failover, so its load is not charged here.
+        if backup.is_some() {
+            self.metrics.placements.with_label_values(&["backup"]).inc();
+        }
+        let quic_everywhere = !primary.info.quic_address.is_empty()
+            && backup.is_none_or(|b| !b.info.quic_address.is_empty());
+
+        let expires_unix_ms = now + req.ttl.as_millis() as u64;
+        let keys = self.keys();
+        let id = loop {
+            let id: u64 = rand::random();
+            if id != 0 && !self.by_id.contains_key(&id) {
+                break id;
+            }
+        };
+        let legs = req
+            .participants
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let token = keys.mint(Ticket {
+                    key_id: keys.signing_key_id(),
+                    session: SessionId(id),
+                    leg: i as u8,
+                    legs: req.participants.len() as u8,
+                    expires_unix_ms,
+                    limits: self.limits,
+                });
+                let transport = match p.transport {
+                    Some(Transport::Quic) if quic_everywhere => Transport::Quic,
+                    _ => Transport::Udp,
+                };
+                Leg {
+                    participant_id: p.id.clone(),
+                    index: i as u8,
+                    token: token.to_bytes().to_vec(),
+                    transport,
+                }
+            })
+            .collect();
+        let mut relays = vec![(primary.info.clone(), Role::Primary)];
+        relays.extend(backup.map(|b| (b.info.clone(), Role::Backup)));
+        let session = Arc::new(Session {
+            id,
+            call_id: req.call_id.clone(),
+            participants: req.participants.clone(),
+            legs,
+            relays,
+            expires_unix_ms,
+            released: AtomicBool::new(false),
+        });
+        self.by_id.insert(id, session.clone());
+        tracing::debug!(session = %SessionId(id), relay = %primary.info.node_id, legs = req.participants.len(), "session allocated");
+        Ok(session)
+    }
+
+    /// A live (unexpired) session.
+    pub fn get(&self, id: u64) -> Result<Arc<Session>, NotFound> {
+        let s = self.by_id.get(&id).map(|s| s.clone()).ok_or(NotFound)?;
+        if s.expired(unix_ms()) {
+            Err(NotFound)
+        } else {
+            Ok(s)
+        }
+    }
+
+    /// Releases a session and tells every relay to stop serving it. Releasing a released
+    /// session succeeds again.
+    pub fn release(&self, id: u64) -> Result<Arc<Session>, NotFound> {
+        let s = self.get(id)?;
+        if !s.released.swap(true, Ordering::Relaxed) {
+            let revoke = pb::ControllerMessage {
+                kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
+                    sessions: vec![pb::RevokedSession {
+                        session_id: s.id,
+                        expires_unix_ms: s.expires_unix_ms,
+                    }],
+                })),
+            };
+            self.registry.broadcast(&revoke);
+            tracing::debug!(session = %SessionId(id), "session released");
+        }
+        Ok(s)
+    }
+
+    /// Every revocation still in force, for a relay that just attached.
+    pub fn revocations(&self) -> Vec<pb::RevokedSession> {
+        let now = unix_ms();
+        self.by_id
+            .iter()
+            .filter(|s| s.is_released() && !s.expired(now))
+            .map(|s| pb::RevokedSession {
+                session_id: s.id,
+                expires_unix_ms: s.expires_unix_ms,
+            })
+            .collect()
+    }
+
+    /// Forgets expired sessions.
+    pub fn expire(&self) {
+        let now = unix_ms();
+        self.by_id.retain(|_, s| !s.expired(now));
+        self.by_call.retain(|_, id| self.by_id.contains_key(id));
+    }
+
+    /// Number of live sessions (active or released, not yet expired).
+    pub fn sessions(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Runs housekeeping until `stop` completes: expiry, and relay liveness (`relay_timeout`).
+    pub async fn housekeeping(
+        self: Arc<Self>,
+        relay_timeout: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_expire = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for node in self.registry.sweep(relay_timeout) {
+                        tracing::warn!(node_id = %node, "relay silent; marked down");
+                    }
+                    if last_expire.elapsed() > Duration::from_secs(5) {
+                        self.expire();
+                        last_expire = Instant::now();
+                    }
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}

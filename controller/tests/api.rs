@@ -1,0 +1,304 @@
+//! The public gRPC API against a real tonic server: precise status codes for bad requests,
+//! idempotency on `call_id`, release, and the standard health and reflection services.
+
+mod common;
+
+use std::time::Duration;
+
+use tonic::Code;
+use veil_controller::dev::{Cluster, Options};
+use veil_proto::v1 as pb;
+
+use common::{client, request};
+
+async fn cluster(relays: usize) -> Cluster {
+    Cluster::start(Options {
+        relays,
+        workers_per_relay: 1,
+        ..Options::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn code_of(
+    api: &mut pb::session_service_client::SessionServiceClient<tonic::transport::Channel>,
+    r: pb::AllocateSessionRequest,
+) -> (Code, String) {
+    let e = api.allocate_session(r).await.expect_err("must be refused");
+    (e.code(), e.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_codes_and_change_nothing() {
+    let c = cluster(1).await;
+    let mut api = client(&c.controller_url).await;
+
+    let mut r = request("", 2);
+    assert_eq!(
+        code_of(&mut api, r.clone()).await,
+        (Code::InvalidArgument, "call_id must not be empty".into())
+    );
+    r.call_id = "c".repeat(129);
+    let (code, msg) = code_of(&mut api, r).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        msg.starts_with("call_id must be at most 128 bytes"),
+        "{msg}"
+    );
+    assert!(!msg.contains("ccccc"), "the hostile value is not echoed");
+
+    let (code, msg) = code_of(&mut api, request("c", 0)).await;
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            Code::InvalidArgument,
+            "participants: a session needs 2 to 16, got 0"
+        )
+    );
+    let (code, msg) = code_of(&mut api, request("c", 17)).await;
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            Code::InvalidArgument,
+            "participants: at most 16 per session, got 17"
+        )
+    );
+
+    let mut r = request("c", 3);
+    r.participants[2].participant_id = r.participants[0].participant_id.clone();
+    let (code, msg) = code_of(&mut api, r).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert_eq!(
+        msg,
+        "participants[2].participant_id duplicates participants[0].participant_id"
+    );
+
+    for ttl in [1, 59, 86_401] {
+        let mut r = request("c", 2);
+        r.ttl_seconds = ttl;
+        let (code, msg) = code_of(&mut api, r).await;
+        assert_eq!(code, Code::InvalidArgument);
+        assert!(msg.starts_with("ttl_seconds must be 0"), "{msg}");
+    }
+
+    for bad_id in ["", "nope", "0123456789ABCDEF", "00000000000000000"] {
+        let e = api
+            .get_session(pb::GetSessionRequest {
+                session_id: bad_id.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad_id:?}");
+        let e = api
+            .release_session(pb::ReleaseSessionRequest {
+                session_id: bad_id.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad_id:?}");
+    }
+    let unknown = "0123456789abcdef".to_string();
+    let e = api
+        .get_session(pb::GetSessionRequest {
+            session_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::NotFound, "no session with this session_id")
+    );
+    let e = api
+        .release_session(pb::ReleaseSessionRequest {
+            session_id: unknown,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // A request over the size limit is refused before it is parsed.
+    let mut r = request("big", 2);
+    r.participants[0].region = "r".repeat(100_000);
+    let e = api.allocate_session(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+
+    // None of that created anything.
+    assert_eq!(c.controller.sessions(), 0);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_is_idempotent_on_call_id() {
+    let c = cluster(2).await;
+    let mut api = client(&c.controller_url).await;
+    let first = api
+        .allocate_session(request("call-a", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    let again = api
+        .allocate_session(request("call-a", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(first.session, again.session, "same session, same tokens");
+
+    let s = first.session.unwrap();
+    assert_eq!(s.session_id.len(), 16);
+    assert_eq!(s.state, pb::SessionState::Active as i32);
+    assert_eq!(s.relays.len(), 2, "a primary and a backup");
+    assert_eq!(s.relays[0].role, pb::RelayRole::Primary as i32);
+    assert_eq!(s.relays[1].role, pb::RelayRole::Backup as i32);
+    assert_ne!(s.relays[0].node_id, s.relays[1].node_id);
+    let tokens: std::collections::HashSet<_> = s.legs.iter().map(|l| l.token.clone()).collect();
+    assert_eq!(tokens.len(), 3, "one token per participant");
+    for (i, leg) in s.legs.iter().enumerate() {
+        assert_eq!(leg.participant_id, format!("participant-{i}"));
+        assert_eq!(leg.leg_index, i as u32);
+        assert_eq!(leg.token.len(), 64);
+        assert_eq!(leg.relays, s.relays);
+        assert_eq!(leg.transport, pb::Transport::Udp as i32);
+        let expires = leg.expires_at.unwrap().seconds as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            (now + 3590..=now + 3610).contains(&expires),
+            "default TTL is an hour"
+        );
+    }
+
+    // Same call_id, other participants: refused.
+    let (code, _) = code_of(&mut api, request("call-a", 2)).await;
+    assert_eq!(code, Code::AlreadyExists);
+
+    let got = api
+        .get_session(pb::GetSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.session.as_ref(), Some(&s));
+
+    let released = api
+        .release_session(pb::ReleaseSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        released.session.unwrap().state,
+        pb::SessionState::Released as i32
+    );
+    // Releasing again succeeds (retries are safe); allocating the released call_id does not.
+    api.release_session(pb::ReleaseSessionRequest {
+        session_id: s.session_id.clone(),
+    })
+    .await
+    .unwrap();
+    let (code, msg) = code_of(&mut api, request("call-a", 3)).await;
+    assert_eq!(code, Code::AlreadyExists);
+    assert!(msg.contains("released"), "{msg}");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_relay_means_unavailable() {
+    let server = veil_controller::ControllerServer::load(veil_controller::config::Settings::local(
+        veil_controller::dev::generate_keys(),
+    ))
+    .await
+    .unwrap();
+    let url = format!("http://{}", server.grpc_addr());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let mut api = client(&url).await;
+    let (code, msg) = code_of(&mut api, request("lonely", 2)).await;
+    assert_eq!(code, Code::Unavailable);
+    assert!(msg.contains("no relay"), "{msg}");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let c = cluster(1).await;
+    let channel = tonic::transport::Endpoint::from_shared(c.controller_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["veil.v1.SessionService", "veil.v1.RelayRegistry"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        resp.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [
+        "veil.v1.SessionService",
+        "veil.v1.RelayRegistry",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&expected), "{names:?}");
+    }
+
+    // The ops endpoint: liveness, readiness (a relay is attached), metrics.
+    let body = http_get(c.controller_ops, "/readyz").await;
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let metrics = http_get(c.controller_ops, "/metrics").await;
+    assert!(
+        metrics.contains("veil_controller_relays{region=\"\",state=\"up\"} 1"),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    c.shutdown().await.unwrap();
+}
+
+/// A bare HTTP/1.1 GET, to check the ops endpoint without an HTTP client dependency.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

@@ -1,0 +1,273 @@
+//! Shared helpers for the controller's end-to-end tests: a `veil-controller --dev` process, a
+//! gRPC client, and call participants that speak real SRTP through the relay.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::transport::Channel;
+use veil_client::{LegConfig, UdpLeg};
+use veil_proto::v1 as pb;
+use veil_proto::v1::session_service_client::SessionServiceClient;
+use webrtc_srtp::context::Context;
+use webrtc_srtp::protection_profile::ProtectionProfile;
+
+/// A `veil-controller --dev` child process, stopped by PID on drop.
+pub struct DevProcess {
+    pub child: Child,
+    pub ready: serde_json::Value,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl DevProcess {
+    pub fn start(relays: usize, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_veil-controller"));
+        cmd.args(["--dev", "--dev-relays", &relays.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("VEIL_LOG")
+            .env_remove("VEIL_LOG_FORMAT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start veil-controller --dev");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        {
+            let mut pipe = child.stderr.take().unwrap();
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines
+            .next()
+            .expect("a line on stdout")
+            .expect("readable stdout");
+        let json = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("expected READY, got {line:?}"));
+        let ready: serde_json::Value = serde_json::from_str(json).expect("READY carries JSON");
+        Self {
+            child,
+            ready,
+            stderr,
+        }
+    }
+
+    pub fn controller_url(&self) -> String {
+        self.ready["controller"].as_str().unwrap().to_string()
+    }
+
+    pub fn relay_udp(&self, i: usize) -> SocketAddr {
+        self.ready["relays"][i]["udp"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and everything written to stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("signal our child");
+        let status =
+            wait_timeout(&mut self.child, Duration::from_secs(10)).expect("exits after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+        let log = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
+        (status, log)
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub async fn client(url: &str) -> SessionServiceClient<Channel> {
+    SessionServiceClient::connect(url.to_string())
+        .await
+        .expect("connect to controller")
+}
+
+pub fn request(call_id: &str, n: usize) -> pb::AllocateSessionRequest {
+    pb::AllocateSessionRequest {
+        call_id: call_id.into(),
+        participants: (0..n)
+            .map(|i| pb::Participant {
+                participant_id: format!("participant-{i}"),
+                ..Default::default()
+            })
+            .collect(),
+        ttl_seconds: 0,
+    }
+}
+
+/// The UDP relay addresses of a leg, primary first.
+pub fn relays_of(leg: &pb::Leg) -> Vec<SocketAddr> {
+    leg.relays
+        .iter()
+        .map(|r| r.udp_address.parse().unwrap())
+        .collect()
+}
+
+/// One simulated participant: a leg bound from its own loopback address, and an SRTP key of its
+/// own that only the other participants know.
+pub struct Peer {
+    pub leg: UdpLeg,
+    pub ssrc: u32,
+    pub key: Vec<u8>,
+    pub salt: Vec<u8>,
+    pub tx: Context,
+    pub seq: u16,
+}
+
+pub const PROFILE: ProtectionProfile = ProtectionProfile::Aes128CmHmacSha1_80;
+
+impl Peer {
+    pub async fn join(leg: &pb::Leg, local_ip: &str, ssrc: u32) -> Self {
+        let local: SocketAddr = format!("{local_ip}:0").parse().unwrap();
+        let cfg = LegConfig::new(leg.token.clone(), relays_of(leg), local);
+        let leg = UdpLeg::bind(cfg).await.expect("leg binds");
+        let key: Vec<u8> = (0..16).map(|_| rand::random()).collect();
+        let salt: Vec<u8> = (0..14).map(|_| rand::random()).collect();
+        let tx = Context::new(&key, &salt, PROFILE, None, None).unwrap();
+        Self {
+            leg,
+            ssrc,
+            key,
+            salt,
+            tx,
+            seq: 0,
+        }
+    }
+
+    /// Encrypts and sends one RTP packet with `payload`; returns the SRTP bytes sent.
+    pub async fn send(&mut self, payload: &[u8]) -> Bytes {
+        let rtp = rtp_packet(self.ssrc, self.seq, u32::from(self.seq) * 960, payload);
+        self.seq = self.seq.wrapping_add(1);
+        let srtp = self.tx.encrypt_rtp(&rtp).unwrap();
+        self.leg.send(&srtp).await.unwrap();
+        srtp
+    }
+
+    pub fn rx_context(&self) -> Context {
+        Context::new(&self.key, &self.salt, PROFILE, None, None).unwrap()
+    }
+}
+
+pub fn rtp_packet(ssrc: u32, seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12 + payload.len());
+    p.extend_from_slice(&[0x80, 111]);
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ts.to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+pub fn ssrc_of(srtp: &[u8]) -> u32 {
+    u32::from_be_bytes(srtp[8..12].try_into().unwrap())
+}
+
+pub fn seq_of(srtp: &[u8]) -> u16 {
+    u16::from_be_bytes(srtp[2..4].try_into().unwrap())
+}
+
+/// Runs a call of `peers` (already joined): each sends `count` packets; checks that every peer
+/// receives every other peer's packets, from `relay` only, byte-identical, in order, and that
+/// they decrypt and authenticate with the sender's key.
+pub async fn exchange(peers: &mut [Peer], count: u16, relay_of: impl Fn(usize) -> SocketAddr) {
+    let n = peers.len();
+    let mut sent: HashMap<(u32, u16), Bytes> = HashMap::new();
+    let keys: Vec<(u32, Vec<u8>, Vec<u8>)> = peers
+        .iter()
+        .map(|p| (p.ssrc, p.key.clone(), p.salt.clone()))
+        .collect();
+    for round in 0..count {
+        for p in peers.iter_mut() {
+            let payload = format!(
+                "ssrc {} packet {round} {}",
+                p.ssrc,
+                "x".repeat(round as usize % 97)
+            );
+            let srtp = p.send(payload.as_bytes()).await;
+            sent.insert((p.ssrc, round), srtp);
+        }
+        if round % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    for (i, p) in peers.iter_mut().enumerate() {
+        let mut last_seq: HashMap<u32, u16> = HashMap::new();
+        // Each receiver keeps its own SRTP contexts (replay protection is per receiver).
+        let mut rx_ctx: HashMap<u32, Context> = keys
+            .iter()
+            .map(|(ssrc, key, salt)| (*ssrc, Context::new(key, salt, PROFILE, None, None).unwrap()))
+            .collect();
+        let expected = (n - 1) * count as usize;
+        for k in 0..expected {
+            let got = tokio::time::timeout(Duration::from_secs(5), p.leg.recv())
+                .await
+                .unwrap_or_else(|_| panic!("peer {i} timed out after {k} of {expected} packets"))
+                .expect("leg open");
+            assert_eq!(
+                got.from,
+                relay_of(i),
+                "peer {i}: every datagram comes from the relay"
+            );
+            let ssrc = ssrc_of(&got.data);
+            let seq = seq_of(&got.data);
+            assert_ne!(ssrc, p.ssrc, "peer {i} never receives its own media");
+            assert_eq!(got.data, sent[&(ssrc, seq)], "byte-identical");
+            if let Some(prev) = last_seq.insert(ssrc, seq) {
+                assert_eq!(seq, prev + 1, "peer {i}: in order from {ssrc}");
+            }
+            let plain = rx_ctx
+                .get_mut(&ssrc)
+                .unwrap()
+                .decrypt_rtp(&got.data)
+                .expect("authenticates");
+            let text = String::from_utf8_lossy(&plain[12..]).into_owned();
+            assert!(
+                text.starts_with(&format!("ssrc {ssrc} packet {seq} ")),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            p.leg
+                .counters()
+                .foreign
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+}

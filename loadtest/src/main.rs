@@ -1,0 +1,190 @@
+//! `veil-loadtest`: see `veil-loadtest --help`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use veil_loadtest::scenario::{self, Profile, Scenario, SrtpSuite, TransportMode};
+use veil_loadtest::{Config, Target};
+
+/// veil-loadtest: drives realistic calls with real SRTP through a Veil cluster and reports loss,
+/// latency and jitter. With --local it starts a whole cluster in this process first. Every run
+/// stops by itself after its duration.
+#[derive(clap::Parser, Debug)]
+#[command(name = "veil-loadtest", version)]
+struct Flags {
+    /// Start a local cluster (controller and relays on loopback) in this process and test it.
+    #[arg(long, conflicts_with = "controller")]
+    local: bool,
+
+    /// Relays in the local cluster.
+    #[arg(long, default_value_t = 1)]
+    local_relays: usize,
+
+    /// Controller gRPC URL of an existing cluster.
+    #[arg(
+        long,
+        env = "VEIL_LOADTEST_CONTROLLER",
+        required_unless_present = "local"
+    )]
+    controller: Option<String>,
+
+    /// Bearer token for the controller (signaling role).
+    #[arg(long, env = "VEIL_LOADTEST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Relay ops endpoints (host:port, comma-separated) to compare figures with their metrics.
+    #[arg(long, value_delimiter = ',')]
+    relay_metrics: Vec<String>,
+
+    /// Scenario file (JSON); flags given explicitly override nothing in it.
+    #[arg(long, conflicts_with_all = ["calls", "participants", "duration", "ramp_up", "profile", "transport", "srtp"])]
+    scenario: Option<PathBuf>,
+
+    /// Concurrent calls.
+    #[arg(long)]
+    calls: Option<usize>,
+
+    /// Participants per call (2 to 16).
+    #[arg(long)]
+    participants: Option<usize>,
+
+    /// How long calls run at full load, for example `20s` or `2m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+
+    /// Calls started per second while ramping up.
+    #[arg(long)]
+    ramp_up: Option<f64>,
+
+    /// Media profiles, weighted: `audio`, `video`, `screen`, or a mix like `audio=8,video=2`.
+    #[arg(long, value_parser = |s: &str| scenario::parse_mix(s).map(Mix))]
+    profile: Option<Mix>,
+
+    /// Transport of the participants' legs.
+    #[arg(long, value_enum)]
+    transport: Option<TransportMode>,
+
+    /// SRTP protection profile.
+    #[arg(long, value_enum)]
+    srtp: Option<SrtpSuite>,
+
+    /// Local addresses participants bind, as `A-B` (IPv4 range) or a comma-separated list.
+    #[arg(long, value_parser = |s: &str| scenario::parse_ip_pool(s).map(Pool))]
+    client_ip_pool: Option<Pool>,
+
+    /// Write the JSON report here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+
+    /// Write the HTML report (plots, works offline) here.
+    #[arg(long)]
+    report_html: Option<PathBuf>,
+
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+
+    /// Log filter.
+    #[arg(long, env = "VEIL_LOG", default_value = "warn")]
+    log_filter: String,
+}
+
+/// A parsed `--profile` (a newtype, so clap takes it as one value).
+#[derive(Debug, Clone)]
+struct Mix(Vec<(Profile, u32)>);
+
+/// A parsed `--client-ip-pool`.
+#[derive(Debug, Clone)]
+struct Pool(Vec<std::net::IpAddr>);
+
+impl Flags {
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let mut s = match &self.scenario {
+            Some(path) => Scenario::from_file(path)?,
+            None => Scenario {
+                calls: if self.local { 4 } else { 10 },
+                duration: Duration::from_secs(if self.local { 5 } else { 10 }),
+                ..Scenario::default()
+            },
+        };
+        if let Some(v) = self.calls {
+            s.calls = v;
+        }
+        if let Some(v) = self.participants {
+            s.participants = v;
+        }
+        if let Some(v) = self.duration {
+            s.duration = v;
+        }
+        if let Some(v) = self.ramp_up {
+            s.ramp_up_per_sec = v;
+        }
+        if let Some(v) = &self.profile {
+            s.mix = v.0.clone();
+        }
+        if let Some(v) = self.transport {
+            s.transport = v;
+        }
+        if let Some(v) = self.srtp {
+            s.srtp = v;
+        }
+        if let Some(v) = &self.client_ip_pool {
+            s.client_ips = v.0.clone();
+        } else if self.local && self.scenario.is_none() {
+            s.client_ips = scenario::parse_ip_pool("127.0.0.2-127.0.0.254").expect("static pool");
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let flags: Flags = veil_ops::parse_flags();
+    if let Err(e) = veil_ops::logging::init(veil_ops::logging::LogFormat::Text, &flags.log_filter) {
+        veil_ops::config_error(&e);
+    }
+    let scenario = flags
+        .scenario()
+        .unwrap_or_else(|e| veil_ops::config_error(&e));
+    let target = if flags.local {
+        Target::Local {
+            relays: flags.local_relays.max(1),
+        }
+    } else {
+        Target::Remote {
+            controller: flags
+                .controller
+                .clone()
+                .expect("clap requires --controller without --local"),
+            token: flags.token.clone(),
+            relay_metrics: flags.relay_metrics.clone(),
+        }
+    };
+    let cfg = Config {
+        scenario,
+        target,
+        progress: !flags.quiet,
+    };
+    let report = match veil_loadtest::run(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    print!("{}", report.summary());
+    if let Some(path) = &flags.report_json {
+        let json = serde_json::to_string_pretty(&report).expect("report serialises");
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("error: --report-json {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
+    if let Some(path) = &flags.report_html
+        && let Err(e) = std::fs::write(path, veil_loadtest::report::html(&report))
+    {
+        eprintln!("error: --report-html {}: {e}", path.display());
+        std::process::exit(1);
+    }
+}

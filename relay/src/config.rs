@@ -1,0 +1,220 @@
+//! The relay's flags, with `VEIL_*` environment fallbacks, and their typed, validated form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use veil_ops::logging::LogFormat;
+use veil_relay_core::KeyRing;
+
+/// veil-relay: forwards SRTP, SRTCP and DTLS between the participants of each call, so that no
+/// participant learns another's address. Every flag can also be set through the environment
+/// variable named in its description.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "veil-relay", version)]
+pub struct Config {
+    /// UDP address clients send media to; each IO worker binds it with SO_REUSEPORT. Use
+    /// `[::]:PORT` for IPv4 and IPv6 on one socket.
+    #[arg(long, env = "VEIL_RELAY_UDP_ADDR", default_value = "[::]:40000")]
+    pub udp_addr: SocketAddr,
+
+    /// UDP address announced to the controller and so to clients. Required when --udp-addr is
+    /// a wildcard (0.0.0.0 or [::]).
+    #[arg(long, env = "VEIL_RELAY_PUBLIC_UDP_ADDR")]
+    pub public_udp_addr: Option<SocketAddr>,
+
+    /// Address of the ops HTTP endpoint: /metrics, /healthz, /readyz.
+    #[arg(long, env = "VEIL_RELAY_OPS_ADDR", default_value = "[::]:9100")]
+    pub ops_addr: SocketAddr,
+
+    /// Number of UDP IO workers (threads, one socket each); 0 means one per CPU.
+    #[arg(long, env = "VEIL_RELAY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Controller gRPC URLs (comma-separated); the relay attaches to every one of them. Empty:
+    /// a standalone relay that learns of no releases.
+    #[arg(
+        long = "controller",
+        env = "VEIL_RELAY_CONTROLLERS",
+        value_delimiter = ','
+    )]
+    pub controllers: Vec<String>,
+
+    /// Cluster key ring file: one `<key-id> <hex-secret> [signing]` line per key.
+    #[arg(long, env = "VEIL_KEY_FILE")]
+    pub key_file: PathBuf,
+
+    /// Bearer token the relay presents to controllers (relay role).
+    #[arg(long, env = "VEIL_RELAY_CONTROLLER_TOKEN", hide_env_values = true)]
+    pub controller_token: Option<String>,
+
+    /// This node's unique name; defaults to the host name.
+    #[arg(long, env = "VEIL_RELAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Region this relay serves, for example `eu-west`.
+    #[arg(long, env = "VEIL_RELAY_REGION", default_value = "")]
+    pub region: String,
+
+    /// Failure domain within the region (zone, rack).
+    #[arg(long, env = "VEIL_RELAY_ZONE", default_value = "")]
+    pub zone: String,
+
+    /// Unbind a leg after this many seconds without media or keepalives.
+    #[arg(long, env = "VEIL_RELAY_LEG_IDLE_SECS", default_value_t = 30)]
+    pub leg_idle_secs: u64,
+
+    /// The most legs bound at once; further binds are refused with RELAY_FULL.
+    #[arg(long, env = "VEIL_RELAY_MAX_LEGS", default_value_t = 200_000)]
+    pub max_legs: usize,
+
+    /// Milliseconds between load reports to each controller.
+    #[arg(long, env = "VEIL_RELAY_REPORT_INTERVAL_MS", default_value_t = 1000)]
+    pub report_interval_ms: u64,
+
+    /// On SIGTERM, keep serving existing calls this many seconds (refusing new sessions)
+    /// before exiting.
+    #[arg(long, env = "VEIL_RELAY_DRAIN_DEADLINE_SECS", default_value_t = 30)]
+    pub drain_deadline_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "VEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, for example `info` or `veil_relay=debug,info`.
+    #[arg(long, env = "VEIL_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// The relay's validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the UDP workers bind.
+    pub udp_addr: SocketAddr,
+    /// What the relay announces; `None` means the bound address (for port 0 in tests).
+    pub public_udp_addr: Option<SocketAddr>,
+    /// Where the ops endpoint binds.
+    pub ops_addr: SocketAddr,
+    /// Number of UDP IO workers (at least 1).
+    pub workers: usize,
+    /// Controller URLs.
+    pub controllers: Vec<String>,
+    /// Bearer token for controllers.
+    pub controller_token: Option<String>,
+    /// The cluster key ring.
+    pub keys: KeyRing,
+    /// Where the key ring came from, for reloading; `None` for generated keys.
+    pub key_file: Option<PathBuf>,
+    /// Node id.
+    pub node_id: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Packet-path tunables.
+    pub core: veil_relay_core::Config,
+    /// Most bound legs.
+    pub max_legs: usize,
+    /// Interval between load reports.
+    pub report_interval: Duration,
+    /// How long a drain keeps existing calls.
+    pub drain_deadline: Duration,
+}
+
+impl Settings {
+    /// Settings for a relay on loopback with the given keys, stopping without a drain: for
+    /// `--dev` and tests.
+    pub fn local(keys: KeyRing, node_id: &str, controllers: Vec<String>) -> Self {
+        Self {
+            udp_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_udp_addr: None,
+            ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            workers: 2,
+            controllers,
+            controller_token: None,
+            keys,
+            key_file: None,
+            node_id: node_id.to_string(),
+            region: String::new(),
+            zone: String::new(),
+            core: veil_relay_core::Config::default(),
+            max_legs: 200_000,
+            report_interval: Duration::from_millis(1000),
+            drain_deadline: Duration::ZERO,
+        }
+    }
+}
+
+/// Reads and parses a key ring file.
+pub fn read_key_file(path: &std::path::Path) -> anyhow::Result<KeyRing> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--key-file: cannot read {}", path.display()))?;
+    KeyRing::parse(&text)
+        .with_context(|| format!("--key-file: {} is not a valid key ring", path.display()))
+}
+
+impl Config {
+    /// Validates the flags and reads the key file.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        let keys = read_key_file(&self.key_file)?;
+        if self.udp_addr.ip().is_unspecified() && self.public_udp_addr.is_none() {
+            bail!("--public-udp-addr is required when --udp-addr is a wildcard address");
+        }
+        if let Some(p) = self.public_udp_addr
+            && (p.ip().is_unspecified() || p.port() == 0)
+        {
+            bail!("--public-udp-addr must be a concrete address and port");
+        }
+        if self.leg_idle_secs == 0 || self.leg_idle_secs > 3600 {
+            bail!("--leg-idle-secs must be from 1 to 3600");
+        }
+        if self.max_legs == 0 {
+            bail!("--max-legs must be at least 1");
+        }
+        if !(100..=60_000).contains(&self.report_interval_ms) {
+            bail!("--report-interval-ms must be from 100 to 60000");
+        }
+        for url in &self.controllers {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("--controller {url:?} must be an http:// or https:// URL");
+            }
+        }
+        let node_id = match &self.node_id {
+            Some(id) if id.is_empty() || id.len() > 128 => {
+                bail!("--node-id must be 1 to 128 bytes")
+            }
+            Some(id) => id.clone(),
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .context("--node-id is not set and the host name is unavailable")?,
+        };
+        let workers = if self.workers == 0 {
+            veil_ops::process::cpus()
+        } else {
+            self.workers
+        };
+        Ok(Settings {
+            udp_addr: self.udp_addr,
+            public_udp_addr: self.public_udp_addr,
+            ops_addr: self.ops_addr,
+            workers,
+            controllers: self.controllers.clone(),
+            controller_token: self.controller_token.clone(),
+            keys,
+            key_file: Some(self.key_file.clone()),
+            node_id,
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            core: veil_relay_core::Config {
+                leg_idle: Duration::from_secs(self.leg_idle_secs),
+                ..Default::default()
+            },
+            max_legs: self.max_legs,
+            report_interval: Duration::from_millis(self.report_interval_ms),
+            drain_deadline: Duration::from_secs(self.drain_deadline_secs),
+        })
+    }
+}

@@ -1,0 +1,259 @@
+//! `veil-relay`: the relay node's shell around the sans-IO core in `veil-relay-core`. It owns the
+//! sockets (UDP IO workers), the link to the controllers, the ops endpoint and the metrics, and
+//! runs them until shutdown, draining gracefully.
+//!
+//! ```no_run
+//! # async fn example(settings: veil_relay::config::Settings) -> anyhow::Result<()> {
+//! let relay = veil_relay::RelayServer::load(settings).await?;
+//! relay.run(veil_ops::signal::shutdown()).await
+//! # }
+//! ```
+
+pub mod config;
+mod control;
+pub mod metrics;
+pub mod quic;
+pub mod udp;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::Registry;
+use tokio::sync::watch;
+use veil_relay_core::{Node, SharedStats};
+
+use crate::config::Settings;
+use crate::metrics::{RelayMetrics, Transport};
+use crate::quic::{NoQuic, QuicSink};
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A relay node with its sockets bound, ready to run.
+pub struct RelayServer {
+    settings: Settings,
+    node: Arc<Node>,
+    sockets: Vec<std::net::UdpSocket>,
+    udp_addr: SocketAddr,
+    ops_addr: SocketAddr,
+    metrics: Arc<RelayMetrics>,
+    running: Arc<AtomicBool>,
+    stop_ops: watch::Sender<bool>,
+    ops_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RelayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayServer")
+            .field("node_id", &self.settings.node_id)
+            .field("udp_addr", &self.udp_addr)
+            .field("ops_addr", &self.ops_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayServer {
+    /// Binds the media sockets and the ops endpoint. Nothing is forwarded until [`Self::run`].
+    pub async fn load(settings: Settings) -> anyhow::Result<Self> {
+        let now = Instant::now();
+        let node = Arc::new(Node::new(
+            settings.core.clone(),
+            settings.keys.clone(),
+            settings.max_legs,
+            rand::random(),
+            now,
+            unix_ms(),
+        ));
+        let sockets = udp::bind_sockets(settings.udp_addr, settings.workers.max(1))?;
+        let udp_addr = sockets[0].local_addr()?;
+        let registry = Registry::new();
+        let metrics = Arc::new(RelayMetrics::register(&registry, node.clone())?);
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let running = Arc::new(AtomicBool::new(false));
+        let (stop_ops, mut stop_rx) = watch::channel(false);
+        let ops = veil_ops::http::Ops {
+            registry,
+            refresh: {
+                let m = metrics.clone();
+                Arc::new(move || m.refresh())
+            },
+            ready: {
+                let (running, node) = (running.clone(), node.clone());
+                Arc::new(move || {
+                    if !running.load(Ordering::Relaxed) {
+                        Err("not serving".into())
+                    } else if node.directory.is_draining() {
+                        Err("draining".into())
+                    } else {
+                        Ok(())
+                    }
+                })
+            },
+        };
+        let (ops_addr, ops_task) = veil_ops::http::serve(settings.ops_addr, ops, async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        })
+        .await?;
+        Ok(Self {
+            settings,
+            node,
+            sockets,
+            udp_addr,
+            ops_addr,
+            metrics,
+            running,
+            stop_ops,
+            ops_task,
+        })
+    }
+
+    /// The UDP address announced to clients.
+    pub fn public_udp_addr(&self) -> SocketAddr {
+        self.settings.public_udp_addr.unwrap_or(self.udp_addr)
+    }
+
+    /// The bound UDP media address.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    /// The bound ops endpoint address.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    /// The node's shared state (session table, keys).
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Arc<RelayMetrics> {
+        &self.metrics
+    }
+
+    fn hello(&self) -> veil_proto::v1::RelayHello {
+        veil_proto::v1::RelayHello {
+            node_id: self.settings.node_id.clone(),
+            region: self.settings.region.clone(),
+            zone: self.settings.zone.clone(),
+            udp_address: self.public_udp_addr().to_string(),
+            quic_address: String::new(),
+            quic_cert_sha256: Vec::new(),
+            capacity_legs: self.settings.max_legs as u64,
+            key_ids: self
+                .settings
+                .keys
+                .key_ids()
+                .iter()
+                .map(|k| u32::from(k.0))
+                .collect(),
+            instance_id: rand::random(),
+            draining: false,
+        }
+    }
+
+    /// Serves until `shutdown` completes, then drains: new sessions are refused while bound
+    /// calls continue, until they end or the drain deadline passes; then everything stops.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let quic: Arc<dyn QuicSink> = Arc::new(NoQuic);
+
+        let mut workers = Vec::new();
+        for (index, socket) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
+            let stats = Arc::new(SharedStats::default());
+            self.metrics.add_source(Transport::Udp, stats.clone());
+            workers.push(udp::spawn(udp::WorkerContext {
+                index,
+                socket,
+                node: self.node.clone(),
+                stats,
+                latency: self.metrics.forwarding_latency.clone(),
+                quic: quic.clone(),
+                shutdown: stop_rx.clone(),
+            })?);
+        }
+
+        let hello = self.hello();
+        let mut tasks = tokio::task::JoinSet::new();
+        for url in &self.settings.controllers {
+            tasks.spawn(control::run(control::Link {
+                url: url.clone(),
+                token: self.settings.controller_token.clone(),
+                hello: hello.clone(),
+                node: self.node.clone(),
+                metrics: self.metrics.clone(),
+                interval: self.settings.report_interval,
+                shutdown: stop_rx.clone(),
+            }));
+        }
+        {
+            let node = self.node.clone();
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let now = Instant::now();
+                            node.set_wall_clock(now, unix_ms());
+                            node.tick(now);
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+        self.running.store(true, Ordering::Relaxed);
+        tracing::info!(
+            node_id = %self.settings.node_id,
+            udp = %self.udp_addr,
+            ops = %self.ops_addr,
+            workers = workers.len(),
+            controllers = self.settings.controllers.len(),
+            "relay serving"
+        );
+
+        shutdown.await;
+        self.drain().await;
+
+        let _ = stop_tx.send(true);
+        let _ = self.stop_ops.send(true);
+        while tasks.join_next().await.is_some() {}
+        for w in workers {
+            // A worker thread that panicked has already logged; there is nothing left to stop.
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        let _ = self.ops_task.await;
+        tracing::info!(node_id = %self.settings.node_id, "relay stopped");
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        let deadline = self.settings.drain_deadline;
+        self.node.directory.set_draining(true);
+        if deadline.is_zero() {
+            return;
+        }
+        tracing::info!(
+            legs = self.node.directory.legs(),
+            deadline_secs = deadline.as_secs(),
+            "draining"
+        );
+        let until = Instant::now() + deadline;
+        while self.node.directory.legs() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!(legs_left = self.node.directory.legs(), "drain finished");
+    }
+}

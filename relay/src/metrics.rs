@@ -1,0 +1,248 @@
+//! The relay's Prometheus metrics. The packet path counts into plain per-worker structs; this
+//! module copies them into the registry at each scrape. No label holds an address, a session or
+//! a participant: transports, drop reasons and bind results are closed sets.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use veil_relay_core::{BindResult, DropReason, Node, SharedStats, Stats};
+
+/// A client transport, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain UDP.
+    Udp,
+    /// QUIC datagrams.
+    Quic,
+}
+
+impl Transport {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Quic => "quic",
+        }
+    }
+
+    const ALL: [Self; 2] = [Self::Udp, Self::Quic];
+}
+
+/// The relay's metrics, registered in a registry passed in.
+pub struct RelayMetrics {
+    rx_packets: IntCounterVec,
+    rx_bytes: IntCounterVec,
+    fwd_packets: IntCounterVec,
+    fwd_bytes: IntCounterVec,
+    control_packets: IntCounterVec,
+    control_bytes: IntCounterVec,
+    send_errors: IntCounterVec,
+    drops: IntCounterVec,
+    binds: IntCounterVec,
+    bound_legs: IntGauge,
+    sessions: IntGauge,
+    capacity: IntGauge,
+    draining: IntGauge,
+    revocations: IntGauge,
+    /// Controllers this relay is attached to right now.
+    pub controllers_attached: IntGauge,
+    /// Time from receiving a batch of datagrams to having sent everything it caused.
+    pub forwarding_latency: Histogram,
+    sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
+    refresh_lock: Mutex<()>,
+    node: Arc<Node>,
+}
+
+impl std::fmt::Debug for RelayMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayMetrics").finish_non_exhaustive()
+    }
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl RelayMetrics {
+    /// Registers the relay's metrics in `registry`.
+    pub fn register(registry: &Registry, node: Arc<Node>) -> prometheus::Result<Self> {
+        let t = &["transport"];
+        let forwarding_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "veil_relay_forwarding_latency_seconds",
+                "Time from receiving a batch of datagrams to having sent everything it caused.",
+            )
+            .buckets(vec![
+                5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
+            ]),
+        )?;
+        registry.register(Box::new(forwarding_latency.clone()))?;
+        let m = Self {
+            rx_packets: counter(
+                registry,
+                "veil_relay_received_packets_total",
+                "Datagrams received from clients.",
+                t,
+            )?,
+            rx_bytes: counter(
+                registry,
+                "veil_relay_received_bytes_total",
+                "Bytes received from clients.",
+                t,
+            )?,
+            fwd_packets: counter(
+                registry,
+                "veil_relay_forwarded_packets_total",
+                "Datagrams forwarded to legs (one per receiving leg), by the transport they arrived on.",
+                t,
+            )?,
+            fwd_bytes: counter(
+                registry,
+                "veil_relay_forwarded_bytes_total",
+                "Bytes forwarded to legs.",
+                t,
+            )?,
+            control_packets: counter(
+                registry,
+                "veil_relay_control_sent_packets_total",
+                "Control messages the relay sent (challenges, acknowledgements, errors).",
+                t,
+            )?,
+            control_bytes: counter(
+                registry,
+                "veil_relay_control_sent_bytes_total",
+                "Bytes of control messages sent.",
+                t,
+            )?,
+            send_errors: counter(
+                registry,
+                "veil_relay_send_errors_total",
+                "Datagrams the relay failed to send (socket buffer full, connection gone).",
+                t,
+            )?,
+            drops: counter(
+                registry,
+                "veil_relay_dropped_packets_total",
+                "Datagrams dropped or requests refused, by reason.",
+                &["transport", "reason"],
+            )?,
+            binds: counter(
+                registry,
+                "veil_relay_binds_total",
+                "Bind requests by result.",
+                &["transport", "result"],
+            )?,
+            bound_legs: gauge(registry, "veil_relay_bound_legs", "Legs bound now.")?,
+            sessions: gauge(
+                registry,
+                "veil_relay_sessions",
+                "Sessions with at least one bound leg.",
+            )?,
+            capacity: gauge(
+                registry,
+                "veil_relay_capacity_legs",
+                "The most legs the relay accepts.",
+            )?,
+            draining: gauge(
+                registry,
+                "veil_relay_draining",
+                "1 while the relay drains, else 0.",
+            )?,
+            revocations: gauge(
+                registry,
+                "veil_relay_revoked_sessions",
+                "Revocations in force.",
+            )?,
+            controllers_attached: gauge(
+                registry,
+                "veil_relay_controllers_attached",
+                "Controllers attached now.",
+            )?,
+            forwarding_latency,
+            sources: Mutex::new(Vec::new()),
+            refresh_lock: Mutex::new(()),
+            node,
+        };
+        // Create every labelled series up front, so dashboards and alerts see zeros, not gaps.
+        for tr in Transport::ALL {
+            for r in DropReason::ALL {
+                m.drops.with_label_values(&[tr.as_str(), r.as_str()]);
+            }
+            for r in BindResult::ALL {
+                m.binds.with_label_values(&[tr.as_str(), r.as_str()]);
+            }
+        }
+        m.refresh();
+        Ok(m)
+    }
+
+    /// Adds a packet-path instance whose counters the metrics include.
+    pub fn add_source(&self, transport: Transport, stats: Arc<SharedStats>) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((transport, stats));
+    }
+
+    /// Totals per transport.
+    pub fn totals(&self) -> [(Transport, Stats); 2] {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        Transport::ALL.map(|tr| {
+            let mut total = Stats::default();
+            for (_, s) in sources.iter().filter(|(t, _)| *t == tr) {
+                total.merge(&s.load());
+            }
+            (tr, total)
+        })
+    }
+
+    /// Copies the packet path's counters into the registry; call before gathering.
+    pub fn refresh(&self) {
+        // Serialise refreshes, so two scrapes cannot both add the same delta.
+        let _guard = self.refresh_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for (tr, s) in self.totals() {
+            let l = &[tr.as_str()];
+            set(&self.rx_packets, l, s.rx_packets);
+            set(&self.rx_bytes, l, s.rx_bytes);
+            set(&self.fwd_packets, l, s.forwarded_packets);
+            set(&self.fwd_bytes, l, s.forwarded_bytes);
+            set(&self.control_packets, l, s.control_tx_packets);
+            set(&self.control_bytes, l, s.control_tx_bytes);
+            set(&self.send_errors, l, s.send_errors);
+            for r in DropReason::ALL {
+                set(&self.drops, &[tr.as_str(), r.as_str()], s.drops_for(r));
+            }
+            for r in BindResult::ALL {
+                set(&self.binds, &[tr.as_str(), r.as_str()], s.binds_for(r));
+            }
+        }
+        let d = &self.node.directory;
+        self.bound_legs.set(d.legs() as i64);
+        self.sessions.set(d.sessions() as i64);
+        self.capacity.set(d.max_legs() as i64);
+        self.draining.set(i64::from(d.is_draining()));
+        self.revocations.set(d.revocations() as i64);
+    }
+}
+
+/// Raises a counter to `total` (counters only go up; the sources are cumulative).
+fn set(vec: &IntCounterVec, labels: &[&str], total: u64) {
+    let c = vec.with_label_values(labels);
+    let current = c.get();
+    if total > current {
+        c.inc_by(total - current);
+    }
+}

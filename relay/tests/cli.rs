@@ -1,0 +1,138 @@
+//! The `veil-relay` binary's flags: documented in --help, and bad configuration stops it with
+//! exit status 64 and a message naming the field, before it binds anything.
+
+use std::process::Command;
+
+fn relay(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-relay"))
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run veil-relay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// A key file in the temporary directory, removed on drop.
+struct KeyFile(std::path::PathBuf);
+
+impl KeyFile {
+    fn with(content: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("veil-relay-cli-{}-{n}", std::process::id()));
+        std::fs::write(&p, content).unwrap();
+        Self(p)
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn key_file(content: &str) -> KeyFile {
+    KeyFile::with(content)
+}
+
+const GOOD_KEY: &str =
+    "1 0101010101010101010101010101010101010101010101010101010101010101 signing\n";
+
+#[test]
+fn help_documents_every_flag_and_its_environment_variable() {
+    let (code, out, _) = relay(&["--help"]);
+    assert_eq!(code, 0);
+    for (flag, env) in [
+        ("--udp-addr", "VEIL_RELAY_UDP_ADDR"),
+        ("--public-udp-addr", "VEIL_RELAY_PUBLIC_UDP_ADDR"),
+        ("--ops-addr", "VEIL_RELAY_OPS_ADDR"),
+        ("--workers", "VEIL_RELAY_WORKERS"),
+        ("--controller", "VEIL_RELAY_CONTROLLERS"),
+        ("--key-file", "VEIL_KEY_FILE"),
+        ("--controller-token", "VEIL_RELAY_CONTROLLER_TOKEN"),
+        ("--node-id", "VEIL_RELAY_NODE_ID"),
+        ("--region", "VEIL_RELAY_REGION"),
+        ("--zone", "VEIL_RELAY_ZONE"),
+        ("--leg-idle-secs", "VEIL_RELAY_LEG_IDLE_SECS"),
+        ("--max-legs", "VEIL_RELAY_MAX_LEGS"),
+        ("--drain-deadline-secs", "VEIL_RELAY_DRAIN_DEADLINE_SECS"),
+        ("--log-format", "VEIL_LOG_FORMAT"),
+        ("--log-filter", "VEIL_LOG"),
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+        assert!(out.contains(env), "--help lacks {env}");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_field() {
+    let good = key_file(GOOD_KEY);
+    let bad = key_file("1 00ff signing\n");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![], "--key-file"),
+        (vec!["--key-file", "/nonexistent/veil-keys"], "--key-file"),
+        (vec!["--key-file", bad.as_str()], "line 1"),
+        (
+            vec!["--key-file", good.as_str(), "--udp-addr", "nonsense"],
+            "--udp-addr",
+        ),
+        (
+            vec!["--key-file", good.as_str(), "--udp-addr", "[::]:40000"],
+            "--public-udp-addr",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--leg-idle-secs",
+                "0",
+            ],
+            "--leg-idle-secs",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--controller",
+                "ftp://x",
+            ],
+            "--controller",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--log-filter",
+                "[[[",
+            ],
+            "--log-filter",
+        ),
+        (
+            vec!["--key-file", good.as_str(), "--log-format", "xml"],
+            "--log-format",
+        ),
+    ];
+    for (args, field) in cases {
+        let (code, _, err) = relay(&args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(
+            err.contains(field),
+            "{args:?}: message should name {field}: {err}"
+        );
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need beyond cargo, idempotently,
+# then builds everything and runs every test. Nothing is skipped for a missing tool: a missing
+# tool is installed, or the run fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== toolchain"
+cargo --version
+rustc --version
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== build (all targets)"
+cargo build --workspace --all-targets --locked
+
+echo "== lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo test --workspace --locked -- --test-threads=2
