@@ -9,6 +9,13 @@ echo "== toolchain"
 cargo --version
 rustc --version
 
+echo "== python test environment (.venv)"
+# Idempotent: creates the virtual environment once, then only installs what is missing.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+
 echo "== format"
 cargo fmt --all -- --check
 

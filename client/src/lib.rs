@@ -1,13 +1,16 @@
 //! The Veil client library: what a participant's app runs to take part in a call through Veil.
 //!
-//! A [`UdpLeg`] binds the participant's leg on a relay with the token the signaling service
-//! handed it (docs/PROTOCOL.md), keeps it alive, notices a dead or draining relay and rebinds on
-//! the next relay of the session (the backup) with the same token, and sends and receives media
-//! datagrams. It never learns another participant's address: everything it receives comes from
-//! the relay.
+//! A [`Leg`] binds the participant's leg on a relay with the token the signaling service handed
+//! it (docs/PROTOCOL.md), over UDP or over QUIC datagrams; keeps it alive; notices a dead or
+//! draining relay and binds again on the next relay of the session (the backup) with the same
+//! token; and sends and receives media datagrams. It never learns another participant's address:
+//! everything it receives comes from the relay.
 //!
 //! The media itself is the app's business: Veil forwards SRTP, SRTCP and DTLS unmodified and
 //! never holds media keys.
+
+pub mod quic;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -17,41 +20,116 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
+use veil_proto::v1 as pb;
 use veil_relay_core::token::{DecodeError, Token};
-use veil_relay_core::wire::{self, COOKIE_LEN, Class, ErrorCode, RelayMessage};
+use veil_relay_core::wire::ErrorCode;
+
+/// How to reach one relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// UDP media address.
+    pub udp: SocketAddr,
+    /// QUIC address, if the relay serves QUIC.
+    pub quic: Option<SocketAddr>,
+    /// SHA-256 of the relay's QUIC certificate, pinned by the client.
+    pub quic_cert_sha256: Option<[u8; 32]>,
+}
+
+impl RelayInfo {
+    /// A relay reached over UDP only.
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self {
+            udp: addr,
+            quic: None,
+            quic_cert_sha256: None,
+        }
+    }
+
+    /// From the public API's description of a relay; `None` if its UDP address is malformed.
+    pub fn from_pb(r: &pb::RelayEndpoint) -> Option<Self> {
+        Some(Self {
+            udp: r.udp_address.parse().ok()?,
+            quic: r.quic_address.parse().ok(),
+            quic_cert_sha256: r.quic_cert_sha256.as_slice().try_into().ok(),
+        })
+    }
+}
+
+/// The transport a leg uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP datagrams.
+    Udp,
+    /// QUIC datagrams (RFC 9221), ALPN `veil/1`.
+    Quic,
+}
 
 /// Timing and addressing of a leg.
 #[derive(Debug, Clone)]
 pub struct LegConfig {
     /// The leg token, as `AllocateSession` returned it.
     pub token: Vec<u8>,
-    /// The session's relays, UDP addresses: the primary first, then the backup.
-    pub relays: Vec<SocketAddr>,
+    /// The session's relays: the primary first, then the backup.
+    pub relays: Vec<RelayInfo>,
+    /// UDP or QUIC.
+    pub transport: Transport,
     /// Local address to bind, for example `0.0.0.0:0` (or `127.0.0.2:0` in tests).
     pub local_addr: SocketAddr,
-    /// Send a KEEPALIVE when nothing was received from the relay for this long.
+    /// Send a keepalive when nothing was received from the relay for this long.
     pub keepalive_interval: Duration,
     /// Consider the relay dead when nothing was received from it for this long, and move to the
     /// next relay.
     pub dead_after: Duration,
-    /// First BIND retransmission timeout; doubles on each retry.
+    /// First BIND retransmission timeout over UDP; doubles on each retry.
     pub bind_rto: Duration,
     /// Give up binding on one relay after this long and try the next.
     pub bind_timeout: Duration,
 }
 
 impl LegConfig {
-    /// Defaults: keepalive after 200 ms of silence, failover after 1 s, bind retries from 100 ms.
-    pub fn new(token: Vec<u8>, relays: Vec<SocketAddr>, local_addr: SocketAddr) -> Self {
+    /// A leg over `transport` with the defaults: keepalive after 200 ms of silence, failover
+    /// after 1 s, bind retries from 100 ms, 2 s per relay to bind.
+    pub fn new(
+        token: Vec<u8>,
+        relays: Vec<RelayInfo>,
+        transport: Transport,
+        local_addr: SocketAddr,
+    ) -> Self {
         Self {
             token,
             relays,
+            transport,
             local_addr,
             keepalive_interval: Duration::from_millis(200),
             dead_after: Duration::from_secs(1),
             bind_rto: Duration::from_millis(100),
             bind_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// A UDP leg on relays given by address.
+    pub fn udp(token: Vec<u8>, relays: Vec<SocketAddr>, local_addr: SocketAddr) -> Self {
+        Self::new(
+            token,
+            relays.into_iter().map(RelayInfo::udp).collect(),
+            Transport::Udp,
+            local_addr,
+        )
+    }
+
+    /// A leg for `leg` as `AllocateSession` returned it, over the transport the controller chose.
+    pub fn from_pb(leg: &pb::Leg, local_addr: SocketAddr) -> Self {
+        let transport = if leg.transport == pb::Transport::Quic as i32 {
+            Transport::Quic
+        } else {
+            Transport::Udp
+        };
+        Self::new(
+            leg.token.clone(),
+            leg.relays.iter().filter_map(RelayInfo::from_pb).collect(),
+            transport,
+            local_addr,
+        )
     }
 }
 
@@ -61,8 +139,8 @@ pub enum ClientError {
     /// The token is not a Veil leg token.
     #[error("malformed token: {0}")]
     Token(#[from] DecodeError),
-    /// The configuration names no relay.
-    #[error("no relay address given")]
+    /// The configuration names no relay (or none with the chosen transport).
+    #[error("no relay address given for this transport")]
     NoRelay,
     /// The local socket could not be bound.
     #[error("cannot bind local socket: {0}")]
@@ -100,7 +178,7 @@ pub enum LegStatus {
 pub struct Received {
     /// The datagram, as the sender sent it.
     pub data: Bytes,
-    /// Who sent it to us: always a relay.
+    /// Who sent it to us: always a relay (its UDP address, or its QUIC connection's address).
     pub from: SocketAddr,
     /// When it was received.
     pub at: Instant,
@@ -121,83 +199,137 @@ pub struct LegCounters {
     pub binds: AtomicU64,
     /// Moves to another relay.
     pub failovers: AtomicU64,
+    /// Datagrams not sent because they exceed the QUIC path's maximum datagram size.
+    pub too_large: AtomicU64,
 }
 
-struct Shared {
-    relay: RwLock<SocketAddr>,
-    relay_index: AtomicUsize,
-    closed: AtomicBool,
-    counters: LegCounters,
+/// State a leg's driver task shares with the app's handles.
+pub(crate) struct Shared {
+    pub(crate) relay: RwLock<SocketAddr>,
+    pub(crate) relay_index: AtomicUsize,
+    pub(crate) closed: AtomicBool,
+    pub(crate) counters: LegCounters,
+    pub(crate) local_addr: RwLock<SocketAddr>,
 }
 
-/// One participant's leg over UDP.
-pub struct UdpLeg {
-    socket: Arc<UdpSocket>,
-    shared: Arc<Shared>,
-    media: mpsc::Receiver<Received>,
-    status: watch::Receiver<LegStatus>,
-    task: tokio::task::JoinHandle<()>,
-    local_addr: SocketAddr,
-    session: u64,
-}
+impl Shared {
+    pub(crate) fn new(first: SocketAddr, local: SocketAddr) -> Self {
+        Self {
+            relay: RwLock::new(first),
+            relay_index: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            counters: LegCounters::default(),
+            local_addr: RwLock::new(local),
+        }
+    }
 
-impl std::fmt::Debug for UdpLeg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UdpLeg")
-            .field("status", &*self.status.borrow())
-            .finish_non_exhaustive()
+    pub(crate) fn relay(&self) -> SocketAddr {
+        *self.relay.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_relay(&self, index: usize, addr: SocketAddr) {
+        *self.relay.write().unwrap_or_else(|e| e.into_inner()) = addr;
+        self.relay_index.store(index, Relaxed);
     }
 }
 
-impl Drop for UdpLeg {
-    fn drop(&mut self) {
-        self.task.abort();
+/// What a driver task reports through.
+pub(crate) struct Link {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) media: mpsc::Sender<Received>,
+    pub(crate) status: watch::Sender<LegStatus>,
+}
+
+impl Link {
+    pub(crate) fn end(&self, err: ClientError) {
+        self.shared.closed.store(true, Relaxed);
+        self.status.send_replace(LegStatus::Ended(err));
     }
+
+    pub(crate) fn deliver(&self, data: Bytes, from: SocketAddr, at: Instant) {
+        self.shared.counters.received.fetch_add(1, Relaxed);
+        if self.media.try_send(Received { data, from, at }).is_err() {
+            self.shared.counters.overflow.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// How media leaves a leg.
+#[derive(Clone)]
+enum TxPath {
+    Udp(Arc<UdpSocket>),
+    Quic(Arc<RwLock<Option<quinn::Connection>>>),
 }
 
 /// Media datagrams buffered between the socket and the app.
 const MEDIA_QUEUE: usize = 4096;
 
-impl UdpLeg {
+/// One participant's leg.
+pub struct Leg {
+    tx: TxPath,
+    shared: Arc<Shared>,
+    media: mpsc::Receiver<Received>,
+    status: watch::Receiver<LegStatus>,
+    task: tokio::task::JoinHandle<()>,
+    session: u64,
+    transport: Transport,
+    quic_endpoint: Option<quinn::Endpoint>,
+}
+
+impl std::fmt::Debug for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leg")
+            .field("transport", &self.transport)
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Leg {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Leg {
     /// Binds a leg, trying the relays in order, and returns once it is bound.
     pub async fn bind(config: LegConfig) -> Result<Self, ClientError> {
         let token = Token::from_bytes(&config.token)?;
-        let first = *config.relays.first().ok_or(ClientError::NoRelay)?;
-        let socket = UdpSocket::bind(config.local_addr)
-            .await
-            .map_err(|e| ClientError::Socket(e.to_string()))?;
-        let local_addr = socket
-            .local_addr()
-            .map_err(|e| ClientError::Socket(e.to_string()))?;
-        let socket = Arc::new(socket);
-        let shared = Arc::new(Shared {
-            relay: RwLock::new(first),
-            relay_index: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
-            counters: LegCounters::default(),
-        });
+        let first = config.relays.first().ok_or(ClientError::NoRelay)?;
+        let first_addr = match config.transport {
+            Transport::Udp => first.udp,
+            Transport::Quic => first.quic.ok_or(ClientError::NoRelay)?,
+        };
         let (media_tx, media) = mpsc::channel(MEDIA_QUEUE);
         let (status_tx, mut status) = watch::channel(LegStatus::Binding { relay: 0 });
-        let session = token.claims().session.0;
-        let driver = Driver {
-            socket: socket.clone(),
+        let shared = Arc::new(Shared::new(first_addr, config.local_addr));
+        let link = Link {
             shared: shared.clone(),
             media: media_tx,
             status: status_tx,
-            token,
-            config,
-            state: State::Binding {
-                relay: 0,
-                txn: rand::random(),
-                cookie: None,
-                started: Instant::now(),
-                rto: Duration::ZERO,
-                next: Instant::now(),
-            },
-            last_rx: Instant::now(),
-            last_keepalive: Instant::now(),
         };
-        let task = tokio::spawn(driver.run());
+        let session = token.claims().session.0;
+        let transport = config.transport;
+        let (tx, task, quic_endpoint) = match transport {
+            Transport::Udp => {
+                let (socket, task) = udp::start(config, token, link).await?;
+                (TxPath::Udp(socket), task, None)
+            }
+            Transport::Quic => {
+                let (conn, endpoint, task) = quic::start(config, token, link)?;
+                (TxPath::Quic(conn), task, Some(endpoint))
+            }
+        };
+        let leg = Self {
+            tx,
+            shared,
+            media,
+            status: status.clone(),
+            task,
+            session,
+            transport,
+            quic_endpoint,
+        };
         loop {
             match &*status.borrow_and_update() {
                 LegStatus::Bound { .. } => break,
@@ -208,26 +340,18 @@ impl UdpLeg {
                 return Err(ClientError::Unreachable);
             }
         }
-        Ok(Self {
-            socket,
-            shared,
-            media,
-            status,
-            task,
-            local_addr,
-            session,
-        })
+        Ok(leg)
     }
 
     /// Sends one media datagram (SRTP, SRTCP or DTLS) to the current relay.
     pub async fn send(&self, pkt: &[u8]) -> std::io::Result<()> {
-        send(&self.socket, &self.shared, pkt).await
+        send(&self.tx, &self.shared, pkt).await
     }
 
     /// A handle that sends on this leg, for a task other than the one receiving.
     pub fn sender(&self) -> LegSender {
         LegSender {
-            socket: self.socket.clone(),
+            tx: self.tx.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -240,9 +364,9 @@ impl UdpLeg {
         self.media.recv().await
     }
 
-    /// The relay in use now.
+    /// The relay address in use now.
     pub fn relay(&self) -> SocketAddr {
-        *self.shared.relay.read().unwrap_or_else(|e| e.into_inner())
+        self.shared.relay()
     }
 
     /// Index of the relay in use now, in [`LegConfig::relays`].
@@ -250,9 +374,18 @@ impl UdpLeg {
         self.shared.relay_index.load(Relaxed)
     }
 
-    /// The local address the leg sends from.
+    /// The local address the leg sends from now.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        *self
+            .shared
+            .local_addr
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The transport in use.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The session id from the token.
@@ -270,15 +403,70 @@ impl UdpLeg {
         &self.shared.counters
     }
 
-    /// True once the relay closed the session.
+    /// True once the leg has ended.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Relaxed)
     }
+
+    /// The largest datagram that can be sent now: the QUIC path's current maximum datagram
+    /// size, or the relay's limit over UDP. `None` while a QUIC leg has no connection.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        match &self.tx {
+            TxPath::Udp(_) => Some(veil_relay_core::wire::MAX_DATAGRAM),
+            TxPath::Quic(c) => c
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()?
+                .max_datagram_size(),
+        }
+    }
+
+    /// Moves a QUIC leg to a new local socket bound to `addr`, as when a phone moves from Wi-Fi
+    /// to cellular: the connection migrates and the leg stays bound, with no new bind. Returns
+    /// the new local address. UDP legs cannot migrate (they bind again instead).
+    pub fn migrate(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let Some(endpoint) = &self.quic_endpoint else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "only QUIC legs migrate",
+            ));
+        };
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let local = socket.local_addr()?;
+        endpoint.rebind(socket)?;
+        *self
+            .shared
+            .local_addr
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = local;
+        Ok(local)
+    }
 }
 
-async fn send(socket: &UdpSocket, shared: &Shared, pkt: &[u8]) -> std::io::Result<()> {
-    let relay = *shared.relay.read().unwrap_or_else(|e| e.into_inner());
-    socket.send_to(pkt, relay).await?;
+async fn send(tx: &TxPath, shared: &Shared, pkt: &[u8]) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    match tx {
+        TxPath::Udp(socket) => {
+            socket.send_to(pkt, shared.relay()).await?;
+        }
+        TxPath::Quic(slot) => {
+            let conn = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let conn = conn.ok_or_else(|| {
+                Error::new(ErrorKind::NotConnected, "no relay connection right now")
+            })?;
+            match conn.send_datagram(Bytes::copy_from_slice(pkt)) {
+                Ok(()) => {}
+                Err(quinn::SendDatagramError::TooLarge) => {
+                    shared.counters.too_large.fetch_add(1, Relaxed);
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "datagram larger than the path's maximum",
+                    ));
+                }
+                Err(e) => return Err(Error::new(ErrorKind::NotConnected, e.to_string())),
+            }
+        }
+    }
     shared.counters.sent.fetch_add(1, Relaxed);
     Ok(())
 }
@@ -286,7 +474,7 @@ async fn send(socket: &UdpSocket, shared: &Shared, pkt: &[u8]) -> std::io::Resul
 /// Sends media on a leg; cheap to clone.
 #[derive(Clone)]
 pub struct LegSender {
-    socket: Arc<UdpSocket>,
+    tx: TxPath,
     shared: Arc<Shared>,
 }
 
@@ -299,268 +487,11 @@ impl std::fmt::Debug for LegSender {
 impl LegSender {
     /// Sends one media datagram to the leg's current relay.
     pub async fn send(&self, pkt: &[u8]) -> std::io::Result<()> {
-        send(&self.socket, &self.shared, pkt).await
+        send(&self.tx, &self.shared, pkt).await
     }
 
     /// True once the leg has ended.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Relaxed)
-    }
-}
-
-enum State {
-    Binding {
-        relay: usize,
-        txn: [u8; 8],
-        cookie: Option<[u8; COOKIE_LEN]>,
-        started: Instant,
-        rto: Duration,
-        next: Instant,
-    },
-    Bound {
-        relay: usize,
-    },
-    Ended,
-}
-
-struct Driver {
-    socket: Arc<UdpSocket>,
-    shared: Arc<Shared>,
-    media: mpsc::Sender<Received>,
-    status: watch::Sender<LegStatus>,
-    token: Token,
-    config: LegConfig,
-    state: State,
-    last_rx: Instant,
-    last_keepalive: Instant,
-}
-
-impl Driver {
-    fn relay_addr(&self, i: usize) -> SocketAddr {
-        self.config.relays[i % self.config.relays.len()]
-    }
-
-    fn start_binding(&mut self, relay: usize) {
-        let relay = relay % self.config.relays.len();
-        *self.shared.relay.write().unwrap_or_else(|e| e.into_inner()) = self.relay_addr(relay);
-        self.shared.relay_index.store(relay, Relaxed);
-        let now = Instant::now();
-        self.state = State::Binding {
-            relay,
-            txn: rand::random(),
-            cookie: None,
-            started: now,
-            rto: Duration::ZERO,
-            next: now,
-        };
-        self.status.send_replace(LegStatus::Binding { relay });
-    }
-
-    fn end(&mut self, err: ClientError) {
-        self.state = State::Ended;
-        self.shared.closed.store(true, Relaxed);
-        self.status.send_replace(LegStatus::Ended(err));
-    }
-
-    /// When the driver next has something to do without input.
-    fn deadline(&self) -> Instant {
-        match &self.state {
-            State::Binding { next, .. } => *next,
-            State::Bound { .. } => (self.last_rx.max(self.last_keepalive)
-                + self.config.keepalive_interval)
-                .min(self.last_rx + self.config.dead_after),
-            State::Ended => Instant::now() + Duration::from_secs(3600),
-        }
-    }
-
-    async fn on_timer(&mut self) {
-        let now = Instant::now();
-        match &mut self.state {
-            State::Binding {
-                relay,
-                txn,
-                cookie,
-                started,
-                rto,
-                next,
-            } => {
-                if now < *next {
-                    return;
-                }
-                if now.duration_since(*started) >= self.config.bind_timeout {
-                    let following = *relay + 1;
-                    if following % self.config.relays.len() == 0
-                        && self.shared.counters.binds.load(Relaxed) == 0
-                    {
-                        // Every relay tried once and none ever answered: give up.
-                        self.end(ClientError::Unreachable);
-                    } else {
-                        self.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(following);
-                    }
-                    return;
-                }
-                *rto = if rto.is_zero() {
-                    self.config.bind_rto
-                } else {
-                    (*rto * 2).min(Duration::from_secs(1))
-                };
-                *next = now + *rto;
-                let msg = wire::bind(&self.token, *txn, cookie.as_ref());
-                let dst = self.config.relays[*relay];
-                let _ = self.socket.send_to(&msg, dst).await;
-            }
-            State::Bound { relay } => {
-                let relay = *relay;
-                if now.duration_since(self.last_rx) >= self.config.dead_after {
-                    tracing::debug!(relay, "relay silent, moving to the next one");
-                    self.shared.counters.failovers.fetch_add(1, Relaxed);
-                    self.start_binding(relay + 1);
-                } else if now.duration_since(self.last_rx.max(self.last_keepalive))
-                    >= self.config.keepalive_interval
-                {
-                    self.last_keepalive = now;
-                    let _ = self
-                        .socket
-                        .send_to(&wire::keepalive(rand::random()), self.relay_addr(relay))
-                        .await;
-                }
-            }
-            State::Ended => {}
-        }
-    }
-
-    async fn on_datagram(&mut self, pkt: &[u8], from: SocketAddr) {
-        let current = match &self.state {
-            State::Binding { relay, .. } | State::Bound { relay } => self.relay_addr(*relay),
-            State::Ended => return,
-        };
-        if from != current {
-            self.shared.counters.foreign.fetch_add(1, Relaxed);
-            return;
-        }
-        let now = Instant::now();
-        match wire::classify(pkt) {
-            Class::Rtp | Class::Dtls => {
-                if let State::Bound { .. } = self.state {
-                    self.last_rx = now;
-                }
-                self.shared.counters.received.fetch_add(1, Relaxed);
-                let item = Received {
-                    data: Bytes::copy_from_slice(pkt),
-                    from,
-                    at: now,
-                };
-                if self.media.try_send(item).is_err() {
-                    self.shared.counters.overflow.fetch_add(1, Relaxed);
-                }
-            }
-            Class::Control => {
-                if let Ok(msg) = wire::parse_relay(pkt) {
-                    self.on_control(msg, now).await;
-                }
-            }
-            Class::Other => {}
-        }
-    }
-
-    async fn on_control(&mut self, msg: RelayMessage<'_>, now: Instant) {
-        let session = self.token.claims().session.0;
-        match (&mut self.state, msg) {
-            (
-                State::Binding {
-                    relay,
-                    txn,
-                    cookie,
-                    next,
-                    rto,
-                    ..
-                },
-                RelayMessage::Challenge { txn: t, cookie: c },
-            ) if t == *txn => {
-                let c: [u8; COOKIE_LEN] = c.try_into().expect("parser checked the length");
-                *cookie = Some(c);
-                *rto = self.config.bind_rto;
-                *next = now + *rto;
-                let msg = wire::bind(&self.token, *txn, Some(&c));
-                let dst = self.config.relays[*relay];
-                let _ = self.socket.send_to(&msg, dst).await;
-            }
-            (State::Binding { relay, txn, .. }, RelayMessage::BindOk { txn: t, .. })
-                if t == *txn =>
-            {
-                let relay = *relay;
-                self.state = State::Bound { relay };
-                self.last_rx = now;
-                self.last_keepalive = now;
-                self.shared.counters.binds.fetch_add(1, Relaxed);
-                self.status.send_replace(LegStatus::Bound { relay });
-            }
-            (State::Binding { relay, txn, .. }, RelayMessage::Error { txn: t, code })
-                if t == *txn =>
-            {
-                let relay = *relay;
-                match ErrorCode::from_u16(code) {
-                    Some(
-                        c @ (ErrorCode::Unauthorized
-                        | ErrorCode::Expired
-                        | ErrorCode::SessionClosed),
-                    ) => {
-                        self.end(ClientError::Refused(c));
-                    }
-                    // Full, draining or rate limited: the next relay may take us.
-                    _ if self.config.relays.len() > 1 => {
-                        self.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(relay + 1);
-                    }
-                    _ => {}
-                }
-            }
-            (State::Bound { relay }, RelayMessage::KeepaliveAck { .. }) => {
-                let _ = relay;
-                self.last_rx = now;
-            }
-            (State::Bound { relay }, RelayMessage::Error { code, .. })
-                if code == ErrorCode::NotBound as u16 =>
-            {
-                // The relay lost our leg (it restarted): bind again there.
-                let relay = *relay;
-                self.start_binding(relay);
-            }
-            (
-                State::Bound { relay } | State::Binding { relay, .. },
-                RelayMessage::Close { code, session: s },
-            ) if s == session => {
-                let relay = *relay;
-                match ErrorCode::from_u16(code) {
-                    Some(ErrorCode::Draining) => {
-                        self.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(relay + 1);
-                    }
-                    c => self.end(ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed))),
-                }
-            }
-            _ => {}
-        }
-    }
-
-    async fn run(mut self) {
-        let mut buf = vec![0u8; 2048];
-        loop {
-            if let State::Ended = self.state {
-                return;
-            }
-            let deadline = self.deadline();
-            tokio::select! {
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.on_datagram(&buf[..n], from).await,
-                    // ICMP port unreachable from a dead relay shows up here on some systems:
-                    // the silence timer handles it.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                },
-                _ = tokio::time::sleep_until(deadline.into()) => self.on_timer().await,
-                _ = self.media.closed() => return,
-            }
-        }
     }
 }

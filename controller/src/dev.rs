@@ -32,6 +32,8 @@ pub struct Options {
     pub regions: Vec<String>,
     /// Leg idle timeout on the relays.
     pub leg_idle: Duration,
+    /// Serve QUIC (with self-signed certificates) as well as UDP.
+    pub quic: bool,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             workers_per_relay: 2,
             regions: Vec::new(),
             leg_idle: Duration::from_secs(30),
+            quic: true,
         }
     }
 }
@@ -126,11 +129,14 @@ impl Cluster {
             }
             s.zone = format!("zone-{i}");
             s.report_interval = Duration::from_millis(500);
+            if opts.quic {
+                s.quic = Some(veil_relay::config::QuicSettings::local()?);
+            }
             let relay = RelayServer::load(s).await?;
             relays.push(DevRelay {
                 node_id: format!("relay-{i}"),
                 udp: relay.public_udp_addr(),
-                quic: None,
+                quic: relay.public_quic_addr(),
                 metrics: relay.ops_addr(),
             });
             relay_nodes.push(relay.node().clone());

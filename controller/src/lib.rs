@@ -27,7 +27,6 @@ use std::time::Duration;
 use anyhow::Context;
 use prometheus::Registry;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use veil_proto::v1::relay_registry_server::RelayRegistryServer;
 use veil_proto::v1::session_service_server::SessionServiceServer;
 
@@ -166,11 +165,13 @@ impl ControllerServer {
                 .housekeeping(self.settings.relay_timeout, stop_rx),
         );
         tracing::info!(grpc = %self.grpc_addr, ops = %self.ops_addr, "controller serving");
-        let incoming = TcpListenerStream::new(self.listener);
+        // The builder's TCP options only apply to listeners it binds itself: set them here.
+        let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(30)));
         let served = tonic::transport::Server::builder()
             .timeout(RPC_TIMEOUT)
             .concurrency_limit_per_connection(1024)
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(health_service)

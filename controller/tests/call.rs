@@ -29,27 +29,51 @@ fn token_needles(session: &pb::Session) -> Vec<String> {
     needles
 }
 
-async fn private_call(n: usize) {
+/// A call of one participant per entry of `transports`, through a `veil-controller --dev`
+/// process logging at trace level.
+async fn private_call(transports: &[pb::Transport]) {
+    let n = transports.len();
     // The most verbose logging there is.
     let dev = DevProcess::start(1, &[("VEIL_LOG", "trace")]);
-    let relay = dev.relay_udp(0);
+    let (relay_udp, relay_quic) = (dev.relay_udp(0), dev.relay_quic(0));
     let mut api = client(&dev.controller_url()).await;
     let answer = api
-        .allocate_session(request(&format!("call-{n}"), n))
+        .allocate_session(request_with(
+            &format!("call-{n}-{transports:?}"),
+            transports,
+        ))
         .await
         .unwrap()
         .into_inner();
     let session = answer.session.clone().unwrap();
     assert!(answer.created);
     assert_eq!(session.legs.len(), n);
-    assert_eq!(session.relays[0].udp_address, relay.to_string());
+    let relay = &session.relays[0];
+    assert_eq!(relay.udp_address, relay_udp.to_string());
+    assert_eq!(relay.quic_address, relay_quic.to_string());
+    assert_eq!(relay.quic_cert_sha256.len(), 32);
 
     let mut peers = Vec::new();
     for (i, leg) in session.legs.iter().enumerate() {
+        let expected = match transports[i] {
+            pb::Transport::Quic => pb::Transport::Quic,
+            _ => pb::Transport::Udp,
+        };
+        assert_eq!(
+            leg.transport, expected as i32,
+            "leg {i} gets the transport it asked for"
+        );
         // 127.0.0.2, 127.0.0.3, ...: each participant its own address; the relay is 127.0.0.1.
         peers.push(Peer::join(leg, &format!("127.0.0.{}", i + 2), 1000 + i as u32).await);
     }
-    exchange(&mut peers, 100, |_| relay).await;
+    let sources: Vec<_> = peers
+        .iter()
+        .map(|p| match p.leg.transport() {
+            veil_client::Transport::Udp => relay_udp,
+            veil_client::Transport::Quic => relay_quic,
+        })
+        .collect();
+    exchange(&mut peers, 100, |i| sources[i]).await;
 
     let released = api
         .release_session(pb::ReleaseSessionRequest {
@@ -90,12 +114,29 @@ async fn private_call(n: usize) {
     );
 }
 
+use pb::Transport::{Quic, Udp};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_party_call_over_udp_is_private() {
-    private_call(2).await;
+    private_call(&[Udp, Udp]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_party_call_over_udp_is_private() {
-    private_call(4).await;
+    private_call(&[Udp, Udp, Udp, Udp]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_party_call_over_quic_is_private() {
+    private_call(&[Quic, Quic]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_party_mixed_call_is_private() {
+    private_call(&[Quic, Udp]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_party_mixed_call_is_private() {
+    private_call(&[Quic, Udp, Quic, Udp]).await;
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rand::Rng;
 use tonic::transport::Channel;
-use veil_client::{LegConfig, UdpLeg};
+use veil_client::{Leg, LegConfig};
 use veil_proto::v1 as pb;
 use veil_proto::v1::session_service_client::SessionServiceClient;
 use webrtc_srtp::context::Context;
@@ -29,7 +29,7 @@ use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use crate::media::Source;
 use crate::report::{RelayFigures, Report};
-use crate::scenario::{Profile, Scenario, SrtpSuite};
+use crate::scenario::{Profile, Scenario, SrtpSuite, TransportMode};
 use crate::stats::{Collector, StreamRx};
 
 /// Which cluster to drive.
@@ -284,7 +284,12 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
             .map(|j| pb::Participant {
                 participant_id: format!("p{j}"),
                 region: String::new(),
-                preferred_transport: pb::Transport::Udp as i32,
+                preferred_transport: match s.transport {
+                    TransportMode::Udp => pb::Transport::Udp,
+                    TransportMode::Quic => pb::Transport::Quic,
+                    TransportMode::Mixed if j % 2 == 0 => pb::Transport::Quic,
+                    TransportMode::Mixed => pb::Transport::Udp,
+                } as i32,
             })
             .collect(),
         ttl_seconds: 0,
@@ -313,18 +318,13 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
     let mut binds = tokio::task::JoinSet::new();
     for (j, leg) in session.legs.iter().enumerate() {
         let ip: IpAddr = s.client_ips[(call * n + j) % s.client_ips.len()];
-        let relays: Vec<SocketAddr> = leg
-            .relays
-            .iter()
-            .filter_map(|r| r.udp_address.parse().ok())
-            .collect();
-        let cfg = LegConfig::new(leg.token.clone(), relays, SocketAddr::new(ip, 0));
+        let cfg = LegConfig::from_pb(leg, SocketAddr::new(ip, 0));
         binds.spawn(async move {
             let t = Instant::now();
-            UdpLeg::bind(cfg).await.map(|l| (j, l, t.elapsed()))
+            Leg::bind(cfg).await.map(|l| (j, l, t.elapsed()))
         });
     }
-    let mut legs: Vec<Option<(UdpLeg, Duration)>> = (0..n).map(|_| None).collect();
+    let mut legs: Vec<Option<(Leg, Duration)>> = (0..n).map(|_| None).collect();
     while let Some(r) = binds.join_next().await {
         let (j, leg, t) = r?.context("bind a leg")?;
         legs[j] = Some((leg, t));
@@ -397,7 +397,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
 async fn participant(
     ctx: Arc<RunCtx>,
     j: usize,
-    mut leg: UdpLeg,
+    mut leg: Leg,
     ssrc: u32,
     mut tx: Context,
     mut rx: HashMap<u32, (Context, StreamRx)>,

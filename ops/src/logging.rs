@@ -12,10 +12,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Targets silenced whatever the filter says, because they log client addresses: quinn-udp's
-/// send-error warning prints the destination of the failed datagram. Veil counts those errors in
-/// its own metrics instead.
-const SILENCED: &[&str] = &["quinn_udp=off"];
+/// Caps on third-party targets, whatever the filter says, because they log client addresses:
+/// quinn-udp's send-error warning prints the destination of the failed datagram (Veil counts
+/// those errors in its own metrics instead), and quinn's debug and trace events print peer
+/// addresses (its warnings and errors do not).
+const SILENCED: &[&str] = &["quinn_udp=off", "quinn_proto=warn", "quinn=warn"];
 
 /// Builds the filter for `spec` (`EnvFilter` syntax, for example `info` or
 /// `veil_relay=debug,info`), with the [`SILENCED`] targets turned off.

@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use veil_ops::logging::LogFormat;
 use veil_relay_core::KeyRing;
 
+use crate::quic::Identity;
+
 /// veil-relay: forwards SRTP, SRTCP and DTLS between the participants of each call, so that no
 /// participant learns another's address. Every flag can also be set through the environment
 /// variable named in its description.
@@ -23,6 +25,32 @@ pub struct Config {
     /// a wildcard (0.0.0.0 or [::]).
     #[arg(long, env = "VEIL_RELAY_PUBLIC_UDP_ADDR")]
     pub public_udp_addr: Option<SocketAddr>,
+
+    /// UDP address of the QUIC endpoint (ALPN `veil/1`, RFC 9221 datagrams). Unset: no QUIC.
+    #[arg(long, env = "VEIL_RELAY_QUIC_ADDR")]
+    pub quic_addr: Option<SocketAddr>,
+
+    /// QUIC address announced to clients. Required when --quic-addr is a wildcard.
+    #[arg(long, env = "VEIL_RELAY_PUBLIC_QUIC_ADDR", requires = "quic_addr")]
+    pub public_quic_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain of the QUIC endpoint (clients pin the leaf's SHA-256, which the
+    /// controller hands out with each session).
+    #[arg(long, env = "VEIL_RELAY_QUIC_CERT_FILE", requires = "quic_key_file")]
+    pub quic_cert_file: Option<PathBuf>,
+
+    /// PEM private key of the QUIC certificate.
+    #[arg(long, env = "VEIL_RELAY_QUIC_KEY_FILE", requires = "quic_cert_file")]
+    pub quic_key_file: Option<PathBuf>,
+
+    /// Generate a self-signed QUIC certificate at start instead of reading one. Clients still
+    /// pin it, but its fingerprint changes at every restart.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_QUIC_SELF_SIGNED",
+        conflicts_with = "quic_cert_file"
+    )]
+    pub quic_self_signed: bool,
 
     /// Address of the ops HTTP endpoint: /metrics, /healthz, /readyz.
     #[arg(long, env = "VEIL_RELAY_OPS_ADDR", default_value = "[::]:9100")]
@@ -87,6 +115,28 @@ pub struct Config {
     pub log_filter: String,
 }
 
+/// The QUIC endpoint's settings.
+#[derive(Debug, Clone)]
+pub struct QuicSettings {
+    /// Where it binds.
+    pub addr: SocketAddr,
+    /// What the relay announces; `None` means the bound address.
+    pub public_addr: Option<SocketAddr>,
+    /// Certificate and key.
+    pub identity: Identity,
+}
+
+impl QuicSettings {
+    /// QUIC on loopback with a self-signed certificate: for `--dev` and tests.
+    pub fn local() -> anyhow::Result<Self> {
+        Ok(Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_addr: None,
+            identity: Identity::self_signed()?,
+        })
+    }
+}
+
 /// The relay's validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -94,6 +144,8 @@ pub struct Settings {
     pub udp_addr: SocketAddr,
     /// What the relay announces; `None` means the bound address (for port 0 in tests).
     pub public_udp_addr: Option<SocketAddr>,
+    /// The QUIC endpoint, if any.
+    pub quic: Option<QuicSettings>,
     /// Where the ops endpoint binds.
     pub ops_addr: SocketAddr,
     /// Number of UDP IO workers (at least 1).
@@ -129,6 +181,7 @@ impl Settings {
         Self {
             udp_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             public_udp_addr: None,
+            quic: None,
             ops_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 2,
             controllers,
@@ -196,9 +249,40 @@ impl Config {
         } else {
             self.workers
         };
+        let quic = match self.quic_addr {
+            None => {
+                if self.quic_cert_file.is_some() || self.quic_self_signed {
+                    bail!("--quic-addr is required with --quic-cert-file or --quic-self-signed");
+                }
+                None
+            }
+            Some(addr) => {
+                if addr.ip().is_unspecified() && self.public_quic_addr.is_none() {
+                    bail!("--public-quic-addr is required when --quic-addr is a wildcard address");
+                }
+                if let Some(p) = self.public_quic_addr
+                    && (p.ip().is_unspecified() || p.port() == 0)
+                {
+                    bail!("--public-quic-addr must be a concrete address and port");
+                }
+                let identity = match (&self.quic_cert_file, &self.quic_key_file) {
+                    (Some(cert), Some(key)) => Identity::from_pem_files(cert, key)?,
+                    _ if self.quic_self_signed => Identity::self_signed()?,
+                    _ => bail!(
+                        "--quic-addr needs --quic-cert-file and --quic-key-file, or --quic-self-signed"
+                    ),
+                };
+                Some(QuicSettings {
+                    addr,
+                    public_addr: self.public_quic_addr,
+                    identity,
+                })
+            }
+        };
         Ok(Settings {
             udp_addr: self.udp_addr,
             public_udp_addr: self.public_udp_addr,
+            quic,
             ops_addr: self.ops_addr,
             workers,
             controllers: self.controllers.clone(),

@@ -27,7 +27,7 @@ use veil_relay_core::{Node, SharedStats};
 
 use crate::config::Settings;
 use crate::metrics::{RelayMetrics, Transport};
-use crate::quic::{NoQuic, QuicSink};
+use crate::quic::{NoQuic, QuicServer, QuicSink};
 
 /// Unix milliseconds now.
 pub fn unix_ms() -> u64 {
@@ -43,6 +43,9 @@ pub struct RelayServer {
     node: Arc<Node>,
     sockets: Vec<std::net::UdpSocket>,
     udp_addr: SocketAddr,
+    quic: Option<QuicServer>,
+    quic_addr: Option<SocketAddr>,
+    quic_fingerprint: Option<[u8; 32]>,
     ops_addr: SocketAddr,
     metrics: Arc<RelayMetrics>,
     running: Arc<AtomicBool>,
@@ -74,6 +77,12 @@ impl RelayServer {
         ));
         let sockets = udp::bind_sockets(settings.udp_addr, settings.workers.max(1))?;
         let udp_addr = sockets[0].local_addr()?;
+        let quic = match &settings.quic {
+            Some(q) => Some(QuicServer::bind(q.addr, &q.identity)?),
+            None => None,
+        };
+        let quic_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
+        let quic_fingerprint = quic.as_ref().map(|q| q.fingerprint());
         let registry = Registry::new();
         let metrics = Arc::new(RelayMetrics::register(&registry, node.clone())?);
         registry.register(Box::new(
@@ -109,6 +118,9 @@ impl RelayServer {
             node,
             sockets,
             udp_addr,
+            quic,
+            quic_addr,
+            quic_fingerprint,
             ops_addr,
             metrics,
             running,
@@ -120,6 +132,17 @@ impl RelayServer {
     /// The UDP address announced to clients.
     pub fn public_udp_addr(&self) -> SocketAddr {
         self.settings.public_udp_addr.unwrap_or(self.udp_addr)
+    }
+
+    /// The QUIC address announced to clients, if the relay serves QUIC.
+    pub fn public_quic_addr(&self) -> Option<SocketAddr> {
+        let q = self.settings.quic.as_ref()?;
+        q.public_addr.or(self.quic_addr)
+    }
+
+    /// SHA-256 of the QUIC certificate, if the relay serves QUIC.
+    pub fn quic_fingerprint(&self) -> Option<[u8; 32]> {
+        self.quic_fingerprint
     }
 
     /// The bound UDP media address.
@@ -148,8 +171,14 @@ impl RelayServer {
             region: self.settings.region.clone(),
             zone: self.settings.zone.clone(),
             udp_address: self.public_udp_addr().to_string(),
-            quic_address: String::new(),
-            quic_cert_sha256: Vec::new(),
+            quic_address: self
+                .public_quic_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            quic_cert_sha256: self
+                .quic_fingerprint()
+                .map(|f| f.to_vec())
+                .unwrap_or_default(),
             capacity_legs: self.settings.max_legs as u64,
             key_ids: self
                 .settings
@@ -167,7 +196,19 @@ impl RelayServer {
     /// calls continue, until they end or the drain deadline passes; then everything stops.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let quic: Arc<dyn QuicSink> = Arc::new(NoQuic);
+        let mut tasks = tokio::task::JoinSet::new();
+        let quic: Arc<dyn QuicSink> = match self.quic.take() {
+            Some(server) => {
+                let shared = server.shared();
+                self.metrics.add_quic(shared.clone());
+                // QUIC legs send to UDP legs from the media port: through a duplicate of the
+                // first worker's socket (sending needs no registration with its runtime).
+                let udp = Arc::new(self.sockets[0].try_clone()?);
+                tasks.spawn(server.run(self.node.clone(), udp, stop_rx.clone()));
+                shared
+            }
+            None => Arc::new(NoQuic),
+        };
 
         let mut workers = Vec::new();
         for (index, socket) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
@@ -185,7 +226,6 @@ impl RelayServer {
         }
 
         let hello = self.hello();
-        let mut tasks = tokio::task::JoinSet::new();
         for url in &self.settings.controllers {
             tasks.spawn(control::run(control::Link {
                 url: url.clone(),
@@ -218,6 +258,7 @@ impl RelayServer {
         tracing::info!(
             node_id = %self.settings.node_id,
             udp = %self.udp_addr,
+            quic = ?self.quic_addr,
             ops = %self.ops_addr,
             workers = workers.len(),
             controllers = self.settings.controllers.len(),

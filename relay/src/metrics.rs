@@ -4,8 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use veil_relay_core::{BindResult, DropReason, Node, SharedStats, Stats};
+
+use crate::quic::QuicShared;
 
 /// A client transport, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +41,7 @@ pub struct RelayMetrics {
     send_errors: IntCounterVec,
     drops: IntCounterVec,
     binds: IntCounterVec,
-    bound_legs: IntGauge,
+    bound_legs: IntGaugeVec,
     sessions: IntGauge,
     capacity: IntGauge,
     draining: IntGauge,
@@ -49,6 +51,7 @@ pub struct RelayMetrics {
     /// Time from receiving a batch of datagrams to having sent everything it caused.
     pub forwarding_latency: Histogram,
     sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
+    quic: Mutex<Option<Arc<QuicShared>>>,
     refresh_lock: Mutex<()>,
     node: Arc<Node>,
 }
@@ -145,7 +148,14 @@ impl RelayMetrics {
                 "Bind requests by result.",
                 &["transport", "result"],
             )?,
-            bound_legs: gauge(registry, "veil_relay_bound_legs", "Legs bound now.")?,
+            bound_legs: {
+                let g = IntGaugeVec::new(
+                    Opts::new("veil_relay_bound_legs", "Legs bound now, by transport."),
+                    t,
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             sessions: gauge(
                 registry,
                 "veil_relay_sessions",
@@ -173,6 +183,7 @@ impl RelayMetrics {
             )?,
             forwarding_latency,
             sources: Mutex::new(Vec::new()),
+            quic: Mutex::new(None),
             refresh_lock: Mutex::new(()),
             node,
         };
@@ -195,6 +206,12 @@ impl RelayMetrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((transport, stats));
+    }
+
+    /// Adds the QUIC transport: its counters and its legs.
+    pub fn add_quic(&self, quic: Arc<QuicShared>) {
+        self.add_source(Transport::Quic, quic.stats.clone());
+        *self.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(quic);
     }
 
     /// Totals per transport.
@@ -230,7 +247,18 @@ impl RelayMetrics {
             }
         }
         let d = &self.node.directory;
-        self.bound_legs.set(d.legs() as i64);
+        let quic = self
+            .quic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |q| q.legs());
+        self.bound_legs
+            .with_label_values(&["quic"])
+            .set(quic as i64);
+        self.bound_legs
+            .with_label_values(&["udp"])
+            .set(d.legs().saturating_sub(quic) as i64);
         self.sessions.set(d.sessions() as i64);
         self.capacity.set(d.max_legs() as i64);
         self.draining.set(i64::from(d.is_draining()));

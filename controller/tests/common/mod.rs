@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::transport::Channel;
-use veil_client::{LegConfig, UdpLeg};
+use veil_client::{Leg, LegConfig};
 use veil_proto::v1 as pb;
 use veil_proto::v1::session_service_client::SessionServiceClient;
 use webrtc_srtp::context::Context;
@@ -79,6 +79,14 @@ impl DevProcess {
             .unwrap()
     }
 
+    pub fn relay_quic(&self, i: usize) -> SocketAddr {
+        self.ready["relays"][i]["quic"]
+            .as_str()
+            .expect("relay serves QUIC")
+            .parse()
+            .unwrap()
+    }
+
     /// Sends SIGTERM and waits; returns the exit status and everything written to stderr.
     pub fn stop(mut self) -> (std::process::ExitStatus, String) {
         use nix::sys::signal::{Signal, kill};
@@ -119,12 +127,20 @@ pub async fn client(url: &str) -> SessionServiceClient<Channel> {
 }
 
 pub fn request(call_id: &str, n: usize) -> pb::AllocateSessionRequest {
+    request_with(call_id, &vec![pb::Transport::Unspecified; n])
+}
+
+/// A request whose participant `i` prefers `transports[i]`.
+pub fn request_with(call_id: &str, transports: &[pb::Transport]) -> pb::AllocateSessionRequest {
     pb::AllocateSessionRequest {
         call_id: call_id.into(),
-        participants: (0..n)
-            .map(|i| pb::Participant {
+        participants: transports
+            .iter()
+            .enumerate()
+            .map(|(i, t)| pb::Participant {
                 participant_id: format!("participant-{i}"),
-                ..Default::default()
+                region: String::new(),
+                preferred_transport: *t as i32,
             })
             .collect(),
         ttl_seconds: 0,
@@ -142,7 +158,7 @@ pub fn relays_of(leg: &pb::Leg) -> Vec<SocketAddr> {
 /// One simulated participant: a leg bound from its own loopback address, and an SRTP key of its
 /// own that only the other participants know.
 pub struct Peer {
-    pub leg: UdpLeg,
+    pub leg: Leg,
     pub ssrc: u32,
     pub key: Vec<u8>,
     pub salt: Vec<u8>,
@@ -155,8 +171,8 @@ pub const PROFILE: ProtectionProfile = ProtectionProfile::Aes128CmHmacSha1_80;
 impl Peer {
     pub async fn join(leg: &pb::Leg, local_ip: &str, ssrc: u32) -> Self {
         let local: SocketAddr = format!("{local_ip}:0").parse().unwrap();
-        let cfg = LegConfig::new(leg.token.clone(), relays_of(leg), local);
-        let leg = UdpLeg::bind(cfg).await.expect("leg binds");
+        let cfg = LegConfig::from_pb(leg, local);
+        let leg = Leg::bind(cfg).await.expect("leg binds");
         let key: Vec<u8> = (0..16).map(|_| rand::random()).collect();
         let salt: Vec<u8> = (0..14).map(|_| rand::random()).collect();
         let tx = Context::new(&key, &salt, PROFILE, None, None).unwrap();
@@ -214,13 +230,14 @@ pub async fn exchange(peers: &mut [Peer], count: u16, relay_of: impl Fn(usize) -
         .collect();
     for round in 0..count {
         for p in peers.iter_mut() {
+            let seq = p.seq;
             let payload = format!(
-                "ssrc {} packet {round} {}",
+                "ssrc {} packet {seq} {}",
                 p.ssrc,
                 "x".repeat(round as usize % 97)
             );
             let srtp = p.send(payload.as_bytes()).await;
-            sent.insert((p.ssrc, round), srtp);
+            sent.insert((p.ssrc, seq), srtp);
         }
         if round % 10 == 9 {
             tokio::time::sleep(Duration::from_millis(2)).await;

@@ -35,11 +35,13 @@ pub enum DropReason {
     Oversized,
     /// Media from a leg with no other bound leg to forward to.
     NoPeer,
+    /// A forwarded copy larger than the receiving QUIC leg's maximum datagram size.
+    TooLargeForPeer,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
     /// Every reason, in index order.
     pub const ALL: [Self; Self::COUNT] = [
         Self::Malformed,
@@ -56,6 +58,7 @@ impl DropReason {
         Self::Draining,
         Self::Oversized,
         Self::NoPeer,
+        Self::TooLargeForPeer,
     ];
 
     /// The metric label value.
@@ -75,6 +78,7 @@ impl DropReason {
             Self::Draining => "draining",
             Self::Oversized => "oversized",
             Self::NoPeer => "no_peer",
+            Self::TooLargeForPeer => "too_large_for_peer",
         }
     }
 

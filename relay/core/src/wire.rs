@@ -41,6 +41,10 @@ pub const SHORT_LEN: usize = 12;
 /// Length of the longest control message.
 pub const MAX_CONTROL_LEN: usize = BIND_LEN;
 
+/// Largest datagram a relay forwards: media over UDP stays under the path MTU; anything larger
+/// is dropped as oversized.
+pub const MAX_DATAGRAM: usize = 1500;
+
 /// Shortest RTP/RTCP packet: the fixed RTP header (RTCP's is 8 bytes, but the relay need not
 /// tell them apart).
 pub const MIN_RTP_LEN: usize = 12;

@@ -1,0 +1,315 @@
+//! The QUIC transport of a leg: a connection per relay (ALPN `veil/1`, the relay's certificate
+//! pinned by its SHA-256), a BIND on the first bidirectional stream, media as QUIC datagrams,
+//! and failover when the connection dies (its idle timeout is the client's `dead_after`, with
+//! QUIC keepalives every `keepalive_interval`).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use veil_relay_core::token::Token;
+use veil_relay_core::wire::{self, Class, ErrorCode, RelayMessage};
+
+use crate::{ClientError, LegConfig, LegStatus, Link};
+
+/// The ALPN protocol id of Veil over QUIC.
+pub const ALPN: &[u8] = b"veil/1";
+
+/// Accepts exactly one server certificate: the one whose SHA-256 the controller handed out.
+/// No CA is involved; signatures are still verified, so the server must hold the key.
+#[derive(Debug)]
+pub struct Pinned {
+    sha256: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl Pinned {
+    /// Pins `sha256`.
+    pub fn new(sha256: [u8; 32]) -> Self {
+        Self {
+            sha256,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        }
+    }
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        // Not secret: a fingerprint comparison need not be constant-time.
+        if got == self.sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A quinn client configuration for a relay with certificate fingerprint `sha256`.
+pub fn client_config(
+    sha256: [u8; 32],
+    keepalive: Duration,
+    idle: Duration,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Socket(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned::new(sha256)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Socket(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(keepalive))
+        .max_idle_timeout(Some(
+            idle.try_into()
+                .map_err(|_| ClientError::Socket("idle timeout out of range".into()))?,
+        ))
+        .datagram_receive_buffer_size(Some(1 << 20))
+        .datagram_send_buffer_size(1 << 20);
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+type Slot = Arc<RwLock<Option<quinn::Connection>>>;
+
+/// Binds the local endpoint and starts the driver task.
+pub(crate) fn start(
+    config: LegConfig,
+    token: Token,
+    link: Link,
+) -> Result<(Slot, quinn::Endpoint, tokio::task::JoinHandle<()>), ClientError> {
+    let endpoint = quinn::Endpoint::client(config.local_addr)
+        .map_err(|e| ClientError::Socket(e.to_string()))?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| ClientError::Socket(e.to_string()))?;
+    *link
+        .shared
+        .local_addr
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = local;
+    let slot: Slot = Arc::new(RwLock::new(None));
+    let driver = Driver {
+        endpoint: endpoint.clone(),
+        slot: slot.clone(),
+        link,
+        token,
+        config,
+    };
+    Ok((slot, endpoint, tokio::spawn(driver.run())))
+}
+
+struct Driver {
+    endpoint: quinn::Endpoint,
+    slot: Slot,
+    link: Link,
+    token: Token,
+    config: LegConfig,
+}
+
+/// Why a bind attempt failed.
+enum BindFailure {
+    /// For good.
+    Refused(ErrorCode),
+    /// Try the next relay.
+    Next,
+}
+
+/// Why a bound connection ended.
+enum End {
+    /// Move to the next relay.
+    Failover,
+    /// For good.
+    Over(ClientError),
+    /// The app dropped the leg.
+    Gone,
+}
+
+impl Driver {
+    async fn run(self) {
+        let n = self.config.relays.len();
+        let mut relay = 0;
+        let mut ever_bound = false;
+        loop {
+            let r = &self.config.relays[relay % n];
+            self.link
+                .shared
+                .set_relay(relay % n, r.quic.unwrap_or(r.udp));
+            self.link
+                .status
+                .send_replace(LegStatus::Binding { relay: relay % n });
+            match self.connect_and_bind(relay % n).await {
+                Ok((conn, control)) => {
+                    ever_bound = true;
+                    self.link.shared.counters.binds.fetch_add(1, Relaxed);
+                    *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                    self.link
+                        .status
+                        .send_replace(LegStatus::Bound { relay: relay % n });
+                    let end = self.serve(&conn, control).await;
+                    *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+                    match end {
+                        End::Failover => {}
+                        End::Over(e) => return self.link.end(e),
+                        End::Gone => return,
+                    }
+                }
+                Err(BindFailure::Refused(code)) => {
+                    return self.link.end(ClientError::Refused(code));
+                }
+                Err(BindFailure::Next) => {
+                    if !ever_bound && relay + 1 >= n {
+                        // Every relay tried once and none ever took us.
+                        return self.link.end(ClientError::Unreachable);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+            relay += 1;
+        }
+    }
+
+    async fn connect_and_bind(
+        &self,
+        i: usize,
+    ) -> Result<(quinn::Connection, quinn::RecvStream), BindFailure> {
+        let r = &self.config.relays[i];
+        let (Some(addr), Some(pin)) = (r.quic, r.quic_cert_sha256) else {
+            return Err(BindFailure::Next);
+        };
+        let cfg = client_config(pin, self.config.keepalive_interval, self.config.dead_after)
+            .map_err(|_| BindFailure::Next)?;
+        let attempt = async {
+            let conn = self
+                .endpoint
+                .connect_with(cfg, addr, "veil-relay")
+                .ok()?
+                .await
+                .ok()?;
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            send.write_all(&wire::bind(&self.token, rand::random(), None))
+                .await
+                .ok()?;
+            // BIND_OK is 16 bytes, ERROR 12: read the common 12, then the rest of a BIND_OK.
+            let mut buf = [0u8; wire::BIND_OK_LEN];
+            recv.read_exact(&mut buf[..wire::SHORT_LEN]).await.ok()?;
+            let len = if buf[0] == wire::TYPE_BIND_OK {
+                recv.read_exact(&mut buf[wire::SHORT_LEN..]).await.ok()?;
+                wire::BIND_OK_LEN
+            } else {
+                wire::SHORT_LEN
+            };
+            let answer = match wire::parse_relay(&buf[..len]).ok()? {
+                RelayMessage::BindOk { .. } => Ok(()),
+                RelayMessage::Error { code, .. } => Err(code),
+                _ => return None,
+            };
+            Some((conn, recv, answer))
+        };
+        match tokio::time::timeout(self.config.bind_timeout, attempt).await {
+            Ok(Some((conn, recv, Ok(())))) => Ok((conn, recv)),
+            Ok(Some((_, _, Err(code)))) => match ErrorCode::from_u16(code) {
+                Some(
+                    c @ (ErrorCode::Unauthorized | ErrorCode::Expired | ErrorCode::SessionClosed),
+                ) => Err(BindFailure::Refused(c)),
+                _ => Err(BindFailure::Next),
+            },
+            Ok(None) | Err(_) => Err(BindFailure::Next),
+        }
+    }
+
+    async fn serve(&self, conn: &quinn::Connection, mut control: quinn::RecvStream) -> End {
+        let session = self.token.claims().session.0;
+        let mut close = Vec::new();
+        let mut buf = [0u8; 64];
+        let mut control_open = true;
+        loop {
+            tokio::select! {
+                d = conn.read_datagram() => match d {
+                    Ok(pkt) => match wire::classify(&pkt) {
+                        Class::Rtp | Class::Dtls => self.link.deliver(pkt, conn.remote_address(), Instant::now()),
+                        // Keepalive answers and the like: the connection's liveness is QUIC's.
+                        Class::Control | Class::Other => {}
+                    },
+                    // Idle timeout (relay dead), or closed by the relay.
+                    Err(_) => return End::Failover,
+                },
+                r = control.read(&mut buf), if control_open => match r {
+                    Ok(Some(n)) => {
+                        close.extend_from_slice(&buf[..n]);
+                        if close.len() >= wire::SHORT_LEN {
+                            if let Ok(RelayMessage::Close { code, session: s }) = wire::parse_relay(&close[..wire::SHORT_LEN])
+                                && s == session
+                            {
+                                return match ErrorCode::from_u16(code) {
+                                    Some(ErrorCode::Draining) => End::Failover,
+                                    c => End::Over(ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed))),
+                                };
+                            }
+                            close.clear();
+                        }
+                    }
+                    Ok(None) | Err(_) => control_open = false,
+                },
+                _ = self.link.media.closed() => {
+                    conn.close(0u32.into(), b"leg dropped");
+                    return End::Gone;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! QUIC legs: connection migration keeps a leg without a new bind, datagrams too large for a
+//! QUIC leg are dropped and counted, certificates are pinned, and bad tokens bind nothing.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use veil_client::{ClientError, Leg, LegConfig, RelayInfo, Transport};
+use veil_controller::dev::{Cluster, Options};
+use veil_proto::v1 as pb;
+use veil_relay_core::wire::ErrorCode;
+
+async fn cluster() -> Cluster {
+    Cluster::start(Options {
+        relays: 1,
+        workers_per_relay: 2,
+        ..Options::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn metrics(c: &Cluster) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(c.relays[0].metrics)
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn series(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
+        .unwrap_or_else(|| panic!("no series {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrating_quic_client_keeps_its_leg_without_a_new_bind() {
+    let c = cluster().await;
+    let (udp, quic) = (c.relays[0].udp, c.relays[0].quic.unwrap());
+    let mut api = client(&c.controller_url).await;
+    let s = api
+        .allocate_session(request_with(
+            "moving",
+            &[pb::Transport::Quic, pb::Transport::Udp],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
+    let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
+    let mut peers = vec![alice, bob];
+    let source = |i: usize| if i == 0 { quic } else { udp };
+    exchange(&mut peers, 50, source).await;
+
+    // Alice's phone moves from Wi-Fi to cellular: a new local address.
+    let before = peers[0].leg.local_addr();
+    let after = peers[0]
+        .leg
+        .migrate("127.0.0.5:0".parse().unwrap())
+        .unwrap();
+    assert_ne!(before.ip(), after.ip());
+    // QUIC keepalives (every 200 ms) carry the connection to the new path.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    exchange(&mut peers, 50, source).await;
+
+    let counters = peers[0].leg.counters();
+    assert_eq!(
+        (
+            counters.binds.load(Relaxed),
+            counters.failovers.load(Relaxed)
+        ),
+        (1, 0),
+        "no new bind"
+    );
+    let m = metrics(&c).await;
+    assert_eq!(
+        series(
+            &m,
+            "veil_relay_binds_total{result=\"bound\",transport=\"quic\"}"
+        ),
+        1
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_too_large_for_a_quic_leg_are_dropped_and_counted() {
+    let c = cluster().await;
+    let quic = c.relays[0].quic.unwrap();
+    let mut api = client(&c.controller_url).await;
+    let s = api
+        .allocate_session(request_with(
+            "big",
+            &[pb::Transport::Quic, pb::Transport::Udp],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let mut alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
+    let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
+    let max = alice
+        .leg
+        .max_datagram_size()
+        .expect("the client library exposes the current maximum");
+    assert!((1000..1500).contains(&max), "QUIC max datagram size {max}");
+
+    // Alice cannot send more than the path takes: refused locally and counted.
+    let err = alice.leg.send(&vec![0x80; max + 1]).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert_eq!(alice.leg.counters().too_large.load(Relaxed), 1);
+
+    // Bob (UDP) sends a 1490-byte packet, which the relay accepts over UDP (up to 1500) but
+    // cannot fit in a QUIC datagram (path MTU discovery tops out at 1452-byte UDP payloads).
+    bob.send(&vec![7u8; 1490 - 22]).await;
+    let small = bob.send(b"fits").await;
+    let got = tokio::time::timeout(Duration::from_secs(2), alice.leg.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.data, small,
+        "the oversized packet was dropped, the next one delivered"
+    );
+    assert_eq!(got.from, quic);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let m = metrics(&c).await;
+    assert_eq!(
+        series(
+            &m,
+            "veil_relay_dropped_packets_total{reason=\"too_large_for_peer\",transport=\"quic\"}"
+        ),
+        1
+    );
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_binds_refuse_bad_tokens_and_pin_the_certificate() {
+    let c = cluster().await;
+    let mut api = client(&c.controller_url).await;
+    let s = api
+        .allocate_session(request_with(
+            "pinned",
+            &[pb::Transport::Quic, pb::Transport::Quic],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let local = "127.0.0.2:0".parse().unwrap();
+
+    let mut forged = s.legs[0].token.clone();
+    forged[5] ^= 1;
+    let cfg = LegConfig {
+        token: forged,
+        ..LegConfig::from_pb(&s.legs[0], local)
+    };
+    assert_eq!(
+        Leg::bind(cfg).await.unwrap_err(),
+        ClientError::Refused(ErrorCode::Unauthorized)
+    );
+
+    // A relay whose certificate is not the pinned one is not trusted.
+    let mut wrong = RelayInfo::from_pb(&s.relays[0]).unwrap();
+    wrong.quic_cert_sha256 = Some([0u8; 32]);
+    let mut cfg = LegConfig::new(s.legs[0].token.clone(), vec![wrong], Transport::Quic, local);
+    cfg.bind_timeout = Duration::from_millis(500);
+    assert_eq!(Leg::bind(cfg).await.unwrap_err(), ClientError::Unreachable);
+
+    // The right pin binds.
+    let leg = Leg::bind(LegConfig::from_pb(&s.legs[0], local))
+        .await
+        .unwrap();
+    assert_eq!(leg.transport(), Transport::Quic);
+    c.shutdown().await.unwrap();
+}
