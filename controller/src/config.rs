@@ -49,6 +49,16 @@ pub struct Config {
     )]
     pub relay_tokens: Vec<String>,
 
+    /// Bearer tokens accepted from operators for AdminService (comma-separated). Empty:
+    /// AdminService is open, for local development only.
+    #[arg(
+        long,
+        env = "VEIL_CONTROLLER_ADMIN_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub admin_tokens: Vec<String>,
+
     /// Distances between regions for placement, comma-separated `REGION:REGION=DISTANCE`
     /// entries (symmetric; unlisted pairs of different regions count 100).
     #[arg(long, env = "VEIL_CONTROLLER_REGION_DISTANCES", value_delimiter = ',')]
@@ -100,6 +110,8 @@ pub struct Settings {
     pub signaling_tokens: Vec<String>,
     /// Relay tokens.
     pub relay_tokens: Vec<String>,
+    /// Admin tokens.
+    pub admin_tokens: Vec<String>,
     /// Region distances.
     pub regions: RegionMap,
     /// Relay silence timeout.
@@ -118,6 +130,7 @@ impl Settings {
             key_file: None,
             signaling_tokens: Vec::new(),
             relay_tokens: Vec::new(),
+            admin_tokens: Vec::new(),
             regions: RegionMap::default(),
             relay_timeout: Duration::from_secs(3),
             leg_limits: Limits {
@@ -140,10 +153,12 @@ impl Config {
         if !(500..=60_000).contains(&self.relay_timeout_ms) {
             bail!("--relay-timeout-ms must be from 500 to 60000");
         }
-        for (flag, tokens) in [
+        let roles = [
             ("--signaling-tokens", &self.signaling_tokens),
             ("--relay-tokens", &self.relay_tokens),
-        ] {
+            ("--admin-tokens", &self.admin_tokens),
+        ];
+        for (flag, tokens) in roles {
             if tokens
                 .iter()
                 .any(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()))
@@ -151,12 +166,12 @@ impl Config {
                 bail!("{flag}: each token must be at least 16 characters without spaces");
             }
         }
-        if self
-            .signaling_tokens
-            .iter()
-            .any(|t| self.relay_tokens.contains(t))
-        {
-            bail!("--signaling-tokens and --relay-tokens must not share a token");
+        for (i, (a, ta)) in roles.iter().enumerate() {
+            for (b, tb) in &roles[i + 1..] {
+                if ta.iter().any(|t| tb.contains(t)) {
+                    bail!("{a} and {b} must not share a token: each role has its own credentials");
+                }
+            }
         }
         if self.dev && !(1..=16).contains(&self.dev_relays) {
             bail!("--dev-relays must be from 1 to 16");
@@ -168,6 +183,7 @@ impl Config {
             key_file: self.key_file.clone(),
             signaling_tokens: self.signaling_tokens.clone(),
             relay_tokens: self.relay_tokens.clone(),
+            admin_tokens: self.admin_tokens.clone(),
             regions,
             relay_timeout: Duration::from_millis(self.relay_timeout_ms),
             leg_limits: Limits {

@@ -34,6 +34,8 @@ pub struct Options {
     pub leg_idle: Duration,
     /// Serve QUIC (with self-signed certificates) as well as UDP.
     pub quic: bool,
+    /// Leg capacity of each relay, cycled; empty for the default.
+    pub capacities: Vec<usize>,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             regions: Vec::new(),
             leg_idle: Duration::from_secs(30),
             quic: true,
+            capacities: Vec::new(),
         }
     }
 }
@@ -129,6 +132,9 @@ impl Cluster {
             }
             s.zone = format!("zone-{i}");
             s.report_interval = Duration::from_millis(500);
+            if !opts.capacities.is_empty() {
+                s.max_legs = opts.capacities[i % opts.capacities.len()];
+            }
             if opts.quic {
                 s.quic = Some(veil_relay::config::QuicSettings::local()?);
             }

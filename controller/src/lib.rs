@@ -32,8 +32,9 @@ use veil_proto::v1::session_service_server::SessionServiceServer;
 
 use crate::config::Settings;
 use crate::metrics::ControllerMetrics;
-use crate::service::{Auth, RegistryApi, SessionApi};
+use crate::service::{AdminApi, Auth, RegistryApi, SessionApi};
 use crate::state::Controller;
+use veil_proto::v1::admin_service_server::AdminServiceServer;
 
 /// Largest request message accepted, in bytes. An allocation of 16 participants with maximal
 /// ids is about 5 KiB.
@@ -134,6 +135,7 @@ impl ControllerServer {
         let auth = Auth::new(
             self.settings.signaling_tokens.clone(),
             self.settings.relay_tokens.clone(),
+            self.settings.admin_tokens.clone(),
         );
         let sessions = SessionServiceServer::new(SessionApi {
             controller: self.controller.clone(),
@@ -141,6 +143,11 @@ impl ControllerServer {
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let relays = RelayRegistryServer::new(RegistryApi {
+            controller: self.controller.clone(),
+            auth: auth.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let admin = AdminServiceServer::new(AdminApi {
             controller: self.controller.clone(),
             auth,
         })
@@ -152,6 +159,7 @@ impl ControllerServer {
         health
             .set_serving::<RelayRegistryServer<RegistryApi>>()
             .await;
+        health.set_serving::<AdminServiceServer<AdminApi>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(veil_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -178,7 +186,15 @@ impl ControllerServer {
             .add_service(reflection)
             .add_service(sessions)
             .add_service(relays)
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, {
+                let controller = self.controller.clone();
+                async move {
+                    shutdown.await;
+                    tracing::info!("shutting down: closing relay links and session watches");
+                    controller.begin_shutdown();
+                }
+            })
             .await;
         let _ = stop_tx.send(true);
         let _ = self.stop_ops.send(true);

@@ -100,6 +100,9 @@ impl ControllerMetrics {
         for r in ["primary", "backup"] {
             placements.with_label_values(&[r]);
         }
+        for r in ["session", "registry", "admin"] {
+            auth_failures.with_label_values(&[r]);
+        }
         Ok(Self {
             allocations,
             allocation_latency,

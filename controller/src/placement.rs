@@ -28,10 +28,17 @@ pub struct Candidate {
 
 impl Candidate {
     /// Load score, 0 (idle) to 1 (full): the larger of leg occupancy (counting what was placed
-    /// since the last report) and CPU use.
+    /// since the last report) and CPU use beyond half of the relay's capacity.
+    ///
+    /// CPU below half counts for nothing on purpose: readings of equally loaded relays differ by
+    /// noise of a few percent, and scoring that noise would skew placement towards whichever
+    /// relay happened to report the lowest figure. Legs, counted exactly (including those placed
+    /// since the last report), balance those relays; CPU only steers away from relays that are
+    /// genuinely busy, and a saturated relay (CPU near 1) scores as if full.
     pub fn score(&self) -> f64 {
         let legs = (self.bound_legs + self.pending_legs) as f64 / self.capacity_legs.max(1) as f64;
-        legs.max(self.cpu)
+        let cpu = ((self.cpu - CPU_FREE) / (1.0 - CPU_FREE)).clamp(0.0, 1.0);
+        legs.max(cpu)
     }
 
     fn has_room(&self, legs: u64) -> bool {
@@ -43,6 +50,9 @@ impl Candidate {
         self.healthy && !self.draining && self.has_room(legs)
     }
 }
+
+/// CPU use a relay may have before placement starts to count it.
+pub const CPU_FREE: f64 = 0.5;
 
 /// Distances between regions, for placing calls near their participants.
 #[derive(Debug, Clone, Default)]

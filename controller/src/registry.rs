@@ -76,7 +76,7 @@ pub struct RelayView {
     pub draining: bool,
     /// Its last load report.
     pub load: LoadReport,
-    /// Legs placed on it since that report.
+    /// Legs placed on it that its reports do not show bound yet.
     pub pending_legs: u64,
     /// When it was last heard from.
     pub last_seen: Instant,
@@ -99,19 +99,103 @@ impl RelayView {
     }
 }
 
+/// How long legs placed on a relay count as pending if its reports never show them bound
+/// (participants that never joined).
+pub const PENDING_TTL: Duration = Duration::from_secs(10);
+
 struct Entry {
     view: RelayView,
+    /// Placements not yet seen bound in a load report, oldest first: `(when, legs)`.
+    pending: std::collections::VecDeque<(Instant, u64)>,
     /// Open streams to this relay (normally one; two while a reconnect overlaps the old one).
     links: HashMap<u64, mpsc::Sender<Result<ControllerMessage, tonic::Status>>>,
-    /// Drain requested through the admin API (sticks across reconnects).
-    admin_draining: bool,
+    /// An operator's drain order (its deadline), which sticks across reconnects.
+    admin_drain: Option<u32>,
+}
+
+impl Entry {
+    /// Drops placements older than [`PENDING_TTL`] and then `absorbed` legs (newly reported
+    /// bound) from the oldest placements, and recomputes the pending total.
+    fn settle(&mut self, absorbed: u64, now: Instant) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > PENDING_TTL)
+        {
+            self.pending.pop_front();
+        }
+        let mut left = absorbed;
+        while left > 0 {
+            let Some(front) = self.pending.front_mut() else {
+                break;
+            };
+            let take = front.1.min(left);
+            front.1 -= take;
+            left -= take;
+            if front.1 == 0 {
+                self.pending.pop_front();
+            }
+        }
+        self.view.pending_legs = self.pending.iter().map(|(_, l)| l).sum();
+    }
+
+    fn state(&self) -> (Health, bool) {
+        (self.view.health, self.view.draining)
+    }
+
+    fn derive_draining(&mut self) {
+        self.view.draining = self.admin_drain.is_some() || self.view.load.draining;
+    }
+
+    fn send(&mut self, msg: &ControllerMessage, node_id: &str) {
+        self.links.retain(|_, tx| match tx.try_send(Ok(msg.clone())) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(node_id = %node_id, "relay stream backed up; cutting it off to resync");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+}
+
+/// A change in how this controller sees a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayEvent {
+    /// The relay.
+    pub node_id: String,
+    /// What changed.
+    pub change: Change,
+}
+
+/// The kinds of [`RelayEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Stopped reporting.
+    Down,
+    /// Reporting again.
+    Up,
+    /// Started draining.
+    Draining,
+    /// Back in service.
+    Undrained,
 }
 
 /// The registry of relays.
-#[derive(Default)]
 pub struct Registry {
     entries: Mutex<HashMap<String, Entry>>,
     next_link: std::sync::atomic::AtomicU64,
+    events: tokio::sync::broadcast::Sender<RelayEvent>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+            next_link: std::sync::atomic::AtomicU64::new(0),
+            events: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -124,11 +208,49 @@ impl std::fmt::Debug for Registry {
 /// on reconnect it receives every revocation in force, so nothing is lost.
 pub const LINK_QUEUE: usize = 4096;
 
+fn drain_message(deadline: Option<u32>) -> ControllerMessage {
+    ControllerMessage {
+        kind: Some(veil_proto::v1::controller_message::Kind::Drain(
+            veil_proto::v1::Drain {
+                draining: deadline.is_some(),
+                deadline_seconds: deadline.unwrap_or(0),
+            },
+        )),
+    }
+}
+
 impl Registry {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         // Every update is a single field write or map operation: a panic elsewhere cannot leave
         // an entry half-written, so a poisoned lock is safe to reuse.
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to relay state changes.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<RelayEvent> {
+        self.events.subscribe()
+    }
+
+    /// Emits the events between two states of a relay.
+    fn changed(&self, node_id: &str, before: Option<(Health, bool)>, after: (Health, bool)) {
+        let emit = |change| {
+            // No subscriber is fine: nobody is watching.
+            let _ = self.events.send(RelayEvent {
+                node_id: node_id.to_string(),
+                change,
+            });
+        };
+        let (bh, bd) = before.unwrap_or((Health::Down, false));
+        match (bh, after.0) {
+            (Health::Down, Health::Up) if before.is_some() => emit(Change::Up),
+            (Health::Up, Health::Down) => emit(Change::Down),
+            _ => {}
+        }
+        match (bd, after.1) {
+            (false, true) => emit(Change::Draining),
+            (true, false) => emit(Change::Undrained),
+            _ => {}
+        }
     }
 
     /// Registers a stream from a relay; returns its link id.
@@ -143,52 +265,82 @@ impl Registry {
         let info = RelayInfo::from(hello);
         let mut entries = self.lock();
         let now = Instant::now();
+        let known = entries.contains_key(&info.node_id);
         let entry = entries
             .entry(info.node_id.clone())
             .or_insert_with(|| Entry {
                 view: RelayView {
                     info: info.clone(),
-                    health: Health::Up,
+                    health: Health::Down,
                     draining: false,
                     load: LoadReport::default(),
                     pending_legs: 0,
                     last_seen: now,
                 },
                 links: HashMap::new(),
-                admin_draining: false,
+                pending: std::collections::VecDeque::new(),
+                admin_drain: None,
             });
+        let before = known.then(|| entry.state());
         if entry.view.info.instance_id != info.instance_id {
             // The relay restarted: it holds no legs any more.
             entry.view.load = LoadReport::default();
+            entry.pending.clear();
             entry.view.pending_legs = 0;
         }
+        entry.view.load.draining = hello.draining;
         entry.view.info = info;
         entry.view.health = Health::Up;
         entry.view.last_seen = now;
-        entry.view.draining = entry.admin_draining || hello.draining;
+        entry.derive_draining();
+        if entry.admin_drain.is_some() {
+            // The order outlives the stream it was sent on: a relay that reconnects gets it again.
+            let _ = tx.try_send(Ok(drain_message(entry.admin_drain)));
+        }
         entry.links.insert(link, tx);
+        let after = entry.state();
+        drop(entries);
+        self.changed(&hello.node_id, before, after);
         link
     }
 
     /// Records a load report.
     pub fn report(&self, node_id: &str, load: LoadReport) {
-        if let Some(e) = self.lock().get_mut(node_id) {
-            e.view.draining = e.admin_draining || load.draining;
-            e.view.load = load;
-            e.view.pending_legs = 0;
-            e.view.health = Health::Up;
-            e.view.last_seen = Instant::now();
-        }
+        let mut entries = self.lock();
+        let Some(e) = entries.get_mut(node_id) else {
+            return;
+        };
+        let before = e.state();
+        // Legs that appeared since the last report are (some of) the ones placed here: they
+        // stop counting as pending. Counting pending legs across reports, rather than resetting
+        // them at each one, keeps a burst of allocations whose participants have not bound yet
+        // from landing on whichever relay reported last.
+        let now = Instant::now();
+        let absorbed = load.bound_legs.saturating_sub(e.view.load.bound_legs);
+        e.view.load = load;
+        e.settle(absorbed, now);
+        e.derive_draining();
+        e.view.health = Health::Up;
+        e.view.last_seen = now;
+        let after = e.state();
+        drop(entries);
+        self.changed(node_id, Some(before), after);
     }
 
     /// Forgets a stream; the relay is down once it has none.
     pub fn detach(&self, node_id: &str, link: u64) {
-        if let Some(e) = self.lock().get_mut(node_id) {
-            e.links.remove(&link);
-            if e.links.is_empty() {
-                e.view.health = Health::Down;
-            }
+        let mut entries = self.lock();
+        let Some(e) = entries.get_mut(node_id) else {
+            return;
+        };
+        let before = e.state();
+        e.links.remove(&link);
+        if e.links.is_empty() {
+            e.view.health = Health::Down;
         }
+        let after = e.state();
+        drop(entries);
+        self.changed(node_id, Some(before), after);
     }
 
     /// Marks relays silent for longer than `timeout` as down; returns their node ids.
@@ -201,26 +353,42 @@ impl Registry {
                 downed.push(id.clone());
             }
         }
+        for id in &downed {
+            let _ = self.events.send(RelayEvent {
+                node_id: id.clone(),
+                change: Change::Down,
+            });
+        }
         downed
     }
 
     /// Notes that `legs` legs were placed on `node_id`.
     pub fn note_placed(&self, node_id: &str, legs: u64) {
         if let Some(e) = self.lock().get_mut(node_id) {
-            e.view.pending_legs += legs;
+            let now = Instant::now();
+            e.pending.push_back((now, legs));
+            e.settle(0, now);
         }
     }
 
-    /// Sets or clears an operator's drain on a relay; false if the relay is unknown.
-    pub fn set_admin_draining(&self, node_id: &str, draining: bool) -> bool {
-        match self.lock().get_mut(node_id) {
-            Some(e) => {
-                e.admin_draining = draining;
-                e.view.draining = draining || e.view.load.draining;
-                true
-            }
-            None => false,
+    /// An operator's drain order: `Some(deadline_seconds)` drains, `None` puts the relay back
+    /// in service. The order goes to the relay at once (and again whenever it reconnects) and
+    /// placement here stops choosing it. Returns the relay's view, or `None` if it is unknown.
+    pub fn order_drain(&self, node_id: &str, deadline: Option<u32>) -> Option<RelayView> {
+        let mut entries = self.lock();
+        let e = entries.get_mut(node_id)?;
+        let before = e.state();
+        e.admin_drain = deadline;
+        if deadline.is_none() {
+            // The relay's own report will say so too; do not wait for it.
+            e.view.load.draining = false;
         }
+        e.derive_draining();
+        e.send(&drain_message(deadline), node_id);
+        let (after, view) = (e.state(), e.view.clone());
+        drop(entries);
+        self.changed(node_id, Some(before), after);
+        Some(view)
     }
 
     /// Every relay's view, sorted by node id.
@@ -243,18 +411,87 @@ impl Registry {
             .count()
     }
 
+    /// Ends every relay stream (at shutdown).
+    pub fn close_links(&self) {
+        for e in self.lock().values_mut() {
+            e.links.clear();
+        }
+    }
+
     /// Sends `msg` to every attached relay. A relay whose queue is full is cut off (it
     /// re-attaches and then receives the full state).
     pub fn broadcast(&self, msg: &ControllerMessage) {
         for (id, e) in self.lock().iter_mut() {
-            e.links.retain(|_, tx| match tx.try_send(Ok(msg.clone())) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(node_id = %id, "relay stream backed up; cutting it off to resync");
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            });
+            e.send(msg, id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(id: &str) -> RelayHello {
+        RelayHello {
+            node_id: id.into(),
+            udp_address: "127.0.0.1:1".into(),
+            capacity_legs: 100,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pending_legs_last_until_reported_bound() {
+        let r = Registry::default();
+        let (tx, _rx) = mpsc::channel(4);
+        r.attach(&hello("a"), tx);
+        r.note_placed("a", 2);
+        r.note_placed("a", 3);
+        assert_eq!(r.view("a").unwrap().pending_legs, 5);
+        // A report without new legs changes nothing: those participants have not bound yet.
+        r.report("a", LoadReport::default());
+        assert_eq!(r.view("a").unwrap().pending_legs, 5);
+        // Two legs bound: they are no longer pending, the other three still are.
+        r.report(
+            "a",
+            LoadReport {
+                bound_legs: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.view("a").unwrap().pending_legs, 3);
+        r.report(
+            "a",
+            LoadReport {
+                bound_legs: 9,
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.view("a").unwrap().pending_legs, 0);
+    }
+
+    #[test]
+    fn state_changes_are_events() {
+        let r = Registry::default();
+        let mut ev = r.subscribe();
+        let (tx, _rx) = mpsc::channel(4);
+        let link = r.attach(&hello("a"), tx);
+        r.order_drain("a", Some(5)).unwrap();
+        r.detach("a", link);
+        let (tx, _rx2) = mpsc::channel(4);
+        r.attach(&hello("a"), tx);
+        r.order_drain("a", None).unwrap();
+        let got: Vec<Change> = std::iter::from_fn(|| ev.try_recv().ok())
+            .map(|e| e.change)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Change::Draining,
+                Change::Down,
+                Change::Up,
+                Change::Undrained
+            ]
+        );
     }
 }

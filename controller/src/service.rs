@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status, Streaming};
 use veil_proto::v1 as pb;
 
 use crate::api::{self, AllocateError, AllocateRequest};
-use crate::registry::LINK_QUEUE;
-use crate::state::Controller;
+use crate::registry::{Change, LINK_QUEUE, RelayEvent};
+use crate::state::{Controller, Role};
 
 /// Who a caller is, by the bearer token it presents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub enum Caller {
     Signaling,
     /// A relay: may use `RelayRegistry`.
     Relay,
+    /// An operator: may use `AdminService`.
+    Admin,
 }
 
 /// Bearer-token authentication. With no tokens configured for a role, that role's services are
@@ -30,6 +32,7 @@ pub enum Caller {
 pub struct Auth {
     signaling: Vec<String>,
     relay: Vec<String>,
+    admin: Vec<String>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -37,14 +40,19 @@ impl std::fmt::Debug for Auth {
         f.debug_struct("Auth")
             .field("signaling_tokens", &self.signaling.len())
             .field("relay_tokens", &self.relay.len())
+            .field("admin_tokens", &self.admin.len())
             .finish()
     }
 }
 
 impl Auth {
-    /// Tokens accepted from signaling services and from relays.
-    pub fn new(signaling: Vec<String>, relay: Vec<String>) -> Self {
-        Self { signaling, relay }
+    /// Tokens accepted from signaling services, relays and operators.
+    pub fn new(signaling: Vec<String>, relay: Vec<String>, admin: Vec<String>) -> Self {
+        Self {
+            signaling,
+            relay,
+            admin,
+        }
     }
 
     fn role_of(&self, token: &str) -> Option<Caller> {
@@ -58,6 +66,8 @@ impl Auth {
             Some(Caller::Signaling)
         } else if matches(&self.relay) {
             Some(Caller::Relay)
+        } else if matches(&self.admin) {
+            Some(Caller::Admin)
         } else {
             None
         }
@@ -72,6 +82,7 @@ impl Auth {
         let required = match needed {
             Caller::Signaling => &self.signaling,
             Caller::Relay => &self.relay,
+            Caller::Admin => &self.admin,
         };
         if required.is_empty() {
             return Ok(());
@@ -112,8 +123,130 @@ impl SessionApi {
     }
 }
 
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SessionEvent, Status>> + Send + 'static>>;
+
+fn now_ts() -> prost_types::Timestamp {
+    let ms = crate::state::unix_ms();
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
+    pb::SessionEvent {
+        kind: kind as i32,
+        at: Some(now_ts()),
+        ..Default::default()
+    }
+}
+
+/// Feeds one WatchSession stream until the session ends or the watcher goes.
+async fn watch(
+    controller: Arc<Controller>,
+    session: Arc<crate::state::Session>,
+    mut relays: tokio::sync::broadcast::Receiver<RelayEvent>,
+    mut releases: tokio::sync::broadcast::Receiver<u64>,
+    tx: mpsc::Sender<Result<pb::SessionEvent, Status>>,
+) {
+    use pb::session_event::Kind;
+    use tokio::sync::broadcast::error::RecvError;
+    let expires = std::time::Duration::from_millis(
+        session
+            .expires_unix_ms
+            .saturating_sub(crate::state::unix_ms()),
+    );
+    let expiry = tokio::time::sleep(expires);
+    tokio::pin!(expiry);
+    let mut snapshot = event(Kind::Snapshot);
+    snapshot.session = Some(session.to_pb());
+    if tx.send(Ok(snapshot)).await.is_err() {
+        return;
+    }
+    if session.is_released() {
+        let _ = tx.send(Ok(event(Kind::Released))).await;
+        return;
+    }
+    loop {
+        let out = tokio::select! {
+            e = relays.recv() => match e {
+                Ok(RelayEvent { node_id, change }) => {
+                    let Some((_, role)) = session.relays.iter().find(|(r, _)| r.node_id == node_id) else { continue };
+                    let kind = match change {
+                        Change::Down => Kind::RelayDown,
+                        Change::Up => Kind::RelayUp,
+                        Change::Draining => Kind::RelayDraining,
+                        Change::Undrained => Kind::RelayUndrained,
+                    };
+                    let mut ev = event(kind);
+                    ev.node_id = node_id;
+                    ev.role = match role {
+                        Role::Primary => pb::RelayRole::Primary,
+                        Role::Backup => pb::RelayRole::Backup,
+                    } as i32;
+                    ev
+                }
+                // Missed events: the watcher gets a fresh snapshot instead.
+                Err(RecvError::Lagged(_)) => {
+                    let mut ev = event(Kind::Snapshot);
+                    ev.session = Some(session.to_pb());
+                    ev
+                }
+                Err(RecvError::Closed) => return,
+            },
+            r = releases.recv() => match r {
+                Ok(id) if id == session.id => {
+                    let _ = tx.send(Ok(event(Kind::Released))).await;
+                    return;
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) if session.is_released() => {
+                    let _ = tx.send(Ok(event(Kind::Released))).await;
+                    return;
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            },
+            _ = &mut expiry => {
+                let _ = tx.send(Ok(event(Kind::Expired))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+            _ = controller.stopping() => return,
+        };
+        if tx.send(Ok(out)).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::session_service_server::SessionService for SessionApi {
+    type WatchSessionStream = EventStream;
+
+    async fn watch_session(
+        &self,
+        request: Request<pb::WatchSessionRequest>,
+    ) -> Result<Response<Self::WatchSessionStream>, Status> {
+        self.authorize(&request)?;
+        let id = api::parse_session_id(&request.get_ref().session_id)?;
+        // Subscribe before reading the session, so that nothing happens unseen in between.
+        let relays = self.controller.registry.subscribe();
+        let releases = self.controller.subscribe_releases();
+        let session = self.controller.get(id)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch(
+            self.controller.clone(),
+            session,
+            relays,
+            releases,
+            tx,
+        ));
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as EventStream
+        ))
+    }
+
     async fn allocate_session(
         &self,
         request: Request<pb::AllocateSessionRequest>,
@@ -275,5 +408,101 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
             tracing::info!(node_id = %node_id, "relay detached");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as OutStream))
+    }
+}
+
+/// `veil.v1.AdminService`.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    pub(crate) controller: Arc<Controller>,
+    pub(crate) auth: Auth,
+}
+
+/// Longest drain deadline an operator may ask for.
+pub const MAX_DRAIN_DEADLINE_SECS: u32 = 86_400;
+
+fn relay_status(v: &crate::registry::RelayView) -> pb::RelayStatus {
+    let i = &v.info;
+    pb::RelayStatus {
+        hello: Some(pb::RelayHello {
+            node_id: i.node_id.clone(),
+            region: i.region.clone(),
+            zone: i.zone.clone(),
+            udp_address: i.udp_address.clone(),
+            quic_address: i.quic_address.clone(),
+            quic_cert_sha256: i.quic_cert_sha256.clone(),
+            capacity_legs: i.capacity_legs,
+            key_ids: Vec::new(),
+            instance_id: i.instance_id,
+            draining: v.load.draining,
+        }),
+        up: v.health == crate::registry::Health::Up,
+        draining: v.draining,
+        load: Some(v.load),
+        last_seen_ms_ago: v.last_seen.elapsed().as_millis() as u64,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn drain_relay(
+        &self,
+        request: Request<pb::DrainRelayRequest>,
+    ) -> Result<Response<pb::DrainRelayResponse>, Status> {
+        self.auth
+            .check(request.metadata(), Caller::Admin)
+            .inspect_err(|_| {
+                self.controller
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["admin"])
+                    .inc();
+            })?;
+        let pb::DrainRelayRequest {
+            node_id,
+            draining,
+            deadline_seconds,
+        } = request.into_inner();
+        if node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id must not be empty"));
+        }
+        if deadline_seconds > MAX_DRAIN_DEADLINE_SECS {
+            return Err(Status::invalid_argument(format!(
+                "deadline_seconds must be at most {MAX_DRAIN_DEADLINE_SECS}"
+            )));
+        }
+        let order = draining.then_some(deadline_seconds);
+        let view = self
+            .controller
+            .registry
+            .order_drain(&node_id, order)
+            .ok_or_else(|| Status::not_found("no relay with this node_id"))?;
+        tracing::info!(node_id = %node_id, draining, deadline_seconds, "drain ordered");
+        Ok(Response::new(pb::DrainRelayResponse {
+            relay: Some(relay_status(&view)),
+        }))
+    }
+
+    async fn list_relays(
+        &self,
+        request: Request<pb::ListRelaysRequest>,
+    ) -> Result<Response<pb::ListRelaysResponse>, Status> {
+        self.auth
+            .check(request.metadata(), Caller::Admin)
+            .inspect_err(|_| {
+                self.controller
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["admin"])
+                    .inc();
+            })?;
+        let relays = self
+            .controller
+            .registry
+            .views()
+            .iter()
+            .map(relay_status)
+            .collect();
+        Ok(Response::new(pb::ListRelaysResponse { relays }))
     }
 }

@@ -136,6 +136,8 @@ pub struct Controller {
     limits: Limits,
     /// The controller's metrics.
     pub metrics: ControllerMetrics,
+    released: tokio::sync::broadcast::Sender<u64>,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -162,6 +164,8 @@ impl Controller {
             regions,
             limits,
             metrics,
+            released: tokio::sync::broadcast::channel(1024).0,
+            stopping: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -300,9 +304,33 @@ impl Controller {
                 })),
             };
             self.registry.broadcast(&revoke);
+            // No subscriber is fine: nobody is watching.
+            let _ = self.released.send(s.id);
             tracing::debug!(session = %SessionId(id), "session released");
         }
         Ok(s)
+    }
+
+    /// Begins shutdown: ends every long-lived stream (relay links, session watches), so that the
+    /// gRPC server's graceful shutdown, which waits for open calls, can finish. Relays reconnect
+    /// to another replica (or this one, restarted); watchers resubscribe.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+        self.registry.close_links();
+    }
+
+    /// Completes once shutdown has begun.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Subscribes to releases (session ids).
+    pub fn subscribe_releases(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.released.subscribe()
     }
 
     /// Every revocation still in force, for a relay that just attached.

@@ -7,10 +7,14 @@ use std::path::{Path, PathBuf};
 #[test]
 fn generated_code_is_fresh() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let protos: Vec<PathBuf> = ["veil/v1/session.proto", "veil/v1/registry.proto"]
-        .iter()
-        .map(|p| root.join(p))
-        .collect();
+    let protos: Vec<PathBuf> = [
+        "veil/v1/session.proto",
+        "veil/v1/registry.proto",
+        "veil/v1/admin.proto",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .collect();
     let fds = protox::compile(&protos, [root]).expect("compile protos");
 
     let out = tempdir(root);

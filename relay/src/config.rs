@@ -172,6 +172,18 @@ pub struct Settings {
     pub report_interval: Duration,
     /// How long a drain keeps existing calls.
     pub drain_deadline: Duration,
+    /// What the CPU figure of load reports measures.
+    pub cpu_source: CpuSource,
+}
+
+/// What the CPU figure of a relay's load reports measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuSource {
+    /// The whole process, over all CPUs: right for a relay that has its process to itself.
+    Process,
+    /// The relay's UDP worker threads, each over one CPU: right when several relays share a
+    /// process (`--dev`), where the process figure would be everyone's.
+    Workers,
 }
 
 impl Settings {
@@ -195,6 +207,7 @@ impl Settings {
             max_legs: 200_000,
             report_interval: Duration::from_millis(1000),
             drain_deadline: Duration::ZERO,
+            cpu_source: CpuSource::Workers,
         }
     }
 }
@@ -299,6 +312,7 @@ impl Config {
             max_legs: self.max_legs,
             report_interval: Duration::from_millis(self.report_interval_ms),
             drain_deadline: Duration::from_secs(self.drain_deadline_secs),
+            cpu_source: CpuSource::Process,
         })
     }
 }

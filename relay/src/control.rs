@@ -15,6 +15,7 @@ use veil_proto::v1::{
 };
 use veil_relay_core::{Node, SessionId};
 
+use crate::drain::Drainer;
 use crate::metrics::RelayMetrics;
 
 /// What one controller link needs.
@@ -25,6 +26,8 @@ pub(crate) struct Link {
     pub(crate) hello: RelayHello,
     pub(crate) node: Arc<Node>,
     pub(crate) metrics: Arc<RelayMetrics>,
+    pub(crate) drainer: Arc<Drainer>,
+    pub(crate) cpu: CpuClock,
     pub(crate) interval: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -59,29 +62,62 @@ pub(crate) async fn run(mut link: Link) {
     }
 }
 
+/// Where a relay's CPU use is read from (see [`crate::config::CpuSource`]).
+#[derive(Clone, Debug)]
+pub(crate) enum CpuClock {
+    /// The process, over every CPU.
+    Process,
+    /// The UDP worker threads' own clocks (nanoseconds), each over one CPU.
+    Workers(Vec<Arc<std::sync::atomic::AtomicU64>>),
+}
+
+impl CpuClock {
+    /// CPU time used so far.
+    fn used(&self) -> Duration {
+        match self {
+            Self::Process => veil_ops::process::cpu_time(),
+            Self::Workers(w) => Duration::from_nanos(
+                w.iter()
+                    .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum(),
+            ),
+        }
+    }
+
+    /// CPUs the figure is a share of.
+    fn cpus(&self) -> f64 {
+        match self {
+            Self::Process => veil_ops::process::cpus() as f64,
+            Self::Workers(w) => w.len().max(1) as f64,
+        }
+    }
+}
+
 /// Load over an interval, from the counters of every transport.
 struct LoadMeter {
     at: Instant,
     packets: u64,
     bytes: u64,
     cpu: Duration,
+    clock: CpuClock,
 }
 
 impl LoadMeter {
-    fn new(metrics: &RelayMetrics) -> Self {
+    fn new(metrics: &RelayMetrics, clock: CpuClock) -> Self {
         let (packets, bytes) = totals(metrics);
         Self {
             at: Instant::now(),
             packets,
             bytes,
-            cpu: veil_ops::process::cpu_time(),
+            cpu: clock.used(),
+            clock,
         }
     }
 
     fn report(&mut self, node: &Node, metrics: &RelayMetrics) -> LoadReport {
         let now = Instant::now();
         let (packets, bytes) = totals(metrics);
-        let cpu = veil_ops::process::cpu_time();
+        let cpu = self.clock.used();
         let secs = now.duration_since(self.at).as_secs_f64().max(1e-3);
         let report = LoadReport {
             packets_per_second: (packets - self.packets) as f64 / secs,
@@ -90,16 +126,11 @@ impl LoadMeter {
             sessions: node.directory.sessions() as u64,
             cpu_utilization: ((cpu.saturating_sub(self.cpu)).as_secs_f64()
                 / secs
-                / veil_ops::process::cpus() as f64)
-                .clamp(0.0, 1.0),
+                / self.clock.cpus())
+            .clamp(0.0, 1.0),
             draining: node.directory.is_draining(),
         };
-        *self = Self {
-            at: now,
-            packets,
-            bytes,
-            cpu,
-        };
+        (self.at, self.packets, self.bytes, self.cpu) = (now, packets, bytes, cpu);
         report
     }
 }
@@ -141,14 +172,14 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
     link.metrics.controllers_attached.inc();
     let _attached = Attached(&link.metrics);
 
-    let mut meter = LoadMeter::new(&link.metrics);
+    let mut meter = LoadMeter::new(&link.metrics, link.cpu.clone());
     let mut ticker = tokio::time::interval(link.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         tokio::select! {
             msg = inbound.message() => match msg.context("controller stream")? {
-                Some(m) => apply(&link.node, m),
+                Some(m) => apply(&link.node, &link.drainer, m),
                 None => return Ok(()),
             },
             _ = ticker.tick() => {
@@ -172,8 +203,14 @@ impl Drop for Attached<'_> {
     }
 }
 
-fn apply(node: &Node, msg: veil_proto::v1::ControllerMessage) {
+fn apply(node: &Node, drainer: &Drainer, msg: veil_proto::v1::ControllerMessage) {
     match msg.kind {
+        Some(controller_message::Kind::Drain(d)) => {
+            drainer.order(
+                d.draining,
+                Duration::from_secs(u64::from(d.deadline_seconds)),
+            );
+        }
         Some(controller_message::Kind::Revoke(r)) => {
             for s in r.sessions {
                 let unbound = node.revoke(SessionId(s.session_id), s.expires_unix_ms);

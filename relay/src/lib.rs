@@ -11,6 +11,7 @@
 
 pub mod config;
 mod control;
+pub mod drain;
 pub mod metrics;
 pub mod quic;
 pub mod udp;
@@ -211,6 +212,7 @@ impl RelayServer {
         };
 
         let mut workers = Vec::new();
+        let mut cpu_clocks = Vec::new();
         for (index, socket) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
             let stats = Arc::new(SharedStats::default());
             self.metrics.add_source(Transport::Udp, stats.clone());
@@ -221,11 +223,17 @@ impl RelayServer {
                 stats,
                 latency: self.metrics.forwarding_latency.clone(),
                 quic: quic.clone(),
+                cpu_ns: {
+                    let c = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    cpu_clocks.push(c.clone());
+                    c
+                },
                 shutdown: stop_rx.clone(),
             })?);
         }
 
         let hello = self.hello();
+        let drainer = Arc::new(drain::Drainer::new(self.node.clone()));
         for url in &self.settings.controllers {
             tasks.spawn(control::run(control::Link {
                 url: url.clone(),
@@ -233,6 +241,11 @@ impl RelayServer {
                 hello: hello.clone(),
                 node: self.node.clone(),
                 metrics: self.metrics.clone(),
+                drainer: drainer.clone(),
+                cpu: match self.settings.cpu_source {
+                    config::CpuSource::Process => control::CpuClock::Process,
+                    config::CpuSource::Workers => control::CpuClock::Workers(cpu_clocks.clone()),
+                },
                 interval: self.settings.report_interval,
                 shutdown: stop_rx.clone(),
             }));
@@ -281,20 +294,6 @@ impl RelayServer {
     }
 
     async fn drain(&self) {
-        let deadline = self.settings.drain_deadline;
-        self.node.directory.set_draining(true);
-        if deadline.is_zero() {
-            return;
-        }
-        tracing::info!(
-            legs = self.node.directory.legs(),
-            deadline_secs = deadline.as_secs(),
-            "draining"
-        );
-        let until = Instant::now() + deadline;
-        while self.node.directory.legs() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tracing::info!(legs_left = self.node.directory.legs(), "drain finished");
+        drain::drain(&self.node, self.settings.drain_deadline).await;
     }
 }

@@ -317,17 +317,19 @@ async fn serve(
                 let now = Instant::now();
                 // The connection's own idle timeout stands in for the leg's.
                 match leg.check(now, node.unix_ms(now), Duration::MAX) {
+                    LegStatus::Serving if node.is_evicting() => break LegStatus::Evicted,
                     LegStatus::Serving => {}
                     why => break why,
                 }
             }
-            _ = stop.changed() => break LegStatus::Closed,
+            // Shutdown without a drain (or past it): tell the client to move on.
+            _ = stop.changed() => break LegStatus::Evicted,
         }
     };
     let code = match why {
-        LegStatus::Closed if *stop.borrow() => Some(ErrorCode::Draining),
         LegStatus::Closed => Some(ErrorCode::SessionClosed),
         LegStatus::Expired => Some(ErrorCode::Expired),
+        LegStatus::Evicted => Some(ErrorCode::Draining),
         LegStatus::Moved | LegStatus::Idle | LegStatus::Serving => None,
     };
     if let Some(code) = code {

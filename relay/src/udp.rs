@@ -74,6 +74,8 @@ pub struct WorkerContext {
     pub latency: Histogram,
     /// Sends to QUIC legs.
     pub quic: Arc<dyn QuicSink>,
+    /// Where the worker publishes the CPU time its thread has used, in nanoseconds.
+    pub cpu_ns: Arc<std::sync::atomic::AtomicU64>,
     /// Turns true to stop the worker.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -176,6 +178,7 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
         stats,
         latency,
         quic,
+        cpu_ns,
         mut shutdown,
     } = ctx;
     let socket = tokio::net::UdpSocket::from_std(socket)?;
@@ -240,6 +243,7 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
                 relay.count_send_errors(std::mem::take(&mut out.errors));
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
+                cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
                 relay.handle_timeout(Instant::now());
                 let mut out = Out { socket: &socket, state: &state, quic: &*quic, max_gso: 1, errors: 0 };
                 flush_control(&mut relay, &mut out);
@@ -251,6 +255,14 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
     stats.publish(relay.stats());
     tracing::debug!(worker = index, "UDP worker stopped");
     Ok(())
+}
+
+/// CPU time this thread has used, nanoseconds (0 if the clock is unavailable).
+fn thread_cpu_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 fn flush_control(relay: &mut Relay, out: &mut Out<'_>) {

@@ -186,6 +186,15 @@ impl Peer {
         }
     }
 
+    /// Encrypts and sends one RTP packet with `payload`; the send may fail (while failing
+    /// over); returns the SRTP bytes.
+    pub async fn try_send(&mut self, payload: &[u8]) -> std::io::Result<Bytes> {
+        let rtp = rtp_packet(self.ssrc, self.seq, u32::from(self.seq) * 960, payload);
+        self.seq = self.seq.wrapping_add(1);
+        let srtp = self.tx.encrypt_rtp(&rtp).unwrap();
+        self.leg.send(&srtp).await.map(|()| srtp)
+    }
+
     /// Encrypts and sends one RTP packet with `payload`; returns the SRTP bytes sent.
     pub async fn send(&mut self, payload: &[u8]) -> Bytes {
         let rtp = rtp_packet(self.ssrc, self.seq, u32::from(self.seq) * 960, payload);
@@ -287,4 +296,212 @@ pub async fn exchange(peers: &mut [Peer], count: u16, relay_of: impl Fn(usize) -
             0
         );
     }
+}
+
+/// A workspace binary, built next to the test executables (`cargo test --workspace` and
+/// `cargo build --workspace` build every binary before tests run).
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Writes a key ring to a fresh file; returns its path.
+pub fn key_file(keys: &veil_relay_core::KeyRing) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "veil-test-keys-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, keys.to_file_format()).unwrap();
+    path
+}
+
+/// A `veil-relay` child process, stopped by PID (ours) on drop.
+pub struct RelayProcess {
+    pub child: Child,
+    pub node_id: String,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl RelayProcess {
+    /// Starts a relay on loopback (UDP and ops ports picked by the kernel) attached to
+    /// `controllers`.
+    pub fn start(
+        node_id: &str,
+        zone: &str,
+        keys: &std::path::Path,
+        controllers: &[String],
+        extra: &[&str],
+    ) -> Self {
+        let mut child = Command::new(bin("veil-relay"))
+            .args(["--node-id", node_id, "--zone", zone, "--workers", "1"])
+            .args([
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--ops-addr",
+                "127.0.0.1:0",
+                "--report-interval-ms",
+                "250",
+            ])
+            .arg("--key-file")
+            .arg(keys)
+            .args(["--controller", &controllers.join(",")])
+            .args(extra)
+            .env_remove("VEIL_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start veil-relay");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            child,
+            node_id: node_id.to_string(),
+            stderr,
+        }
+    }
+
+    /// Sends `signal` to the relay (our child, by its PID).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal our child");
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_timeout(&mut self.child, limit)
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A controller in this process, on loopback.
+pub struct LocalController {
+    pub url: String,
+    pub state: Arc<veil_controller::state::Controller>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LocalController {
+    pub async fn start(settings: veil_controller::config::Settings) -> Self {
+        let server = veil_controller::ControllerServer::load(settings)
+            .await
+            .unwrap();
+        let url = format!("http://{}", server.grpc_addr());
+        let state = server.controller().clone();
+        let (stop, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            url,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Waits until `n` relays are up, at most 10 s.
+    pub async fn wait_relays(&self, n: usize) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while self.state.registry.up() < n {
+            assert!(std::time::Instant::now() < until, "relays did not attach");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Media that keeps flowing between two peers in the background: each sends every
+/// `interval`, and every packet received is recorded with its arrival time.
+pub struct Talk {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(Peer, Vec<(std::time::Instant, u16)>)>>,
+}
+
+impl Talk {
+    pub fn start(peers: Vec<Peer>, interval: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = peers
+            .into_iter()
+            .map(|mut p| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut next = tokio::time::Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next) => {
+                                next += interval;
+                                // Sends fail while a QUIC leg fails over; the packet is lost.
+                                let _ = p.try_send(b"talking").await;
+                            }
+                            r = p.leg.recv() => match r {
+                                Some(r) => got.push((r.at, seq_of(&r.data))),
+                                None => break,
+                            },
+                        }
+                    }
+                    (p, got)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops talking; returns each peer with what it received.
+    pub async fn stop(self) -> Vec<(Peer, Vec<(std::time::Instant, u16)>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        for t in self.tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+}
+
+/// The longest gap between consecutive arrivals after `from`.
+pub fn longest_gap(arrivals: &[(std::time::Instant, u16)], from: std::time::Instant) -> Duration {
+    let mut last = from;
+    let mut worst = Duration::ZERO;
+    for (at, _) in arrivals.iter().filter(|(at, _)| *at >= from) {
+        worst = worst.max(at.duration_since(last));
+        last = *at;
+    }
+    worst
 }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -43,6 +43,7 @@ pub struct Node {
     cookies: Cookies,
     epoch: Instant,
     unix_ms_at_epoch: AtomicU64,
+    evicting: AtomicBool,
     config: Config,
 }
 
@@ -79,6 +80,7 @@ impl Node {
             cookies: Cookies::new(cookie_secret, Duration::from_secs(10)),
             epoch: now,
             unix_ms_at_epoch: AtomicU64::new(unix_ms),
+            evicting: AtomicBool::new(false),
             config,
         }
     }
@@ -118,6 +120,17 @@ impl Node {
     /// Revokes a session: see [`Directory::revoke`].
     pub fn revoke(&self, id: SessionId, expires_unix_ms: u64) -> Vec<Endpoint> {
         self.directory.revoke(id, expires_unix_ms)
+    }
+
+    /// Starts (or stops) evicting: at their next sweep, workers and adapters send every bound
+    /// leg a CLOSE `DRAINING` (move to your backup relay) and unbind it. The end of a drain.
+    pub fn set_evicting(&self, evicting: bool) {
+        self.evicting.store(evicting, Ordering::Relaxed);
+    }
+
+    /// True while evicting.
+    pub fn is_evicting(&self) -> bool {
+        self.evicting.load(Ordering::Relaxed)
     }
 
     /// Housekeeping not tied to a worker: forgets revocations of expired tokens.
@@ -210,6 +223,8 @@ pub enum LegStatus {
     Expired,
     /// It sent nothing for longer than the idle timeout.
     Idle,
+    /// The relay's drain deadline passed: the client must move to its backup relay.
+    Evicted,
 }
 
 impl LegState {
@@ -561,7 +576,8 @@ impl Relay {
     }
 
     /// Sweeps this worker's legs when due: unbinds idle and expired legs, forgets moved ones,
-    /// and tells the clients of closed and expired sessions.
+    /// tells the clients of closed and expired sessions, and, while the node is evicting, tells
+    /// every client to move to its backup relay.
     pub fn handle_timeout(&mut self, now: Instant) {
         if now < self.next_sweep {
             return;
@@ -570,30 +586,46 @@ impl Relay {
         let node = &self.node;
         let now_unix = node.unix_ms(now);
         let idle = node.config.leg_idle;
-        let mut notices = Vec::new();
-        self.by_peer
-            .retain(|addr, leg| match leg.check(now, now_unix, idle) {
-                LegStatus::Serving => true,
-                LegStatus::Moved => false,
-                LegStatus::Closed => {
-                    notices.push((
-                        *addr,
-                        wire::close(ErrorCode::SessionClosed, leg.session().0),
-                    ));
-                    false
-                }
-                LegStatus::Expired => {
-                    node.detach(leg);
-                    notices.push((*addr, wire::close(ErrorCode::Expired, leg.session().0)));
-                    false
-                }
-                LegStatus::Idle => {
-                    node.detach(leg);
-                    false
-                }
+        let evicting = node.is_evicting();
+        let mut ended = Vec::new();
+        self.by_peer.retain(|addr, leg| {
+            let why = match leg.check(now, now_unix, idle) {
+                LegStatus::Serving if evicting => LegStatus::Evicted,
+                why => why,
+            };
+            if why == LegStatus::Serving {
+                return true;
+            }
+            if matches!(
+                why,
+                LegStatus::Expired | LegStatus::Idle | LegStatus::Evicted
+            ) {
+                node.detach(leg);
+            }
+            ended.push(Event::Unbound {
+                session: leg.session(),
+                leg: leg.leg(),
+                peer: *addr,
+                why,
             });
-        for (dst, msg) in notices {
-            self.send(dst, msg);
+            false
+        });
+        for e in ended {
+            if let Event::Unbound {
+                session, peer, why, ..
+            } = e
+            {
+                let code = match why {
+                    LegStatus::Closed => Some(ErrorCode::SessionClosed),
+                    LegStatus::Expired => Some(ErrorCode::Expired),
+                    LegStatus::Evicted => Some(ErrorCode::Draining),
+                    LegStatus::Serving | LegStatus::Moved | LegStatus::Idle => None,
+                };
+                if let Some(code) = code {
+                    self.send(peer, wire::close(code, session.0));
+                }
+            }
+            self.event(e);
         }
     }
 

@@ -604,3 +604,33 @@ fn the_virtual_clock_drives_wall_time() {
     assert_eq!(net.node.unix_ms(net.now), T0_UNIX_MS + 10_000);
     assert!(net.now >= net.t0);
 }
+
+#[test]
+fn eviction_tells_every_leg_to_move_and_unbinds_it() {
+    let mut net = Net::new();
+    let mut r = net.worker();
+    let (a, b) = (addr(2, 1), addr(3, 1));
+    bind(&net, &mut r, a, &net.token(7, 0, 2));
+    bind(&net, &mut r, b, &net.token(7, 1, 2));
+    net.node.directory.set_draining(true);
+    net.advance(Duration::from_millis(300));
+    r.handle_timeout(net.now);
+    assert_eq!(r.local_legs(), 2, "draining alone keeps calls");
+    net.node.set_evicting(true);
+    net.advance(Duration::from_millis(300));
+    r.handle_timeout(net.now);
+    assert_eq!((r.local_legs(), net.node.directory.legs()), (0, 0));
+    let mut got: Vec<_> = replies(&mut r)
+        .iter()
+        .map(|t| (t.dst, t.msg.as_bytes().to_vec()))
+        .collect();
+    got.sort();
+    let close = wire::close(ErrorCode::Draining, 7);
+    assert_eq!(
+        got,
+        vec![
+            (a, close.as_bytes().to_vec()),
+            (b, close.as_bytes().to_vec())
+        ]
+    );
+}
