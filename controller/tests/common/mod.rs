@@ -447,11 +447,14 @@ impl LocalController {
     }
 }
 
+/// When each packet arrived, and its RTP sequence number.
+pub type Arrivals = Vec<(std::time::Instant, u16)>;
+
 /// Media that keeps flowing between two peers in the background: each sends every
 /// `interval`, and every packet received is recorded with its arrival time.
 pub struct Talk {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(Peer, Vec<(std::time::Instant, u16)>)>>,
+    tasks: Vec<tokio::task::JoinHandle<(Peer, Arrivals)>>,
 }
 
 impl Talk {
@@ -485,7 +488,7 @@ impl Talk {
     }
 
     /// Stops talking; returns each peer with what it received.
-    pub async fn stop(self) -> Vec<(Peer, Vec<(std::time::Instant, u16)>)> {
+    pub async fn stop(self) -> Vec<(Peer, Arrivals)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
         for t in self.tasks {
