@@ -49,6 +49,10 @@ fi
 "$VENV/bin/yamllint" --version
 echo "kubernetes-validate $("$VENV/bin/kubernetes-validate" --version)"
 
+# check_config.py reads the binaries' --help; steps e and f run them.
+step "workspace binaries (cargo build, a no-op after scripts/test.sh's build)"
+cargo build --workspace --all-targets --locked --quiet
+
 step "b. yamllint"
 "$VENV/bin/yamllint" --strict -c deploy/.yamllint deploy
 echo "ok: $(find deploy -name '*.yml' -o -name '*.yaml' | wc -l) files"
@@ -77,9 +81,6 @@ promtool check rules deploy/prometheus/alerts.yml
 promtool test rules deploy/prometheus/alerts_test.yml
 step "d. configuration consistency (and promtool check config)"
 "$VENV/bin/python" deploy/tests/check_config.py
-
-step "workspace binaries"
-cargo build --workspace --all-targets --locked --quiet
 
 step "e. metric names used by the dashboard and the alerts"
 python3 deploy/tests/check_metric_names.py
