@@ -24,6 +24,7 @@ KUBERNETES_MIN=1.30.0 # lifecycle.preStop.sleep (30-controller.yaml) is on by de
 KUBERNETES_NEW=1.37.0 # the newest schema kubernetes-validate 1.37.0 ships
 VENV=.venv
 start=$SECONDS
+passed=0 # checks that passed; any failure stops the script (set -e)
 
 step() { printf -- '-- %s\n' "$*"; }
 die() {
@@ -55,6 +56,7 @@ cargo build --workspace --all-targets --locked --quiet
 
 step "b. yamllint"
 "$VENV/bin/yamllint" --strict -c deploy/.yamllint deploy
+passed=$((passed + 1))
 echo "ok: $(find deploy -name '*.yml' -o -name '*.yaml' | wc -l) files"
 
 step "c. kubernetes-validate --strict ($KUBERNETES_MIN and $KUBERNETES_NEW)"
@@ -65,6 +67,7 @@ for version in "$KUBERNETES_MIN" "$KUBERNETES_NEW"; do
     die "kubernetes-validate $version:"$'\n'"$out"
   [[ -z $out ]] || die "kubernetes-validate $version:"$'\n'"$out"
   echo "ok: ${#manifests[@]} files against Kubernetes $version"
+  passed=$((passed + 1))
 done
 
 step "d. promtool"
@@ -78,14 +81,20 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
 fi
 promtool --version | head -n1
 promtool check rules deploy/prometheus/alerts.yml
+passed=$((passed + 1))
 promtool test rules deploy/prometheus/alerts_test.yml
+passed=$((passed + 1))
 step "d. configuration consistency (and promtool check config)"
 "$VENV/bin/python" deploy/tests/check_config.py
+passed=$((passed + 1))
 
 step "e. metric names used by the dashboard and the alerts"
 python3 deploy/tests/check_metric_names.py
+passed=$((passed + 1))
 
 step "f. a real Prometheus scraping a dev cluster under load"
 python3 deploy/tests/prometheus_e2e.py
+passed=$((passed + 1))
 
 echo "deploy checks passed in $((SECONDS - start)) s"
+echo "deploy: $passed passed, 0 failed"
