@@ -27,3 +27,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --locked -- --test-threads=2
+
+echo "== deploy checks"
+./deploy/check.sh
