@@ -20,3 +20,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --locked -- --test-threads=2
+
+echo "== fuzz (bounded)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} ./scripts/fuzz.sh
