@@ -30,3 +30,6 @@ cargo test --workspace --locked -- --test-threads=2
 
 echo "== deploy checks"
 ./deploy/check.sh
+
+echo "== fuzz (bounded)"
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} ./scripts/fuzz.sh

@@ -243,12 +243,24 @@ impl LegState {
         self.endpoint
     }
 
-    /// Whether the leg is still served, at `now` / `now_unix_ms`.
-    pub fn check(&self, now: Instant, now_unix_ms: u64, idle: Duration) -> LegStatus {
+    /// Whether the leg is still bound at its endpoint: `Closed` if its session was revoked,
+    /// `Moved` if it was bound elsewhere since, else `Serving`. Expiry and idleness are left to
+    /// [`LegState::check`], which the sweep runs.
+    pub fn binding(&self) -> LegStatus {
         if self.session.is_closed() {
             LegStatus::Closed
         } else if self.session.legs().get(self.leg) != Some(self.endpoint) {
             LegStatus::Moved
+        } else {
+            LegStatus::Serving
+        }
+    }
+
+    /// Whether the leg is still served, at `now` / `now_unix_ms`.
+    pub fn check(&self, now: Instant, now_unix_ms: u64, idle: Duration) -> LegStatus {
+        let binding = self.binding();
+        if binding != LegStatus::Serving {
+            binding
         } else if self.session.expires_unix_ms() <= now_unix_ms {
             LegStatus::Expired
         } else if now.saturating_duration_since(self.last_seen) >= idle {
@@ -451,26 +463,9 @@ impl Relay {
                 let verdict = leg.forward(now, pkt, &mut self.stats);
                 match verdict {
                     Verdict::Drop(DropReason::SessionClosed) => {
-                        let (session, index) = (leg.session(), leg.leg());
-                        self.by_peer.remove(&from);
-                        self.send(from, wire::close(ErrorCode::SessionClosed, session.0));
-                        self.event(Event::Unbound {
-                            session,
-                            leg: index,
-                            peer: from,
-                            why: LegStatus::Closed,
-                        });
+                        self.forget_leg(from, LegStatus::Closed);
                     }
-                    Verdict::Drop(DropReason::Unbound) => {
-                        let (session, index) = (leg.session(), leg.leg());
-                        self.by_peer.remove(&from);
-                        self.event(Event::Unbound {
-                            session,
-                            leg: index,
-                            peer: from,
-                            why: LegStatus::Moved,
-                        });
-                    }
+                    Verdict::Drop(DropReason::Unbound) => self.forget_leg(from, LegStatus::Moved),
                     _ => {}
                 }
                 verdict
@@ -490,21 +485,43 @@ impl Relay {
             return Verdict::Drop(DropReason::Malformed);
         };
         match msg {
-            ClientMessage::Keepalive { txn } => match self.by_peer.get_mut(&from) {
-                Some(leg) => {
-                    leg.touch(now);
-                    self.send(from, wire::keepalive_ack(txn));
-                    Verdict::Control
+            // A leg whose session was revoked, or that was bound elsewhere since (perhaps through
+            // another worker), is gone even if this worker's sweep has not noticed yet: answer
+            // as media from it would find, never KEEPALIVE_ACK, which would tell the client that
+            // the relay still serves it. (Found by the `datagram` fuzz target.)
+            ClientMessage::Keepalive { txn } => {
+                match self.by_peer.get(&from).map(LegState::binding) {
+                    Some(LegStatus::Serving) => {
+                        if let Some(leg) = self.by_peer.get_mut(&from) {
+                            leg.touch(now);
+                        }
+                        self.send(from, wire::keepalive_ack(txn));
+                        Verdict::Control
+                    }
+                    Some(LegStatus::Closed) => {
+                        self.stats.drop(DropReason::SessionClosed);
+                        // CLOSE, as long as the KEEPALIVE: no amplification.
+                        self.forget_leg(from, LegStatus::Closed);
+                        Verdict::Drop(DropReason::SessionClosed)
+                    }
+                    // `Moved`: `binding` returns nothing else.
+                    Some(_) => {
+                        self.forget_leg(from, LegStatus::Moved);
+                        self.not_bound(from, txn)
+                    }
+                    None => self.not_bound(from, txn),
                 }
-                None => {
-                    self.stats.drop(DropReason::Unbound);
-                    // As long as the KEEPALIVE itself: no amplification.
-                    self.send(from, wire::error(txn, ErrorCode::NotBound));
-                    Verdict::Drop(DropReason::Unbound)
-                }
-            },
+            }
             ClientMessage::Bind(bind) => self.handle_bind(now, from, &bind),
         }
+    }
+
+    /// Answers a KEEPALIVE from an address that holds no leg.
+    fn not_bound(&mut self, from: SocketAddr, txn: [u8; 8]) -> Verdict {
+        self.stats.drop(DropReason::Unbound);
+        // As long as the KEEPALIVE itself: no amplification.
+        self.send(from, wire::error(txn, ErrorCode::NotBound));
+        Verdict::Drop(DropReason::Unbound)
     }
 
     fn handle_bind(&mut self, now: Instant, from: SocketAddr, bind: &Bind<'_>) -> Verdict {
@@ -560,6 +577,24 @@ impl Relay {
             moved,
         });
         Verdict::Control
+    }
+
+    /// Forgets the leg `from` held on this worker, which its session's revocation (`Closed`) or
+    /// a bind elsewhere (`Moved`) ended; tells the client of a closed session.
+    fn forget_leg(&mut self, from: SocketAddr, why: LegStatus) {
+        let Some(leg) = self.by_peer.remove(&from) else {
+            return;
+        };
+        let session = leg.session();
+        if why == LegStatus::Closed {
+            self.send(from, wire::close(ErrorCode::SessionClosed, session.0));
+        }
+        self.event(Event::Unbound {
+            session,
+            leg: leg.leg(),
+            peer: from,
+            why,
+        });
     }
 
     fn event(&mut self, e: Event) {

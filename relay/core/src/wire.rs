@@ -256,25 +256,36 @@ pub enum RelayMessage<'a> {
 }
 
 /// Parses a control message sent by a relay.
+///
+/// As strict as [`parse_client`]: a message with a reserved field set is refused, as
+/// docs/PROTOCOL.md requires, so that each message has exactly one encoding and a later version
+/// can give those bits a meaning without old clients misreading them. (The `wire` fuzz target
+/// found CHALLENGE, BIND_OK and KEEPALIVE_ACK accepted with their reserved fields set.)
 pub fn parse_relay(pkt: &[u8]) -> Result<RelayMessage<'_>, ParseError> {
     let ty = pkt.first().copied().unwrap_or(0);
     match ty {
         TYPE_CHALLENGE => {
-            header(pkt, CHALLENGE_LEN)?;
+            if header(pkt, CHALLENGE_LEN)? != 0 {
+                return Err(ParseError::Reserved);
+            }
             Ok(RelayMessage::Challenge {
                 txn: txn(pkt),
                 cookie: &pkt[12..12 + COOKIE_LEN],
             })
         }
         TYPE_BIND_OK => {
-            header(pkt, BIND_OK_LEN)?;
+            if header(pkt, BIND_OK_LEN)? != 0 || pkt[14..16] != [0, 0] {
+                return Err(ParseError::Reserved);
+            }
             Ok(RelayMessage::BindOk {
                 txn: txn(pkt),
                 idle_timeout_secs: u16::from_be_bytes([pkt[12], pkt[13]]),
             })
         }
         TYPE_KEEPALIVE_ACK => {
-            header(pkt, SHORT_LEN)?;
+            if header(pkt, SHORT_LEN)? != 0 {
+                return Err(ParseError::Reserved);
+            }
             Ok(RelayMessage::KeepaliveAck { txn: txn(pkt) })
         }
         TYPE_CLOSE => {
@@ -469,6 +480,39 @@ mod tests {
             parse_client(error([0; 8], ErrorCode::NotBound).as_bytes()),
             Err(ParseError::Type(TYPE_ERROR))
         );
+    }
+
+    /// Regression (found by the `wire` fuzz target): `parse_relay` ignored the reserved fields of
+    /// CHALLENGE, BIND_OK and KEEPALIVE_ACK, which docs/PROTOCOL.md says make a message invalid.
+    #[test]
+    fn relay_messages_with_reserved_bits_set_are_refused() {
+        let cookie = [5u8; COOKIE_LEN];
+        let msgs = [
+            challenge([1; 8], &cookie),
+            bind_ok([2; 8], 30),
+            keepalive_ack([3; 8]),
+        ];
+        for enc in msgs {
+            let good = enc.as_bytes();
+            assert!(parse_relay(good).is_ok());
+            for (i, bit) in [(2, 0x80), (3, 0x01)] {
+                let mut bad = good.to_vec();
+                bad[i] |= bit;
+                assert_eq!(parse_relay(&bad), Err(ParseError::Reserved), "{bad:02x?}");
+            }
+        }
+        for i in [14, 15] {
+            let mut bad = bind_ok([2; 8], 30).as_bytes().to_vec();
+            bad[i] = 1;
+            assert_eq!(parse_relay(&bad), Err(ParseError::Reserved));
+        }
+        // CLOSE and ERROR carry their code there: not reserved.
+        let mut close_code = close(ErrorCode::Expired, 7).as_bytes().to_vec();
+        close_code[2] = 0xff;
+        assert!(matches!(
+            parse_relay(&close_code),
+            Ok(RelayMessage::Close { code: 0xff03, .. })
+        ));
     }
 
     #[test]

@@ -486,6 +486,86 @@ fn a_leg_that_moves_is_forwarded_to_at_its_new_address_only() {
     assert!(!w1.by_peer.contains_key(&a));
 }
 
+/// Regression (found by the `datagram` fuzz target): a worker acknowledged KEEPALIVEs from a leg
+/// whose session had been released, or that had been bound elsewhere through another worker,
+/// until its next sweep, telling the client that the relay still served it.
+#[test]
+fn keepalives_from_a_released_or_moved_leg_are_not_acknowledged() {
+    let net = Net::new();
+    let (mut w1, mut w2) = (net.worker(), net.worker());
+    let (a, a2, b) = (addr(2, 1), addr(2, 2), addr(3, 1));
+    let ta = net.token(7, 0, 2);
+    bind(&net, &mut w1, a, &ta);
+    bind(&net, &mut w1, b, &net.token(7, 1, 2));
+    expect_ack(&net, &mut w1, a);
+
+    // The leg moves to a2, which the kernel hashes to the other worker: w1 has not swept yet.
+    assert!(is_bind_ok(&bind(&net, &mut w2, a2, &ta)));
+    let ka = wire::keepalive([5; 8]);
+    assert!(matches!(
+        w1.handle_datagram(net.now, a, &ka),
+        Verdict::Drop(DropReason::Unbound)
+    ));
+    let out = replies(&mut w1);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dst, a);
+    assert_eq!(
+        error_code(out[0].msg.as_bytes()),
+        Some(ErrorCode::NotBound as u16)
+    );
+    assert!(!w1.by_peer.contains_key(&a));
+    assert!(std::iter::from_fn(|| w1.poll_event()).any(|e| matches!(
+        e,
+        Event::Unbound {
+            why: LegStatus::Moved,
+            peer,
+            ..
+        } if peer == a
+    )));
+    expect_ack(&net, &mut w2, a2);
+
+    // The session is released: the next KEEPALIVE gets CLOSE, no longer than itself.
+    net.node.revoke(SessionId(7), T0_UNIX_MS + 3_600_000);
+    assert!(matches!(
+        w1.handle_datagram(net.now, b, &ka),
+        Verdict::Drop(DropReason::SessionClosed)
+    ));
+    let out = replies(&mut w1);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dst, b);
+    assert_eq!(out[0].msg.as_bytes().len(), ka.len());
+    assert!(matches!(
+        wire::parse_relay(out[0].msg.as_bytes()),
+        Ok(RelayMessage::Close {
+            code: 4,
+            session: 7
+        })
+    ));
+    assert_eq!(w1.local_legs(), 0);
+    assert_eq!(w1.stats().drops_for(DropReason::SessionClosed), 1);
+    // From then on, the address holds no leg.
+    w1.handle_datagram(net.now, b, &ka);
+    assert_eq!(
+        error_code(replies(&mut w1)[0].msg.as_bytes()),
+        Some(ErrorCode::NotBound as u16)
+    );
+}
+
+/// Sends a KEEPALIVE from `from` and expects KEEPALIVE_ACK.
+fn expect_ack(net: &Net, r: &mut Relay, from: SocketAddr) {
+    let ka = wire::keepalive([4; 8]);
+    assert!(matches!(
+        r.handle_datagram(net.now, from, &ka),
+        Verdict::Control
+    ));
+    let out = replies(r);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].msg.as_bytes(),
+        wire::keepalive_ack([4; 8]).as_bytes()
+    );
+}
+
 #[test]
 fn rate_limits_from_the_ticket_are_enforced() {
     let mut net = Net::new();
