@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""A signaling service written with grpcio, against a running Veil controller.
+
+Builds its stubs from proto/veil/v1/*.proto with grpcio-tools (as a third party would), then:
+checks grpc.health.v1, allocates a session, reads it back, watches it from another thread,
+releases it and sees the watch end with RELEASED, and checks that a bad request gets
+INVALID_ARGUMENT. Prints a JSON summary; exit status 0 means every step succeeded.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_tools import protoc
+
+
+def build_stubs(proto_root: str, out: str):
+    files = [os.path.join("veil", "v1", f) for f in ("session.proto", "registry.proto", "admin.proto")]
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main(["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
+    if rc != 0:
+        raise RuntimeError(f"protoc failed: {rc}")
+    sys.path.insert(0, out)
+    return importlib.import_module("veil.v1.session_pb2"), importlib.import_module("veil.v1.session_pb2_grpc")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", required=True, help="host:port of the controller")
+    p.add_argument("--proto", required=True, help="the proto/ directory")
+    a = p.parse_args()
+    summary = {}
+    with tempfile.TemporaryDirectory() as out:
+        for d in ("veil", os.path.join("veil", "v1")):
+            os.makedirs(os.path.join(out, d), exist_ok=True)
+            open(os.path.join(out, d, "__init__.py"), "w").close()
+        pb, rpc = build_stubs(a.proto, out)
+        channel = grpc.insecure_channel(a.target)
+        grpc.channel_ready_future(channel).result(timeout=10)
+
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="veil.v1.SessionService"), timeout=5).status
+        summary["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+        api = rpc.SessionServiceStub(channel)
+        req = pb.AllocateSessionRequest(
+            call_id="grpcio-call",
+            participants=[
+                pb.Participant(participant_id="alice", preferred_transport=pb.TRANSPORT_QUIC),
+                pb.Participant(participant_id="bob", region="eu-west"),
+            ],
+            ttl_seconds=600,
+        )
+        answer = api.AllocateSession(req, timeout=5)
+        s = answer.session
+        summary["created"] = answer.created
+        summary["legs"] = len(s.legs)
+        summary["token_len"] = len(s.legs[0].token)
+        again = api.AllocateSession(req, timeout=5)
+        summary["idempotent"] = (not again.created) and again.session == s
+        got = api.GetSession(pb.GetSessionRequest(session_id=s.session_id), timeout=5).session
+        summary["get_matches"] = got == s
+
+        events = []
+        watch = api.WatchSession(pb.WatchSessionRequest(session_id=s.session_id), timeout=20)
+        first = threading.Event()
+
+        def read():
+            for ev in watch:
+                events.append(pb.SessionEvent.Kind.Name(ev.kind))
+                first.set()
+
+        t = threading.Thread(target=read)
+        t.start()
+        if not first.wait(10):
+            raise RuntimeError("no SNAPSHOT from WatchSession")
+        released = api.ReleaseSession(pb.ReleaseSessionRequest(session_id=s.session_id), timeout=5).session
+        summary["released_state"] = pb.SessionState.Name(released.state)
+        t.join(10)
+        summary["watch"] = events
+
+        try:
+            api.AllocateSession(pb.AllocateSessionRequest(call_id="", participants=[]), timeout=5)
+            summary["bad_request"] = "accepted"
+        except grpc.RpcError as e:
+            summary["bad_request"] = e.code().name
+            summary["bad_request_message"] = e.details()
+
+    print(json.dumps(summary))
+    ok = (
+        summary["health"] == "SERVING"
+        and summary["created"]
+        and summary["legs"] == 2
+        and summary["token_len"] == 64
+        and summary["idempotent"]
+        and summary["get_matches"]
+        and summary["released_state"] == "SESSION_STATE_RELEASED"
+        and summary["watch"] == ["KIND_SNAPSHOT", "KIND_RELEASED"]
+        and summary["bad_request"] == "INVALID_ARGUMENT"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

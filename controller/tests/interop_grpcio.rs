@@ -1,0 +1,54 @@
+//! Interop with a gRPC stack Veil did not write: a Python signaling service built with grpcio and
+//! grpcio-tools from `proto/` allocates, reads, watches and releases a session and checks health,
+//! against a running controller. The Python environment is set up by the test command
+//! (scripts/test.sh installs the packages into .venv); without it this test fails, never skips.
+
+use std::process::Command;
+
+use veil_controller::dev::{Cluster, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_signaling_service_drives_the_api() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh, which installs grpcio into .venv",
+        python.display()
+    );
+    let c = Cluster::start(Options {
+        relays: 2,
+        workers_per_relay: 1,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let target = c.controller_url.trim_start_matches("http://").to_string();
+    let script = root.join("controller/tests/interop/grpcio_client.py");
+    let proto = root.join("proto");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args(["--target", &target])
+            .arg("--proto")
+            .arg(proto)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "grpcio client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(
+        summary["watch"],
+        serde_json::json!(["KIND_SNAPSHOT", "KIND_RELEASED"])
+    );
+    assert_eq!(summary["bad_request_message"], "call_id must not be empty");
+    c.shutdown().await.unwrap();
+}
