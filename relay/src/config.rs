@@ -93,6 +93,15 @@ pub struct Config {
     #[arg(long, env = "VEIL_RELAY_LEG_IDLE_SECS", default_value_t = 30)]
     pub leg_idle_secs: u64,
 
+    /// BIND messages each source IP address may send per second (bursts of twice as many);
+    /// beyond that they are dropped unanswered, before any cryptography.
+    #[arg(long, env = "VEIL_RELAY_BINDS_PER_IP", default_value_t = 50)]
+    pub binds_per_ip: u32,
+
+    /// BIND messages each IO worker handles per second from all sources together.
+    #[arg(long, env = "VEIL_RELAY_BINDS_PER_WORKER", default_value_t = 20_000)]
+    pub binds_per_worker: u32,
+
     /// The most legs bound at once; further binds are refused with RELAY_FULL.
     #[arg(long, env = "VEIL_RELAY_MAX_LEGS", default_value_t = 200_000)]
     pub max_legs: usize,
@@ -235,6 +244,9 @@ impl Config {
         if self.leg_idle_secs == 0 || self.leg_idle_secs > 3600 {
             bail!("--leg-idle-secs must be from 1 to 3600");
         }
+        if self.binds_per_ip == 0 || self.binds_per_worker == 0 {
+            bail!("--binds-per-ip and --binds-per-worker must be at least 1");
+        }
         if self.max_legs == 0 {
             bail!("--max-legs must be at least 1");
         }
@@ -307,6 +319,8 @@ impl Config {
             zone: self.zone.clone(),
             core: veil_relay_core::Config {
                 leg_idle: Duration::from_secs(self.leg_idle_secs),
+                binds_per_ip: self.binds_per_ip,
+                binds_per_worker: self.binds_per_worker,
                 ..Default::default()
             },
             max_legs: self.max_legs,

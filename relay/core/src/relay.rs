@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::cookie::Cookies;
-use crate::limit::Limiter;
+use crate::limit::{BindLimiter, Limiter};
 use crate::session::{BindError, Directory, Endpoint, LegSet, Session};
 use crate::stats::{BindResult, DropReason, Stats};
 use crate::token::{KeyRing, SessionId, Ticket, VerifyError};
@@ -23,6 +23,11 @@ pub struct Config {
     pub leg_idle: Duration,
     /// How often each worker sweeps its legs for expiry, idleness and closed sessions.
     pub sweep_interval: Duration,
+    /// BIND messages each source IP address may send per second (a burst of twice as many is
+    /// allowed); beyond that they are dropped unanswered, before any cryptography.
+    pub binds_per_ip: u32,
+    /// BIND messages each worker handles per second from all sources together.
+    pub binds_per_worker: u32,
 }
 
 impl Default for Config {
@@ -30,6 +35,8 @@ impl Default for Config {
         Self {
             leg_idle: Duration::from_secs(30),
             sweep_interval: Duration::from_millis(250),
+            binds_per_ip: 50,
+            binds_per_worker: 20_000,
         }
     }
 }
@@ -180,12 +187,21 @@ impl Node {
             BindError::RelayFull => Refusal::new(DropReason::RelayFull, ErrorCode::RelayFull),
             BindError::Draining => Refusal::new(DropReason::Draining, ErrorCode::Draining),
         })?;
+        let left = ticket.expires_unix_ms.saturating_sub(self.unix_ms(now));
+        // A leg that moves (rebinds) starts with empty rate buckets, so that binding again cannot
+        // refill a burst; a new leg starts with a full second of burst.
+        let limiter = if bound.previous.is_some() {
+            Limiter::drained(ticket.limits, now)
+        } else {
+            Limiter::new(ticket.limits, now)
+        };
         let leg = LegState {
             session: bound.session,
             leg: ticket.leg,
             endpoint: ep,
             last_seen: now,
-            limiter: Limiter::new(ticket.limits, now),
+            expires_at: now + Duration::from_millis(left),
+            limiter,
         };
         Ok((leg, bound.previous))
     }
@@ -207,6 +223,8 @@ pub struct LegState {
     leg: u8,
     endpoint: Endpoint,
     last_seen: Instant,
+    /// The ticket's expiry on the monotonic clock: checked on every packet, cheaply.
+    expires_at: Instant,
     limiter: Limiter,
 }
 
@@ -281,6 +299,9 @@ impl LegState {
     pub fn forward(&mut self, now: Instant, pkt: &[u8], stats: &mut Stats) -> Verdict {
         if self.session.is_closed() {
             return self.dropped(stats, DropReason::SessionClosed);
+        }
+        if now >= self.expires_at {
+            return self.dropped(stats, DropReason::Expired);
         }
         let legs = self.session.legs();
         if legs.get(self.leg) != Some(self.endpoint) {
@@ -404,6 +425,7 @@ pub struct Relay {
     by_peer: HashMap<SocketAddr, LegState>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    binds: BindLimiter,
     stats: Stats,
     next_sweep: Instant,
 }
@@ -412,11 +434,13 @@ impl Relay {
     /// A worker of `node`.
     pub fn new(node: Arc<Node>, now: Instant) -> Self {
         let next_sweep = now + node.config.sweep_interval;
+        let binds = BindLimiter::new(node.config.binds_per_ip, node.config.binds_per_worker, now);
         Self {
             node,
             by_peer: HashMap::new(),
             transmits: VecDeque::with_capacity(64),
             events: VecDeque::new(),
+            binds,
             stats: Stats::default(),
             next_sweep,
         }
@@ -466,6 +490,7 @@ impl Relay {
                         self.forget_leg(from, LegStatus::Closed);
                     }
                     Verdict::Drop(DropReason::Unbound) => self.forget_leg(from, LegStatus::Moved),
+                    Verdict::Drop(DropReason::Expired) => self.forget_leg(from, LegStatus::Expired),
                     _ => {}
                 }
                 verdict
@@ -525,6 +550,12 @@ impl Relay {
     }
 
     fn handle_bind(&mut self, now: Instant, from: SocketAddr, bind: &Bind<'_>) -> Verdict {
+        // Before any cryptography: a flood of binds costs a hash lookup each, and gets no answer.
+        if !self.binds.admit(now, from.ip()) {
+            self.stats.binds[BindResult::Refused as usize] += 1;
+            self.stats.drop(DropReason::BindRateLimited);
+            return Verdict::Drop(DropReason::BindRateLimited);
+        }
         let node = self.node.clone();
         let refuse = |this: &mut Self, r: Refusal| {
             this.stats.binds[BindResult::Refused as usize] += 1;
@@ -586,8 +617,13 @@ impl Relay {
             return;
         };
         let session = leg.session();
-        if why == LegStatus::Closed {
-            self.send(from, wire::close(ErrorCode::SessionClosed, session.0));
+        match why {
+            LegStatus::Closed => self.send(from, wire::close(ErrorCode::SessionClosed, session.0)),
+            LegStatus::Expired => {
+                self.node.detach(&leg);
+                self.send(from, wire::close(ErrorCode::Expired, session.0));
+            }
+            _ => {}
         }
         self.event(Event::Unbound {
             session,
@@ -618,6 +654,7 @@ impl Relay {
             return;
         }
         self.next_sweep = now + self.node.config.sweep_interval;
+        self.binds.forget_idle(now);
         let node = &self.node;
         let now_unix = node.unix_ms(now);
         let idle = node.config.leg_idle;
