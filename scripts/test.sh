@@ -9,6 +9,21 @@ echo "== toolchain"
 cargo --version
 rustc --version
 
+echo "== system packages (Debian)"
+# Chromium renders the load test's HTML report in a test; Prometheus (and promtool) serve the
+# deploy checks. Installed when missing, as root; otherwise the run stops here, naming them.
+need=()
+[ -x /usr/bin/chromium ] || need+=(chromium)
+{ command -v promtool && command -v prometheus; } >/dev/null || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
 echo "== python test environment (.venv)"
 # Idempotent: creates the virtual environment once, then only installs what is missing.
 if [ ! -x .venv/bin/python ]; then

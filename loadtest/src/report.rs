@@ -452,13 +452,20 @@ fn svg_chart(id: &str, title: &str, unit: &str, series: &[Series<'_>]) -> String
             })
             .collect();
         o += &format!(
-            "<path class=\"series\" data-series=\"{n}\" d=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2.5\"/>\
+            "<path class=\"series\" data-series=\"{n}\" d=\"{}\" fill=\"none\" stroke=\"{c}\" stroke-width=\"2.5\"{dash}/>\
              <rect x=\"{:.1}\" y=\"8\" width=\"10\" height=\"10\" fill=\"{c}\"/><text x=\"{:.1}\" y=\"17\" class=\"tick\">{n}</text>",
             d.join(" "),
             w - 220.0 + i as f64 * 100.0,
             w - 206.0 + i as f64 * 100.0,
             n = escape(s.name),
-            c = s.color
+            c = s.color,
+            // Later series are dashed, so that one that coincides with an earlier one (received
+            // on top of sent) leaves both visible.
+            dash = if i > 0 {
+                " stroke-dasharray=\"7 5\""
+            } else {
+                ""
+            }
         );
     }
     o + "</svg>"
@@ -534,7 +541,7 @@ pub fn html(r: &Report) -> String {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Veil load test report</title>\
          <style>body{{font:14px system-ui,sans-serif;margin:24px;color:#222}}h1{{font-size:20px}}\
          .chart{{display:block;margin:12px 0;border:1px solid #ddd;background:#fff}}.title{{font-weight:600;font-size:13px}}\
-         .tick{{font-size:11px;fill:#555}}.grid{{stroke:#eee}}pre{{background:#f6f6f6;padding:12px;overflow:auto}}\
+         .tick{{font-size:11px;fill:#555}}.grid{{stroke:#eee}}pre{{background:#f6f6f6;padding:12px;overflow:auto;white-space:pre-wrap}}\
          table{{border-collapse:collapse}}td{{padding:2px 12px 2px 0}}</style></head><body>\
          <h1>Veil load test report</h1><pre id=\"summary\">{}</pre>{latency}{loss}{throughput}\
          <details><summary>JSON report</summary><pre>{}</pre></details></body></html>\n",
