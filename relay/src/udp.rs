@@ -8,12 +8,13 @@
 //! the verdicts say, then publishes its counters. Datagrams that arrived coalesced by GRO and are
 //! all forwarded leave as one GSO send per target.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use nix::sys::socket::{MultiHeaders, SockaddrStorage};
 use prometheus::Histogram;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
@@ -112,18 +113,38 @@ pub fn spawn(ctx: WorkerContext) -> anyhow::Result<std::thread::JoinHandle<()>> 
         .context("spawn UDP worker")
 }
 
-/// Sends for one worker; counts what it could not send.
+/// One datagram waiting to leave: where to, and which bytes of the receive buffer.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    dst: SocketAddr,
+    start: usize,
+    len: usize,
+}
+
+/// Datagrams per `sendmmsg`.
+const SEND_BATCH: usize = 64;
+
+/// Sends for one worker, for one receive batch; counts what it could not send.
+///
+/// Forwarded datagrams are queued as references into the receive buffer (nothing is copied)
+/// and leave in `sendmmsg` batches; a burst that arrived coalesced by GRO leaves as one GSO
+/// send per target. The queue is flushed before any other send, so that datagrams to one
+/// destination keep their order.
 struct Out<'a> {
     socket: &'a tokio::net::UdpSocket,
     state: &'a UdpSocketState,
     quic: &'a dyn QuicSink,
+    buf: &'a [u8],
+    queue: &'a mut Vec<Queued>,
+    headers: &'a mut MultiHeaders<SockaddrStorage>,
     max_gso: usize,
     errors: u64,
 }
 
 impl Out<'_> {
-    #[inline]
-    fn udp(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+    /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued.
+    fn now(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+        self.flush();
         let t = Transmit {
             destination,
             ecn: None,
@@ -142,31 +163,81 @@ impl Out<'_> {
         }
     }
 
+    /// Queues (UDP) or sends (QUIC) the datagram at `start..start + len` of the receive buffer.
     #[inline]
-    fn to(&mut self, ep: Endpoint, pkt: &[u8]) {
+    fn to(&mut self, ep: Endpoint, start: usize, len: usize) {
         match ep {
-            Endpoint::Udp(dst) => self.udp(dst, pkt, None),
+            Endpoint::Udp(dst) => {
+                self.queue.push(Queued { dst, start, len });
+                if self.queue.len() >= SEND_BATCH {
+                    self.flush();
+                }
+            }
             // The QUIC sink counts its own failures.
-            Endpoint::Quic(conn) => self.quic.send(conn, pkt),
+            Endpoint::Quic(conn) => self.quic.send(conn, &self.buf[start..start + len]),
         }
     }
 
-    /// Sends `data`, `stride`-sized datagrams back to back, to `ep`: one GSO send per
-    /// `max_gso` datagrams over UDP, one datagram at a time over QUIC.
-    fn burst(&mut self, ep: Endpoint, data: &[u8], stride: usize) {
+    /// Sends the `stride`-sized datagrams at `start..start + len`, back to back, to `ep`: one
+    /// GSO send per `max_gso` datagrams over UDP, one datagram at a time otherwise.
+    fn burst(&mut self, ep: Endpoint, start: usize, len: usize, stride: usize) {
+        let buf = self.buf;
         match ep {
             Endpoint::Udp(dst) if self.max_gso > 1 => {
-                for chunk in data.chunks(stride * self.max_gso) {
+                for chunk in buf[start..start + len].chunks(stride * self.max_gso) {
                     let seg = (chunk.len() > stride).then_some(stride);
-                    self.udp(dst, chunk, seg);
+                    self.now(dst, chunk, seg);
                 }
             }
             _ => {
-                for seg in data.chunks(stride) {
-                    self.to(ep, seg);
+                for off in (0..len).step_by(stride) {
+                    self.to(ep, start + off, stride.min(len - off));
                 }
             }
         }
+    }
+
+    /// Sends everything queued, `SEND_BATCH` datagrams per system call.
+    fn flush(&mut self) {
+        use nix::errno::Errno;
+        use nix::sys::socket::{MsgFlags, sendmmsg};
+        use std::os::fd::AsRawFd;
+        let mut done = 0;
+        while done < self.queue.len() {
+            let chunk = &self.queue[done..(done + SEND_BATCH).min(self.queue.len())];
+            let n = chunk.len();
+            let iovs: [[IoSlice<'_>; 1]; SEND_BATCH] = std::array::from_fn(|i| {
+                [IoSlice::new(chunk.get(i).map_or(&[][..], |q| {
+                    &self.buf[q.start..q.start + q.len]
+                }))]
+            });
+            let addrs: [Option<SockaddrStorage>; SEND_BATCH] =
+                std::array::from_fn(|i| chunk.get(i).map(|q| SockaddrStorage::from(q.dst)));
+            let sent = sendmmsg(
+                self.socket.as_raw_fd(),
+                self.headers,
+                &iovs[..n],
+                &addrs[..n],
+                &[] as &[nix::sys::socket::ControlMessage<'_>],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|r| r.count());
+            match sent {
+                Ok(0) | Err(Errno::EAGAIN) => {
+                    // The socket buffer is full: the rest of the queue would fail too.
+                    self.errors += (self.queue.len() - done) as u64;
+                    break;
+                }
+                Ok(k) => done += k,
+                // One datagram the kernel refuses (an unroutable address, say) must not hold
+                // up the others: skip it.
+                Err(_) => {
+                    self.errors += 1;
+                    done += 1;
+                }
+            }
+        }
+        self.queue.clear();
     }
 }
 
@@ -196,6 +267,8 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
     let mut relay = Relay::new(node, Instant::now());
     let mut targets: Vec<Endpoint> = Vec::with_capacity(16);
     let mut forwarded: Vec<bool> = Vec::with_capacity(gro);
+    let mut queue: Vec<Queued> = Vec::with_capacity(SEND_BATCH);
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SEND_BATCH, None);
     tracing::debug!(
         worker = index,
         gro,
@@ -212,7 +285,6 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
             _ = shutdown.changed() => break,
             ready = socket.readable() => {
                 ready?;
-                let mut out = Out { socket: &socket, state: &state, quic: &*quic, max_gso: state.max_gso_segments(), errors: 0 };
                 for _ in 0..BATCHES_PER_WAKE {
                     let n = {
                         let mut iovs: [IoSliceMut<'_>; BATCH] = {
@@ -231,23 +303,45 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
                         }
                     };
                     let now = Instant::now();
-                    for (m, chunk) in meta[..n].iter().zip(buf.chunks(slot)) {
-                        handle(&mut relay, &mut out, now, m, &chunk[..m.len], &mut targets, &mut forwarded);
+                    let mut out = Out {
+                        socket: &socket,
+                        state: &state,
+                        quic: &*quic,
+                        buf: &buf,
+                        queue: &mut queue,
+                        headers: &mut headers,
+                        max_gso: state.max_gso_segments(),
+                        errors: 0,
+                    };
+                    for (i, m) in meta[..n].iter().enumerate() {
+                        handle(&mut relay, &mut out, now, m, i * slot, &mut targets, &mut forwarded);
                     }
+                    out.flush();
                     flush_control(&mut relay, &mut out);
+                    let errors = out.errors;
+                    relay.count_send_errors(errors);
                     latency.observe(now.elapsed().as_secs_f64());
                     if n < BATCH {
                         break;
                     }
                 }
-                relay.count_send_errors(std::mem::take(&mut out.errors));
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
                 relay.handle_timeout(Instant::now());
-                let mut out = Out { socket: &socket, state: &state, quic: &*quic, max_gso: 1, errors: 0 };
+                let mut out = Out {
+                    socket: &socket,
+                    state: &state,
+                    quic: &*quic,
+                    buf: &buf,
+                    queue: &mut queue,
+                    headers: &mut headers,
+                    max_gso: 1,
+                    errors: 0,
+                };
                 flush_control(&mut relay, &mut out);
-                relay.count_send_errors(out.errors);
+                let errors = out.errors;
+                relay.count_send_errors(errors);
             }
         }
         stats.publish(relay.stats());
@@ -267,7 +361,7 @@ fn thread_cpu_ns() -> u64 {
 
 fn flush_control(relay: &mut Relay, out: &mut Out<'_>) {
     while let Some(t) = relay.poll_transmit() {
-        out.udp(t.dst, t.msg.as_bytes(), None);
+        out.now(t.dst, t.msg.as_bytes(), None);
     }
     while let Some(e) = relay.poll_event() {
         log_event(e);
@@ -296,18 +390,19 @@ pub(crate) fn log_event(e: Event) {
     }
 }
 
-/// Handles one receive buffer: a single datagram, or several coalesced by GRO (same source,
-/// `stride` bytes each, the last possibly shorter).
+/// Handles one receive buffer, at `base` in the batch buffer: a single datagram, or several
+/// coalesced by GRO (same source, `stride` bytes each, the last possibly shorter).
 #[inline]
 fn handle(
     relay: &mut Relay,
     out: &mut Out<'_>,
     now: Instant,
     m: &RecvMeta,
-    data: &[u8],
+    base: usize,
     targets: &mut Vec<Endpoint>,
     forwarded: &mut Vec<bool>,
 ) {
+    let data = &out.buf[base..base + m.len];
     let stride = if m.stride == 0 {
         data.len().max(1)
     } else {
@@ -322,7 +417,7 @@ fn handle(
     if data.len() <= stride {
         if let Verdict::Forward(t) = relay.handle_datagram(now, m.addr, data) {
             for ep in t.iter() {
-                out.to(ep, data);
+                out.to(ep, base, data.len());
             }
         }
         return;
@@ -341,16 +436,13 @@ fn handle(
     }
     if forwarded.iter().all(|f| *f) {
         for ep in targets.iter() {
-            out.burst(*ep, data, stride);
+            out.burst(*ep, base, data.len(), stride);
         }
     } else {
-        for (seg, _) in data
-            .chunks(stride)
-            .zip(forwarded.iter())
-            .filter(|(_, f)| **f)
-        {
+        for (k, _) in forwarded.iter().enumerate().filter(|(_, f)| **f) {
+            let off = k * stride;
             for ep in targets.iter() {
-                out.to(*ep, seg);
+                out.to(*ep, base + off, stride.min(data.len() - off));
             }
         }
     }
