@@ -32,9 +32,13 @@ fn token_needles(session: &pb::Session) -> Vec<String> {
 /// A call of one participant per entry of `transports`, through a `veil-controller --dev`
 /// process logging at trace level.
 async fn private_call(transports: &[pb::Transport]) {
+    private_call_logged(transports, "text").await;
+}
+
+async fn private_call_logged(transports: &[pb::Transport], format: &str) {
     let n = transports.len();
     // The most verbose logging there is.
-    let dev = DevProcess::start(1, &[("VEIL_LOG", "trace")]);
+    let dev = DevProcess::start(1, &[("VEIL_LOG", "trace"), ("VEIL_LOG_FORMAT", format)]);
     let (relay_udp, relay_quic) = (dev.relay_udp(0), dev.relay_quic(0));
     let mut api = client(&dev.controller_url()).await;
     let answer = api
@@ -112,6 +116,16 @@ async fn private_call(transports: &[pb::Transport]) {
         log.contains("TRACE") && log.contains("peer#"),
         "trace logging was on, with redacted peers"
     );
+    if format == "json" {
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(
+                v.get("level").is_some() && v.get("timestamp").is_some(),
+                "{line}"
+            );
+        }
+    }
 }
 
 use pb::Transport::{Quic, Udp};
@@ -139,4 +153,9 @@ async fn two_party_mixed_call_is_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_party_mixed_call_is_private() {
     private_call(&[Quic, Udp, Quic, Udp]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_call_is_private_in_json_logs_too() {
+    private_call_logged(&[Quic, Udp], "json").await;
 }
