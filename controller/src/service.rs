@@ -418,6 +418,20 @@ pub struct AdminApi {
     pub(crate) auth: Auth,
 }
 
+impl AdminApi {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.auth
+            .check(req.metadata(), Caller::Admin)
+            .inspect_err(|_| {
+                self.controller
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["admin"])
+                    .inc();
+            })
+    }
+}
+
 /// Longest drain deadline an operator may ask for.
 pub const MAX_DRAIN_DEADLINE_SECS: u32 = 86_400;
 
@@ -449,15 +463,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::DrainRelayRequest>,
     ) -> Result<Response<pb::DrainRelayResponse>, Status> {
-        self.auth
-            .check(request.metadata(), Caller::Admin)
-            .inspect_err(|_| {
-                self.controller
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&["admin"])
-                    .inc();
-            })?;
+        self.authorize(&request)?;
         let pb::DrainRelayRequest {
             node_id,
             draining,
@@ -487,15 +493,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListRelaysRequest>,
     ) -> Result<Response<pb::ListRelaysResponse>, Status> {
-        self.auth
-            .check(request.metadata(), Caller::Admin)
-            .inspect_err(|_| {
-                self.controller
-                    .metrics
-                    .auth_failures
-                    .with_label_values(&["admin"])
-                    .inc();
-            })?;
+        self.authorize(&request)?;
         let relays = self
             .controller
             .registry

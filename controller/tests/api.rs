@@ -9,7 +9,7 @@ use tonic::Code;
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 
-use common::{client, request};
+use common::{client, http_get, request};
 
 async fn cluster(relays: usize) -> Cluster {
     Cluster::start(Options {
@@ -289,16 +289,4 @@ async fn health_and_reflection_are_served() {
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.shutdown().await.unwrap();
-}
-
-/// A bare HTTP/1.1 GET, to check the ops endpoint without an HTTP client dependency.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -12,26 +11,6 @@ use quinn_udp::{Transmit, UdpSockRef, UdpSocketState};
 use veil_controller::dev::{Cluster, Options};
 use veil_relay_core::token::Token;
 use veil_relay_core::wire::{self, RelayMessage};
-
-/// Binds `token` from a plain socket, as docs/PROTOCOL.md describes.
-fn raw_bind(sock: &std::net::UdpSocket, relay: SocketAddr, token: &Token) {
-    let mut buf = [0u8; 128];
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    sock.send_to(&wire::bind(token, [1; 8], None), relay)
-        .unwrap();
-    let n = sock.recv(&mut buf).unwrap();
-    let Ok(RelayMessage::Challenge { cookie, .. }) = wire::parse_relay(&buf[..n]) else {
-        panic!("no challenge")
-    };
-    let cookie: [u8; 24] = cookie.try_into().unwrap();
-    sock.send_to(&wire::bind(token, [2; 8], Some(&cookie)), relay)
-        .unwrap();
-    let n = sock.recv(&mut buf).unwrap();
-    assert!(matches!(
-        wire::parse_relay(&buf[..n]),
-        Ok(RelayMessage::BindOk { .. })
-    ));
-}
 
 fn rtp(seq: u16, len: usize) -> Vec<u8> {
     let mut p = rtp_packet(0xF00D, seq, 0, &[]);
@@ -59,12 +38,17 @@ async fn a_gso_burst_arrives_as_separate_datagrams_in_order() {
         .session
         .unwrap();
     let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
-    let sender = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
-    raw_bind(
+    let sender = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let answer = raw_bind(
         &sender,
         relay,
         &Token::from_bytes(&s.legs[0].token).unwrap(),
-    );
+    )
+    .await;
+    assert!(matches!(
+        wire::parse_relay(&answer),
+        Ok(RelayMessage::BindOk { .. })
+    ));
 
     let state = UdpSocketState::new(UdpSockRef::from(&sender)).unwrap();
     let segments = state.max_gso_segments().min(10);

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -23,30 +22,6 @@ async fn cluster() -> Cluster {
     })
     .await
     .unwrap()
-}
-
-/// Runs a bind from `sock`; returns the relay's final answer.
-async fn raw_bind(sock: &UdpSocket, relay: SocketAddr, token: &Token) -> Vec<u8> {
-    let mut buf = [0u8; 2048];
-    sock.send_to(&wire::bind(token, [7; 8], None), relay)
-        .await
-        .unwrap();
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let cookie: [u8; 24] = match wire::parse_relay(&buf[..n]) {
-        Ok(RelayMessage::Challenge { cookie, .. }) => cookie.try_into().unwrap(),
-        _ => return buf[..n].to_vec(),
-    };
-    sock.send_to(&wire::bind(token, [8; 8], Some(&cookie)), relay)
-        .await
-        .unwrap();
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    buf[..n].to_vec()
 }
 
 fn error_code(b: &[u8]) -> Option<u16> {
@@ -295,26 +270,4 @@ async fn unbound_sources_never_draw_answers_larger_than_they_sent() {
         "the relay saw all {count} datagrams, not just some ({received})"
     );
     c.shutdown().await.unwrap();
-}
-
-/// A bare HTTP/1.1 GET.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The value of a series in Prometheus text.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or_else(|| panic!("no series {series}"))
 }

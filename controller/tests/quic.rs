@@ -22,28 +22,6 @@ async fn cluster() -> Cluster {
     .unwrap()
 }
 
-async fn metrics(c: &Cluster) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(c.relays[0].metrics)
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn series(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
-        })
-        .unwrap_or_else(|| panic!("no series {name}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migrating_quic_client_keeps_its_leg_without_a_new_bind() {
     let c = cluster().await;
@@ -85,9 +63,9 @@ async fn a_migrating_quic_client_keeps_its_leg_without_a_new_bind() {
         (1, 0),
         "no new bind"
     );
-    let m = metrics(&c).await;
+    let m = http_get(c.relays[0].metrics, "/metrics").await;
     assert_eq!(
-        series(
+        metric(
             &m,
             "veil_relay_binds_total{result=\"bound\",transport=\"quic\"}"
         ),
@@ -138,9 +116,9 @@ async fn datagrams_too_large_for_a_quic_leg_are_dropped_and_counted() {
     );
     assert_eq!(got.from, quic);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let m = metrics(&c).await;
+    let m = http_get(c.relays[0].metrics, "/metrics").await;
     assert_eq!(
-        series(
+        metric(
             &m,
             "veil_relay_dropped_packets_total{reason=\"too_large_for_peer\",transport=\"quic\"}"
         ),

@@ -508,3 +508,55 @@ pub fn longest_gap(arrivals: &[(std::time::Instant, u16)], from: std::time::Inst
     }
     worst
 }
+
+/// A bare HTTP/1.1 GET (for the ops endpoints), returning the whole response.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of one series (name and labels, exactly as exported) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
+        .unwrap_or_else(|| panic!("no series {series}"))
+}
+
+/// Runs the two-round bind for `token` from a plain socket, as docs/PROTOCOL.md describes;
+/// returns the relay's final answer (BIND_OK or ERROR).
+pub async fn raw_bind(
+    sock: &tokio::net::UdpSocket,
+    relay: SocketAddr,
+    token: &veil_relay_core::Token,
+) -> Vec<u8> {
+    use veil_relay_core::wire::{self, RelayMessage};
+    let mut buf = [0u8; 2048];
+    sock.send_to(&wire::bind(token, [7; 8], None), relay)
+        .await
+        .unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let cookie: [u8; 24] = match wire::parse_relay(&buf[..n]) {
+        Ok(RelayMessage::Challenge { cookie, .. }) => cookie.try_into().unwrap(),
+        _ => return buf[..n].to_vec(),
+    };
+    sock.send_to(&wire::bind(token, [8; 8], Some(&cookie)), relay)
+        .await
+        .unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    buf[..n].to_vec()
+}
