@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod deadline;
 pub mod dev;
 pub mod metrics;
 pub mod placement;
@@ -46,6 +47,7 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ControllerServer {
     settings: Settings,
     controller: Arc<Controller>,
+    key_reloads: prometheus::IntCounterVec,
     listener: tokio::net::TcpListener,
     grpc_addr: SocketAddr,
     ops_addr: SocketAddr,
@@ -69,6 +71,7 @@ impl ControllerServer {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        let key_reloads = veil_relay::keys::reload_counter(&registry, "veil_controller")?;
         let controller = Arc::new(Controller::new(
             settings.keys.clone(),
             settings.regions.clone(),
@@ -107,6 +110,7 @@ impl ControllerServer {
         Ok(Self {
             settings,
             controller,
+            key_reloads,
             listener,
             grpc_addr,
             ops_addr,
@@ -167,6 +171,20 @@ impl ControllerServer {
             .context("build reflection service")?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Key rotation: SIGHUP re-reads the key ring file; new tokens are signed with its
+        // signing key from then on (generated rings, in --dev, have no file to re-read).
+        let reloader = match self.settings.key_file.clone() {
+            Some(path) => {
+                let controller = self.controller.clone();
+                Some(tokio::spawn(veil_relay::keys::on_hangup(
+                    path,
+                    move |ring| controller.set_keys(ring),
+                    self.key_reloads.clone(),
+                    stop_rx.clone(),
+                )?))
+            }
+            None => None,
+        };
         let housekeeping = tokio::spawn(
             self.controller
                 .clone()
@@ -178,7 +196,9 @@ impl ControllerServer {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(30)));
         let served = tonic::transport::Server::builder()
-            .timeout(RPC_TIMEOUT)
+            // A backstop only: `DeadlineLayer` answers first, with the right code.
+            .timeout(RPC_TIMEOUT + Duration::from_secs(1))
+            .layer(deadline::DeadlineLayer { max: RPC_TIMEOUT })
             .concurrency_limit_per_connection(1024)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -199,6 +219,9 @@ impl ControllerServer {
         let _ = stop_tx.send(true);
         let _ = self.stop_ops.send(true);
         let _ = housekeeping.await;
+        if let Some(r) = reloader {
+            let _ = r.await;
+        }
         let _ = self.ops_task.await;
         served.context("gRPC server")?;
         tracing::info!("controller stopped");

@@ -290,3 +290,247 @@ async fn health_and_reflection_are_served() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_oversized_input_gets_clear_errors() {
+    let c = cluster(1).await;
+    let mut api = client(&c.controller_url).await;
+
+    // Big, but under the message limit: refused by validation, the value never echoed.
+    let mut r = request("c", 2);
+    r.call_id = "\u{1F4A5}".repeat(15_000);
+    let (code, msg) = code_of(&mut api, r).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert_eq!(msg, "call_id must be at most 128 bytes, got 60000");
+    // 43 three-byte characters: 43 characters, 129 bytes. The limit is in bytes.
+    let mut r = request("c", 2);
+    r.participants[1].participant_id = "\u{2603}".repeat(43);
+    let (code, msg) = code_of(&mut api, r).await;
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(
+        msg.starts_with("participants[1].participant_id must be at most 128 bytes"),
+        "{msg}"
+    );
+
+    // Too many participants, under and over the message limit.
+    let (code, msg) = code_of(&mut api, request("c", 1000)).await;
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            Code::InvalidArgument,
+            "participants: at most 16 per session, got 1000"
+        )
+    );
+    let mut r = request("c", 2);
+    r.participants = (0..5_000)
+        .map(|i| pb::Participant {
+            participant_id: format!("participant-{i:08}"),
+            ..Default::default()
+        })
+        .collect();
+    assert_eq!(code_of(&mut api, r).await.0, Code::OutOfRange);
+    // A huge session id in GetSession and ReleaseSession: over the limit, refused unparsed.
+    let e = api
+        .get_session(pb::GetSessionRequest {
+            session_id: "0".repeat(1 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange);
+    assert!(e.message().len() < 200, "a short message: {}", e.message());
+
+    // Control characters, C0 and C1, anywhere: refused, and named without the value.
+    for bad in [
+        "a\nb",
+        "\u{1b}[2J\u{1b}[H",
+        "nul\u{0}",
+        "tab\t",
+        "del\u{7f}",
+        "nel\u{85}",
+        "\r",
+    ] {
+        let mut r = request(bad, 2);
+        let (code, msg) = code_of(&mut api, r.clone()).await;
+        assert_eq!(
+            (code, msg.as_str()),
+            (
+                Code::InvalidArgument,
+                "call_id must not contain control characters"
+            ),
+            "{bad:?}"
+        );
+        r.call_id = "fine".into();
+        r.participants[0].participant_id = bad.into();
+        let (code, msg) = code_of(&mut api, r.clone()).await;
+        assert_eq!(code, Code::InvalidArgument, "{bad:?}");
+        assert!(!msg.contains(bad), "{msg:?}");
+        r.participants[0].participant_id = "p".into();
+        r.participants[1].region = bad.into();
+        let (code, msg) = code_of(&mut api, r).await;
+        assert_eq!(code, Code::InvalidArgument, "{bad:?}");
+        assert!(msg.starts_with("participants[1].region"), "{msg}");
+    }
+    for bad in [
+        "",
+        "nope\n",
+        "0123456789abcdef\u{0}",
+        "\u{FEFF}0123456789abcdef",
+    ] {
+        let e = api
+            .release_session(pb::ReleaseSessionRequest {
+                session_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                Code::InvalidArgument,
+                "session_id must be 16 lowercase hex digits"
+            )
+        );
+    }
+
+    // Odd but valid text (no control characters) is stored and returned exactly: the API does
+    // not judge scripts, emoji, bidi overrides or zero-width characters, and no log prints them.
+    let odd: [String; 4] = [
+        "\u{202E}gnp.exe".into(),
+        "\u{200D}\u{200B}\u{FEFF}".into(),
+        "\u{1F600}".repeat(32),
+        "\u{0645}\u{0631}\u{062D}\u{0628}\u{0627}".into(),
+    ];
+    let mut r = request(&odd[2], 3);
+    r.participants[0].participant_id = odd[0].clone();
+    r.participants[1].participant_id = odd[1].clone();
+    r.participants[2].participant_id = odd[3].clone();
+    r.participants[2].region = "\u{00E9}u-west".into();
+    let s = api
+        .allocate_session(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(s.call_id, odd[2]);
+    assert_eq!(s.call_id.len(), 128);
+    let ids: Vec<&str> = s.legs.iter().map(|l| l.participant_id.as_str()).collect();
+    assert_eq!(ids, [&odd[0], &odd[1], &odd[3]]);
+
+    assert_eq!(
+        c.controller.sessions(),
+        1,
+        "only the valid request created anything"
+    );
+    c.shutdown().await.unwrap();
+}
+
+/// One unary call over a bare HTTP/2 connection with the headers given, and no client-side
+/// timer (unlike tonic's client, which enforces `grpc-timeout` itself and reports `CANCELLED`):
+/// what the server alone answers. Returns `grpc-status` and `grpc-message`.
+async fn raw_unary(
+    addr: std::net::SocketAddr,
+    path: &str,
+    msg: &impl prost::Message,
+    headers: &[(&str, &str)],
+) -> (u32, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let (resp, mut send) = h2.send_request(req.body(()).unwrap(), false).unwrap();
+    let body = msg.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    send.send_data(bytes::Bytes::from(frame), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    let read = |h: &http::HeaderMap| {
+        h.get("grpc-status").map(|s| {
+            (
+                s.to_str().unwrap().parse::<u32>().unwrap(),
+                h.get("grpc-message")
+                    .map(|m| m.to_str().unwrap().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+    };
+    // A trailers-only answer carries the status in its headers.
+    if let Some(status) = read(resp.headers()) {
+        return status;
+    }
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    read(&trailers).expect("grpc-status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spent_deadlines_get_deadline_exceeded() {
+    let c = cluster(1).await;
+    let addr: std::net::SocketAddr = c
+        .controller_url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let path = "/veil.v1.SessionService/AllocateSession";
+    // Already spent, or too short for any work: DEADLINE_EXCEEDED, and nothing allocated.
+    for timeout in ["0n", "1n", "999u", "0m", "0S"] {
+        let (status, msg) = raw_unary(
+            addr,
+            path,
+            &request(&format!("late-{timeout}"), 2),
+            &[("grpc-timeout", timeout)],
+        )
+        .await;
+        assert_eq!(status, Code::DeadlineExceeded as u32, "{timeout}: {msg}");
+    }
+    assert_eq!(c.controller.sessions(), 0, "a spent deadline does no work");
+    // A deadline with room, an unparseable one (ignored, as the spec allows), and none.
+    for (i, headers) in [
+        &[("grpc-timeout", "30S")][..],
+        &[("grpc-timeout", "soon")][..],
+        &[][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, msg) =
+            raw_unary(addr, path, &request(&format!("on-time-{i}"), 2), headers).await;
+        assert_eq!(status, 0, "{headers:?}: {msg}");
+    }
+    // Through tonic's client, a spent deadline fails on the client's own timer or the server's,
+    // whichever is first: never a panic, never a session, and the server carries on.
+    let mut api = client(&c.controller_url).await;
+    for timeout in [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        Duration::from_micros(100),
+    ] {
+        let mut req = tonic::Request::new(request("tonic-late", 2));
+        req.set_timeout(timeout);
+        let e = api.allocate_session(req).await.unwrap_err();
+        assert!(
+            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{e:?}"
+        );
+    }
+    api.allocate_session(request("still-serving", 2))
+        .await
+        .unwrap();
+    assert_eq!(c.controller.sessions(), 4);
+    c.shutdown().await.unwrap();
+}

@@ -338,6 +338,7 @@ impl Scenario {
         let config = Config {
             leg_idle: LEG_IDLE,
             sweep_interval: SWEEP,
+            ..Config::default()
         };
         let node = Arc::new(Node::new(
             config,

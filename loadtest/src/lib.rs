@@ -10,6 +10,7 @@
 pub mod media;
 pub mod report;
 pub mod scenario;
+pub mod soak;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -68,7 +69,30 @@ const GRACE: Duration = Duration::from_millis(1000);
 /// Runs the load test and returns its report.
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     cfg.scenario.validate()?;
-    let (cluster, url, token, relay_metrics) = match &cfg.target {
+    let (cluster, endpoint) = connect(&cfg.target).await?;
+    let report = drive(&cfg.scenario, &endpoint, 0, cfg.progress).await;
+    if let Some(c) = cluster {
+        c.shutdown().await?;
+    }
+    report
+}
+
+/// Where a run sends its requests, and which relay metrics it reads.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Controller gRPC URL.
+    pub url: String,
+    /// Bearer token for the controller.
+    pub token: Option<String>,
+    /// `(name, host:port)` of each relay's ops endpoint.
+    pub relay_metrics: Vec<(String, String)>,
+}
+
+/// Starts the local cluster if the target is local; says where to send requests.
+pub async fn connect(
+    target: &Target,
+) -> anyhow::Result<(Option<veil_controller::dev::Cluster>, Endpoint)> {
+    Ok(match target {
         Target::Local { relays } => {
             let cluster = veil_controller::dev::Cluster::start(veil_controller::dev::Options {
                 relays: *relays,
@@ -76,13 +100,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             })
             .await
             .context("start the local cluster")?;
-            let url = cluster.controller_url.clone();
-            let metrics: Vec<(String, String)> = cluster
-                .relays
-                .iter()
-                .map(|r| (r.node_id.clone(), r.metrics.to_string()))
-                .collect();
-            (Some(cluster), url, None, metrics)
+            let endpoint = Endpoint {
+                url: cluster.controller_url.clone(),
+                token: None,
+                relay_metrics: cluster
+                    .relays
+                    .iter()
+                    .map(|r| (r.node_id.clone(), r.metrics.to_string()))
+                    .collect(),
+            };
+            (Some(cluster), endpoint)
         }
         Target::Remote {
             controller,
@@ -90,16 +117,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             relay_metrics,
         } => (
             None,
-            controller.clone(),
-            token.clone(),
-            relay_metrics
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (format!("relay-metrics-{i}"), m.clone()))
-                .collect(),
+            Endpoint {
+                url: controller.clone(),
+                token: token.clone(),
+                relay_metrics: relay_metrics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("relay-metrics-{i}"), m.clone()))
+                    .collect(),
+            },
         ),
-    };
-    let before = report::scrape_relays(&relay_metrics).await;
+    })
+}
+
+/// Runs `s` once against `endpoint`: every call allocated (with `ttl_seconds`, 0 for the API's
+/// default), run and released; returns the report.
+pub async fn drive(
+    s: &Scenario,
+    endpoint: &Endpoint,
+    ttl_seconds: u32,
+    progress_line: bool,
+) -> anyhow::Result<Report> {
+    s.validate()?;
+    let relay_metrics = &endpoint.relay_metrics;
+    let url = &endpoint.url;
+    let before = report::scrape_relays(relay_metrics).await;
 
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
         .connect_timeout(Duration::from_secs(5))
@@ -108,10 +150,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         .with_context(|| format!("connect to controller {url}"))?;
     let api = Api {
         client: SessionServiceClient::new(channel),
-        token,
+        token: endpoint.token.clone(),
     };
 
-    let s = &cfg.scenario;
     let epoch = Instant::now();
     let end = epoch + s.ramp_time() + s.duration;
     let collector = Arc::new(Collector::default());
@@ -123,9 +164,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         end,
         collector: collector.clone(),
         run_id,
+        ttl_seconds,
     });
 
-    let progress = tokio::spawn(progress_loop(ctx.clone(), cfg.progress));
+    let progress = tokio::spawn(progress_loop(ctx.clone(), progress_line));
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..s.calls {
         let at = epoch + Duration::from_secs_f64(i as f64 / s.ramp_up_per_sec);
@@ -163,7 +205,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 
     // Let relays publish their last counters before comparing.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = report::scrape_relays(&relay_metrics).await;
+    let after = report::scrape_relays(relay_metrics).await;
     let relays: Vec<RelayFigures> = after
         .iter()
         .map(|a| {
@@ -171,10 +213,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             a.minus(b)
         })
         .collect();
-    let report = Report::build(&cfg.scenario, &collector, &results, relays, epoch.elapsed());
-    if let Some(c) = cluster {
-        c.shutdown().await?;
-    }
+    let report = Report::build(s, &collector, &results, relays, epoch.elapsed());
     Ok(report)
 }
 
@@ -206,6 +245,7 @@ struct RunCtx {
     end: Instant,
     collector: Arc<Collector>,
     run_id: u32,
+    ttl_seconds: u32,
 }
 
 impl RunCtx {
@@ -292,7 +332,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
                 } as i32,
             })
             .collect(),
-        ttl_seconds: 0,
+        ttl_seconds: ctx.ttl_seconds,
     };
     let started = Instant::now();
     let mut client = ctx.api.client.clone();

@@ -84,6 +84,43 @@ struct Flags {
     #[arg(long)]
     quiet: bool,
 
+    /// Soak: run the scenario in back-to-back rounds for --duration (say `10m`), sampling the
+    /// watched processes' resident memory and open descriptors every --soak-interval, and fail
+    /// (exit 1) if either grows over the second half of the run. With --local the process
+    /// watched is this one (the cluster runs in it); otherwise --soak-pid, --relay-metrics and
+    /// --controller-metrics say what to watch.
+    #[arg(long, conflicts_with_all = ["report_json", "report_html"])]
+    soak: bool,
+
+    /// Time between soak samples.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", requires = "soak")]
+    soak_interval: Duration,
+
+    /// Length of each soak round at full load (calls are allocated and released every round).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s", requires = "soak")]
+    soak_round: Duration,
+
+    /// PIDs of processes on this host to watch during a soak (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "soak")]
+    soak_pid: Vec<u32>,
+
+    /// Controller ops endpoints (host:port, comma-separated) to watch during a soak, through
+    /// their process metrics (relays: --relay-metrics).
+    #[arg(long, value_delimiter = ',', requires = "soak")]
+    controller_metrics: Vec<String>,
+
+    /// Resident-memory growth always allowed over the second half of a soak, MiB.
+    #[arg(long, default_value_t = 16.0, requires = "soak")]
+    soak_max_rss_growth_mib: f64,
+
+    /// Open-descriptor growth always allowed over the second half of a soak.
+    #[arg(long, default_value_t = 16.0, requires = "soak")]
+    soak_max_fd_growth: f64,
+
+    /// Growth allowed beyond those floors, as a fraction of each series' median.
+    #[arg(long, default_value_t = 0.05, requires = "soak")]
+    soak_growth_fraction: f64,
+
     /// Log filter.
     #[arg(long, env = "VEIL_LOG", default_value = "warn")]
     log_filter: String,
@@ -161,6 +198,10 @@ async fn main() {
             relay_metrics: flags.relay_metrics.clone(),
         }
     };
+    if flags.soak {
+        soak(&flags, scenario, target).await;
+        return;
+    }
     let cfg = Config {
         scenario,
         target,
@@ -186,5 +227,68 @@ async fn main() {
     {
         eprintln!("error: --report-html {}: {e}", path.display());
         std::process::exit(1);
+    }
+}
+
+/// `--soak`: runs the soak, prints its summary, exits 1 if it failed.
+async fn soak(flags: &Flags, scenario: Scenario, target: Target) {
+    use veil_loadtest::soak::{self, Growth, Probe};
+    let mut probes: Vec<Probe> = Vec::new();
+    if matches!(target, Target::Local { .. }) {
+        probes.push(Probe::This);
+    }
+    probes.extend(flags.soak_pid.iter().map(|p| Probe::Pid(*p)));
+    probes.extend(
+        flags
+            .relay_metrics
+            .iter()
+            .chain(&flags.controller_metrics)
+            .map(|a| Probe::Metrics(a.trim_start_matches("http://").to_string())),
+    );
+    if probes.is_empty() {
+        veil_ops::config_error(&anyhow::anyhow!(
+            "--soak against a remote cluster needs something to watch: --soak-pid, \
+             --relay-metrics or --controller-metrics"
+        ));
+    }
+    if !(flags.soak_growth_fraction >= 0.0 && flags.soak_max_rss_growth_mib >= 0.0) {
+        veil_ops::config_error(&anyhow::anyhow!(
+            "--soak-growth-fraction and --soak-max-rss-growth-mib must not be negative"
+        ));
+    }
+    let settings = soak::Settings {
+        duration: scenario.duration,
+        round: flags.soak_round,
+        interval: flags.soak_interval,
+        probes,
+        rss: Growth {
+            floor: flags.soak_max_rss_growth_mib * 1024.0 * 1024.0,
+            fraction: flags.soak_growth_fraction,
+        },
+        fds: Growth {
+            floor: flags.soak_max_fd_growth,
+            fraction: flags.soak_growth_fraction,
+        },
+    };
+    let result = async {
+        let (cluster, endpoint) = veil_loadtest::connect(&target).await?;
+        let report = soak::run(&scenario, &endpoint, &settings).await;
+        if let Some(c) = cluster {
+            c.shutdown().await?;
+        }
+        report
+    }
+    .await;
+    match result {
+        Ok(report) => {
+            print!("{}", report.summary());
+            if !report.failures.is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

@@ -112,7 +112,8 @@ pub fn sum_series(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+/// A bare HTTP/1.1 GET of `path` from `addr` (`host:port`); the whole answer, headers included.
+pub(crate) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await??;

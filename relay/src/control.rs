@@ -156,6 +156,14 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(4);
     let mut hello = link.hello.clone();
     hello.draining = link.node.directory.is_draining();
+    // The ring may have been reloaded (SIGHUP) since the relay started.
+    hello.key_ids = link
+        .node
+        .keys()
+        .key_ids()
+        .iter()
+        .map(|k| u32::from(k.0))
+        .collect();
     tx.send(RelayMessage {
         kind: Some(relay_message::Kind::Hello(hello)),
     })

@@ -12,6 +12,7 @@
 pub mod config;
 mod control;
 pub mod drain;
+pub mod keys;
 pub mod metrics;
 pub mod quic;
 pub mod udp;
@@ -49,6 +50,7 @@ pub struct RelayServer {
     quic_fingerprint: Option<[u8; 32]>,
     ops_addr: SocketAddr,
     metrics: Arc<RelayMetrics>,
+    key_reloads: prometheus::IntCounterVec,
     running: Arc<AtomicBool>,
     stop_ops: watch::Sender<bool>,
     ops_task: tokio::task::JoinHandle<()>,
@@ -89,6 +91,7 @@ impl RelayServer {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        let key_reloads = keys::reload_counter(&registry, "veil_relay")?;
         let running = Arc::new(AtomicBool::new(false));
         let (stop_ops, mut stop_rx) = watch::channel(false);
         let ops = veil_ops::http::Ops {
@@ -124,6 +127,7 @@ impl RelayServer {
             quic_fingerprint,
             ops_addr,
             metrics,
+            key_reloads,
             running,
             stop_ops,
             ops_task,
@@ -230,6 +234,17 @@ impl RelayServer {
                 },
                 shutdown: stop_rx.clone(),
             })?);
+        }
+
+        // Key rotation: SIGHUP re-reads the key ring file (generated rings have none to re-read).
+        if let Some(path) = self.settings.key_file.clone() {
+            let node = self.node.clone();
+            tasks.spawn(keys::on_hangup(
+                path,
+                move |ring| node.set_keys(ring),
+                self.key_reloads.clone(),
+                stop_rx.clone(),
+            )?);
         }
 
         let hello = self.hello();

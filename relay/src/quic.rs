@@ -267,7 +267,9 @@ impl QuicServer {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        conns.spawn(serve(incoming, node.clone(), self.shared.clone(), udp.clone(), stop.clone()));
+                        if let Some(incoming) = validate_address(incoming) {
+                            conns.spawn(serve(incoming, node.clone(), self.shared.clone(), udp.clone(), stop.clone()));
+                        }
                     }
                     None => break,
                 },
@@ -279,6 +281,29 @@ impl QuicServer {
         while conns.join_next().await.is_some() {}
         self.endpoint.wait_idle().await;
     }
+}
+
+/// Answers a connection attempt from an address not yet proven with a Retry (RFC 9000 §8.1.2):
+/// a small packet carrying a token the client must echo from the same address. Only then does
+/// the relay send its handshake flight, which is several times larger than a client's Initial:
+/// without the Retry, an Initial sent with a spoofed source address would make the relay send
+/// up to three times as many bytes to that address (QUIC's own amplification limit), and the
+/// relay never sends an unverified address more than it received from it (docs/SECURITY.md). The
+/// price is one round trip more to open a QUIC leg. Returns the attempt if its address is proven.
+fn validate_address(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
+    if incoming.remote_address_validated() {
+        return Some(incoming);
+    }
+    if incoming.may_retry() {
+        if let Err(e) = incoming.retry() {
+            e.into_incoming().ignore();
+        }
+    } else {
+        // Unproven yet carrying a token (quinn has already refused an invalid one): drop it
+        // without an answer.
+        incoming.ignore();
+    }
+    None
 }
 
 /// Serves one connection: bind, then datagrams until it or its session ends.

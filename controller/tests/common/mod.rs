@@ -560,3 +560,257 @@ pub async fn raw_bind(
         .unwrap();
     buf[..n].to_vec()
 }
+
+/// What one participant of a [`Chat`] sent and heard.
+pub struct Heard {
+    pub peer: Peer,
+    /// The first sequence number it sent in the chat.
+    pub first: u16,
+    /// Where its sequence numbers ended: it sent `first..sent`.
+    pub sent: u16,
+    /// Sequence numbers received, by sender SSRC (each datagram authenticated with the
+    /// sender's SRTP key).
+    pub got: HashMap<u32, Vec<u16>>,
+    /// Datagrams that were not another participant's authentic SRTP, or came from anywhere but
+    /// an allowed relay: anything here means something reached the call that should not have.
+    pub bad: u64,
+}
+
+/// A call whose participants each send one SRTP packet every `interval` and check everything
+/// they receive: it must come from one of `relays`, carry another participant's SSRC and
+/// authenticate with that participant's key.
+pub struct Chat {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Heard>>,
+}
+
+impl Chat {
+    pub fn start(peers: Vec<Peer>, interval: Duration, relays: &[SocketAddr]) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let stop = Arc::new(AtomicBool::new(false));
+        let keys: Vec<(u32, Vec<u8>, Vec<u8>)> = peers
+            .iter()
+            .map(|p| (p.ssrc, p.key.clone(), p.salt.clone()))
+            .collect();
+        let tasks = peers
+            .into_iter()
+            .map(|mut p| {
+                let stop = stop.clone();
+                let relays = relays.to_vec();
+                let mut rx: HashMap<u32, Context> = keys
+                    .iter()
+                    .filter(|(ssrc, _, _)| *ssrc != p.ssrc)
+                    .map(|(ssrc, key, salt)| {
+                        (*ssrc, Context::new(key, salt, PROFILE, None, None).unwrap())
+                    })
+                    .collect();
+                tokio::spawn(async move {
+                    let first = p.seq;
+                    let mut got: HashMap<u32, Vec<u16>> = HashMap::new();
+                    let mut bad = 0u64;
+                    let mut next = tokio::time::Instant::now();
+                    // Once told to stop, stop sending and keep listening a moment for packets in
+                    // flight.
+                    let mut listen_until: Option<tokio::time::Instant> = None;
+                    loop {
+                        if listen_until.is_none() && stop.load(Relaxed) {
+                            listen_until =
+                                Some(tokio::time::Instant::now() + Duration::from_millis(400));
+                        }
+                        let wake = listen_until.unwrap_or(next);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(wake) => {
+                                if listen_until.is_some() {
+                                    break;
+                                }
+                                next += interval;
+                                p.send(b"chatting").await;
+                            }
+                            r = p.leg.recv() => match r {
+                                Some(r) => {
+                                    let ok = relays.contains(&r.from)
+                                        && r.data.len() >= 12
+                                        && rx
+                                            .get_mut(&ssrc_of(&r.data))
+                                            .is_some_and(|c| c.decrypt_rtp(&r.data).is_ok());
+                                    if ok {
+                                        got.entry(ssrc_of(&r.data)).or_default().push(seq_of(&r.data));
+                                    } else {
+                                        bad += 1;
+                                    }
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                    bad += p.leg.counters().foreign.load(Relaxed);
+                    let sent = p.seq;
+                    Heard {
+                        peer: p,
+                        first,
+                        sent,
+                        got,
+                        bad,
+                    }
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops sending, listens 400 ms more, and returns what each participant sent and heard.
+    pub async fn stop(self) -> Vec<Heard> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::new();
+        for t in self.tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+}
+
+/// Packets due (each participant's packets, once to every other participant) and packets that
+/// never arrived, over a whole [`Chat`]. Duplicates count once.
+pub fn chat_loss(heard: &[Heard]) -> (u64, u64) {
+    let (mut due, mut lost) = (0u64, 0u64);
+    for (i, h) in heard.iter().enumerate() {
+        for (j, other) in heard.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let seqs: std::collections::HashSet<u16> = h
+                .got
+                .get(&other.peer.ssrc)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default();
+            let range = other.first..other.sent;
+            assert!(
+                seqs.iter().all(|s| range.contains(s)),
+                "only packets that were sent in the chat arrive"
+            );
+            due += range.len() as u64;
+            lost += (range.len() - seqs.len()) as u64;
+        }
+    }
+    (due, lost)
+}
+
+impl Peer {
+    /// Joins with a leg configuration of the test's own making (relays reordered, say).
+    pub async fn join_config(cfg: LegConfig, ssrc: u32) -> Self {
+        let leg = Leg::bind(cfg).await.expect("leg binds");
+        let key: Vec<u8> = (0..16).map(|_| rand::random()).collect();
+        let salt: Vec<u8> = (0..14).map(|_| rand::random()).collect();
+        let tx = Context::new(&key, &salt, PROFILE, None, None).unwrap();
+        Self {
+            leg,
+            ssrc,
+            key,
+            salt,
+            tx,
+            seq: 0,
+        }
+    }
+}
+
+/// Collects a child's standard error in the background.
+fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let out = sink.clone();
+    let mut pipe = pipe;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    out
+}
+
+/// A `veil-controller` child process reading `--key-file`, on a fixed gRPC port, stopped by
+/// PID (ours) on drop.
+pub struct ControllerProcess {
+    pub child: Child,
+    pub url: String,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ControllerProcess {
+    pub fn start(keys: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(bin("veil-controller"))
+            .arg("--key-file")
+            .arg(keys)
+            .args([
+                "--grpc-addr",
+                &format!("127.0.0.1:{port}"),
+                "--ops-addr",
+                "127.0.0.1:0",
+            ])
+            .env_remove("VEIL_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start veil-controller");
+        let stderr = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            stderr,
+        }
+    }
+
+    /// Sends `signal` to the controller (our child, by its PID).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal our child");
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until `log()` holds `needle` at least `n` times, at most 10 s.
+pub async fn wait_log(log: impl Fn() -> String, needle: &str, n: usize) {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = log();
+        if text.matches(needle).count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{needle:?} did not appear {n} times in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Relays up, as an operator's `ListRelays` on `url` shows them (0 while unreachable).
+pub async fn relays_up(url: &str) -> usize {
+    use veil_proto::v1::admin_service_client::AdminServiceClient;
+    let Ok(mut admin) = AdminServiceClient::connect(url.to_string()).await else {
+        return 0;
+    };
+    match admin.list_relays(pb::ListRelaysRequest {}).await {
+        Ok(r) => r.into_inner().relays.iter().filter(|r| r.up).count(),
+        Err(_) => 0,
+    }
+}

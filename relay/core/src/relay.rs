@@ -28,6 +28,13 @@ pub struct Config {
     pub binds_per_ip: u32,
     /// BIND messages each worker handles per second from all sources together.
     pub binds_per_worker: u32,
+    /// How long a CHALLENGE's cookie stays valid: the longest a client may take between the
+    /// CHALLENGE and its second BIND (docs/PROTOCOL.md says 10 s, the default). Shorter
+    /// lifetimes narrow the window in which a captured cookie is worth anything (it is only good
+    /// from the address it was issued to, with the same ticket, on this relay process), at the
+    /// cost of failing clients whose round trip is longer. Tests shorten it to see expiry without
+    /// waiting 10 s.
+    pub cookie_lifetime: Duration,
 }
 
 impl Default for Config {
@@ -37,6 +44,7 @@ impl Default for Config {
             sweep_interval: Duration::from_millis(250),
             binds_per_ip: 50,
             binds_per_worker: 20_000,
+            cookie_lifetime: Duration::from_secs(10),
         }
     }
 }
@@ -84,7 +92,7 @@ impl Node {
         Self {
             directory: Directory::new(max_legs),
             keys: ArcSwap::from_pointee(keys),
-            cookies: Cookies::new(cookie_secret, Duration::from_secs(10)),
+            cookies: Cookies::new(cookie_secret, config.cookie_lifetime),
             epoch: now,
             unix_ms_at_epoch: AtomicU64::new(unix_ms),
             evicting: AtomicBool::new(false),

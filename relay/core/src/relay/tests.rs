@@ -28,10 +28,14 @@ impl Net {
     }
 
     fn with_capacity(max_legs: usize) -> Self {
+        Self::with_config(Config::default(), max_legs)
+    }
+
+    fn with_config(config: Config, max_legs: usize) -> Self {
         let keys = KeyRing::from_keys(&[(1, [1; 32]), (2, [2; 32])], 2);
         let t0 = Instant::now();
         let node = Arc::new(Node::new(
-            Config::default(),
+            config,
             keys.clone(),
             max_legs,
             [9; 32],
@@ -286,6 +290,49 @@ fn bad_tokens_bind_nothing_and_answers_never_exceed_requests() {
         Verdict::Drop(DropReason::Unbound)
     ));
     assert_eq!(r.stats().forwarded_packets, 0);
+}
+
+#[test]
+fn cookie_lifetime_is_configurable() {
+    let mut net = Net::with_config(
+        Config {
+            cookie_lifetime: Duration::from_millis(300),
+            ..Config::default()
+        },
+        10,
+    );
+    let mut r = net.worker();
+    let client = addr(2, 1);
+    let token = net.token(7, 0, 2);
+    r.handle_datagram(net.now, client, &wire::bind(&token, [1; 8], None));
+    let out = replies(&mut r);
+    let Ok(RelayMessage::Challenge { cookie, .. }) = wire::parse_relay(out[0].msg.as_bytes())
+    else {
+        panic!("a challenge")
+    };
+    let cookie: [u8; COOKIE_LEN] = cookie.try_into().unwrap();
+    let second = wire::bind(&token, [2; 8], Some(&cookie));
+    // Past the configured lifetime (well within the default 10 s): a fresh challenge, no leg.
+    net.advance(Duration::from_millis(301));
+    r.handle_datagram(net.now, client, &second);
+    assert!(matches!(
+        wire::parse_relay(replies(&mut r)[0].msg.as_bytes()),
+        Ok(RelayMessage::Challenge { .. })
+    ));
+    assert_eq!(net.node.directory.legs(), 0);
+    assert_eq!(r.stats().drops_for(DropReason::BadCookie), 1);
+    // Within it, the same cookie binds.
+    r.handle_datagram(net.now, client, &wire::bind(&token, [3; 8], None));
+    let out = replies(&mut r);
+    let Ok(RelayMessage::Challenge { cookie, .. }) = wire::parse_relay(out[0].msg.as_bytes())
+    else {
+        panic!("a challenge")
+    };
+    let cookie: [u8; COOKIE_LEN] = cookie.try_into().unwrap();
+    net.advance(Duration::from_millis(300));
+    r.handle_datagram(net.now, client, &wire::bind(&token, [2; 8], Some(&cookie)));
+    assert!(is_bind_ok(replies(&mut r)[0].msg.as_bytes()));
+    assert_eq!(net.node.directory.legs(), 1);
 }
 
 #[test]
