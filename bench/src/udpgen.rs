@@ -82,13 +82,17 @@ pub fn setup_tx(sock: &UdpSocket) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes a receiving socket: nonblocking, kernel receive timestamps, a large buffer, and GRO
-/// (so that a GSO burst a relay forwards arrives in one piece, as it would through a NIC with
-/// GRO; datagrams sent one by one still arrive one by one).
-pub fn setup_rx(sock: &UdpSocket) -> anyhow::Result<()> {
+/// Makes a receiving socket: nonblocking, kernel receive timestamps, a large buffer, and GRO if
+/// `gro`.
+///
+/// Without GRO (the default), a GSO burst a forwarder sends is split into datagrams on its way
+/// into this socket, on loopback in the forwarder's own context: the forwarder pays to segment
+/// what it sends in bursts, as it would on a NIC without UDP segmentation offload. With GRO the
+/// burst arrives whole and costs the forwarder one delivery, which no real network offers.
+pub fn setup_rx(sock: &UdpSocket, gro: bool) -> anyhow::Result<()> {
     sock.set_nonblocking(true)?;
     setsockopt(sock, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
-    setsockopt(sock, sockopt::UdpGroSegment, &true).context("UDP_GRO")?;
+    setsockopt(sock, sockopt::UdpGroSegment, &gro).context("UDP_GRO")?;
     if setsockopt(sock, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
         let _ = setsockopt(sock, sockopt::RcvBuf, &SOCKET_BUFFER);
     }
@@ -254,10 +258,14 @@ impl Rx {
             s0: u64::MAX,
             received: 0,
             hist: histogram(),
-            headers: MultiHeaders::preallocate(RECV_BATCH, Some(nix::cmsg_space!(TimeSpec, i32))),
+            headers: Self::headers(),
             bufs: vec![vec![0u8; slot]; RECV_BATCH],
             got: Vec::with_capacity(RECV_BATCH),
         }
+    }
+
+    fn headers() -> MultiHeaders<SockaddrIn> {
+        MultiHeaders::preallocate(RECV_BATCH, Some(nix::cmsg_space!(TimeSpec, i32)))
     }
 
     /// Drains one socket.
@@ -297,6 +305,12 @@ impl Rx {
                 }
             }
             let n = self.got.len();
+            if n > 0 {
+                // The kernel writes back each header's control length, and nix's recvmmsg does
+                // not restore it: a header that once received fewer control bytes would truncate
+                // the next message's. Fresh headers after every batch that received anything.
+                self.headers = Self::headers();
+            }
             for i in 0..n {
                 let (len, ts, stride) = self.got[i];
                 let ts = if ts == 0 { realtime_ns() } else { ts };
