@@ -85,6 +85,9 @@ pub struct Throughput {
     pub ctl_util: f64,
     /// This process's CPU use, fraction of a core.
     pub client_util: f64,
+    /// Allocations completed in each second of the window: a rate that falls as sessions
+    /// accumulate shows work that grows with them.
+    pub per_second: Vec<u64>,
 }
 
 /// Runs `concurrency` request loops over `clients` for `warmup + window`; counts what completes
@@ -105,7 +108,10 @@ pub async fn closed_loop(
         let (ok, err) = (ok.clone(), err.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
-            while Instant::now() < end && ok.load(Relaxed) + err.load(Relaxed) < MAX_REQUESTS {
+            while Instant::now() < end
+                && ok.load(Relaxed) + err.load(Relaxed) < MAX_REQUESTS
+                && !crate::stop_requested()
+            {
                 i += 1;
                 match c.allocate_session(request(&format!("c{t}"), i)).await {
                     Ok(_) => ok.fetch_add(1, Relaxed),
@@ -115,9 +121,20 @@ pub async fn closed_loop(
         }));
     }
     tokio::time::sleep(warmup).await;
+    if crate::stop_requested() {
+        anyhow::bail!("interrupted");
+    }
     let (ok0, err0) = (ok.load(Relaxed), err.load(Relaxed));
     let (cpu0, me0, t0) = (cpu::process_cpu(ctl_pid)?, cpu::self_cpu()?, Instant::now());
-    tokio::time::sleep(window).await;
+    let mut per_second = Vec::new();
+    let mut last = ok0;
+    for i in 1..=window.as_secs() {
+        tokio::time::sleep_until((t0 + Duration::from_secs(i)).into()).await;
+        let now = ok.load(Relaxed);
+        per_second.push(now - last);
+        last = now;
+    }
+    tokio::time::sleep_until((t0 + window).into()).await;
     let (ok1, err1) = (ok.load(Relaxed), err.load(Relaxed));
     let (cpu1, me1, t1) = (cpu::process_cpu(ctl_pid)?, cpu::self_cpu()?, Instant::now());
     for t in tasks {
@@ -133,6 +150,7 @@ pub async fn closed_loop(
         ctl_us_per_alloc: ctl * 1e6 / n as f64,
         ctl_util: ctl / secs,
         client_util: (me1 - me0).as_secs_f64() / secs,
+        per_second,
     })
 }
 
@@ -182,6 +200,9 @@ pub async fn open_loop(
         let now = Instant::now();
         if now >= end || issued >= MAX_REQUESTS {
             break;
+        }
+        if crate::stop_requested() {
+            anyhow::bail!("interrupted");
         }
         if cpu0.is_none() && now >= window_start {
             cpu0 = Some((cpu::process_cpu(ctl_pid)?, now));

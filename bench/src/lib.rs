@@ -27,6 +27,46 @@ pub mod turn;
 pub mod udpgen;
 pub mod veil;
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns SIGINT and SIGTERM into a request to stop ([`stop_requested`]), so that a benchmark
+/// interrupted by hand or by a timeout still stops the processes it started (they are stopped
+/// when their handles drop, as the load loops return). Call once, at the start of `main`.
+pub fn handle_stop_signals() {
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(|| {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        });
+    if spawned.is_err() {
+        eprintln!("warning: cannot watch for SIGINT/SIGTERM");
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived (after [`handle_stop_signals`]).
+pub fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Unix time in nanoseconds (CLOCK_REALTIME): what the sender stamps into each packet and what
 /// the kernel's receive timestamps (`SO_TIMESTAMPNS`) are given in.
 pub fn realtime_ns() -> u64 {

@@ -158,6 +158,9 @@ impl QuicFlows {
                 None => tokio::task::yield_now().await,
             }
             let now = Instant::now();
+            if crate::stop_requested() {
+                bail!("interrupted");
+            }
             if !in_window && now >= window_start {
                 in_window = true;
                 s0 = seq;

@@ -404,6 +404,9 @@ pub fn run(
     let (s1, t1, sample1);
     loop {
         let now = Instant::now();
+        if crate::stop_requested() {
+            bail!("interrupted");
+        }
         if !in_window && now >= window_start {
             in_window = true;
             s0 = seq;
