@@ -53,12 +53,9 @@ struct ForwardArgs {
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<usize>>,
     /// Offered rates, datagrams per second; a final step always offers as much as possible.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "50000,100000,200000,400000"
-    )]
-    rates: Vec<u64>,
+    /// Default: 50000,100000,200000,400000 (video: and 800000).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<u64>>,
     /// Flows (sessions of two legs, or TURN allocations) the load is spread over.
     #[arg(long, default_value_t = 4)]
     flows: usize,
@@ -418,6 +415,13 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
         .sizes
         .clone()
         .unwrap_or_else(|| if video { vec![1200] } else { vec![200, 1200] });
+    let rates = args.rates.clone().unwrap_or_else(|| {
+        let mut r = vec![50_000, 100_000, 200_000, 400_000];
+        if video {
+            r.push(800_000);
+        }
+        r
+    });
     let (warmup, mut window) = if args.quick {
         (Duration::from_millis(300), Duration::from_secs(1))
     } else {
@@ -502,7 +506,7 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
             };
             let mut mine: Vec<Measured> = Vec::new();
             let mut failed = None;
-            for rate in args.rates.iter().map(|r| Some(*r)).chain([None]) {
+            for rate in rates.iter().map(|r| Some(*r)).chain([None]) {
                 match run_step(rate, &mut steps) {
                     Ok(m) => mine.push(m),
                     Err(e) => {
