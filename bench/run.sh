@@ -3,8 +3,8 @@
 # a bare recvmmsg/sendmmsg forwarder, and the loopback itself), the video-burst case, memory per
 # bound leg, and the controller's AllocateSession throughput and latency. See bench/README.md.
 #
-#   bench/run.sh            # the full run (about 10 minutes)
-#   bench/run.sh --quick    # shorter windows, no refinement (about 4 minutes)
+#   bench/run.sh            # the full run (about 6 minutes on a quiet machine)
+#   bench/run.sh --quick    # shorter windows, no refinement (about 3 minutes)
 #   bench/run.sh --only forward,video     # some sections: forward, video, memory, controller
 #
 # Forwarders are pinned to CPU 0 and the generator to CPU 1 (taskset). Everything runs on
