@@ -461,6 +461,9 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
     let dir = TempDir::new(if video { "video" } else { "forward" })?;
     let (keys, key_file) = veil::write_key_file(dir.path())?;
     let mut steps: Vec<Step> = Vec::new();
+    // Configurations that could not be set up or measured: reported at the end, and the
+    // command fails, after printing everything it did measure.
+    let mut failures: Vec<String> = Vec::new();
     println!("{}", report::step_header());
     for &size in &sizes {
         for config in &configs {
@@ -481,6 +484,7 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
                 Ok(t) => t,
                 Err(e) => {
                     println!("{config:<10} {size:>5} setup failed: {e:#}");
+                    failures.push(format!("{config} {size}: setup: {e:#}"));
                     continue;
                 }
             };
@@ -549,6 +553,7 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
             }
             if let Some(e) = failed {
                 println!("{config:<10} {size:>5} failed: {e:#}");
+                failures.push(format!("{config} {size}: {e:#}"));
             }
             if veil_bench::stop_requested() {
                 bail!("interrupted");
@@ -578,6 +583,13 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", path.display()))?;
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} configuration(s) failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
     }
     Ok(())
 }
