@@ -115,14 +115,12 @@ struct Entry {
 
 impl Entry {
     /// Drops placements older than [`PENDING_TTL`] and then `absorbed` legs (newly reported
-    /// bound) from the oldest placements, and recomputes the pending total.
+    /// bound) from the oldest placements, keeping the pending total in step.
     fn settle(&mut self, absorbed: u64, now: Instant) {
-        while self
-            .pending
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > PENDING_TTL)
-        {
-            self.pending.pop_front();
+while self.pending.front().is_some_and(|(at, _)| now.duration_since(*at) > PENDING_TTL) {
+            if let Some((_, legs)) = self.pending.pop_front() {
+                self.view.pending_legs -= legs;
+            }
         }
         let mut left = absorbed;
         while left > 0 {
@@ -132,11 +130,14 @@ impl Entry {
             let take = front.1.min(left);
             front.1 -= take;
             left -= take;
+            self.view.pending_legs -= take;
             if front.1 == 0 {
                 self.pending.pop_front();
             }
         }
-        self.view.pending_legs = self.pending.iter().map(|(_, l)| l).sum();
+        // A running total, kept as placements come and go: summing the queue here cost a
+        // controller most of its CPU under a burst of allocations (docs/PERFORMANCE.md).
+        debug_assert_eq!(self.view.pending_legs, self.pending.iter().map(|(_, l)| l).sum::<u64>());
     }
 
     fn state(&self) -> (Health, bool) {
@@ -367,6 +368,7 @@ impl Registry {
         if let Some(e) = self.lock().get_mut(node_id) {
             let now = Instant::now();
             e.pending.push_back((now, legs));
+            e.view.pending_legs += legs;
             e.settle(0, now);
         }
     }

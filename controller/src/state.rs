@@ -158,8 +158,9 @@ impl Controller {
     ) -> Self {
         Self {
             registry: Registry::default(),
-            by_id: DashMap::new(),
-            by_call: DashMap::new(),
+            // Pre-sized: growing a large map stalls allocations while its shards resize.
+            by_id: DashMap::with_capacity(1 << 16),
+            by_call: DashMap::with_capacity(1 << 16),
             keys: RwLock::new(Arc::new(keys)),
             regions,
             limits,
