@@ -18,9 +18,7 @@ pub(crate) async fn start(
     token: Token,
     link: Link,
 ) -> Result<(Arc<UdpSocket>, tokio::task::JoinHandle<()>), ClientError> {
-    let socket = UdpSocket::bind(config.local_addr)
-        .await
-        .map_err(|e| ClientError::Socket(e.to_string()))?;
+    let socket = bind(config.local_addr).map_err(|e| ClientError::Socket(e.to_string()))?;
     let local = socket
         .local_addr()
         .map_err(|e| ClientError::Socket(e.to_string()))?;
@@ -48,6 +46,21 @@ pub(crate) async fn start(
         last_keepalive: now,
     };
     Ok((socket, tokio::spawn(driver.run())))
+}
+
+/// Receive buffer asked for (the kernel caps it at net.core.rmem_max): one relay wake-up may
+/// hand a many-party call's leg dozens of datagrams at once, more than the default 208 KiB
+/// holds while the app is busy elsewhere.
+const RECV_BUFFER: usize = 1 << 20;
+
+fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, with more loss under bursts.
+    let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 enum State {

@@ -117,7 +117,11 @@ impl Entry {
     /// Drops placements older than [`PENDING_TTL`] and then `absorbed` legs (newly reported
     /// bound) from the oldest placements, keeping the pending total in step.
     fn settle(&mut self, absorbed: u64, now: Instant) {
-while self.pending.front().is_some_and(|(at, _)| now.duration_since(*at) > PENDING_TTL) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > PENDING_TTL)
+        {
             if let Some((_, legs)) = self.pending.pop_front() {
                 self.view.pending_legs -= legs;
             }
@@ -137,7 +141,10 @@ while self.pending.front().is_some_and(|(at, _)| now.duration_since(*at) > PENDI
         }
         // A running total, kept as placements come and go: summing the queue here cost a
         // controller most of its CPU under a burst of allocations (docs/PERFORMANCE.md).
-        debug_assert_eq!(self.view.pending_legs, self.pending.iter().map(|(_, l)| l).sum::<u64>());
+        debug_assert_eq!(
+            self.view.pending_legs,
+            self.pending.iter().map(|(_, l)| l).sum::<u64>()
+        );
     }
 
     fn state(&self) -> (Health, bool) {

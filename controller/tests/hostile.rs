@@ -255,6 +255,8 @@ async fn unbound_sources_never_draw_answers_larger_than_they_sent() {
     // The relay is alive and the call unharmed.
     let mut peers = vec![alice, bob];
     exchange(&mut peers, 20, |_| relay).await;
+    // Workers publish their counters within a few milliseconds of going quiet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let metrics = http_get(c.relays[0].metrics, "/metrics").await;
     let forwarded = metric(
         &metrics,

@@ -11,6 +11,7 @@
 //! adapter, as the UDP workers are.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -458,7 +459,7 @@ fn datagram(
                         match ep {
                             Endpoint::Udp(dst) => {
                                 // Nonblocking: a full socket buffer drops the datagram.
-                                if udp.send_to(&pkt, dst).is_err() {
+                                if !crate::udp::send_now(udp.as_raw_fd(), &pkt, dst) {
                                     stats.send_errors += 1;
                                 }
                             }

@@ -3,33 +3,43 @@
 //! worker, so a client always meets the same worker; the session directory the workers share
 //! lets a worker forward to legs bound through the others.
 //!
-//! Each worker receives in batches (`recvmmsg`, and GRO where the kernel offers it, through
-//! quinn-udp), runs the whole batch through the sans-IO core with one clock reading, sends what
-//! the verdicts say, then publishes its counters. Datagrams that arrived coalesced by GRO and are
-//! all forwarded leave as one GSO send per target.
+//! Each worker is a plain thread, no async runtime: it blocks in `recvmmsg(MSG_WAITFORONE)` until
+//! at least one datagram is there (or its receive timeout passes, which drives its timers), takes
+//! the whole batch (and GRO-coalesced runs where the kernel offers GRO), runs it through the
+//! sans-IO core with one clock reading, and sends what the verdicts say with `sendmmsg`, then
+//! publishes its counters. A wake-up costs one system call to receive and one to send, whatever
+//! the batch holds. Datagrams that arrived coalesced by GRO and are all forwarded leave as one
+//! GSO send per target.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::socket::{MultiHeaders, SockaddrStorage};
+use arrayvec::ArrayVec;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6,
+    SockaddrLike, SockaddrStorage, recvmmsg, sendmmsg, sendmsg, sendto, setsockopt, sockopt,
+};
 use prometheus::Histogram;
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tokio::io::Interest;
 use tokio::sync::watch;
 use veil_ops::redact::Redacted;
+use veil_relay_core::wire::MAX_DATAGRAM;
 use veil_relay_core::{DropReason, Endpoint, Event, Node, Relay, SharedStats, Verdict};
 
 use crate::quic::QuicSink;
 
-use veil_relay_core::wire::MAX_DATAGRAM;
-
 /// Datagrams per `recvmmsg`.
 const BATCH: usize = 32;
-/// Batches handled per wake-up before the worker yields to its timers.
-const BATCHES_PER_WAKE: usize = 64;
+/// How long a worker waits for datagrams before it runs its timers anyway.
+const TICK: Duration = Duration::from_millis(50);
+/// How often a busy worker publishes its counters for the metrics endpoint.
+const PUBLISH_EVERY: Duration = Duration::from_millis(5);
+/// Most datagrams one GSO send may carry (the kernel's limit, `UDP_MAX_SEGMENTS`).
+const MAX_GSO_SEGMENTS: usize = 64;
 /// Socket buffer size asked for; the kernel caps it at net.core.{r,w}mem_max.
 const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -96,21 +106,22 @@ pub fn spawn(ctx: WorkerContext) -> anyhow::Result<std::thread::JoinHandle<()>> 
         .name(name)
         .spawn(move || {
             let index = ctx.index;
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(worker = index, error = %e, "cannot start worker runtime");
-                    return;
-                }
-            };
-            if let Err(e) = rt.block_on(run(ctx)) {
-                tracing::error!(worker = index, error = %e, "UDP worker failed");
+            if let Err(e) = run(ctx) {
+                tracing::error!(worker = index, error = %format!("{e:#}"), "UDP worker failed");
             }
         })
         .context("spawn UDP worker")
+}
+
+/// Sends `bytes` to `dst` without ever blocking: a full socket buffer drops the datagram.
+pub(crate) fn send_now(fd: RawFd, bytes: &[u8], dst: SocketAddr) -> bool {
+    sendto(
+        fd,
+        bytes,
+        &SockaddrStorage::from(dst),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .is_ok()
 }
 
 /// One datagram waiting to leave: where to, and which bytes of the receive buffer.
@@ -130,35 +141,34 @@ const SEND_BATCH: usize = 64;
 /// and leave in `sendmmsg` batches; a burst that arrived coalesced by GRO leaves as one GSO
 /// send per target. The queue is flushed before any other send, so that datagrams to one
 /// destination keep their order.
-struct Out<'a> {
-    socket: &'a tokio::net::UdpSocket,
-    state: &'a UdpSocketState,
+struct Out<'a, S: PeerAddr> {
+    fd: RawFd,
     quic: &'a dyn QuicSink,
     buf: &'a [u8],
     queue: &'a mut Vec<Queued>,
-    headers: &'a mut MultiHeaders<SockaddrStorage>,
+    headers: &'a mut MultiHeaders<S>,
     max_gso: usize,
     errors: u64,
 }
 
-impl Out<'_> {
-    /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued.
+impl<S: PeerAddr> Out<'_, S> {
+    /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued:
+    /// `segment_size` makes it one GSO send of datagrams of that size (the last may be shorter).
     fn now(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
         self.flush();
-        let t = Transmit {
-            destination,
-            ecn: None,
-            contents,
-            segment_size,
-            src_ip: None,
+        let iov = [IoSlice::new(contents)];
+        let addr = SockaddrStorage::from(destination);
+        // Nonblocking: a full send buffer drops the datagrams (counted) rather than delaying the
+        // rest of the batch behind them, as a media relay should.
+        let sent = match segment_size {
+            Some(seg) => {
+                let seg = seg as u16;
+                let cmsgs = [ControlMessage::UdpGsoSegments(&seg)];
+                sendmsg(self.fd, &iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok()
+            }
+            None => sendmsg(self.fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok(),
         };
-        // Straight to the nonblocking socket: a full send buffer drops the datagram (counted)
-        // rather than delaying the rest of the batch behind it, as a media relay should.
-        if self
-            .state
-            .try_send(UdpSockRef::from(self.socket), &t)
-            .is_err()
-        {
+        if !sent {
             self.errors += segment_size.map_or(1, |s| contents.len().div_ceil(s)) as u64;
         }
     }
@@ -199,26 +209,24 @@ impl Out<'_> {
 
     /// Sends everything queued, `SEND_BATCH` datagrams per system call.
     fn flush(&mut self) {
-        use nix::errno::Errno;
-        use nix::sys::socket::{MsgFlags, sendmmsg};
-        use std::os::fd::AsRawFd;
         let mut done = 0;
         while done < self.queue.len() {
             let chunk = &self.queue[done..(done + SEND_BATCH).min(self.queue.len())];
-            let n = chunk.len();
-            let iovs: [[IoSlice<'_>; 1]; SEND_BATCH] = std::array::from_fn(|i| {
-                [IoSlice::new(chunk.get(i).map_or(&[][..], |q| {
-                    &self.buf[q.start..q.start + q.len]
-                }))]
-            });
-            let addrs: [Option<SockaddrStorage>; SEND_BATCH] =
-                std::array::from_fn(|i| chunk.get(i).map(|q| SockaddrStorage::from(q.dst)));
+            // Only as many entries as datagrams: a socket address takes 128 bytes, and filling a
+            // whole batch's worth for a wake-up that carries one datagram showed in profiles.
+            let mut iovs: ArrayVec<[IoSlice<'_>; 1], SEND_BATCH> = ArrayVec::new();
+            let mut addrs: ArrayVec<Option<S>, SEND_BATCH> = ArrayVec::new();
+            for q in chunk {
+                iovs.push([IoSlice::new(&self.buf[q.start..q.start + q.len])]);
+                // Every destination is a client of this very socket, hence of its family.
+                addrs.push(S::from_std(q.dst));
+            }
             let sent = sendmmsg(
-                self.socket.as_raw_fd(),
+                self.fd,
                 self.headers,
-                &iovs[..n],
-                &addrs[..n],
-                &[] as &[nix::sys::socket::ControlMessage<'_>],
+                &iovs,
+                &addrs,
+                &[] as &[ControlMessage<'_>],
                 MsgFlags::MSG_DONTWAIT,
             )
             .map(|r| r.count());
@@ -241,7 +249,60 @@ impl Out<'_> {
     }
 }
 
-async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
+/// The socket address type of one worker's socket: `sockaddr_in` for an IPv4 socket,
+/// `sockaddr_in6` for an IPv6 one (IPv4 clients of a dual-stack socket appear v4-mapped). The
+/// exact type rather than a 128-byte `sockaddr_storage` keeps the per-batch headers small.
+trait PeerAddr: SockaddrLike + Copy {
+    fn to_std(&self) -> SocketAddr;
+    fn from_std(a: SocketAddr) -> Option<Self>;
+}
+
+impl PeerAddr for SockaddrIn {
+    fn to_std(&self) -> SocketAddr {
+        SocketAddr::V4((*self).into())
+    }
+
+    fn from_std(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V4(v4) => Some(v4.into()),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}
+
+impl PeerAddr for SockaddrIn6 {
+    fn to_std(&self) -> SocketAddr {
+        SocketAddr::V6((*self).into())
+    }
+
+    fn from_std(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V6(v6) => Some(v6.into()),
+            SocketAddr::V4(v4) => {
+                Some(std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into())
+            }
+        }
+    }
+}
+
+/// What `recvmmsg` said of one receive buffer.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    addr: SocketAddr,
+    len: usize,
+    /// Size of each coalesced datagram (GRO); 0 when the buffer holds one datagram.
+    stride: usize,
+}
+
+fn run(ctx: WorkerContext) -> anyhow::Result<()> {
+    if ctx.socket.local_addr()?.is_ipv4() {
+        run_with::<SockaddrIn>(ctx)
+    } else {
+        run_with::<SockaddrIn6>(ctx)
+    }
+}
+
+fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
     let WorkerContext {
         index,
         socket,
@@ -250,105 +311,257 @@ async fn run(ctx: WorkerContext) -> anyhow::Result<()> {
         latency,
         quic,
         cpu_ns,
-        mut shutdown,
+        shutdown,
     } = ctx;
-    let socket = tokio::net::UdpSocket::from_std(socket)?;
-    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-    let gro = state.gro_segments().max(1);
+    socket
+        .set_nonblocking(false)
+        .context("blocking media socket")?;
+    socket
+        .set_read_timeout(Some(TICK))
+        .context("media socket receive timeout")?;
+    let fd = socket.as_raw_fd();
+    // GRO (Linux 5.0) and GSO (4.18) where the kernel has them; without them, one datagram per
+    // buffer and per send.
+    // GRO where the kernel has it, switched on only while bursts arrive (see `Gro`).
+    let mut gro = Gro::probe(&socket);
+    let max_gso = if nix::sys::socket::getsockopt(&socket, sockopt::UdpGsoSegment).is_ok() {
+        MAX_GSO_SEGMENTS
+    } else {
+        1
+    };
     // With GRO one buffer holds many datagrams; without it, one datagram plus a byte to tell
     // an oversized one from one that fits.
-    let slot = if gro > 1 {
+    let slot = if gro.supported {
         u16::MAX as usize
     } else {
         MAX_DATAGRAM + 1
     };
     let mut buf = vec![0u8; slot * BATCH];
-    let mut meta = [RecvMeta::default(); BATCH];
+    let mut headers = MultiHeaders::<S>::preallocate(BATCH, gro.cmsg());
+    let mut send_headers = MultiHeaders::<S>::preallocate(SEND_BATCH, None);
+    let mut meta: Vec<Meta> = Vec::with_capacity(BATCH);
     let mut relay = Relay::new(node, Instant::now());
     let mut targets: Vec<Endpoint> = Vec::with_capacity(16);
-    let mut forwarded: Vec<bool> = Vec::with_capacity(gro);
+    let mut forwarded: Vec<bool> = Vec::with_capacity(64);
     let mut queue: Vec<Queued> = Vec::with_capacity(SEND_BATCH);
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SEND_BATCH, None);
+    // Observed locally, merged into the shared histogram when the counters are published.
+    let latency = latency.local();
+    let mut published = Instant::now();
+    // Counters handled since the last publish: while there are, the worker waits at most
+    // PUBLISH_EVERY for more datagrams, so that a scrape never lags a quiet relay by a tick.
+    let mut unpublished = false;
+    let mut timeout = TICK;
     tracing::debug!(
         worker = index,
-        gro,
-        gso = state.max_gso_segments(),
+        gro = gro.supported,
+        gso = max_gso,
         "UDP worker started"
     );
 
-    loop {
-        let deadline = relay
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(1));
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            ready = socket.readable() => {
-                ready?;
-                for _ in 0..BATCHES_PER_WAKE {
-                    let n = {
-                        let mut iovs: [IoSliceMut<'_>; BATCH] = {
-                            let mut chunks = buf.chunks_mut(slot);
-                            std::array::from_fn(|_| IoSliceMut::new(chunks.next().expect("BATCH slots")))
+    while !*shutdown.borrow() {
+        meta.clear();
+        {
+            let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = {
+                let mut chunks = buf.chunks_mut(slot);
+                std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("BATCH slots"))])
+            };
+            // Blocks until at least one datagram is there, then takes what is queued.
+            match recvmmsg(
+                fd,
+                &mut headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(res) => {
+                    for r in res {
+                        let Some(addr) = r.address.as_ref().map(PeerAddr::to_std) else {
+                            continue;
                         };
-                        match socket.try_io(Interest::READABLE, || state.recv(UdpSockRef::from(&socket), &mut iovs, &mut meta)) {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            // An ICMP error queued on the socket (ECONNREFUSED and the like) may be
-                            // injected by an attacker: note it and carry on.
-                            Err(e) => {
-                                tracing::trace!(worker = index, error = %e, "recv error");
-                                continue;
-                            }
-                        }
-                    };
-                    let now = Instant::now();
-                    let mut out = Out {
-                        socket: &socket,
-                        state: &state,
-                        quic: &*quic,
-                        buf: &buf,
-                        queue: &mut queue,
-                        headers: &mut headers,
-                        max_gso: state.max_gso_segments(),
-                        errors: 0,
-                    };
-                    for (i, m) in meta[..n].iter().enumerate() {
-                        handle(&mut relay, &mut out, now, m, i * slot, &mut targets, &mut forwarded);
-                    }
-                    out.flush();
-                    flush_control(&mut relay, &mut out);
-                    let errors = out.errors;
-                    relay.count_send_errors(errors);
-                    latency.observe(now.elapsed().as_secs_f64());
-                    if n < BATCH {
-                        break;
+                        let stride = r
+                            .cmsgs()
+                            .ok()
+                            .and_then(|mut c| {
+                                c.find_map(|m| match m {
+                                    ControlMessageOwned::UdpGroSegments(s) => Some(s as usize),
+                                    _ => None,
+                                })
+                            })
+                            .unwrap_or(0);
+                        meta.push(Meta {
+                            addr,
+                            len: r.bytes,
+                            stride,
+                        });
                     }
                 }
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
-                relay.handle_timeout(Instant::now());
-                let mut out = Out {
-                    socket: &socket,
-                    state: &state,
-                    quic: &*quic,
-                    buf: &buf,
-                    queue: &mut queue,
-                    headers: &mut headers,
-                    max_gso: 1,
-                    errors: 0,
-                };
-                flush_control(&mut relay, &mut out);
-                let errors = out.errors;
-                relay.count_send_errors(errors);
+                // The receive timeout: time for the timers.
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                // An ICMP error queued on the socket (ECONNREFUSED and the like) may be injected
+                // by an attacker: note it and carry on.
+                Err(e) => tracing::trace!(worker = index, error = %e, "recv error"),
             }
         }
-        stats.publish(relay.stats());
+        let now = Instant::now();
+        if gro.update(&socket, &meta, now) || (gro.on && !meta.is_empty()) {
+            // Switched, or GRO on: the kernel writes back each header's control length and nix
+            // does not restore it, so fresh headers, or a later GRO run would lose its size.
+            headers = MultiHeaders::preallocate(BATCH, gro.cmsg());
+        }
+        if !meta.is_empty() {
+            let mut out = Out {
+                fd,
+                quic: &*quic,
+                buf: &buf,
+                queue: &mut queue,
+                headers: &mut send_headers,
+                max_gso,
+                errors: 0,
+            };
+            for (i, m) in meta.iter().enumerate() {
+                handle(
+                    &mut relay,
+                    &mut out,
+                    now,
+                    m,
+                    i * slot,
+                    &mut targets,
+                    &mut forwarded,
+                );
+            }
+            out.flush();
+            flush_control(&mut relay, &mut out);
+            let errors = out.errors;
+            relay.count_send_errors(errors);
+            latency.observe(now.elapsed().as_secs_f64());
+        }
+        // Counters and the latency histogram go out every few milliseconds, not at every
+        // wake-up: a wake-up at moderate load carries a datagram or two, and publishing is
+        // dozens of shared writes.
+        unpublished |= !meta.is_empty();
+        if unpublished && now.saturating_duration_since(published) >= PUBLISH_EVERY {
+            stats.publish(relay.stats());
+            latency.flush();
+            published = now;
+            unpublished = false;
+        }
+        if relay.poll_timeout().is_none_or(|t| now >= t) {
+            cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
+            relay.handle_timeout(now);
+            let mut out = Out {
+                fd,
+                quic: &*quic,
+                buf: &buf,
+                queue: &mut queue,
+                headers: &mut send_headers,
+                max_gso: 1,
+                errors: 0,
+            };
+            flush_control(&mut relay, &mut out);
+            let errors = out.errors;
+            relay.count_send_errors(errors);
+            stats.publish(relay.stats());
+            latency.flush();
+            published = now;
+            unpublished = false;
+        }
+        // One setsockopt when the worker goes quiet or gets busy, none while it stays either.
+        let want = if unpublished { PUBLISH_EVERY } else { TICK };
+        if want != timeout {
+            socket
+                .set_read_timeout(Some(want))
+                .context("media socket receive timeout")?;
+            timeout = want;
+        }
     }
     stats.publish(relay.stats());
+    latency.flush();
     tracing::debug!(worker = index, "UDP worker stopped");
     Ok(())
+}
+
+/// Receive offload, on while it pays. With GRO on, the kernel hands over a burst of equal-size
+/// datagrams from one source as one buffer, and the worker forwards it as one GSO send per
+/// target: for video frames, half the CPU per datagram. But reading the segment size takes a
+/// control message, and fresh receive headers after every batch, a few tenths of a microsecond per
+/// wake-up: more than it saves when nothing coalesces (audio, or loopback without GSO senders).
+/// So GRO is tried when a batch holds a run of equal-size datagrams from one source (as a burst
+/// appears without GRO), kept while buffers actually arrive coalesced, and switched off after a
+/// second without one; a failed trial waits before the next (10 s, doubling to 5 min).
+#[derive(Debug)]
+struct Gro {
+    supported: bool,
+    on: bool,
+    last_coalesced: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// Equal-size datagrams in a row from one source that suggest a burst worth coalescing.
+const BURST_RUN: usize = 4;
+/// How long GRO stays on without a coalesced buffer.
+const GRO_LINGER: Duration = Duration::from_secs(1);
+/// Wait after a trial that coalesced nothing, at first and at most.
+const GRO_BACKOFF: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(300));
+
+impl Gro {
+    fn probe(socket: &std::net::UdpSocket) -> Self {
+        let supported = setsockopt(socket, sockopt::UdpGroSegment, &false).is_ok();
+        let now = Instant::now();
+        Self {
+            supported,
+            on: false,
+            last_coalesced: now,
+            retry_at: now,
+            backoff: GRO_BACKOFF.0,
+        }
+    }
+
+    fn cmsg(&self) -> Option<Vec<u8>> {
+        self.on.then(|| nix::cmsg_space!(i32))
+    }
+
+    /// Looks at a batch; switches GRO on or off if it should. Returns true if it switched.
+    fn update(&mut self, socket: &std::net::UdpSocket, meta: &[Meta], now: Instant) -> bool {
+        if !self.supported {
+            return false;
+        }
+        let want = if self.on {
+            if meta.iter().any(|m| m.stride > 0 && m.len > m.stride) {
+                self.last_coalesced = now;
+                self.backoff = GRO_BACKOFF.0;
+            }
+            let keep = now.saturating_duration_since(self.last_coalesced) < GRO_LINGER;
+            if !keep {
+                self.retry_at = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(GRO_BACKOFF.1);
+            }
+            keep
+        } else {
+            let mut run = 1;
+            now >= self.retry_at
+                && meta.windows(2).any(|w| {
+                    run = if w[0].addr == w[1].addr && w[0].len == w[1].len {
+                        run + 1
+                    } else {
+                        1
+                    };
+                    run >= BURST_RUN
+                })
+        };
+        if want == self.on {
+            return false;
+        }
+        // A failure leaves GRO as it was; a later batch tries again.
+        if setsockopt(socket, sockopt::UdpGroSegment, &want).is_err() {
+            return false;
+        }
+        self.on = want;
+        if want {
+            self.last_coalesced = now;
+        }
+        true
+    }
 }
 
 /// CPU time this thread has used, nanoseconds (0 if the clock is unavailable).
@@ -359,7 +572,7 @@ fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn flush_control(relay: &mut Relay, out: &mut Out<'_>) {
+fn flush_control<S: PeerAddr>(relay: &mut Relay, out: &mut Out<'_, S>) {
     while let Some(t) = relay.poll_transmit() {
         out.now(t.dst, t.msg.as_bytes(), None);
     }
@@ -393,11 +606,11 @@ pub(crate) fn log_event(e: Event) {
 /// Handles one receive buffer, at `base` in the batch buffer: a single datagram, or several
 /// coalesced by GRO (same source, `stride` bytes each, the last possibly shorter).
 #[inline]
-fn handle(
+fn handle<S: PeerAddr>(
     relay: &mut Relay,
-    out: &mut Out<'_>,
+    out: &mut Out<'_, S>,
     now: Instant,
-    m: &RecvMeta,
+    m: &Meta,
     base: usize,
     targets: &mut Vec<Endpoint>,
     forwarded: &mut Vec<bool>,

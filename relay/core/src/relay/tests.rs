@@ -386,7 +386,9 @@ fn cookies_prove_the_source_address() {
         1,
         "still one leg, still at the client's address"
     );
-    assert!(r.by_peer.contains_key(&client) && !r.by_peer.contains_key(&attacker));
+    assert!(
+        r.by_peer.contains_key(&PeerKey(client)) && !r.by_peer.contains_key(&PeerKey(attacker))
+    );
 }
 
 #[test]
@@ -530,7 +532,7 @@ fn a_leg_that_moves_is_forwarded_to_at_its_new_address_only() {
         w1.handle_datagram(net.now, a, &rtp(2, 80)),
         Verdict::Drop(DropReason::Unbound)
     ));
-    assert!(!w1.by_peer.contains_key(&a));
+    assert!(!w1.by_peer.contains_key(&PeerKey(a)));
 }
 
 /// Regression (found by the `datagram` fuzz target): a worker acknowledged KEEPALIVEs from a leg
@@ -560,7 +562,7 @@ fn keepalives_from_a_released_or_moved_leg_are_not_acknowledged() {
         error_code(out[0].msg.as_bytes()),
         Some(ErrorCode::NotBound as u16)
     );
-    assert!(!w1.by_peer.contains_key(&a));
+    assert!(!w1.by_peer.contains_key(&PeerKey(a)));
     assert!(std::iter::from_fn(|| w1.poll_event()).any(|e| matches!(
         e,
         Event::Unbound {
@@ -678,7 +680,7 @@ fn one_address_holds_one_leg() {
     bind(&net, &mut r, a, &net.token(8, 0, 2));
     assert_eq!(net.node.directory.legs(), 1);
     assert_eq!(net.node.directory.sessions(), 1);
-    assert_eq!(r.by_peer[&a].session(), SessionId(8));
+    assert_eq!(r.by_peer[&PeerKey(a)].session(), SessionId(8));
 }
 
 #[test]
