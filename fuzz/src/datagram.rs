@@ -22,9 +22,10 @@
 //! # Invariants checked after every operation
 //!
 //! - Nothing panics (overflow checks are on in fuzz builds).
-//! - A datagram is forwarded only from an address that holds a leg, whose token expired at most
-//!   one sweep interval ago; to addresses that hold other legs of the same session (never the
-//!   sender, never another session's); to distinct addresses, as many as `Targets::len` says.
+//! - A datagram is forwarded only from an address that holds a leg whose token has not expired
+//!   (expiry is checked per packet); to addresses that hold other legs of the same session (never
+//!   the sender, never another session's); to distinct addresses, as many as `Targets::len` says.
+//!   Media after expiry ends the leg with a CLOSE (expired) to its holder, and only then.
 //! - An answer to an address that holds no leg is no longer than the datagram it answers, and
 //!   there is at most one answer per datagram.
 //! - The relay sends nothing to an address that never held a leg, except that one answer.
@@ -33,6 +34,9 @@
 //!   unrevoked ticket; KEEPALIVE_ACK only to an address that holds a leg; ERROR with the request's
 //!   transaction id and a code that fits the request.
 //! - A legitimate client that echoes a fresh cookie is never challenged again.
+//! - A BIND goes unanswered only when the bind limiter refuses it, and the limiter refuses one
+//!   only after its worker admitted at least a full burst (twice the per-address rate) of BINDs
+//!   from that IP address.
 //! - Every datagram is counted as received, and exactly once as forwarded, handled, or dropped
 //!   for one reason.
 //! - Once every leg has been idle for longer than the idle timeout and the workers have swept,
@@ -307,6 +311,8 @@ struct Model {
     ever_bound: HashSet<SocketAddr>,
     /// Revoked sessions, and when their tokens expire.
     revoked: HashMap<SessionId, u64>,
+    /// BINDs each worker admitted from each source IP address (past its bind limiter).
+    binds_admitted: HashMap<(usize, IpAddr), u32>,
 }
 
 /// A relay node with its workers, the legitimate clients' tokens, and the model.
@@ -455,6 +461,13 @@ impl Scenario {
         self.now.saturating_duration_since(t0()).as_millis() as u64
     }
 
+    /// BINDs the worker serving `from` has refused for its bind rate so far.
+    fn rate_limited(&self, from: SocketAddr) -> u64 {
+        self.workers[worker_of(from)]
+            .stats()
+            .drops_for(DropReason::BindRateLimited)
+    }
+
     fn log(&mut self, from: SocketAddr, pkt: &[u8]) {
         if self.log.len() == REPLAY_LOG {
             self.log.remove(0);
@@ -468,7 +481,12 @@ impl Scenario {
         let txn = self.txn();
         let first = wire::bind(&token, txn, None);
         self.log(from, &first);
+        let limited = self.rate_limited(from);
         let answers = self.deliver(from, &first);
+        if self.rate_limited(from) > limited {
+            assert!(answers.is_empty(), "a rate-limited BIND was answered");
+            return;
+        }
         assert_eq!(answers.len(), 1, "a BIND gets exactly one answer");
         let cookie: [u8; COOKIE_LEN] = match wire::parse_relay(&answers[0]) {
             Ok(RelayMessage::Challenge { cookie, .. }) => {
@@ -480,7 +498,12 @@ impl Scenario {
         let txn = self.txn();
         let second = wire::bind(&token, txn, Some(&cookie));
         self.log(from, &second);
+        let limited = self.rate_limited(from);
         let answers = self.deliver(from, &second);
+        if self.rate_limited(from) > limited {
+            assert!(answers.is_empty(), "a rate-limited BIND was answered");
+            return;
+        }
         assert_eq!(answers.len(), 1, "a BIND gets exactly one answer");
         assert!(
             !matches!(
@@ -539,14 +562,27 @@ impl Scenario {
         assert_eq!(after.rx_packets, before.rx_packets + 1);
         assert_eq!(after.rx_bytes, before.rx_bytes + pkt.len() as u64);
         let drops = after.total_drops() - before.total_drops();
+        if matches!(wire::parse_client(pkt), Ok(ClientMessage::Bind(_))) {
+            // The bind limiter starts each source IP address with a burst of twice its rate
+            // and refills it; a refusal therefore comes only after at least that burst.
+            let admitted = self.model.binds_admitted.entry((w, from.ip())).or_default();
+            if matches!(verdict, Verdict::Drop(DropReason::BindRateLimited)) {
+                assert!(
+                    *admitted >= 2 * Config::default().binds_per_ip,
+                    "a BIND refused by the rate limiter after {admitted} admitted from its address"
+                );
+            } else {
+                *admitted += 1;
+            }
+        }
         match &verdict {
             Verdict::Forward(targets) => {
                 let Some(held) = held else {
                     panic!("forwarded a datagram from {from}, which holds no leg");
                 };
                 assert!(
-                    now_unix < held.expires_unix_ms + SWEEP.as_millis() as u64 + 1,
-                    "forwarded for a leg whose token expired more than a sweep ago"
+                    now_unix < held.expires_unix_ms,
+                    "forwarded for a leg whose token has expired"
                 );
                 let eps: Vec<Endpoint> = targets.iter().collect();
                 assert!(!eps.is_empty(), "forwarded to nobody");
@@ -706,8 +742,21 @@ impl Scenario {
                         || matches!(wire::classify(pkt), wire::Class::Rtp | wire::Class::Dtls),
                     "CLOSE answers something other than media or KEEPALIVE"
                 );
-                assert_eq!(code, ErrorCode::SessionClosed as u16);
                 assert!(self.model.ever_bound.contains(&from));
+                if code == ErrorCode::Expired as u16 {
+                    // Expiry is checked per packet: the first datagram after the token's
+                    // expiry ends the leg, and the client is told why.
+                    let Some(held) = held else {
+                        panic!("CLOSE (expired) to an address that holds no leg");
+                    };
+                    assert!(
+                        now_unix >= held.expires_unix_ms,
+                        "CLOSE (expired) for a leg whose token is still valid"
+                    );
+                    self.model.holds.remove(&from);
+                } else {
+                    assert_eq!(code, ErrorCode::SessionClosed as u16);
+                }
             }
             RelayMessage::Error { txn, code } => {
                 let code = ErrorCode::from_u16(code).expect("the relay sends known codes");
