@@ -360,6 +360,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
 
     while !*shutdown.borrow() {
         meta.clear();
+        let mut cmsg_spent = false;
         {
             let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = {
                 let mut chunks = buf.chunks_mut(slot);
@@ -388,6 +389,8 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                                 })
                             })
                             .unwrap_or(0);
+                        // The kernel wrote this header's control length back as 0.
+                        cmsg_spent |= gro.on && stride == 0;
                         meta.push(Meta {
                             addr,
                             len: r.bytes,
@@ -403,9 +406,11 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
             }
         }
         let now = Instant::now();
-        if gro.update(&socket, &meta, now) || (gro.on && !meta.is_empty()) {
-            // Switched, or GRO on: the kernel writes back each header's control length and nix
-            // does not restore it, so fresh headers, or a later GRO run would lose its size.
+        if gro.update(&socket, &meta, now) || cmsg_spent {
+            // Switched, or a header came back without its control message: the kernel writes
+            // each header's control length back (the space it used: the same for every GRO
+            // segment size, 0 without one) and nix does not restore it, so fresh headers, or a
+            // later burst would lose its segment size.
             headers = MultiHeaders::preallocate(BATCH, gro.cmsg());
         }
         if !meta.is_empty() {
