@@ -147,6 +147,9 @@ struct Out<'a, S: PeerAddr> {
     buf: &'a [u8],
     queue: &'a mut Vec<Queued>,
     headers: &'a mut MultiHeaders<S>,
+    /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
+    /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
+    gso_header: &'a mut MultiHeaders<S>,
     max_gso: usize,
     errors: u64,
 }
@@ -157,16 +160,27 @@ impl<S: PeerAddr> Out<'_, S> {
     fn now(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
         self.flush();
         let iov = [IoSlice::new(contents)];
-        let addr = SockaddrStorage::from(destination);
         // Nonblocking: a full send buffer drops the datagrams (counted) rather than delaying the
         // rest of the batch behind them, as a media relay should.
         let sent = match segment_size {
             Some(seg) => {
                 let seg = seg as u16;
                 let cmsgs = [ControlMessage::UdpGsoSegments(&seg)];
-                sendmsg(self.fd, &iov, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok()
+                let iovs = [iov];
+                sendmmsg(
+                    self.fd,
+                    self.gso_header,
+                    &iovs,
+                    [S::from_std(destination)],
+                    &cmsgs,
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .is_ok_and(|mut r| r.next().is_some())
             }
-            None => sendmsg(self.fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok(),
+            None => {
+                let addr = SockaddrStorage::from(destination);
+                sendmsg(self.fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok()
+            }
         };
         if !sent {
             self.errors += segment_size.map_or(1, |s| contents.len().div_ceil(s)) as u64;
@@ -339,6 +353,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
     let mut buf = vec![0u8; slot * BATCH];
     let mut headers = MultiHeaders::<S>::preallocate(BATCH, gro.cmsg());
     let mut send_headers = MultiHeaders::<S>::preallocate(SEND_BATCH, None);
+    let mut gso_header = MultiHeaders::<S>::preallocate(1, Some(nix::cmsg_space!(u16)));
     let mut meta: Vec<Meta> = Vec::with_capacity(BATCH);
     let mut relay = Relay::new(node, Instant::now());
     let mut targets: Vec<Endpoint> = Vec::with_capacity(16);
@@ -420,6 +435,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                 buf: &buf,
                 queue: &mut queue,
                 headers: &mut send_headers,
+                gso_header: &mut gso_header,
                 max_gso,
                 errors: 0,
             };
@@ -459,6 +475,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                 buf: &buf,
                 queue: &mut queue,
                 headers: &mut send_headers,
+                gso_header: &mut gso_header,
                 max_gso: 1,
                 errors: 0,
             };
