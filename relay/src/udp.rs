@@ -172,7 +172,7 @@ impl<S: PeerAddr> Out<'_, S> {
                     self.gso_header,
                     &iovs,
                     [S::from_std(destination)],
-                    &cmsgs,
+                    cmsgs,
                     MsgFlags::MSG_DONTWAIT,
                 )
                 .is_ok_and(|mut r| r.next().is_some())
