@@ -505,8 +505,9 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
 /// Receive offload, on while it pays. With GRO on, the kernel hands over a burst of equal-size
 /// datagrams from one source as one buffer, and the worker forwards it as one GSO send per
 /// target: for video frames, half the CPU per datagram. But reading the segment size takes a
-/// control message, and fresh receive headers after every batch, a few tenths of a microsecond per
-/// wake-up: more than it saves when nothing coalesces (audio, or loopback without GSO senders).
+/// control message, and fresh receive headers after every datagram that arrives uncoalesced (the
+/// kernel zeroes its header's control length), a few tenths of a microsecond per wake-up: more
+/// than it saves when nothing coalesces (audio, or loopback without GSO senders).
 /// So GRO is tried when a batch holds a run of equal-size datagrams from one source (as a burst
 /// appears without GRO), kept while buffers actually arrive coalesced, and switched off after a
 /// second without one; a failed trial waits before the next (10 s, doubling to 5 min).
