@@ -190,35 +190,14 @@ impl QuicFlows {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        let window = t1.duration_since(t0);
-        let secs = window.as_secs_f64();
-        let sent = s1 - s0;
-        let received = rx.received.min(sent);
-        let pct = |q: f64| {
-            if rx.hist.is_empty() {
-                f64::NAN
-            } else {
-                rx.hist.value_at_quantile(q) as f64 / 1000.0
-            }
-        };
-        let mut m = Measured {
-            target_pps: load.rate_pps,
-            offered_pps: sent as f64 / secs,
-            delivered_pps: received as f64 / secs,
-            sent,
-            received,
-            window,
-            relay_cpu: None,
-            core_busy: None,
-            gen_cpu: None,
-            gen_core_busy: None,
-            p50_us: pct(0.5),
-            p99_us: pct(0.99),
-        };
-        sample0
-            .context("the window never started")?
-            .fill(&sample1, &mut m);
-        Ok(m)
+        Measured::from_window(
+            load.rate_pps,
+            s1 - s0,
+            rx.received,
+            t1.duration_since(t0),
+            &rx.hist,
+            (sample0, sample1),
+        )
     }
 }
 

@@ -145,6 +145,46 @@ pub struct Measured {
 }
 
 impl Measured {
+    /// What a window measured: `sent` datagrams over `window`, of which `received` (capped at
+    /// `sent`) came back with latencies in `hist` (ns); CPU figures from the samples taken at the
+    /// window's start and end.
+    pub fn from_window(
+        target_pps: Option<u64>,
+        sent: u64,
+        received: u64,
+        window: Duration,
+        hist: &Histogram<u64>,
+        (start, end): (Option<Sample>, Sample),
+    ) -> anyhow::Result<Self> {
+        let secs = window.as_secs_f64();
+        let received = received.min(sent);
+        let pct = |q: f64| {
+            if hist.is_empty() {
+                f64::NAN
+            } else {
+                hist.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        let mut m = Self {
+            target_pps,
+            offered_pps: sent as f64 / secs,
+            delivered_pps: received as f64 / secs,
+            sent,
+            received,
+            window,
+            relay_cpu: None,
+            core_busy: None,
+            gen_cpu: None,
+            gen_core_busy: None,
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+        };
+        start
+            .context("the window never started")?
+            .fill(&end, &mut m);
+        Ok(m)
+    }
+
     /// Fraction of datagrams lost.
     pub fn loss(&self) -> f64 {
         if self.sent == 0 {
@@ -479,35 +519,14 @@ pub fn run(
     for f in flows {
         setsockopt(&f.tx, sockopt::UdpGsoSegment, &0).context("UDP_SEGMENT off")?;
     }
-    let window = t1.duration_since(t0);
-    let secs = window.as_secs_f64();
-    let sent = s1 - s0;
-    let received = rx.received.min(sent);
-    let pct = |q: f64| {
-        if rx.hist.is_empty() {
-            f64::NAN
-        } else {
-            rx.hist.value_at_quantile(q) as f64 / 1000.0
-        }
-    };
-    let mut m = Measured {
-        target_pps: load.rate_pps,
-        offered_pps: sent as f64 / secs,
-        delivered_pps: received as f64 / secs,
-        sent,
-        received,
-        window,
-        relay_cpu: None,
-        core_busy: None,
-        gen_cpu: None,
-        gen_core_busy: None,
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
-    };
-    sample0
-        .context("the window never started")?
-        .fill(&sample1, &mut m);
-    Ok(m)
+    Measured::from_window(
+        load.rate_pps,
+        s1 - s0,
+        rx.received,
+        t1.duration_since(t0),
+        &rx.hist,
+        (sample0, sample1),
+    )
 }
 
 /// A socket bound to `ip`, port chosen by the kernel.
