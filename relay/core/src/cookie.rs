@@ -20,7 +20,9 @@ const MAC_LEN: usize = COOKIE_LEN - 8;
 /// Mints and checks cookies for one relay process.
 #[derive(Clone)]
 pub struct Cookies {
-    secret: [u8; 32],
+    /// HMAC keyed with the relay's cookie secret, cloned for each cookie (the secret's pads are
+    /// absorbed once, not per cookie).
+    keyed: Hmac<Sha256>,
     lifetime: Duration,
 }
 
@@ -47,12 +49,12 @@ impl Cookies {
     /// `secret` must be random and private to this relay process; `lifetime` bounds how long a
     /// client may take between CHALLENGE and the second BIND.
     pub fn new(secret: [u8; 32], lifetime: Duration) -> Self {
-        Self { secret, lifetime }
+        let keyed = Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC accepts any key length");
+        Self { keyed, lifetime }
     }
 
     fn mac(&self, issued_ms: u64, from: SocketAddr, ticket: &[u8]) -> [u8; 32] {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC accepts any key length");
+        let mut mac = self.keyed.clone();
         mac.update(&issued_ms.to_be_bytes());
         let ip = match from.ip() {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
