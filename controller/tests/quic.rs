@@ -1,5 +1,6 @@
 //! QUIC legs: connection migration keeps a leg without a new bind, datagrams too large for a
-//! QUIC leg are dropped and counted, certificates are pinned, and bad tokens bind nothing.
+//! QUIC leg are dropped and counted, so are those a stalled QUIC leg's send buffer discards,
+//! certificates are pinned, and bad tokens bind nothing.
 
 mod common;
 
@@ -123,6 +124,103 @@ async fn datagrams_too_large_for_a_quic_leg_are_dropped_and_counted() {
             "veil_relay_dropped_packets_total{reason=\"too_large_for_peer\",transport=\"quic\"}"
         ),
         1
+    );
+    c.shutdown().await.unwrap();
+}
+
+/// A QUIC leg's datagrams wait in the relay's send buffer for that connection (1 MiB) while its
+/// congestion window is full. When the buffer is full, quinn discards the oldest queued datagram
+/// to make room; the relay counts each such discard as a send error, as it counts a full socket
+/// buffer over UDP, rather than losing media silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_a_stalled_quic_leg_cannot_take_are_counted() {
+    let c = cluster().await;
+    let ops = c.relays[0].metrics;
+    let mut api = client(&c.controller_url).await;
+    let s = api
+        .allocate_session(request_with(
+            "stalled",
+            &[pb::Transport::Quic, pb::Transport::Udp],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+
+    // Alice (QUIC) runs on a runtime of her own with one thread, so that the test can stall her:
+    // while that thread blocks, her endpoint neither reads nor acknowledges anything.
+    let leg = s.legs[0].clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let alice = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut cfg = LegConfig::from_pb(&leg, "127.0.0.2:0".parse().unwrap());
+            // The stall below lasts well under this: QUIC must not call the path dead.
+            cfg.dead_after = Duration::from_secs(10);
+            let mut leg = Leg::bind(cfg).await.expect("leg binds");
+            ready_tx.send(()).unwrap();
+            // Stalled: this blocks the runtime's only thread.
+            resume_rx.recv().unwrap();
+            // Resumed: take what the relay kept for her.
+            let mut received = 0u64;
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(500), leg.recv()).await
+            {
+                received += 1;
+            }
+            received
+        })
+    });
+    tokio::task::spawn_blocking(move || ready_rx.recv().unwrap())
+        .await
+        .unwrap();
+    let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
+    // Counted by the transport the datagrams arrived on (Bob's UDP); discards by the one they
+    // leave on.
+    let forwarded_series = "veil_relay_forwarded_packets_total{transport=\"udp\"}";
+    let errors_series = "veil_relay_send_errors_total{transport=\"quic\"}";
+    let m = http_get(ops, "/metrics").await;
+    let (forwarded0, errors0) = (metric(&m, forwarded_series), metric(&m, errors_series));
+
+    // Bob (UDP) sends 3,000 datagrams of about 1,100 bytes, 30 per millisecond: three times what
+    // the relay's send buffer for Alice holds.
+    let payload = vec![0x5a; 1080];
+    for _ in 0..100 {
+        for _ in 0..30 {
+            bob.send(&payload).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = http_get(ops, "/metrics").await;
+    let forwarded = metric(&m, forwarded_series) - forwarded0;
+    let discarded = metric(&m, errors_series) - errors0;
+    resume_tx.send(()).unwrap();
+    let received = tokio::task::spawn_blocking(move || alice.join().unwrap())
+        .await
+        .unwrap();
+
+    assert!(
+        forwarded > 1_500,
+        "the relay received only {forwarded} of the 3,000 datagrams"
+    );
+    assert!(discarded > 0, "nothing counted as discarded");
+    // Every datagram beyond what the buffer (1 MiB: about 930 of these) and the congestion
+    // window hold is counted.
+    let kept = forwarded - discarded;
+    assert!(
+        kept <= 1_200,
+        "{forwarded} forwarded, {discarded} counted as discarded: {kept} cannot all have fit"
+    );
+    // Alice's connection survived the stall and delivers what was kept, and no more.
+    assert!(
+        received > 0 && received <= kept,
+        "alice received {received} datagrams; the relay kept {kept}"
     );
     c.shutdown().await.unwrap();
 }

@@ -133,7 +133,7 @@ impl RelayMetrics {
             send_errors: counter(
                 registry,
                 "veil_relay_send_errors_total",
-                "Datagrams the relay failed to send (socket buffer full, connection gone).",
+                "Datagrams the relay failed to send (UDP socket buffer full; QUIC datagram send buffer full, the oldest queued datagram discarded; connection gone).",
                 t,
             )?,
             drops: counter(

@@ -156,13 +156,25 @@ impl QuicShared {
             });
             return;
         };
-        if let Err(e) = c.send_datagram(pkt) {
-            let mut s = Stats::default();
-            match e {
-                quinn::SendDatagramError::TooLarge => s.drop(DropReason::TooLargeForPeer),
-                _ => s.send_errors = 1,
+        // quinn makes room in a full datagram send buffer (the connection's congestion window
+        // holds datagrams back) by discarding the oldest queued datagrams, silently: count that
+        // as a send error, as a full socket buffer is over UDP. At least one is discarded; with
+        // media of similar sizes, one.
+        let displaces = c.datagram_send_buffer_space() < pkt.len();
+        match c.send_datagram(pkt) {
+            Ok(()) if displaces => self.stats.add(&Stats {
+                send_errors: 1,
+                ..Stats::default()
+            }),
+            Ok(()) => {}
+            Err(e) => {
+                let mut s = Stats::default();
+                match e {
+                    quinn::SendDatagramError::TooLarge => s.drop(DropReason::TooLargeForPeer),
+                    _ => s.send_errors = 1,
+                }
+                self.stats.add(&s);
             }
-            self.stats.add(&s);
         }
     }
 
