@@ -36,8 +36,9 @@ pub const ALPN: &[u8] = b"veil/1";
 /// How a UDP worker hands datagrams to QUIC legs.
 pub trait QuicSink: Send + Sync {
     /// Queues `pkt` as a QUIC DATAGRAM on connection `conn`. Failures (connection gone,
-    /// datagram larger than the peer accepts) are counted by the sink.
-    fn send(&self, conn: ConnId, pkt: &[u8]);
+    /// datagram larger than the peer accepts) are counted by the sink. One datagram fanned out to
+    /// several QUIC legs is one `Bytes`, cloned (a reference count), not copied per leg.
+    fn send(&self, conn: ConnId, pkt: Bytes);
 }
 
 /// The sink of a relay that serves no QUIC: no QUIC leg can exist, so nothing is ever sent.
@@ -45,7 +46,7 @@ pub trait QuicSink: Send + Sync {
 pub struct NoQuic;
 
 impl QuicSink for NoQuic {
-    fn send(&self, _: ConnId, _: &[u8]) {}
+    fn send(&self, _: ConnId, _: Bytes) {}
 }
 
 /// Certificate and key of the QUIC endpoint.
@@ -185,8 +186,8 @@ impl QuicShared {
 }
 
 impl QuicSink for QuicShared {
-    fn send(&self, conn: ConnId, pkt: &[u8]) {
-        self.send_bytes(conn, Bytes::copy_from_slice(pkt));
+    fn send(&self, conn: ConnId, pkt: Bytes) {
+        self.send_bytes(conn, pkt);
     }
 }
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arrayvec::ArrayVec;
+use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6,
@@ -150,6 +151,9 @@ struct Out<'a, S: PeerAddr> {
     /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
     /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
     gso_header: &'a mut MultiHeaders<S>,
+    /// The last datagram copied out for QUIC legs (its offset in the receive buffer, and the
+    /// copy): its other QUIC targets share the copy.
+    quic_copy: Option<(usize, Bytes)>,
     max_gso: usize,
     errors: u64,
 }
@@ -198,7 +202,17 @@ impl<S: PeerAddr> Out<'_, S> {
                 }
             }
             // The QUIC sink counts its own failures.
-            Endpoint::Quic(conn) => self.quic.send(conn, &self.buf[start..start + len]),
+            Endpoint::Quic(conn) => {
+                let pkt = match &self.quic_copy {
+                    Some((at, copy)) if *at == start && copy.len() == len => copy.clone(),
+                    _ => {
+                        let copy = Bytes::copy_from_slice(&self.buf[start..start + len]);
+                        self.quic_copy = Some((start, copy.clone()));
+                        copy
+                    }
+                };
+                self.quic.send(conn, pkt);
+            }
         }
     }
 
@@ -436,6 +450,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                 queue: &mut queue,
                 headers: &mut send_headers,
                 gso_header: &mut gso_header,
+                quic_copy: None,
                 max_gso,
                 errors: 0,
             };
@@ -476,6 +491,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                 queue: &mut queue,
                 headers: &mut send_headers,
                 gso_header: &mut gso_header,
+                quic_copy: None,
                 max_gso: 1,
                 errors: 0,
             };
