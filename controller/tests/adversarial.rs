@@ -92,14 +92,8 @@ impl Rig {
     }
 
     async fn allocate(&self, call_id: &str, n: usize) -> pb::Session {
-        client(&self.controller.url)
-            .await
-            .allocate_session(request(call_id, n))
-            .await
-            .unwrap()
-            .into_inner()
-            .session
-            .unwrap()
+        let mut api = client(&self.controller.url).await;
+        allocate(&mut api, request(call_id, n)).await
     }
 
     async fn stop(self) {

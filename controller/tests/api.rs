@@ -9,7 +9,7 @@ use tonic::Code;
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 
-use common::{client, http_get, request};
+use common::{allocate, client, http_get, request};
 
 async fn cluster(relays: usize) -> Cluster {
     Cluster::start(Options {
@@ -404,13 +404,7 @@ async fn hostile_and_oversized_input_gets_clear_errors() {
     r.participants[1].participant_id = odd[1].clone();
     r.participants[2].participant_id = odd[3].clone();
     r.participants[2].region = "\u{00E9}u-west".into();
-    let s = api
-        .allocate_session(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, r).await;
     assert_eq!(s.call_id, odd[2]);
     assert_eq!(s.call_id.len(), 128);
     let ids: Vec<&str> = s.legs.iter().map(|l| l.participant_id.as_str()).collect();

@@ -81,13 +81,7 @@ async fn each_role_has_its_own_credentials() {
             "errors never echo credentials"
         );
     }
-    let s = api
-        .allocate_session(with_token(req(), Some(SIGNALING)))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, with_token(req(), Some(SIGNALING))).await;
     let e = api
         .get_session(with_token(
             pb::GetSessionRequest {

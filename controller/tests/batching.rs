@@ -30,13 +30,7 @@ async fn a_gso_burst_arrives_as_separate_datagrams_in_order() {
     .unwrap();
     let relay = c.relays[0].udp;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("burst", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("burst", 2)).await;
     let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
     let sender = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
     let answer = raw_bind(
@@ -106,13 +100,7 @@ async fn sixteen_party_fan_out_reaches_every_leg_in_order() {
     .unwrap();
     let relay = c.relays[0].udp;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("sixteen", 16))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("sixteen", 16)).await;
     let mut peers = Vec::new();
     for (i, leg) in s.legs.iter().enumerate() {
         peers.push(Peer::join(leg, &format!("127.0.2.{}", i + 1), 100 + i as u32).await);

@@ -41,13 +41,7 @@ async fn drained_relay_takes_no_new_sessions_and_moves_calls_at_the_deadline() {
     let mut admin = AdminServiceClient::connect(c.controller_url.clone())
         .await
         .unwrap();
-    let s = api
-        .allocate_session(request("before-drain", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("before-drain", 2)).await;
     let (primary, backup) = (s.relays[0].node_id.clone(), s.relays[1].node_id.clone());
     let mut events = api
         .watch_session(pb::WatchSessionRequest {
@@ -207,13 +201,11 @@ async fn sigterm_drains_the_relay_without_loss_and_it_exits_0() {
     let mut api = client(&controller.url).await;
     // A call whose primary is relay-a, the relay about to be stopped.
     let s = loop {
-        let s = api
-            .allocate_session(request(&format!("term-{}", rand::random::<u32>()), 2))
-            .await
-            .unwrap()
-            .into_inner()
-            .session
-            .unwrap();
+        let s = allocate(
+            &mut api,
+            request(&format!("term-{}", rand::random::<u32>()), 2),
+        )
+        .await;
         if s.relays[0].node_id == "relay-a" {
             break s;
         }
@@ -231,13 +223,7 @@ async fn sigterm_drains_the_relay_without_loss_and_it_exits_0() {
         assert!(Instant::now() < until, "relay-a reports draining");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let n = api
-        .allocate_session(request("after-term", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let n = allocate(&mut api, request("after-term", 2)).await;
     assert!(
         n.relays.iter().all(|r| r.node_id != "relay-a"),
         "a draining relay gets no new session"

@@ -35,13 +35,7 @@ async fn killed_relay_fails_over(transports: &[pb::Transport]) {
     controller.wait_relays(2).await;
 
     let mut api = client(&controller.url).await;
-    let s = api
-        .allocate_session(request_with("failover", transports))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request_with("failover", transports)).await;
     assert_eq!(s.relays.len(), 2);
     let primary = s.relays[0].node_id.clone();
     let backup = s.relays[1].node_id.clone();

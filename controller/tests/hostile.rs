@@ -46,20 +46,8 @@ async fn bad_tokens_bind_nothing_and_forward_nothing() {
     let c = cluster().await;
     let relay = c.relays[0].udp;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("victim-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
-    let other = api
-        .allocate_session(request("other-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("victim-call", 2)).await;
+    let other = allocate(&mut api, request("other-call", 2)).await;
     let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
 
@@ -143,13 +131,7 @@ async fn unbound_sources_never_draw_answers_larger_than_they_sent() {
     let c = cluster().await;
     let relay = c.relays[0].udp;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("busy-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("busy-call", 2)).await;
     let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
 

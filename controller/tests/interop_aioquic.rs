@@ -35,16 +35,11 @@ async fn aioquic_participant_exchanges_datagrams_with_a_udp_participant() {
     let relay = c.relays[0].udp;
     let quic = c.relays[0].quic.unwrap();
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request_with(
-            "interop",
-            &[pb::Transport::Quic, pb::Transport::Udp],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(
+        &mut api,
+        request_with("interop", &[pb::Transport::Quic, pb::Transport::Udp]),
+    )
+    .await;
     assert_eq!(s.legs[0].transport, pb::Transport::Quic as i32);
     let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 0xB0B).await;
 

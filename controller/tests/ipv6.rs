@@ -34,13 +34,7 @@ async fn call_over_ipv6() {
     }
 
     let mut api = client(&url).await;
-    let s = api
-        .allocate_session(request("v6-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("v6-call", 2)).await;
     assert_eq!(s.relays[0].udp_address, relay_addr.to_string());
     let mut peers = Vec::new();
     for (i, leg) in s.legs.iter().enumerate() {

@@ -80,13 +80,7 @@ async fn key_rotation_through_sighup_drops_no_packet() {
     };
 
     let mut api = client(&controller.url).await;
-    let old_call = api
-        .allocate_session(request("old-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let old_call = allocate(&mut api, request("old-call", 2)).await;
     let old_token = Token::from_bytes(&old_call.legs[0].token).unwrap();
     assert_eq!(old_token.claims().key_id, KeyId(old.0));
     let old_relay: SocketAddr = old_call.relays[0].udp_address.parse().unwrap();
@@ -114,13 +108,7 @@ async fn key_rotation_through_sighup_drops_no_packet() {
     for r in &relays {
         assert!(running(r.child.id()), "the relay survived a bad key file");
     }
-    let still = api
-        .allocate_session(request("after-bad-file", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let still = allocate(&mut api, request("after-bad-file", 2)).await;
     assert_eq!(
         Token::from_bytes(&still.legs[0].token)
             .unwrap()
@@ -144,13 +132,7 @@ async fn key_rotation_through_sighup_drops_no_packet() {
     wait_log(|| controller.log(), RELOADED, 2).await;
 
     // 3. New calls get new-key tokens, and bind on either relay, while the old call goes on.
-    let new_call = api
-        .allocate_session(request("new-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let new_call = allocate(&mut api, request("new-call", 2)).await;
     for leg in &new_call.legs {
         assert_eq!(
             Token::from_bytes(&leg.token).unwrap().claims().key_id,
@@ -231,13 +213,7 @@ async fn a_release_stops_forwarding_on_every_relay_within_a_second() {
     .await
     .unwrap();
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("split-call", 4))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("split-call", 4)).await;
     let relay_addr = |i: usize| -> SocketAddr { s.relays[i].udp_address.parse().unwrap() };
     // Legs 0 and 1 bind on the primary, legs 2 and 3 on the backup: tokens are good on any
     // relay, so one session is served by two relays at once.

@@ -56,13 +56,7 @@ async fn silent_relays_go_down_and_come_back_and_restarted_relays_reregister() {
     );
     let mut api = client(&controller.url).await;
     for i in 0..10 {
-        let s = api
-            .allocate_session(request(&format!("while-down-{i}"), 2))
-            .await
-            .unwrap()
-            .into_inner()
-            .session
-            .unwrap();
+        let s = allocate(&mut api, request(&format!("while-down-{i}"), 2)).await;
         assert!(
             s.relays.iter().all(|r| r.node_id != "relay-a"),
             "no session on a relay that is down"

@@ -15,13 +15,7 @@ async fn primaries(c: &Cluster, prefix: &str, n: usize) -> HashMap<String, usize
     let mut api = client(&c.controller_url).await;
     let mut count = HashMap::new();
     for i in 0..n {
-        let s = api
-            .allocate_session(request(&format!("{prefix}-{i}"), 2))
-            .await
-            .unwrap()
-            .into_inner()
-            .session
-            .unwrap();
+        let s = allocate(&mut api, request(&format!("{prefix}-{i}"), 2)).await;
         *count.entry(s.relays[0].node_id.clone()).or_insert(0) += 1;
         assert_ne!(s.relays[0].node_id, s.relays[1].node_id);
     }

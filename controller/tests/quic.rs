@@ -28,16 +28,11 @@ async fn a_migrating_quic_client_keeps_its_leg_without_a_new_bind() {
     let c = cluster().await;
     let (udp, quic) = (c.relays[0].udp, c.relays[0].quic.unwrap());
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request_with(
-            "moving",
-            &[pb::Transport::Quic, pb::Transport::Udp],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(
+        &mut api,
+        request_with("moving", &[pb::Transport::Quic, pb::Transport::Udp]),
+    )
+    .await;
     let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
     let mut peers = vec![alice, bob];
@@ -80,16 +75,11 @@ async fn datagrams_too_large_for_a_quic_leg_are_dropped_and_counted() {
     let c = cluster().await;
     let quic = c.relays[0].quic.unwrap();
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request_with(
-            "big",
-            &[pb::Transport::Quic, pb::Transport::Udp],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(
+        &mut api,
+        request_with("big", &[pb::Transport::Quic, pb::Transport::Udp]),
+    )
+    .await;
     let mut alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let mut bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
     let max = alice
@@ -139,16 +129,11 @@ async fn datagrams_a_stalled_quic_leg_cannot_take_are_counted() {
     let c = cluster().await;
     let ops = c.relays[0].metrics;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request_with(
-            "stalled",
-            &[pb::Transport::Quic, pb::Transport::Udp],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(
+        &mut api,
+        request_with("stalled", &[pb::Transport::Quic, pb::Transport::Udp]),
+    )
+    .await;
 
     // Alice (QUIC) runs on a runtime of her own with one thread, so that the test can stall her:
     // while that thread blocks, her endpoint neither reads nor acknowledges anything.
@@ -231,16 +216,11 @@ async fn datagrams_a_stalled_quic_leg_cannot_take_are_counted() {
 async fn quic_binds_refuse_bad_tokens_and_pin_the_certificate() {
     let c = cluster().await;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request_with(
-            "pinned",
-            &[pb::Transport::Quic, pb::Transport::Quic],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(
+        &mut api,
+        request_with("pinned", &[pb::Transport::Quic, pb::Transport::Quic]),
+    )
+    .await;
     let local = "127.0.0.2:0".parse().unwrap();
 
     let mut forged = s.legs[0].token.clone();

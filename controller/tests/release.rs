@@ -22,13 +22,7 @@ async fn release_stops_forwarding_within_a_second() {
     .unwrap();
     let relay = c.relays[0].udp;
     let mut api = client(&c.controller_url).await;
-    let s = api
-        .allocate_session(request("short-call", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("short-call", 2)).await;
     let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
     let mut peers = vec![alice, bob];

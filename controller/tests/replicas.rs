@@ -158,13 +158,7 @@ async fn a_controller_killed_and_restarted_mid_call_interrupts_no_media() {
     let (stop, tasks) = relays(&keys, 2, std::slice::from_ref(&url)).await;
     wait_up(&url, 2, Duration::from_secs(10)).await;
     let mut api = client(&url).await;
-    let s = api
-        .allocate_session(request("steady", 2))
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let s = allocate(&mut api, request("steady", 2)).await;
     let alice = Peer::join(&s.legs[0], "127.0.0.2", 1).await;
     let bob = Peer::join(&s.legs[1], "127.0.0.3", 2).await;
     let talk = Talk::start(vec![alice, bob], Duration::from_millis(10));

@@ -126,6 +126,19 @@ pub async fn client(url: &str) -> SessionServiceClient<Channel> {
         .expect("connect to controller")
 }
 
+/// Allocates a session that must be granted; returns it.
+pub async fn allocate(
+    api: &mut SessionServiceClient<Channel>,
+    req: impl tonic::IntoRequest<pb::AllocateSessionRequest>,
+) -> pb::Session {
+    api.allocate_session(req)
+        .await
+        .expect("session allocated")
+        .into_inner()
+        .session
+        .expect("the answer carries the session")
+}
+
 pub fn request(call_id: &str, n: usize) -> pb::AllocateSessionRequest {
     request_with(call_id, &vec![pb::Transport::Unspecified; n])
 }
@@ -171,19 +184,7 @@ pub const PROFILE: ProtectionProfile = ProtectionProfile::Aes128CmHmacSha1_80;
 impl Peer {
     pub async fn join(leg: &pb::Leg, local_ip: &str, ssrc: u32) -> Self {
         let local: SocketAddr = format!("{local_ip}:0").parse().unwrap();
-        let cfg = LegConfig::from_pb(leg, local);
-        let leg = Leg::bind(cfg).await.expect("leg binds");
-        let key: Vec<u8> = (0..16).map(|_| rand::random()).collect();
-        let salt: Vec<u8> = (0..14).map(|_| rand::random()).collect();
-        let tx = Context::new(&key, &salt, PROFILE, None, None).unwrap();
-        Self {
-            leg,
-            ssrc,
-            key,
-            salt,
-            tx,
-            seq: 0,
-        }
+        Self::join_config(LegConfig::from_pb(leg, local), ssrc).await
     }
 
     /// Encrypts and sends one RTP packet with `payload`; the send may fail (while failing
@@ -197,11 +198,7 @@ impl Peer {
 
     /// Encrypts and sends one RTP packet with `payload`; returns the SRTP bytes sent.
     pub async fn send(&mut self, payload: &[u8]) -> Bytes {
-        let rtp = rtp_packet(self.ssrc, self.seq, u32::from(self.seq) * 960, payload);
-        self.seq = self.seq.wrapping_add(1);
-        let srtp = self.tx.encrypt_rtp(&rtp).unwrap();
-        self.leg.send(&srtp).await.unwrap();
-        srtp
+        self.try_send(payload).await.unwrap()
     }
 
     pub fn rx_context(&self) -> Context {
