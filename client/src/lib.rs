@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
+#[cfg(feature = "proto")]
 use veil_proto::v1 as pb;
-use veil_relay_core::token::{DecodeError, Token};
-use veil_relay_core::wire::ErrorCode;
+use veil_protocol::token::{DecodeError, Token};
+use veil_protocol::wire::ErrorCode;
 
 /// How to reach one relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,7 @@ impl RelayInfo {
     }
 
     /// From the public API's description of a relay; `None` if its UDP address is malformed.
+    #[cfg(feature = "proto")]
     pub fn from_pb(r: &pb::RelayEndpoint) -> Option<Self> {
         Some(Self {
             udp: r.udp_address.parse().ok()?,
@@ -118,6 +120,7 @@ impl LegConfig {
     }
 
     /// A leg for `leg` as `AllocateSession` returned it, over the transport the controller chose.
+    #[cfg(feature = "proto")]
     pub fn from_pb(leg: &pb::Leg, local_addr: SocketAddr) -> Self {
         let transport = if leg.transport == pb::Transport::Quic as i32 {
             Transport::Quic
@@ -412,7 +415,7 @@ impl Leg {
     /// size, or the relay's limit over UDP. `None` while a QUIC leg has no connection.
     pub fn max_datagram_size(&self) -> Option<usize> {
         match &self.tx {
-            TxPath::Udp(_) => Some(veil_relay_core::wire::MAX_DATAGRAM),
+            TxPath::Udp(_) => Some(veil_protocol::wire::MAX_DATAGRAM),
             TxPath::Quic(c) => c
                 .read()
                 .unwrap_or_else(|e| e.into_inner())

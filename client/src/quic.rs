@@ -1,7 +1,9 @@
-//! The QUIC transport of a leg: a connection per relay (ALPN `veil/1`, the relay's certificate
-//! pinned by its SHA-256), a BIND on the first bidirectional stream, media as QUIC datagrams,
-//! and failover when the connection dies (its idle timeout is the client's `dead_after`, with
-//! QUIC keepalives every `keepalive_interval`).
+//! The QUIC transport of a leg: a connection per relay (ALPN `veil/2`, the relay's certificate
+//! pinned by its SHA-256), a channel-bound BIND on the first bidirectional stream (its tag covers
+//! the connection's TLS exporter value, so it binds on this connection only), media as QUIC
+//! datagrams, KEEPALIVEs as the relay's idle timeout requires, answers to the relay's PROBEs
+//! after a migration, and failover when the connection dies (its idle timeout is the client's
+//! `dead_after`, with QUIC keepalives every `keepalive_interval`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
@@ -13,13 +15,13 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
-use veil_relay_core::token::Token;
-use veil_relay_core::wire::{self, Class, ErrorCode, RelayMessage};
+use veil_protocol::token::Token;
+use veil_protocol::wire::{self, Class, ErrorCode, RelayMessage};
 
 use crate::{ClientError, LegConfig, LegStatus, Link};
 
 /// The ALPN protocol id of Veil over QUIC.
-pub const ALPN: &[u8] = b"veil/1";
+pub const ALPN: &[u8] = wire::QUIC_ALPN;
 
 /// Accepts exactly one server certificate: the one whose SHA-256 the controller handed out.
 /// No CA is involved; signatures are still verified, so the server must hold the key.
@@ -192,14 +194,14 @@ impl Driver {
                 .status
                 .send_replace(LegStatus::Binding { relay: relay % n });
             match self.connect_and_bind(relay % n).await {
-                Ok((conn, control)) => {
+                Ok((conn, control, idle)) => {
                     ever_bound = true;
                     self.link.shared.counters.binds.fetch_add(1, Relaxed);
                     *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
                     self.link
                         .status
                         .send_replace(LegStatus::Bound { relay: relay % n });
-                    let end = self.serve(&conn, control).await;
+                    let end = self.serve(&conn, control, idle).await;
                     *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
                     match end {
                         End::Failover => {}
@@ -226,7 +228,7 @@ impl Driver {
     async fn connect_and_bind(
         &self,
         i: usize,
-    ) -> Result<(quinn::Connection, quinn::RecvStream), BindFailure> {
+    ) -> Result<(quinn::Connection, quinn::RecvStream, Duration), BindFailure> {
         let r = &self.config.relays[i];
         let (Some(addr), Some(pin)) = (r.quic, r.quic_cert_sha256) else {
             return Err(BindFailure::Next);
@@ -241,7 +243,10 @@ impl Driver {
                 .await
                 .ok()?;
             let (mut send, mut recv) = conn.open_bi().await.ok()?;
-            send.write_all(&wire::bind(&self.token, rand::random(), None))
+            let mut exporter = [0u8; wire::EXPORTER_LEN];
+            conn.export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+                .ok()?;
+            send.write_all(&wire::bind_channel(&self.token, rand::random(), &exporter))
                 .await
                 .ok()?;
             // BIND_OK is 16 bytes, ERROR 12: read the common 12, then the rest of a BIND_OK.
@@ -254,14 +259,16 @@ impl Driver {
                 wire::SHORT_LEN
             };
             let answer = match wire::parse_relay(&buf[..len]).ok()? {
-                RelayMessage::BindOk { .. } => Ok(()),
+                RelayMessage::BindOk {
+                    idle_timeout_secs, ..
+                } => Ok(Duration::from_secs(u64::from(idle_timeout_secs.max(1)))),
                 RelayMessage::Error { code, .. } => Err(code),
                 _ => return None,
             };
             Some((conn, recv, answer))
         };
         match tokio::time::timeout(self.config.bind_timeout, attempt).await {
-            Ok(Some((conn, recv, Ok(())))) => Ok((conn, recv)),
+            Ok(Some((conn, recv, Ok(idle)))) => Ok((conn, recv, idle)),
             Ok(Some((_, _, Err(code)))) => match ErrorCode::from_u16(code) {
                 Some(
                     c @ (ErrorCode::Unauthorized | ErrorCode::Expired | ErrorCode::SessionClosed),
@@ -272,19 +279,57 @@ impl Driver {
         }
     }
 
-    async fn serve(&self, conn: &quinn::Connection, mut control: quinn::RecvStream) -> End {
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        mut control: quinn::RecvStream,
+        idle: Duration,
+    ) -> End {
         let session = self.token.claims().session.0;
         let mut close = Vec::new();
         let mut buf = [0u8; 64];
         let mut control_open = true;
+        // The relay unbinds a leg that sends nothing for `idle`: a KEEPALIVE after
+        // `keepalive_interval` without anything from the relay, and at least every third of
+        // `idle` whatever arrives (a muted participant still receives media).
+        let mut tick = tokio::time::interval(self.config.keepalive_interval);
+        let (mut last_rx, mut last_keepalive) = (Instant::now(), Instant::now());
         loop {
             tokio::select! {
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_rx) >= self.config.keepalive_interval
+                        || now.duration_since(last_keepalive) >= idle / 3
+                    {
+                        last_keepalive = now;
+                        let ka = wire::keepalive(rand::random());
+                        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&ka));
+                    }
+                }
                 d = conn.read_datagram() => match d {
-                    Ok(pkt) => match wire::classify(&pkt) {
-                        Class::Rtp | Class::Dtls => self.link.deliver(pkt, conn.remote_address(), Instant::now()),
-                        // Keepalive answers and the like: the connection's liveness is QUIC's.
-                        Class::Control | Class::Other => {}
-                    },
+                    Ok(pkt) => {
+                        last_rx = Instant::now();
+                        match wire::classify(&pkt) {
+                            Class::Rtp | Class::Dtls => self.link.deliver(pkt, conn.remote_address(), last_rx),
+                            Class::Control => match wire::parse_relay(&pkt) {
+                                // The connection moved (or the relay thinks so): prove the new
+                                // path, or the relay withholds media from it.
+                                Ok(RelayMessage::Probe { txn, cookie }) => {
+                                    let ack = wire::probe_ack(txn, cookie);
+                                    let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&ack));
+                                }
+                                // A KEEPALIVE answered NOT_BOUND: the relay lost the leg.
+                                Ok(RelayMessage::Error { code, .. })
+                                    if ErrorCode::from_u16(code) == Some(ErrorCode::NotBound) =>
+                                {
+                                    conn.close(0u32.into(), b"not bound");
+                                    return End::Failover;
+                                }
+                                _ => {}
+                            },
+                            Class::Other => {}
+                        }
+                    }
                     // Idle timeout (relay dead), or closed by the relay.
                     Err(_) => return End::Failover,
                 },

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use veil_relay_core::token::Token;
-use veil_relay_core::wire::{self, COOKIE_LEN, Class, ErrorCode, RelayMessage};
+use veil_protocol::token::Token;
+use veil_protocol::wire::{self, COOKIE_LEN, Class, ErrorCode, RelayMessage};
 
 use crate::{ClientError, LegConfig, LegStatus, Link};
 

@@ -13,7 +13,7 @@ pub const MAX_REGION_LEN: usize = 64;
 /// Fewest participants in a session.
 pub const MIN_PARTICIPANTS: usize = 2;
 /// Most participants in a session.
-pub const MAX_PARTICIPANTS: usize = veil_relay_core::token::MAX_LEGS as usize;
+pub const MAX_PARTICIPANTS: usize = veil_protocol::token::MAX_LEGS as usize;
 /// Session lifetime when the request names none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// Shortest lifetime a request may ask for.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use veil_ops::logging::LogFormat;
-use veil_relay_core::{KeyRing, Limits};
+use veil_protocol::{KeyRing, Limits};
 
 use crate::placement::RegionMap;
 
@@ -145,8 +145,8 @@ impl Config {
     /// Validates the flags and reads the key file (not used with --dev).
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let keys = match &self.key_file {
-            Some(path) => veil_relay::config::read_key_file(path)?,
-            None => crate::dev::generate_keys(),
+            Some(path) => veil_ops::keys::read_key_file(path)?,
+            None => generate_keys(),
         };
         let regions = RegionMap::parse(&self.region_distance)
             .map_err(|e| anyhow::anyhow!("--region-distance {e}"))?;
@@ -192,4 +192,9 @@ impl Config {
             },
         })
     }
+}
+
+/// A fresh random key ring (two keys, the second signing), for `--dev` and tests.
+pub fn generate_keys() -> KeyRing {
+    KeyRing::from_keys(&[(1, rand::random()), (2, rand::random())], 2)
 }

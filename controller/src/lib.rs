@@ -13,6 +13,7 @@
 pub mod api;
 pub mod config;
 pub mod deadline;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod metrics;
 pub mod placement;
@@ -71,7 +72,7 @@ impl ControllerServer {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let key_reloads = veil_relay::keys::reload_counter(&registry, "veil_controller")?;
+        let key_reloads = veil_ops::keys::reload_counter(&registry, "veil_controller")?;
         let controller = Arc::new(Controller::new(
             settings.keys.clone(),
             settings.regions.clone(),
@@ -176,7 +177,7 @@ impl ControllerServer {
         let reloader = match self.settings.key_file.clone() {
             Some(path) => {
                 let controller = self.controller.clone();
-                Some(tokio::spawn(veil_relay::keys::on_hangup(
+                Some(tokio::spawn(veil_ops::keys::on_hangup(
                     path,
                     move |ring| controller.set_keys(ring),
                     self.key_reloads.clone(),

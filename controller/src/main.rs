@@ -2,7 +2,6 @@
 
 use veil_controller::ControllerServer;
 use veil_controller::config::Config;
-use veil_controller::dev;
 
 #[tokio::main]
 async fn main() {
@@ -15,14 +14,7 @@ async fn main() {
         Err(e) => veil_ops::config_error(&e),
     };
     let result = if config.dev {
-        dev::serve(
-            dev::Options {
-                relays: config.dev_relays,
-                ..dev::Options::default()
-            },
-            veil_ops::signal::shutdown(),
-        )
-        .await
+        dev(&config).await
     } else {
         async {
             ControllerServer::load(settings)
@@ -36,4 +28,26 @@ async fn main() {
         tracing::error!(error = %format!("{e:#}"), "controller failed");
         std::process::exit(1);
     }
+}
+
+/// `--dev`: a whole local cluster in this process.
+#[cfg(feature = "dev")]
+async fn dev(config: &Config) -> anyhow::Result<()> {
+    use veil_controller::dev;
+    dev::serve(
+        dev::Options {
+            relays: config.dev_relays,
+            ..dev::Options::default()
+        },
+        veil_ops::signal::shutdown(),
+    )
+    .await
+}
+
+/// `--dev` needs the relay, which a build without the `dev` feature leaves out.
+#[cfg(not(feature = "dev"))]
+async fn dev(_: &Config) -> anyhow::Result<()> {
+    veil_ops::config_error(&anyhow::anyhow!(
+        "--dev: this veil-controller was built without the `dev` feature (it links no relay)"
+    ))
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use veil_proto::v1 as pb;
-use veil_relay_core::{KeyRing, Limits, SessionId, Ticket};
+use veil_protocol::{KeyRing, Limits, SessionId, Ticket};
 
 use crate::api::{AllocateError, AllocateRequest, NotFound, Participant, Transport};
 use crate::metrics::ControllerMetrics;

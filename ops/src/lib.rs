@@ -3,6 +3,7 @@
 //! and process statistics. It holds no Veil logic.
 
 pub mod http;
+pub mod keys;
 pub mod logging;
 pub mod process;
 pub mod redact;

@@ -223,10 +223,7 @@ impl Settings {
 
 /// Reads and parses a key ring file.
 pub fn read_key_file(path: &std::path::Path) -> anyhow::Result<KeyRing> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--key-file: cannot read {}", path.display()))?;
-    KeyRing::parse(&text)
-        .with_context(|| format!("--key-file: {} is not a valid key ring", path.display()))
+    veil_ops::keys::read_key_file(path)
 }
 
 impl Config {

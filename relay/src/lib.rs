@@ -12,9 +12,9 @@
 pub mod config;
 mod control;
 pub mod drain;
-pub mod keys;
 pub mod metrics;
 pub mod quic;
+pub mod send;
 pub mod udp;
 
 use std::future::Future;
@@ -29,7 +29,8 @@ use veil_relay_core::{Node, SharedStats};
 
 use crate::config::Settings;
 use crate::metrics::{RelayMetrics, Transport};
-use crate::quic::{NoQuic, QuicServer, QuicSink};
+use crate::quic::QuicServer;
+use crate::send::QuicConns;
 
 /// Unix milliseconds now.
 pub fn unix_ms() -> u64 {
@@ -91,7 +92,7 @@ impl RelayServer {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let key_reloads = keys::reload_counter(&registry, "veil_relay")?;
+        let key_reloads = veil_ops::keys::reload_counter(&registry, "veil_relay")?;
         let running = Arc::new(AtomicBool::new(false));
         let (stop_ops, mut stop_rx) = watch::channel(false);
         let ops = veil_ops::http::Ops {
@@ -202,17 +203,17 @@ impl RelayServer {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        let quic: Arc<dyn QuicSink> = match self.quic.take() {
+        let quic: Option<Arc<QuicConns>> = match self.quic.take() {
             Some(server) => {
-                let shared = server.shared();
+                let shared = server.conns();
                 self.metrics.add_quic(shared.clone());
                 // QUIC legs send to UDP legs from the media port: through a duplicate of the
                 // first worker's socket (sending needs no registration with its runtime).
                 let udp = Arc::new(self.sockets[0].try_clone()?);
                 tasks.spawn(server.run(self.node.clone(), udp, stop_rx.clone()));
-                shared
+                Some(shared)
             }
-            None => Arc::new(NoQuic),
+            None => None,
         };
 
         let mut workers = Vec::new();
@@ -239,7 +240,7 @@ impl RelayServer {
         // Key rotation: SIGHUP re-reads the key ring file (generated rings have none to re-read).
         if let Some(path) = self.settings.key_file.clone() {
             let node = self.node.clone();
-            tasks.spawn(keys::on_hangup(
+            tasks.spawn(veil_ops::keys::on_hangup(
                 path,
                 move |ring| node.set_keys(ring),
                 self.key_reloads.clone(),
@@ -310,5 +311,33 @@ impl RelayServer {
 
     async fn drain(&self) {
         drain::drain(&self.node, self.settings.drain_deadline).await;
+    }
+}
+
+/// Logs a leg event, for every transport. Client addresses only ever appear redacted.
+pub(crate) fn log_event(e: veil_relay_core::Event) {
+    use veil_ops::redact::Redacted;
+    use veil_relay_core::{Endpoint, Event};
+    let peer = |ep: Endpoint| match ep {
+        Endpoint::Udp(a) => Redacted(a).to_string(),
+        Endpoint::Quic(c) => format!("quic#{}", c.0),
+    };
+    match e {
+        Event::Bound {
+            session,
+            leg,
+            endpoint,
+            moved,
+        } => {
+            tracing::debug!(%session, leg, transport = endpoint.transport(), peer = %peer(endpoint), moved, "leg bound");
+        }
+        Event::Unbound {
+            session,
+            leg,
+            endpoint,
+            why,
+        } => {
+            tracing::debug!(%session, leg, transport = endpoint.transport(), peer = %peer(endpoint), ?why, "leg unbound");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use veil_relay_core::{BindResult, DropReason, Node, SharedStats, Stats};
 
-use crate::quic::QuicShared;
+use crate::send::QuicConns;
 
 /// A client transport, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct RelayMetrics {
     /// Time from receiving a batch of datagrams to having sent everything it caused.
     pub forwarding_latency: Histogram,
     sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
-    quic: Mutex<Option<Arc<QuicShared>>>,
+    quic: Mutex<Option<Arc<QuicConns>>>,
     refresh_lock: Mutex<()>,
     node: Arc<Node>,
 }
@@ -209,7 +209,7 @@ impl RelayMetrics {
     }
 
     /// Adds the QUIC transport: its counters and its legs.
-    pub fn add_quic(&self, quic: Arc<QuicShared>) {
+    pub fn add_quic(&self, quic: Arc<QuicConns>) {
         self.add_source(Transport::Quic, quic.stats.clone());
         *self.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(quic);
     }

@@ -1,53 +1,39 @@
-//! The QUIC transport: a quinn endpoint (ALPN `veil/1`) whose connections each carry one leg.
+//! The QUIC transport: a quinn endpoint (ALPN `veil/2`) whose connections each carry one leg.
 //!
-//! A client opens a bidirectional stream and sends a BIND (the same 84-byte message as over
-//! UDP, without a cookie: the QUIC handshake has already proven the client receives at its
-//! address). The relay answers BIND_OK or ERROR on that stream and keeps it open to send CLOSE
-//! when the session ends. Media travels as QUIC DATAGRAM frames (RFC 9221), never on streams, so
-//! a lost packet holds up nothing behind it. The leg is bound to the connection, not to an
-//! address, so it survives the client's address changing (connection migration).
+//! A client opens a bidirectional stream and sends a channel-bound BIND: the 84-byte message of
+//! UDP, without a cookie (the handshake, after a Retry, has proven the client's address), whose
+//! tag also covers the connection's TLS exporter value, so that it binds on this connection
+//! only. The relay answers BIND_OK or ERROR on that stream and keeps it open to send CLOSE when
+//! the session ends. Media travels as QUIC DATAGRAM frames (RFC 9221), never on streams, so a
+//! lost packet holds up nothing behind it. The leg is bound to the connection, not to an
+//! address, so it survives the client's address changing (connection migration); a new address
+//! gets no media until it answers the relay's PROBE.
 //!
-//! Forwarding is the same sans-IO core as UDP ([`LegState::forward`]); this module is a thin
-//! adapter, as the UDP workers are.
+//! This module decides nothing about legs: each connection has a
+//! [`ForwardingTable`] of its own (the core's, as each UDP worker has), hands it every input,
+//! and sends what it answers through [`crate::send`], as the UDP workers do.
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use dashmap::DashMap;
+use nix::sys::socket::{SockaddrIn, SockaddrIn6};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use veil_ops::redact::Redacted;
-use veil_relay_core::relay::media_ok;
-use veil_relay_core::wire::{self, Class, ClientMessage, ErrorCode};
-use veil_relay_core::{
-    ConnId, DropReason, Endpoint, LegState, LegStatus, Node, SharedStats, Stats, Verdict,
-};
+use veil_relay_core::limit::BindLimiter;
+use veil_relay_core::wire;
+use veil_relay_core::{ConnId, Endpoint, Event, ForwardingTable, LegStatus, Node, Verdict};
+
+use crate::send::{Out, PeerAddr, QuicConns};
+
 
 /// The ALPN protocol id of Veil over QUIC.
-pub const ALPN: &[u8] = b"veil/1";
-
-/// How a UDP worker hands datagrams to QUIC legs.
-pub trait QuicSink: Send + Sync {
-    /// Queues `pkt` as a QUIC DATAGRAM on connection `conn`. Failures (connection gone,
-    /// datagram larger than the peer accepts) are counted by the sink. One datagram fanned out to
-    /// several QUIC legs is one `Bytes`, cloned (a reference count), not copied per leg.
-    fn send(&self, conn: ConnId, pkt: Bytes);
-}
-
-/// The sink of a relay that serves no QUIC: no QUIC leg can exist, so nothing is ever sent.
-#[derive(Debug)]
-pub struct NoQuic;
-
-impl QuicSink for NoQuic {
-    fn send(&self, _: ConnId, _: Bytes) {}
-}
+pub const ALPN: &[u8] = wire::QUIC_ALPN;
 
 /// Certificate and key of the QUIC endpoint.
 #[derive(Clone)]
@@ -131,70 +117,10 @@ fn base64_encode(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// What the QUIC server and the UDP workers share.
-pub struct QuicShared {
-    conns: DashMap<ConnId, quinn::Connection>,
-    /// Counters of the QUIC transport (many writers: added, not published).
-    pub stats: Arc<SharedStats>,
-    next_id: AtomicU64,
-}
-
-impl std::fmt::Debug for QuicShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuicShared")
-            .field("connections", &self.conns.len())
-            .finish()
-    }
-}
-
-impl QuicShared {
-    fn send_bytes(&self, conn: ConnId, pkt: Bytes) {
-        // Clone the handle out of the map: no shard lock is held while quinn works.
-        let Some(c) = self.conns.get(&conn).map(|c| c.clone()) else {
-            self.stats.add(&Stats {
-                send_errors: 1,
-                ..Stats::default()
-            });
-            return;
-        };
-        // quinn makes room in a full datagram send buffer (the connection's congestion window
-        // holds datagrams back) by discarding the oldest queued datagrams, silently: count that
-        // as a send error, as a full socket buffer is over UDP. At least one is discarded; with
-        // media of similar sizes, one.
-        let displaces = c.datagram_send_buffer_space() < pkt.len();
-        match c.send_datagram(pkt) {
-            Ok(()) if displaces => self.stats.add(&Stats {
-                send_errors: 1,
-                ..Stats::default()
-            }),
-            Ok(()) => {}
-            Err(e) => {
-                let mut s = Stats::default();
-                match e {
-                    quinn::SendDatagramError::TooLarge => s.drop(DropReason::TooLargeForPeer),
-                    _ => s.send_errors = 1,
-                }
-                self.stats.add(&s);
-            }
-        }
-    }
-
-    /// QUIC legs bound now.
-    pub fn legs(&self) -> usize {
-        self.conns.len()
-    }
-}
-
-impl QuicSink for QuicShared {
-    fn send(&self, conn: ConnId, pkt: Bytes) {
-        self.send_bytes(conn, pkt);
-    }
-}
-
 /// A bound QUIC endpoint, ready to serve.
 pub struct QuicServer {
     endpoint: quinn::Endpoint,
-    shared: Arc<QuicShared>,
+    conns: Arc<QuicConns>,
     fingerprint: [u8; 32],
 }
 
@@ -245,11 +171,7 @@ impl QuicServer {
             .with_context(|| format!("bind QUIC socket {addr}"))?;
         Ok(Self {
             endpoint,
-            shared: Arc::new(QuicShared {
-                conns: DashMap::new(),
-                stats: Arc::new(SharedStats::default()),
-                next_id: AtomicU64::new(1),
-            }),
+            conns: Arc::new(QuicConns::default()),
             fingerprint: identity.fingerprint(),
         })
     }
@@ -264,33 +186,64 @@ impl QuicServer {
         self.fingerprint
     }
 
-    /// What the UDP workers use to reach QUIC legs, and the QUIC counters.
-    pub fn shared(&self) -> Arc<QuicShared> {
-        self.shared.clone()
+    /// Where every shell sends QUIC datagrams, and the QUIC counters.
+    pub fn conns(&self) -> Arc<QuicConns> {
+        self.conns.clone()
     }
 
-    /// Accepts connections until `stop` turns true, then closes them all.
+    /// Accepts connections until `stop` turns true, then closes them all. QUIC legs send UDP
+    /// datagrams from `udp`, a duplicate of a media socket.
     pub async fn run(
         self,
         node: Arc<Node>,
         udp: Arc<std::net::UdpSocket>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
+        let v4 = udp.local_addr().is_ok_and(|a| a.is_ipv4());
+        let config = node.config().clone();
+        let ctx = Arc::new(ConnContext {
+            binds: Arc::new(Mutex::new(BindLimiter::new(
+                config.binds_per_ip,
+                config.binds_per_worker,
+                Instant::now(),
+            ))),
+            node,
+            conns: self.conns.clone(),
+            udp,
+            stop: stop.clone(),
+        });
+        let mut stop = stop;
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let mut conns = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
                         if let Some(incoming) = validate_address(incoming) {
-                            conns.spawn(serve(incoming, node.clone(), self.shared.clone(), udp.clone(), stop.clone()));
+                            // The UDP socket's family decides the socket address type.
+                            if v4 {
+                                conns.spawn(serve::<SockaddrIn>(incoming, ctx.clone()));
+                            } else {
+                                conns.spawn(serve::<SockaddrIn6>(incoming, ctx.clone()));
+                            }
                         }
                     }
                     None => break,
                 },
+                _ = sweep.tick() => ctx
+                    .binds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .forget_idle(Instant::now()),
                 _ = stop.changed() => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
+        // Each connection has seen the stop too and is sending its CLOSE: give them a moment.
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
         self.endpoint.close(0u32.into(), b"relay shutting down");
         while conns.join_next().await.is_some() {}
         self.endpoint.wait_idle().await;
@@ -320,186 +273,194 @@ fn validate_address(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
     None
 }
 
-/// Serves one connection: bind, then datagrams until it or its session ends.
-async fn serve(
-    incoming: quinn::Incoming,
-    node: Arc<Node>,
-    shared: Arc<QuicShared>,
-    udp: Arc<std::net::UdpSocket>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Serves one connection: the BIND on its first stream, then datagrams, through a forwarding
+/// table of its own, until the leg or the connection ends.
+///
+/// The loop's order, each turn: hand the input (a datagram, a path change, the connection's
+/// end, a timer) to the table; send what the verdict says; then drain the table's transmits
+/// (reliable ones on the control stream, the rest as datagrams), then its events (an ended leg
+/// ends the connection).
+async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     let Ok(Ok(conn)) = tokio::time::timeout(BIND_TIMEOUT, incoming).await else {
         return;
     };
-    let peer = Redacted(conn.remote_address());
-    let id = ConnId(shared.next_id.fetch_add(1, Ordering::Relaxed));
-    let mut stats = Stats::default();
-    let Some((mut leg, mut control)) = bind(&conn, &node, &shared, id, &mut stats).await else {
-        shared.stats.add(&stats);
+    let id = ctx.conns.next_id();
+    let ep = Endpoint::Quic(id);
+    let mut conn_side = Connection::<S> {
+        table: ForwardingTable::with_shared_binds(
+            ctx.node.clone(),
+            Instant::now(),
+            ctx.binds.clone(),
+        ),
+        _addr: std::marker::PhantomData,
+        ctx: ctx.clone(),
+        ep,
+    };
+    let Some(mut control) = conn_side.bind(&conn, id).await else {
+        conn_side.publish();
         return;
     };
-    tracing::debug!(session = %leg.session(), leg = leg.leg(), %peer, "QUIC leg bound");
-
-    let mut tick = tokio::time::interval(node.config().sweep_interval);
+    let mut addr = conn.remote_address();
+    let mut tick = tokio::time::interval(ctx.node.config().sweep_interval);
+    let mut stop = ctx.stop.clone();
     let why = loop {
         tokio::select! {
-            d = conn.read_datagram() => match d {
-                Ok(pkt) => {
-                    if let Some(why) = datagram(&conn, &mut leg, pkt, &shared, &udp, &mut stats) {
-                        break why;
-                    }
-                }
-                Err(_) => break LegStatus::Idle,
-            },
-            _ = tick.tick() => {
-                shared.stats.add(&std::mem::take(&mut stats));
+            d = conn.read_datagram() => {
                 let now = Instant::now();
-                // The connection's own idle timeout stands in for the leg's.
-                match leg.check(now, node.unix_ms(now), Duration::MAX) {
-                    LegStatus::Serving if node.is_evicting() => break LegStatus::Evicted,
-                    LegStatus::Serving => {}
-                    why => break why,
+                match d {
+                    Ok(pkt) => {
+                        let a = conn.remote_address();
+                        if a != addr {
+                            addr = a;
+                            conn_side.table.handle_path(now, ep, a);
+                        }
+                        conn_side.datagram(now, pkt);
+                    }
+                    Err(_) => conn_side.table.handle_disconnect(ep),
                 }
             }
+            _ = tick.tick() => {
+                conn_side.table.handle_timeout(Instant::now());
+                conn_side.publish();
+            }
             // Shutdown without a drain (or past it): tell the client to move on.
-            _ = stop.changed() => break LegStatus::Evicted,
+            _ = stop.changed() => conn_side.table.handle_shutdown(),
+        }
+        if let Some(why) = conn_side.drain(&mut control).await {
+            break why;
         }
     };
-    let code = match why {
-        LegStatus::Closed => Some(ErrorCode::SessionClosed),
-        LegStatus::Expired => Some(ErrorCode::Expired),
-        LegStatus::Evicted => Some(ErrorCode::Draining),
-        LegStatus::Moved | LegStatus::Idle | LegStatus::Serving => None,
-    };
-    if let Some(code) = code {
-        let msg = wire::close(code, leg.session().0);
-        stats.control_tx_packets += 1;
-        stats.control_tx_bytes += msg.as_bytes().len() as u64;
-        let _ = control.write_all(msg.as_bytes()).await;
-        let _ = control.finish();
-        // Give the CLOSE a moment to leave before the connection goes.
-        let _ = tokio::time::timeout(Duration::from_millis(200), control.stopped()).await;
-        conn.close(0u32.into(), b"session ended");
+    match why {
+        LegStatus::Disconnected => {}
+        LegStatus::Closed | LegStatus::Expired | LegStatus::Evicted => {
+            let _ = control.finish();
+            // Give the CLOSE a moment to leave before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_millis(200), control.stopped()).await;
+            conn.close(0u32.into(), b"session ended");
+        }
+        LegStatus::Moved | LegStatus::Idle | LegStatus::Serving => {
+            conn.close(0u32.into(), b"leg ended");
+        }
     }
-    shared.conns.remove(&id);
-    node.detach(&leg);
-    shared.stats.add(&stats);
-    tracing::debug!(session = %leg.session(), leg = leg.leg(), %peer, ?why, "QUIC leg unbound");
+    ctx.conns.remove(id);
+    conn_side.publish();
+    tracing::debug!(?why, "QUIC connection ended");
 }
 
-/// Reads the BIND from the client's first stream and binds the leg to this connection.
-async fn bind(
-    conn: &quinn::Connection,
-    node: &Node,
-    shared: &QuicShared,
-    id: ConnId,
-    stats: &mut Stats,
-) -> Option<(LegState, quinn::SendStream)> {
-    use veil_relay_core::BindResult;
-    let (mut send, mut recv) = tokio::time::timeout(BIND_TIMEOUT, conn.accept_bi())
-        .await
-        .ok()?
-        .ok()?;
-    let mut buf = [0u8; wire::BIND_LEN];
-    let read = tokio::time::timeout(BIND_TIMEOUT, recv.read_exact(&mut buf)).await;
-    stats.rx_packets += 1;
-    stats.rx_bytes += buf.len() as u64;
-    let Ok(Ok(())) = read else {
-        stats.drop(DropReason::Malformed);
-        conn.close(1u32.into(), b"expected BIND");
-        return None;
-    };
-    let Ok(ClientMessage::Bind(b)) = wire::parse_client(&buf) else {
-        stats.drop(DropReason::Malformed);
-        conn.close(1u32.into(), b"expected BIND");
-        return None;
-    };
-    let now = Instant::now();
-    let result = node.authenticate(now, &b).and_then(|ticket| {
-        node.attach(now, &ticket, Endpoint::Quic(id))
-            .map(|(leg, _)| leg)
-    });
-    let (reply, leg) = match result {
-        Ok(leg) => {
+/// What every connection of the QUIC endpoint shares.
+struct ConnContext {
+    node: Arc<Node>,
+    conns: Arc<QuicConns>,
+    /// Bind budgets per source address, shared by every connection's table.
+    binds: Arc<Mutex<BindLimiter>>,
+    /// The media socket that QUIC legs send UDP datagrams from (a duplicate of a UDP worker's).
+    udp: Arc<std::net::UdpSocket>,
+    stop: watch::Receiver<bool>,
+}
+
+/// One connection's forwarding table and sending state.
+struct Connection<S: PeerAddr> {
+    table: ForwardingTable,
+    /// The media socket's address type.
+    _addr: std::marker::PhantomData<fn() -> S>,
+    ctx: Arc<ConnContext>,
+    ep: Endpoint,
+}
+
+impl<S: PeerAddr> Connection<S> {
+    /// Reads the BIND from the client's first stream and hands it to the table with the
+    /// connection's TLS exporter value. Returns the control stream if the leg is bound.
+    async fn bind(&mut self, conn: &quinn::Connection, id: ConnId) -> Option<quinn::SendStream> {
+        let (mut send, mut recv) = tokio::time::timeout(BIND_TIMEOUT, conn.accept_bi())
+            .await
+            .ok()?
+            .ok()?;
+        let mut buf = [0u8; wire::BIND_LEN];
+        let read = tokio::time::timeout(BIND_TIMEOUT, recv.read_exact(&mut buf)).await;
+        let mut exporter = [0u8; wire::EXPORTER_LEN];
+        let exported = conn
+            .export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+            .is_ok();
+        let (Ok(Ok(())), true) = (read, exported) else {
+            self.table
+                .count_shell_drop(buf.len(), veil_relay_core::DropReason::Malformed);
+            conn.close(1u32.into(), b"expected BIND");
+            return None;
+        };
+        let now = Instant::now();
+        self.table
+            .handle_stream_bind(now, self.ep, conn.remote_address(), &buf, &exporter);
+        let bound = self.table.serves(self.ep);
+        if bound {
             // Registered before BIND_OK leaves, so the first media to this leg finds it.
-            shared.conns.insert(id, conn.clone());
-            stats.binds[BindResult::Bound as usize] += 1;
-            (wire::bind_ok(b.txn, u16::MAX), Some(leg))
+            self.ctx.conns.insert(id, conn.clone());
         }
-        Err(r) => {
-            stats.binds[BindResult::Refused as usize] += 1;
-            stats.drop(r.reason);
-            (wire::error(b.txn, r.code), None)
-        }
-    };
-    stats.control_tx_packets += 1;
-    stats.control_tx_bytes += reply.as_bytes().len() as u64;
-    if send.write_all(reply.as_bytes()).await.is_err() {
-        if let Some(leg) = &leg {
-            shared.conns.remove(&id);
-            node.detach(leg);
-        }
-        return None;
-    }
-    match leg {
-        Some(leg) => Some((leg, send)),
-        None => {
+        if self.drain(&mut send).await.is_some() || !bound {
+            if bound {
+                self.ctx.conns.remove(id);
+                self.table.handle_disconnect(self.ep);
+            }
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
             conn.close(2u32.into(), b"bind refused");
-            None
+            return None;
         }
+        Some(send)
     }
-}
 
-/// Handles one datagram from a bound leg; returns why the leg ended, if it did.
-fn datagram(
-    conn: &quinn::Connection,
-    leg: &mut LegState,
-    pkt: Bytes,
-    shared: &QuicShared,
-    udp: &std::net::UdpSocket,
-    stats: &mut Stats,
-) -> Option<LegStatus> {
-    stats.rx_packets += 1;
-    stats.rx_bytes += pkt.len() as u64;
-    let class = wire::classify(&pkt);
-    match class {
-        Class::Rtp | Class::Dtls if media_ok(class, &pkt) => {
-            match leg.forward(Instant::now(), &pkt, stats) {
-                Verdict::Forward(targets) => {
-                    for ep in targets.iter() {
-                        match ep {
-                            Endpoint::Udp(dst) => {
-                                // Nonblocking: a full socket buffer drops the datagram.
-                                if !crate::udp::send_now(udp.as_raw_fd(), &pkt, dst) {
-                                    stats.send_errors += 1;
-                                }
-                            }
-                            Endpoint::Quic(c) => shared.send_bytes(c, pkt.clone()),
-                        }
-                    }
-                }
-                Verdict::Drop(DropReason::SessionClosed) => return Some(LegStatus::Closed),
-                Verdict::Drop(DropReason::Unbound) => return Some(LegStatus::Moved),
-                Verdict::Drop(_) | Verdict::Control => {}
+    /// Forwards one datagram as the table decides.
+    fn datagram(&mut self, now: Instant, pkt: Bytes) {
+        if let Verdict::Forward(targets) = self.table.handle_datagram(now, self.ep, &pkt) {
+            let fd = self.ctx.udp.as_raw_fd();
+            let mut out =
+                Out::<S>::immediate(fd, Some(&*self.ctx.conns), &pkt).sharing(pkt.clone());
+            for t in targets.iter() {
+                out.to(t, 0, pkt.len());
+            }
+            out.flush();
+            let errors = out.errors();
+            self.table.count_send_errors(errors);
+        }
+    }
+
+    /// Sends what the table queued and reads its events; returns why this connection's leg
+    /// ended, if it did.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe (a control message may be half written): awaited outside `select!`.
+    async fn drain(&mut self, control: &mut quinn::SendStream) -> Option<LegStatus> {
+        let fd = self.ctx.udp.as_raw_fd();
+        while let Some(t) = self.table.poll_transmit() {
+            let sent = {
+                let mut out = Out::<S>::immediate(fd, Some(&*self.ctx.conns), &[]);
+                let sent = out.control(&t);
+                let errors = out.errors();
+                self.table.count_send_errors(errors);
+                sent
+            };
+            if !sent {
+                // Reliable, to this connection: on the control stream. A failed write means the
+                // connection is going; its end arrives as an input.
+                let _ = control.write_all(t.msg.as_bytes()).await;
             }
         }
-        Class::Rtp | Class::Dtls => stats.drop(DropReason::Malformed),
-        Class::Control => match wire::parse_client(&pkt) {
-            Ok(ClientMessage::Keepalive { txn }) => {
-                leg.touch(Instant::now());
-                let ack = wire::keepalive_ack(txn);
-                stats.control_tx_packets += 1;
-                stats.control_tx_bytes += ack.as_bytes().len() as u64;
-                let _ = conn.send_datagram(Bytes::copy_from_slice(ack.as_bytes()));
+        let mut ended = None;
+        while let Some(e) = self.table.poll_event() {
+            crate::log_event(e);
+            if let Event::Unbound { endpoint, why, .. } = e
+                && endpoint == self.ep
+            {
+                ended = Some(why);
             }
-            // A BIND as a datagram on a bound connection, or garbage.
-            Ok(ClientMessage::Bind(_)) | Err(_) => stats.drop(DropReason::Malformed),
-        },
-        Class::Other => stats.drop(DropReason::UnknownType),
+        }
+        ended
     }
-    None
+
+    /// Adds this connection's counters into the QUIC transport's.
+    fn publish(&mut self) {
+        self.ctx.conns.stats.add(&self.table.take_stats());
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! The UDP transport: N IO workers, each a thread with its own `SO_REUSEPORT` socket on the media
-//! port and its own [`veil_relay_core::Relay`]. The kernel hashes each client's 4-tuple to one
+//! port and its own [`veil_relay_core::ForwardingTable`]. The kernel hashes each client's 4-tuple to one
 //! worker, so a client always meets the same worker; the session directory the workers share
 //! lets a worker forward to legs bound through the others.
+//!
+//! The worker only reads and calls the core; what to send goes through [`crate::send`], as it
+//! does for QUIC connections.
 //!
 //! Each worker is a plain thread, no async runtime: it blocks in `recvmmsg(MSG_WAITFORONE)` until
 //! at least one datagram is there (or its receive timeout passes, which drives its timers), takes
@@ -11,27 +14,24 @@
 //! the batch holds. Datagrams that arrived coalesced by GRO and are all forwarded leave as one
 //! GSO send per target.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arrayvec::ArrayVec;
-use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6,
-    SockaddrLike, SockaddrStorage, recvmmsg, sendmmsg, sendmsg, sendto, setsockopt, sockopt,
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, recvmmsg, setsockopt,
+    sockopt,
 };
 use prometheus::Histogram;
 use tokio::sync::watch;
-use veil_ops::redact::Redacted;
 use veil_relay_core::wire::MAX_DATAGRAM;
-use veil_relay_core::{DropReason, Endpoint, Event, Node, Relay, SharedStats, Verdict};
+use veil_relay_core::{DropReason, Endpoint, ForwardingTable, Node, SharedStats, Verdict};
 
-use crate::quic::QuicSink;
+use crate::send::{Headers, Out, PeerAddr, QuicConns, Queued, SEND_BATCH};
 
 /// Datagrams per `recvmmsg`.
 const BATCH: usize = 32;
@@ -84,8 +84,8 @@ pub struct WorkerContext {
     pub stats: Arc<SharedStats>,
     /// Batch forwarding latency.
     pub latency: Histogram,
-    /// Sends to QUIC legs.
-    pub quic: Arc<dyn QuicSink>,
+    /// Sends to QUIC legs (none if the relay serves no QUIC).
+    pub quic: Option<Arc<QuicConns>>,
     /// Where the worker publishes the CPU time its thread has used, in nanoseconds.
     pub cpu_ns: Arc<std::sync::atomic::AtomicU64>,
     /// Turns true to stop the worker.
@@ -112,205 +112,6 @@ pub fn spawn(ctx: WorkerContext) -> anyhow::Result<std::thread::JoinHandle<()>> 
             }
         })
         .context("spawn UDP worker")
-}
-
-/// Sends `bytes` to `dst` without ever blocking: a full socket buffer drops the datagram.
-pub(crate) fn send_now(fd: RawFd, bytes: &[u8], dst: SocketAddr) -> bool {
-    sendto(
-        fd,
-        bytes,
-        &SockaddrStorage::from(dst),
-        MsgFlags::MSG_DONTWAIT,
-    )
-    .is_ok()
-}
-
-/// One datagram waiting to leave: where to, and which bytes of the receive buffer.
-#[derive(Debug, Clone, Copy)]
-struct Queued {
-    dst: SocketAddr,
-    start: usize,
-    len: usize,
-}
-
-/// Datagrams per `sendmmsg`.
-const SEND_BATCH: usize = 64;
-
-/// Sends for one worker, for one receive batch; counts what it could not send.
-///
-/// Forwarded datagrams are queued as references into the receive buffer (nothing is copied)
-/// and leave in `sendmmsg` batches; a burst that arrived coalesced by GRO leaves as one GSO
-/// send per target. The queue is flushed before any other send, so that datagrams to one
-/// destination keep their order.
-struct Out<'a, S: PeerAddr> {
-    fd: RawFd,
-    quic: &'a dyn QuicSink,
-    buf: &'a [u8],
-    queue: &'a mut Vec<Queued>,
-    headers: &'a mut MultiHeaders<S>,
-    /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
-    /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
-    gso_header: &'a mut MultiHeaders<S>,
-    /// The last datagram copied out for QUIC legs (its offset in the receive buffer, and the
-    /// copy): its other QUIC targets share the copy.
-    quic_copy: Option<(usize, Bytes)>,
-    max_gso: usize,
-    errors: u64,
-}
-
-impl<S: PeerAddr> Out<'_, S> {
-    /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued:
-    /// `segment_size` makes it one GSO send of datagrams of that size (the last may be shorter).
-    fn now(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
-        self.flush();
-        let iov = [IoSlice::new(contents)];
-        // Nonblocking: a full send buffer drops the datagrams (counted) rather than delaying the
-        // rest of the batch behind them, as a media relay should.
-        let sent = match segment_size {
-            Some(seg) => {
-                let seg = seg as u16;
-                let cmsgs = [ControlMessage::UdpGsoSegments(&seg)];
-                let iovs = [iov];
-                sendmmsg(
-                    self.fd,
-                    self.gso_header,
-                    &iovs,
-                    [S::from_std(destination)],
-                    cmsgs,
-                    MsgFlags::MSG_DONTWAIT,
-                )
-                .is_ok_and(|mut r| r.next().is_some())
-            }
-            None => {
-                let addr = SockaddrStorage::from(destination);
-                sendmsg(self.fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok()
-            }
-        };
-        if !sent {
-            self.errors += segment_size.map_or(1, |s| contents.len().div_ceil(s)) as u64;
-        }
-    }
-
-    /// Queues (UDP) or sends (QUIC) the datagram at `start..start + len` of the receive buffer.
-    #[inline]
-    fn to(&mut self, ep: Endpoint, start: usize, len: usize) {
-        match ep {
-            Endpoint::Udp(dst) => {
-                self.queue.push(Queued { dst, start, len });
-                if self.queue.len() >= SEND_BATCH {
-                    self.flush();
-                }
-            }
-            // The QUIC sink counts its own failures.
-            Endpoint::Quic(conn) => {
-                let pkt = match &self.quic_copy {
-                    Some((at, copy)) if *at == start && copy.len() == len => copy.clone(),
-                    _ => {
-                        let copy = Bytes::copy_from_slice(&self.buf[start..start + len]);
-                        self.quic_copy = Some((start, copy.clone()));
-                        copy
-                    }
-                };
-                self.quic.send(conn, pkt);
-            }
-        }
-    }
-
-    /// Sends the `stride`-sized datagrams at `start..start + len`, back to back, to `ep`: one
-    /// GSO send per `max_gso` datagrams over UDP, one datagram at a time otherwise.
-    fn burst(&mut self, ep: Endpoint, start: usize, len: usize, stride: usize) {
-        let buf = self.buf;
-        match ep {
-            Endpoint::Udp(dst) if self.max_gso > 1 => {
-                for chunk in buf[start..start + len].chunks(stride * self.max_gso) {
-                    let seg = (chunk.len() > stride).then_some(stride);
-                    self.now(dst, chunk, seg);
-                }
-            }
-            _ => {
-                for off in (0..len).step_by(stride) {
-                    self.to(ep, start + off, stride.min(len - off));
-                }
-            }
-        }
-    }
-
-    /// Sends everything queued, `SEND_BATCH` datagrams per system call.
-    fn flush(&mut self) {
-        let mut done = 0;
-        while done < self.queue.len() {
-            let chunk = &self.queue[done..(done + SEND_BATCH).min(self.queue.len())];
-            // Only as many entries as datagrams: a socket address takes 128 bytes, and filling a
-            // whole batch's worth for a wake-up that carries one datagram showed in profiles.
-            let mut iovs: ArrayVec<[IoSlice<'_>; 1], SEND_BATCH> = ArrayVec::new();
-            let mut addrs: ArrayVec<Option<S>, SEND_BATCH> = ArrayVec::new();
-            for q in chunk {
-                iovs.push([IoSlice::new(&self.buf[q.start..q.start + q.len])]);
-                // Every destination is a client of this very socket, hence of its family.
-                addrs.push(S::from_std(q.dst));
-            }
-            let sent = sendmmsg(
-                self.fd,
-                self.headers,
-                &iovs,
-                &addrs,
-                &[] as &[ControlMessage<'_>],
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map(|r| r.count());
-            match sent {
-                Ok(0) | Err(Errno::EAGAIN) => {
-                    // The socket buffer is full: the rest of the queue would fail too.
-                    self.errors += (self.queue.len() - done) as u64;
-                    break;
-                }
-                Ok(k) => done += k,
-                // One datagram the kernel refuses (an unroutable address, say) must not hold
-                // up the others: skip it.
-                Err(_) => {
-                    self.errors += 1;
-                    done += 1;
-                }
-            }
-        }
-        self.queue.clear();
-    }
-}
-
-/// The socket address type of one worker's socket: `sockaddr_in` for an IPv4 socket,
-/// `sockaddr_in6` for an IPv6 one (IPv4 clients of a dual-stack socket appear v4-mapped). The
-/// exact type rather than a 128-byte `sockaddr_storage` keeps the per-batch headers small.
-trait PeerAddr: SockaddrLike + Copy {
-    fn to_std(&self) -> SocketAddr;
-    fn from_std(a: SocketAddr) -> Option<Self>;
-}
-
-impl PeerAddr for SockaddrIn {
-    fn to_std(&self) -> SocketAddr {
-        SocketAddr::V4((*self).into())
-    }
-
-    fn from_std(a: SocketAddr) -> Option<Self> {
-        match a {
-            SocketAddr::V4(v4) => Some(v4.into()),
-            SocketAddr::V6(_) => None,
-        }
-    }
-}
-
-impl PeerAddr for SockaddrIn6 {
-    fn to_std(&self) -> SocketAddr {
-        SocketAddr::V6((*self).into())
-    }
-
-    fn from_std(a: SocketAddr) -> Option<Self> {
-        match a {
-            SocketAddr::V6(v6) => Some(v6.into()),
-            SocketAddr::V4(v4) => {
-                Some(std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into())
-            }
-        }
-    }
 }
 
 /// What `recvmmsg` said of one receive buffer.
@@ -366,10 +167,9 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
     };
     let mut buf = vec![0u8; slot * BATCH];
     let mut headers = MultiHeaders::<S>::preallocate(BATCH, gro.cmsg());
-    let mut send_headers = MultiHeaders::<S>::preallocate(SEND_BATCH, None);
-    let mut gso_header = MultiHeaders::<S>::preallocate(1, Some(nix::cmsg_space!(u16)));
+    let mut send_headers = Headers::<S>::new(SEND_BATCH);
     let mut meta: Vec<Meta> = Vec::with_capacity(BATCH);
-    let mut relay = Relay::new(node, Instant::now());
+    let mut relay = ForwardingTable::new(node, Instant::now());
     let mut targets: Vec<Endpoint> = Vec::with_capacity(16);
     let mut forwarded: Vec<bool> = Vec::with_capacity(64);
     let mut queue: Vec<Queued> = Vec::with_capacity(SEND_BATCH);
@@ -443,17 +243,14 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
             headers = MultiHeaders::preallocate(BATCH, gro.cmsg());
         }
         if !meta.is_empty() {
-            let mut out = Out {
+            let mut out = Out::batched(
                 fd,
-                quic: &*quic,
-                buf: &buf,
-                queue: &mut queue,
-                headers: &mut send_headers,
-                gso_header: &mut gso_header,
-                quic_copy: None,
+                quic.as_deref(),
+                &buf,
+                &mut send_headers,
+                &mut queue,
                 max_gso,
-                errors: 0,
-            };
+            );
             for (i, m) in meta.iter().enumerate() {
                 handle(
                     &mut relay,
@@ -467,7 +264,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
             }
             out.flush();
             flush_control(&mut relay, &mut out);
-            let errors = out.errors;
+            let errors = out.errors();
             relay.count_send_errors(errors);
             latency.observe(now.elapsed().as_secs_f64());
         }
@@ -484,19 +281,16 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         if relay.poll_timeout().is_none_or(|t| now >= t) {
             cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
             relay.handle_timeout(now);
-            let mut out = Out {
+            let mut out = Out::batched(
                 fd,
-                quic: &*quic,
-                buf: &buf,
-                queue: &mut queue,
-                headers: &mut send_headers,
-                gso_header: &mut gso_header,
-                quic_copy: None,
-                max_gso: 1,
-                errors: 0,
-            };
+                quic.as_deref(),
+                &buf,
+                &mut send_headers,
+                &mut queue,
+                1,
+            );
             flush_control(&mut relay, &mut out);
-            let errors = out.errors;
+            let errors = out.errors();
             relay.count_send_errors(errors);
             stats.publish(relay.stats());
             latency.flush();
@@ -611,34 +405,13 @@ fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn flush_control<S: PeerAddr>(relay: &mut Relay, out: &mut Out<'_, S>) {
+fn flush_control<S: PeerAddr>(relay: &mut ForwardingTable, out: &mut Out<'_, S>) {
     while let Some(t) = relay.poll_transmit() {
-        out.now(t.dst, t.msg.as_bytes(), None);
+        // Every endpoint of a UDP worker's table is a UDP one: `control` sends them all.
+        out.control(&t);
     }
     while let Some(e) = relay.poll_event() {
-        log_event(e);
-    }
-}
-
-/// Logs a leg event. Addresses only ever appear redacted.
-pub(crate) fn log_event(e: Event) {
-    match e {
-        Event::Bound {
-            session,
-            leg,
-            peer,
-            moved,
-        } => {
-            tracing::debug!(%session, leg, peer = %Redacted(peer), moved, "leg bound");
-        }
-        Event::Unbound {
-            session,
-            leg,
-            peer,
-            why,
-        } => {
-            tracing::debug!(%session, leg, peer = %Redacted(peer), ?why, "leg unbound");
-        }
+        crate::log_event(e);
     }
 }
 
@@ -646,7 +419,7 @@ pub(crate) fn log_event(e: Event) {
 /// coalesced by GRO (same source, `stride` bytes each, the last possibly shorter).
 #[inline]
 fn handle<S: PeerAddr>(
-    relay: &mut Relay,
+    relay: &mut ForwardingTable,
     out: &mut Out<'_, S>,
     now: Instant,
     m: &Meta,
@@ -654,7 +427,7 @@ fn handle<S: PeerAddr>(
     targets: &mut Vec<Endpoint>,
     forwarded: &mut Vec<bool>,
 ) {
-    let data = &out.buf[base..base + m.len];
+    let data = &out.buf()[base..base + m.len];
     let stride = if m.stride == 0 {
         data.len().max(1)
     } else {

@@ -1,7 +1,7 @@
 //! `core-profile`: a fixed, deterministic workload for the sans-IO packet path, to run under a
 //! profiler that counts instructions (`valgrind --tool=callgrind`): binds legs through the real
 //! two-round bind, then forwards datagrams from random bound legs through
-//! `Relay::handle_datagram`, iterating the targets as the UDP shell does. No sockets, no clock
+//! `ForwardingTable::handle_datagram`, iterating the targets as the UDP shell does. No sockets, no clock
 //! reads in the loop: what it costs is the core's own work per packet.
 //!
 //! ```sh
@@ -29,7 +29,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use veil_relay_core::token::{KeyId, SessionId, Ticket};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, Limits, Node, Relay, Verdict};
+use veil_relay_core::{Config, KeyRing, Limits, Node, ForwardingTable, Verdict};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -52,7 +52,7 @@ fn addr(i: u64) -> SocketAddr {
 /// Binds `legs` legs (two per session) with the two-round bind.
 #[inline(never)]
 fn bind_all(
-    relay: &mut Relay,
+    relay: &mut ForwardingTable,
     keys: &KeyRing,
     t0: Instant,
     unix_ms: u64,
@@ -91,7 +91,7 @@ fn bind_all(
 /// Forwards `packets` datagrams from `sources` in turn; returns how many copies were sent.
 #[inline(never)]
 fn forward_all(
-    relay: &mut Relay,
+    relay: &mut ForwardingTable,
     t0: Instant,
     sources: &[SocketAddr],
     pkt: &[u8],
@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
         t0,
         unix_ms,
     ));
-    let mut relay = Relay::new(node, t0);
+    let mut relay = ForwardingTable::new(node, t0);
     bind_all(&mut relay, &keys, t0, unix_ms, legs)?;
     let mut pkt = vec![0u8; args.size];
     pkt[0] = 0x80;

@@ -1,6 +1,6 @@
 //! `legs-memory`: resident memory per bound leg. Builds a relay's sans-IO core (a `Node` and one
-//! worker's `Relay`), binds N legs (default 1,000,000: 500,000 two-party sessions) through
-//! `Relay::handle_datagram` with the real two-round bind (BIND, CHALLENGE, BIND with the cookie),
+//! worker's `ForwardingTable`), binds N legs (default 1,000,000: 500,000 two-party sessions) through
+//! `ForwardingTable::handle_datagram` with the real two-round bind (BIND, CHALLENGE, BIND with the cookie),
 //! from synthetic source addresses (no sockets: nothing is sent anywhere), and reads the
 //! process's own resident set size (`VmRSS`) before and after.
 //!
@@ -19,7 +19,7 @@ use clap::Parser;
 use veil_relay_core::session::{Endpoint, LegSet, Session};
 use veil_relay_core::token::{KeyId, SessionId, Ticket};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, LegState, Limits, Node, Relay};
+use veil_relay_core::{Config, KeyRing, LegState, Limits, Node, ForwardingTable};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -37,7 +37,7 @@ fn source(i: u64) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, 1024 + (i % 62_500) as u16))
 }
 
-fn bind(r: &mut Relay, now: Instant, from: SocketAddr, token: &veil_relay_core::Token) -> bool {
+fn bind(r: &mut ForwardingTable, now: Instant, from: SocketAddr, token: &veil_relay_core::Token) -> bool {
     let first = wire::bind(token, [1; 8], None);
     r.handle_datagram(now, from, &first);
     let Some(t) = r.poll_transmit() else {
@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         t0,
         unix_ms,
     ));
-    let mut relay = Relay::new(node.clone(), t0);
+    let mut relay = ForwardingTable::new(node.clone(), t0);
     let started = Instant::now();
     for s in 0..legs / 2 {
         for leg in 0..2u8 {
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     let estimate = by_peer + directory + sessions * per_session;
 
     println!(
-        "{legs} legs ({sessions} two-party sessions) bound through Relay::handle_datagram in {:.1} s ({:.1} us per leg, two rounds)",
+        "{legs} legs ({sessions} two-party sessions) bound through ForwardingTable::handle_datagram in {:.1} s ({:.1} us per leg, two rounds)",
         bind_time.as_secs_f64(),
         bind_time.as_secs_f64() * 1e6 / legs as f64
     );
@@ -149,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         size_of::<(u8, Endpoint)>()
     );
     println!(
-        "  Relay::by_peer   {:>9} buckets x {} B = {:>6.1} MiB  {:>5.0} B/leg",
+        "  ForwardingTable::by_peer   {:>9} buckets x {} B = {:>6.1} MiB  {:>5.0} B/leg",
         buckets(legs),
         peer_entry + 1,
         by_peer as f64 / 1048576.0,

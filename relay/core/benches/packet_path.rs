@@ -23,7 +23,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use veil_relay_core::token::{KeyId, SessionId, Ticket, Token};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, Limits, Node, Relay, Verdict};
+use veil_relay_core::{Config, KeyRing, Limits, Node, ForwardingTable, Verdict};
 
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
 
@@ -32,7 +32,7 @@ struct Harness {
     t0: Instant,
     keys: KeyRing,
     node: Arc<Node>,
-    relay: Relay,
+    relay: ForwardingTable,
 }
 
 impl Harness {
@@ -52,7 +52,7 @@ impl Harness {
             t0,
             T0_UNIX_MS,
         ));
-        let relay = Relay::new(node.clone(), t0);
+        let relay = ForwardingTable::new(node.clone(), t0);
         Self {
             t0,
             keys,
@@ -116,7 +116,7 @@ fn rtp(len: usize) -> Vec<u8> {
 
 /// Runs one datagram through the worker and sends nowhere: counts the targets.
 #[inline]
-fn forward(relay: &mut Relay, now: Instant, from: SocketAddr, pkt: &[u8]) -> usize {
+fn forward(relay: &mut ForwardingTable, now: Instant, from: SocketAddr, pkt: &[u8]) -> usize {
     match relay.handle_datagram(now, from, pkt) {
         Verdict::Forward(t) => {
             let mut n = 0;

@@ -16,39 +16,92 @@ use arc_swap::ArcSwap;
 
 use crate::token::{SessionId, Ticket};
 
-/// Identifies a QUIC connection within one relay (assigned by the QUIC adapter).
+/// Identifies a QUIC connection within one relay (assigned by the QUIC shell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);
 
-/// Where a bound leg receives its media.
+/// Where the relay meets a client: every input of the core names the endpoint it came from,
+/// every output the endpoint it goes to. One variant per door into the relay; TURN allocations
+/// and relay-to-relay legs become variants of their own, so that binding, keepalive, expiry,
+/// revocation, limits and close codes exist once for all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// A UDP client at this address.
+    /// A UDP client at this address (on the media port).
     Udp(SocketAddr),
-    /// A QUIC client on this connection.
+    /// A QUIC client on this connection (whatever its address is now: connections migrate).
     Quic(ConnId),
+}
+
+impl From<SocketAddr> for Endpoint {
+    /// A UDP client's endpoint.
+    fn from(a: SocketAddr) -> Self {
+        Self::Udp(a)
+    }
+}
+
+impl PartialEq<SocketAddr> for Endpoint {
+    /// True for the UDP endpoint of that address.
+    fn eq(&self, other: &SocketAddr) -> bool {
+        matches!(self, Self::Udp(a) if a == other)
+    }
+}
+
+impl Endpoint {
+    /// The transport's name, for logs ("udp", "quic"). Never an address.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Self::Udp(_) => "udp",
+            Self::Quic(_) => "quic",
+        }
+    }
+}
+
+/// One bound leg in a [`LegSet`].
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    leg: u8,
+    ep: Endpoint,
+    /// False while the endpoint's current path is unproven (a QUIC connection that moved to an
+    /// address that has not answered a PROBE): media is withheld from it.
+    reachable: bool,
 }
 
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
 #[derive(Debug, Default, Clone)]
 pub struct LegSet {
-    slots: Vec<(u8, Endpoint)>,
+    slots: Vec<Slot>,
+    /// Slots not reachable now (almost always 0, which keeps the media path to one branch).
+    withheld: usize,
 }
 
 impl LegSet {
     /// The endpoint leg `leg` is bound to, if any.
     #[inline]
     pub fn get(&self, leg: u8) -> Option<Endpoint> {
-        self.slots.iter().find(|(l, _)| *l == leg).map(|(_, e)| *e)
+        self.slots.iter().find(|s| s.leg == leg).map(|s| s.ep)
     }
 
-    /// Every bound endpoint except that of leg `except`.
+    /// Every reachable bound endpoint except that of leg `except`: where media from `except`
+    /// goes.
     #[inline]
     pub fn others(&self, except: u8) -> impl Iterator<Item = Endpoint> + '_ {
         self.slots
             .iter()
-            .filter(move |(l, _)| *l != except)
-            .map(|(_, e)| *e)
+            .filter(move |s| s.leg != except && s.reachable)
+            .map(|s| s.ep)
+    }
+
+    /// Bound legs other than `except` whose media is withheld (unproven path).
+    #[inline]
+    pub fn withheld_from(&self, except: u8) -> usize {
+        if self.withheld == 0 {
+            0
+        } else {
+            self.slots
+                .iter()
+                .filter(|s| s.leg != except && !s.reachable)
+                .count()
+        }
     }
 
     /// Number of bound legs.
@@ -62,24 +115,35 @@ impl LegSet {
         self.slots.is_empty()
     }
 
+    fn rebuilt(slots: Vec<Slot>) -> Self {
+        let withheld = slots.iter().filter(|s| !s.reachable).count();
+        Self { slots, withheld }
+    }
+
     fn with(&self, leg: u8, ep: Endpoint) -> Self {
         let mut slots = self.slots.clone();
-        match slots.iter_mut().find(|(l, _)| *l == leg) {
-            Some(slot) => slot.1 = ep,
-            None => slots.push((leg, ep)),
+        let slot = Slot {
+            leg,
+            ep,
+            reachable: true,
+        };
+        match slots.iter_mut().find(|s| s.leg == leg) {
+            Some(s) => *s = slot,
+            None => slots.push(slot),
         }
-        Self { slots }
+        Self::rebuilt(slots)
     }
 
     fn without(&self, leg: u8) -> Self {
-        Self {
-            slots: self
-                .slots
-                .iter()
-                .filter(|(l, _)| *l != leg)
-                .copied()
-                .collect(),
+        Self::rebuilt(self.slots.iter().filter(|s| s.leg != leg).copied().collect())
+    }
+
+    fn reachable(&self, leg: u8, reachable: bool) -> Self {
+        let mut slots = self.slots.clone();
+        for s in slots.iter_mut().filter(|s| s.leg == leg) {
+            s.reachable = reachable;
         }
+        Self::rebuilt(slots)
     }
 }
 
@@ -233,6 +297,19 @@ impl Directory {
         true
     }
 
+    /// Marks leg `leg` of `session`, if still bound to `ep`, as reachable or not: media is
+    /// withheld from an unreachable leg. Returns whether the leg was bound there.
+    pub fn set_reachable(&self, session: &Session, leg: u8, ep: Endpoint, reachable: bool) -> bool {
+        let _inner = self.lock();
+        let legs = session.legs.load();
+        if legs.get(leg) != Some(ep) {
+            return false;
+        }
+        let next = legs.reachable(leg, reachable);
+        session.legs.store(Arc::new(next));
+        true
+    }
+
     /// Revokes a session until `expires_unix_ms`: its legs are unbound at once, workers stop
     /// forwarding its media at their next packet, and its tokens no longer bind. Returns the
     /// session's endpoints that were bound, so the caller can tell them.
@@ -245,7 +322,7 @@ impl Directory {
         session.closed.store(true, Ordering::Relaxed);
         let legs = session.legs.swap(Arc::new(LegSet::default()));
         self.legs.fetch_sub(legs.len(), Ordering::Relaxed);
-        legs.slots.iter().map(|(_, e)| *e).collect()
+        legs.slots.iter().map(|s| s.ep).collect()
     }
 
     /// True if `id` is revoked.

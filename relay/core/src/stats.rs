@@ -37,11 +37,18 @@ pub enum DropReason {
     NoPeer,
     /// A forwarded copy larger than the receiving QUIC leg's maximum datagram size.
     TooLargeForPeer,
+    /// A BIND whose proof is not bound to the transport it arrived on: a UDP BIND (cookie or
+    /// none) over QUIC, a channel-bound BIND over UDP, or a BIND sent as a QUIC datagram rather
+    /// than on the connection's stream. A captured UDP BIND replayed over QUIC lands here.
+    BadBinding,
+    /// A forwarded copy withheld from a QUIC leg whose connection moved to an address that has
+    /// not yet answered the relay's PROBE (counted once per withheld copy).
+    UnprovenPath,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
     /// Every reason, in index order.
     pub const ALL: [Self; Self::COUNT] = [
         Self::Malformed,
@@ -59,6 +66,8 @@ impl DropReason {
         Self::Oversized,
         Self::NoPeer,
         Self::TooLargeForPeer,
+        Self::BadBinding,
+        Self::UnprovenPath,
     ];
 
     /// The metric label value.
@@ -79,6 +88,8 @@ impl DropReason {
             Self::Oversized => "oversized",
             Self::NoPeer => "no_peer",
             Self::TooLargeForPeer => "too_large_for_peer",
+            Self::BadBinding => "bad_binding",
+            Self::UnprovenPath => "unproven_path",
         }
     }
 
@@ -114,7 +125,7 @@ impl BindResult {
     }
 }
 
-/// Counters of one packet-path instance (an IO worker, or a transport adapter).
+/// Counters of one forwarding table (a UDP worker's, or a QUIC connection's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Datagrams received.
@@ -140,8 +151,14 @@ pub struct Stats {
 impl Stats {
     /// Counts one drop.
     #[inline]
-    pub fn drop(&mut self, reason: DropReason) {
+    pub fn count_drop(&mut self, reason: DropReason) {
         self.drops[reason.index()] += 1;
+    }
+
+    /// Counts `n` drops.
+    #[inline]
+    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
+        self.drops[reason.index()] += n;
     }
 
     /// Drops counted for `reason`.
@@ -274,8 +291,8 @@ mod tests {
         s.control_tx_bytes = 6;
         s.send_errors = 7;
         s.binds = [8, 9, 10];
-        s.drop(DropReason::NoPeer);
-        s.drop(DropReason::Malformed);
+        s.count_drop(DropReason::NoPeer);
+        s.count_drop(DropReason::Malformed);
         let shared = SharedStats::default();
         shared.publish(&s);
         assert_eq!(shared.load(), s);

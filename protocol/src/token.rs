@@ -156,8 +156,15 @@ impl fmt::Debug for LegKey {
 impl LegKey {
     /// Computes the tag of `msg` under this key.
     pub fn tag(&self, msg: &[u8]) -> [u8; TAG_LEN] {
+        self.tag_parts(&[msg])
+    }
+
+    /// Computes the tag of the concatenation of `parts` under this key.
+    pub fn tag_parts(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
-        mac.update(msg);
+        for p in parts {
+            mac.update(p);
+        }
         let full = mac.finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&full[..TAG_LEN]);
@@ -166,7 +173,12 @@ impl LegKey {
 
     /// Checks `tag` against the tag of `msg`, in constant time.
     pub fn verify(&self, msg: &[u8], tag: &[u8]) -> bool {
-        tag.len() == TAG_LEN && bool::from(self.tag(msg).ct_eq(tag))
+        self.verify_parts(&[msg], tag)
+    }
+
+    /// Checks `tag` against the tag of the concatenation of `parts`, in constant time.
+    pub fn verify_parts(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        tag.len() == TAG_LEN && bool::from(self.tag_parts(parts).ct_eq(tag))
     }
 }
 
@@ -245,6 +257,27 @@ pub enum VerifyError {
     BadTag,
 }
 
+/// Why a key ring file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not parse.
+    #[error("{path} is not a valid key ring: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: KeyRingError,
+    },
+}
+
 /// Why a key ring could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyRingError {
@@ -311,6 +344,18 @@ impl fmt::Debug for KeyRing {
 }
 
 impl KeyRing {
+    /// Reads and parses a key ring file (the format of [`KeyRing::parse`]).
+    pub fn read_file(path: &std::path::Path) -> Result<Self, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| KeyFileError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
     /// Parses the key file format: one key per line, `<key-id> <hex-secret> [signing]`; blank
     /// lines and lines starting with `#` are ignored; exactly one key is marked `signing`.
     pub fn parse(text: &str) -> Result<Self, KeyRingError> {
@@ -423,8 +468,19 @@ impl KeyRing {
 
     /// Verifies that `tag` authenticates `msg` under the leg key of `ticket`.
     pub fn verify(&self, ticket: &[u8], msg: &[u8], tag: &[u8]) -> Result<Ticket, VerifyError> {
+        self.verify_parts(ticket, &[msg], tag)
+    }
+
+    /// Verifies that `tag` authenticates the concatenation of `parts` under the leg key of
+    /// `ticket` (a channel-bound BIND: the message, then the TLS exporter value).
+    pub fn verify_parts(
+        &self,
+        ticket: &[u8],
+        parts: &[&[u8]],
+        tag: &[u8],
+    ) -> Result<Ticket, VerifyError> {
         let (claims, key) = self.leg_key(ticket)?;
-        if key.verify(msg, tag) {
+        if key.verify_parts(parts, tag) {
             Ok(claims)
         } else {
             Err(VerifyError::BadTag)

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::*;
-use crate::token::{KeyId, Limits, TICKET_LEN, Token};
+use crate::node::Config;
+use crate::token::{KeyId, KeyRing, Limits, TICKET_LEN, Ticket, Token};
 use crate::wire::{COOKIE_LEN, RelayMessage};
 
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
@@ -50,8 +51,8 @@ impl Net {
         }
     }
 
-    fn worker(&self) -> Relay {
-        Relay::new(self.node.clone(), self.now)
+    fn worker(&self) -> ForwardingTable {
+        ForwardingTable::new(self.node.clone(), self.now)
     }
 
     fn advance(&mut self, d: Duration) {
@@ -79,12 +80,12 @@ fn addr(last: u8, port: u16) -> SocketAddr {
 }
 
 /// Drains a worker's transmits.
-fn replies(r: &mut Relay) -> Vec<Transmit> {
+fn replies(r: &mut ForwardingTable) -> Vec<Transmit> {
     std::iter::from_fn(|| r.poll_transmit()).collect()
 }
 
 /// Runs the two-round bind for `token` from `from`; returns the final answer.
-fn bind(net: &Net, r: &mut Relay, from: SocketAddr, token: &Token) -> Vec<u8> {
+fn bind(net: &Net, r: &mut ForwardingTable, from: SocketAddr, token: &Token) -> Vec<u8> {
     let first = wire::bind(token, [1; 8], None);
     assert!(matches!(
         r.handle_datagram(net.now, from, &first),
@@ -387,7 +388,7 @@ fn cookies_prove_the_source_address() {
         "still one leg, still at the client's address"
     );
     assert!(
-        r.by_peer.contains_key(&PeerKey(client)) && !r.by_peer.contains_key(&PeerKey(attacker))
+        r.serves(client.into()) && !r.serves(attacker.into())
     );
 }
 
@@ -532,7 +533,7 @@ fn a_leg_that_moves_is_forwarded_to_at_its_new_address_only() {
         w1.handle_datagram(net.now, a, &rtp(2, 80)),
         Verdict::Drop(DropReason::Unbound)
     ));
-    assert!(!w1.by_peer.contains_key(&PeerKey(a)));
+    assert!(!w1.serves(a.into()));
 }
 
 /// Regression (found by the `datagram` fuzz target): a worker acknowledged KEEPALIVEs from a leg
@@ -562,14 +563,14 @@ fn keepalives_from_a_released_or_moved_leg_are_not_acknowledged() {
         error_code(out[0].msg.as_bytes()),
         Some(ErrorCode::NotBound as u16)
     );
-    assert!(!w1.by_peer.contains_key(&PeerKey(a)));
+    assert!(!w1.serves(a.into()));
     assert!(std::iter::from_fn(|| w1.poll_event()).any(|e| matches!(
         e,
         Event::Unbound {
             why: LegStatus::Moved,
-            peer,
+            endpoint,
             ..
-        } if peer == a
+        } if endpoint == a
     )));
     expect_ack(&net, &mut w2, a2);
 
@@ -601,7 +602,7 @@ fn keepalives_from_a_released_or_moved_leg_are_not_acknowledged() {
 }
 
 /// Sends a KEEPALIVE from `from` and expects KEEPALIVE_ACK.
-fn expect_ack(net: &Net, r: &mut Relay, from: SocketAddr) {
+fn expect_ack(net: &Net, r: &mut ForwardingTable, from: SocketAddr) {
     let ka = wire::keepalive([4; 8]);
     assert!(matches!(
         r.handle_datagram(net.now, from, &ka),
@@ -680,7 +681,7 @@ fn one_address_holds_one_leg() {
     bind(&net, &mut r, a, &net.token(8, 0, 2));
     assert_eq!(net.node.directory.legs(), 1);
     assert_eq!(net.node.directory.sessions(), 1);
-    assert_eq!(r.by_peer[&PeerKey(a)].session(), SessionId(8));
+    assert_eq!(r.legs[&EndpointKey(a.into())].session(), SessionId(8));
 }
 
 #[test]
@@ -753,13 +754,13 @@ fn eviction_tells_every_leg_to_move_and_unbinds_it() {
         .iter()
         .map(|t| (t.dst, t.msg.as_bytes().to_vec()))
         .collect();
-    got.sort();
+    got.sort_by_key(|(d, _)| format!("{d:?}"));
     let close = wire::close(ErrorCode::Draining, 7);
     assert_eq!(
         got,
         vec![
-            (a, close.as_bytes().to_vec()),
-            (b, close.as_bytes().to_vec())
+            (Endpoint::Udp(a), close.as_bytes().to_vec()),
+            (Endpoint::Udp(b), close.as_bytes().to_vec())
         ]
     );
 }

@@ -25,6 +25,10 @@ pub const TYPE_KEEPALIVE: u8 = 0x53;
 pub const TYPE_KEEPALIVE_ACK: u8 = 0x54;
 /// First byte of CLOSE (relay to client).
 pub const TYPE_CLOSE: u8 = 0x55;
+/// First byte of PROBE (relay to client, QUIC only): proves a migrated path.
+pub const TYPE_PROBE: u8 = 0x56;
+/// First byte of PROBE_ACK (client to relay, QUIC only): echoes a PROBE.
+pub const TYPE_PROBE_ACK: u8 = 0x57;
 /// First byte of ERROR (relay to client).
 pub const TYPE_ERROR: u8 = 0x5F;
 
@@ -34,6 +38,8 @@ pub const COOKIE_LEN: usize = 24;
 pub const BIND_LEN: usize = 84;
 /// Length of a CHALLENGE message.
 pub const CHALLENGE_LEN: usize = 36;
+/// Length of PROBE and PROBE_ACK messages (as long as a CHALLENGE: a header and a cookie).
+pub const PROBE_LEN: usize = 36;
 /// Length of a BIND_OK message.
 pub const BIND_OK_LEN: usize = 16;
 /// Length of KEEPALIVE, KEEPALIVE_ACK, CLOSE and ERROR messages.
@@ -54,6 +60,16 @@ pub const MIN_DTLS_LEN: usize = 13;
 /// The bytes a BIND's tag covers: everything before the tag.
 const BIND_SIGNED_LEN: usize = BIND_LEN - TAG_LEN;
 const FLAG_COOKIE: u16 = 1;
+const FLAG_CHANNEL: u16 = 2;
+
+/// The TLS exporter label (RFC 8446 §7.5, RFC 5705) of a channel-bound BIND over QUIC, used with
+/// an empty context.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-veil-bind";
+/// Length of the exported value a channel-bound BIND's tag covers.
+pub const EXPORTER_LEN: usize = 32;
+/// ALPN protocol id of Veil over QUIC. Version 2: the BIND on a QUIC connection is bound to
+/// that connection's TLS session (docs/PROTOCOL.md §5).
+pub const QUIC_ALPN: &[u8] = b"veil/2";
 
 /// What a datagram is, judged by its first byte (RFC 7983).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +163,13 @@ pub enum ClientMessage<'a> {
         /// Echoed in the answer.
         txn: [u8; 8],
     },
+    /// Echoes a PROBE: the client receives at the address its QUIC connection moved to.
+    ProbeAck {
+        /// The PROBE's transaction id.
+        txn: [u8; 8],
+        /// The PROBE's cookie.
+        cookie: &'a [u8],
+    },
 }
 
 /// A parsed BIND.
@@ -156,8 +179,11 @@ pub struct Bind<'a> {
     pub txn: [u8; 8],
     /// The encoded ticket.
     pub ticket: &'a [u8],
-    /// The cookie from a CHALLENGE, if this is the second round.
+    /// The cookie from a CHALLENGE, if this is the second round (UDP).
     pub cookie: Option<&'a [u8]>,
+    /// True if the tag also covers the TLS exporter value of the connection the BIND was sent
+    /// on (QUIC): see [`bind_channel`].
+    pub channel_bound: bool,
     /// The bytes the tag covers.
     pub signed: &'a [u8],
     /// The tag.
@@ -187,7 +213,8 @@ pub fn parse_client(pkt: &[u8]) -> Result<ClientMessage<'_>, ParseError> {
     match ty {
         TYPE_BIND => {
             let flags = header(pkt, BIND_LEN)?;
-            if flags & !FLAG_COOKIE != 0 {
+            // One proof per BIND: a cookie (UDP) or the channel binding (QUIC), never both.
+            if flags & !(FLAG_COOKIE | FLAG_CHANNEL) != 0 || flags == FLAG_COOKIE | FLAG_CHANNEL {
                 return Err(ParseError::Reserved);
             }
             let cookie = &pkt[12 + TICKET_LEN..12 + TICKET_LEN + COOKIE_LEN];
@@ -199,6 +226,7 @@ pub fn parse_client(pkt: &[u8]) -> Result<ClientMessage<'_>, ParseError> {
                 txn: txn(pkt),
                 ticket: &pkt[12..12 + TICKET_LEN],
                 cookie: has_cookie.then_some(cookie),
+                channel_bound: flags & FLAG_CHANNEL != 0,
                 signed: &pkt[..BIND_SIGNED_LEN],
                 tag: &pkt[BIND_SIGNED_LEN..],
             }))
@@ -209,7 +237,17 @@ pub fn parse_client(pkt: &[u8]) -> Result<ClientMessage<'_>, ParseError> {
             }
             Ok(ClientMessage::Keepalive { txn: txn(pkt) })
         }
-        TYPE_CHALLENGE | TYPE_BIND_OK | TYPE_KEEPALIVE_ACK | TYPE_CLOSE | TYPE_ERROR => {
+        TYPE_PROBE_ACK => {
+            if header(pkt, PROBE_LEN)? != 0 {
+                return Err(ParseError::Reserved);
+            }
+            Ok(ClientMessage::ProbeAck {
+                txn: txn(pkt),
+                cookie: &pkt[12..12 + COOKIE_LEN],
+            })
+        }
+        TYPE_CHALLENGE | TYPE_BIND_OK | TYPE_KEEPALIVE_ACK | TYPE_CLOSE | TYPE_PROBE
+        | TYPE_ERROR => {
             // A relay-to-client message sent to the relay: never valid input.
             Err(ParseError::Type(ty))
         }
@@ -238,6 +276,13 @@ pub enum RelayMessage<'a> {
     KeepaliveAck {
         /// The KEEPALIVE's transaction id.
         txn: [u8; 8],
+    },
+    /// The relay saw the QUIC connection move to a new address: echo this in a PROBE_ACK.
+    Probe {
+        /// Echoed in the PROBE_ACK.
+        txn: [u8; 8],
+        /// Echoed in the PROBE_ACK.
+        cookie: &'a [u8],
     },
     /// The session ended on this relay.
     Close {
@@ -287,6 +332,15 @@ pub fn parse_relay(pkt: &[u8]) -> Result<RelayMessage<'_>, ParseError> {
                 return Err(ParseError::Reserved);
             }
             Ok(RelayMessage::KeepaliveAck { txn: txn(pkt) })
+        }
+        TYPE_PROBE => {
+            if header(pkt, PROBE_LEN)? != 0 {
+                return Err(ParseError::Reserved);
+            }
+            Ok(RelayMessage::Probe {
+                txn: txn(pkt),
+                cookie: &pkt[12..12 + COOKIE_LEN],
+            })
         }
         TYPE_CLOSE => {
             let code = header(pkt, SHORT_LEN)?;
@@ -355,6 +409,24 @@ pub fn bind_ok(txn: [u8; 8], idle_timeout_secs: u16) -> Encoded {
     m
 }
 
+/// Encodes a PROBE.
+pub fn probe(txn: [u8; 8], cookie: &[u8; COOKIE_LEN]) -> Encoded {
+    let mut m = Encoded::new(TYPE_PROBE, 0, txn, PROBE_LEN);
+    m.buf[12..12 + COOKIE_LEN].copy_from_slice(cookie);
+    m
+}
+
+/// Encodes a PROBE_ACK (client side): the PROBE's bytes with its type changed.
+pub fn probe_ack(txn: [u8; 8], cookie: &[u8]) -> [u8; PROBE_LEN] {
+    let mut b = [0u8; PROBE_LEN];
+    b[0] = TYPE_PROBE_ACK;
+    b[1] = VERSION;
+    b[4..12].copy_from_slice(&txn);
+    let n = cookie.len().min(COOKIE_LEN);
+    b[12..12 + n].copy_from_slice(&cookie[..n]);
+    b
+}
+
 /// Encodes a KEEPALIVE_ACK.
 pub fn keepalive_ack(txn: [u8; 8]) -> Encoded {
     Encoded::new(TYPE_KEEPALIVE_ACK, 0, txn, SHORT_LEN)
@@ -383,6 +455,23 @@ pub fn bind(token: &Token, txn: [u8; 8], cookie: Option<&[u8; COOKIE_LEN]>) -> [
         b[12 + TICKET_LEN..12 + TICKET_LEN + COOKIE_LEN].copy_from_slice(c);
     }
     let tag = token.leg_key().tag(&b[..BIND_SIGNED_LEN]);
+    b[BIND_SIGNED_LEN..].copy_from_slice(&tag);
+    b
+}
+
+/// Encodes a channel-bound BIND for `token` (client side, over QUIC): its tag covers the message
+/// and `exporter`, the connection's TLS exporter value for [`EXPORTER_LABEL`] with an empty
+/// context ([`EXPORTER_LEN`] bytes). Only that TLS session yields that value, so the BIND binds
+/// nothing on any other connection or relay, and a UDP BIND (whose tag covers no exporter) binds
+/// nothing over QUIC.
+pub fn bind_channel(token: &Token, txn: [u8; 8], exporter: &[u8; EXPORTER_LEN]) -> [u8; BIND_LEN] {
+    let mut b = [0u8; BIND_LEN];
+    b[0] = TYPE_BIND;
+    b[1] = VERSION;
+    b[2..4].copy_from_slice(&FLAG_CHANNEL.to_be_bytes());
+    b[4..12].copy_from_slice(&txn);
+    b[12..12 + TICKET_LEN].copy_from_slice(token.ticket_bytes());
+    let tag = token.leg_key().tag_parts(&[&b[..BIND_SIGNED_LEN], exporter]);
     b[BIND_SIGNED_LEN..].copy_from_slice(&tag);
     b
 }

@@ -7,11 +7,15 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::sync::watch;
-use veil_relay_core::KeyRing;
+use veil_protocol::KeyRing;
 
-use crate::config::read_key_file;
+/// Reads the key ring file given by `--key-file`; the error names the flag and the file.
+pub fn read_key_file(path: &std::path::Path) -> anyhow::Result<KeyRing> {
+    KeyRing::read_file(path).with_context(|| format!("--key-file: {}", path.display()))
+}
 
 /// Outcomes of a reload, as metric label values.
 pub const RELOAD_RESULTS: [&str; 2] = ["applied", "failed"];
@@ -66,7 +70,6 @@ pub fn on_hangup(
     reloads: IntCounterVec,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = signal(SignalKind::hangup()).context("install the SIGHUP handler")?;
     Ok(async move {

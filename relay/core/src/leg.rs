@@ -1,0 +1,195 @@
+//! One bound leg, as the forwarding table that receives its packets holds it: the one leg state
+//! machine of every transport (expiry, revocation, moves, idleness, rate limits, and for QUIC
+//! the proof of the connection's current path).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::limit::Limiter;
+use crate::session::{Endpoint, Session};
+use crate::stats::{DropReason, Stats};
+use crate::table::{Targets, Verdict};
+use crate::token::SessionId;
+use crate::wire::{self, Class};
+
+/// The path of a QUIC leg: where its connection was last proven to receive, and the address it
+/// moved to, if that one is not proven yet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Path {
+    /// Proven by the handshake (Retry) at bind time, or by a PROBE_ACK since.
+    pub(crate) proven: SocketAddr,
+    /// The address the connection moved to, awaiting a PROBE_ACK.
+    pub(crate) probing: Option<Probing>,
+}
+
+/// A path being proven.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Probing {
+    /// The unproven address.
+    pub(crate) addr: SocketAddr,
+    /// When to send the next PROBE.
+    pub(crate) next_probe: Instant,
+    /// PROBEs sent so far for this address.
+    pub(crate) sent: u8,
+}
+
+/// One bound leg.
+#[derive(Debug)]
+pub struct LegState {
+    session: Arc<Session>,
+    leg: u8,
+    endpoint: Endpoint,
+    last_seen: Instant,
+    /// The ticket's expiry on the monotonic clock: checked on every packet, cheaply.
+    expires_at: Instant,
+    limiter: Limiter,
+    /// QUIC legs only.
+    pub(crate) path: Option<Path>,
+}
+
+/// Why a leg stopped being served, as found by [`LegState::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegStatus {
+    /// Still bound here.
+    Serving,
+    /// Its session was revoked.
+    Closed,
+    /// It was re-bound to another endpoint.
+    Moved,
+    /// Its session's tokens expired.
+    Expired,
+    /// It sent nothing (media or KEEPALIVE) for longer than the idle timeout.
+    Idle,
+    /// The relay's drain deadline passed: the client must move to its backup relay.
+    Evicted,
+    /// Its QUIC connection was closed or timed out.
+    Disconnected,
+}
+
+impl LegState {
+    pub(crate) fn new(
+        session: Arc<Session>,
+        leg: u8,
+        endpoint: Endpoint,
+        now: Instant,
+        expires_at: Instant,
+        limiter: Limiter,
+    ) -> Self {
+        Self {
+            session,
+            leg,
+            endpoint,
+            last_seen: now,
+            expires_at,
+            limiter,
+            path: None,
+        }
+    }
+
+    /// The session this leg belongs to.
+    pub fn session(&self) -> SessionId {
+        self.session.id()
+    }
+
+    pub(crate) fn session_ref(&self) -> &Session {
+        &self.session
+    }
+
+    /// The leg index.
+    pub fn leg(&self) -> u8 {
+        self.leg
+    }
+
+    /// The endpoint the leg is bound to.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// Whether the leg is still bound at its endpoint: `Closed` if its session was revoked,
+    /// `Moved` if it was bound elsewhere since, else `Serving`. Expiry and idleness are left to
+    /// [`LegState::check`], which the sweep runs.
+    pub fn binding(&self) -> LegStatus {
+        if self.session.is_closed() {
+            LegStatus::Closed
+        } else if self.session.legs().get(self.leg) != Some(self.endpoint) {
+            LegStatus::Moved
+        } else {
+            LegStatus::Serving
+        }
+    }
+
+    /// Whether the leg is still served, at `now` / `now_unix_ms`.
+    pub fn check(&self, now: Instant, now_unix_ms: u64, idle: Duration) -> LegStatus {
+        let binding = self.binding();
+        if binding != LegStatus::Serving {
+            binding
+        } else if self.session.expires_unix_ms() <= now_unix_ms || now >= self.expires_at {
+            LegStatus::Expired
+        } else if now.saturating_duration_since(self.last_seen) >= idle {
+            LegStatus::Idle
+        } else {
+            LegStatus::Serving
+        }
+    }
+
+    /// Notes a KEEPALIVE.
+    pub(crate) fn touch(&mut self, now: Instant) {
+        self.last_seen = now;
+    }
+
+    /// The media path: decides where one SRTP, SRTCP or DTLS datagram from this leg goes.
+    /// `pkt` must already be classified as media and long enough.
+    #[inline]
+    pub(crate) fn forward(&mut self, now: Instant, pkt: &[u8], stats: &mut Stats) -> Verdict {
+        if self.session.is_closed() {
+            return dropped(stats, DropReason::SessionClosed);
+        }
+        if now >= self.expires_at {
+            return dropped(stats, DropReason::Expired);
+        }
+        let legs = self.session.legs();
+        if legs.get(self.leg) != Some(self.endpoint) {
+            return dropped(stats, DropReason::Unbound);
+        }
+        // Any packet keeps the leg alive, admitted or not; the limiter refills for the time
+        // since the previous one.
+        let elapsed = now.saturating_duration_since(self.last_seen).as_secs_f32();
+        self.last_seen = now;
+        if !self.limiter.admit(elapsed, pkt.len()) {
+            return dropped(stats, DropReason::RateLimited);
+        }
+        // Legs whose QUIC path is unproven get nothing: an address that has not shown it
+        // receives must not be sent media in its name (docs/SECURITY.md §2).
+        let withheld = legs.withheld_from(self.leg);
+        if withheld > 0 {
+            stats.count_drops(DropReason::UnprovenPath, withheld as u64);
+        }
+        let n = (legs.len() - 1 - withheld) as u64;
+        if n == 0 {
+            return if withheld > 0 {
+                Verdict::Drop(DropReason::UnprovenPath)
+            } else {
+                dropped(stats, DropReason::NoPeer)
+            };
+        }
+        stats.forwarded_packets += n;
+        stats.forwarded_bytes += n * pkt.len() as u64;
+        Verdict::Forward(Targets::new(legs, self.leg))
+    }
+}
+
+fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
+    stats.count_drop(reason);
+    Verdict::Drop(reason)
+}
+
+/// Checks that a media datagram is long enough for its class.
+#[inline]
+pub fn media_ok(class: Class, pkt: &[u8]) -> bool {
+    match class {
+        Class::Rtp => pkt.len() >= wire::MIN_RTP_LEN,
+        Class::Dtls => pkt.len() >= wire::MIN_DTLS_LEN,
+        Class::Control | Class::Other => false,
+    }
+}

@@ -1,0 +1,438 @@
+//! Sending, for every shell: the one place that matches on the kind of endpoint a datagram goes
+//! to. A UDP worker and a QUIC connection both hand the core's verdicts to an [`Out`], which
+//! queues UDP datagrams for `sendmmsg` (GSO for coalesced bursts) and hands QUIC datagrams to the
+//! connection registry, [`QuicConns`]. No transport shell imports another.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrayvec::ArrayVec;
+use bytes::Bytes;
+use dashmap::DashMap;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrLike,
+    SockaddrStorage, sendmmsg, sendmsg, sendto,
+};
+use veil_relay_core::{ConnId, DropReason, Endpoint, SharedStats, Stats, Transmit};
+
+/// The QUIC connections that hold legs, by id: where every shell sends QUIC datagrams.
+pub struct QuicConns {
+    conns: DashMap<ConnId, quinn::Connection>,
+    /// Counters of the QUIC transport (many writers: added, not published).
+    pub stats: Arc<SharedStats>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for QuicConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicConns")
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Default for QuicConns {
+    fn default() -> Self {
+        Self {
+            conns: DashMap::new(),
+            stats: Arc::new(SharedStats::default()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl QuicConns {
+    /// A fresh connection id.
+    pub fn next_id(&self) -> ConnId {
+        ConnId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Registers the connection of a bound leg.
+    pub fn insert(&self, id: ConnId, conn: quinn::Connection) {
+        self.conns.insert(id, conn);
+    }
+
+    /// Forgets a connection.
+    pub fn remove(&self, id: ConnId) {
+        self.conns.remove(&id);
+    }
+
+    /// QUIC legs bound now.
+    pub fn legs(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Queues `pkt` as a QUIC DATAGRAM on connection `conn`; counts failures (connection gone,
+    /// datagram larger than the peer accepts, a full send buffer). One datagram fanned out to
+    /// several QUIC legs is one `Bytes`, cloned (a reference count), not copied per leg.
+    pub fn send_datagram(&self, conn: ConnId, pkt: Bytes) {
+        // Clone the handle out of the map: no shard lock is held while quinn works.
+        let Some(c) = self.conns.get(&conn).map(|c| c.clone()) else {
+            self.stats.add(&Stats {
+                send_errors: 1,
+                ..Stats::default()
+            });
+            return;
+        };
+        // quinn makes room in a full datagram send buffer (the connection's congestion window
+        // holds datagrams back) by discarding the oldest queued datagrams, silently: count that
+        // as a send error, as a full socket buffer is over UDP. At least one is discarded; with
+        // media of similar sizes, one.
+        let displaces = c.datagram_send_buffer_space() < pkt.len();
+        match c.send_datagram(pkt) {
+            Ok(()) if displaces => self.stats.add(&Stats {
+                send_errors: 1,
+                ..Stats::default()
+            }),
+            Ok(()) => {}
+            Err(e) => {
+                let mut s = Stats::default();
+                match e {
+                    quinn::SendDatagramError::TooLarge => s.count_drop(DropReason::TooLargeForPeer),
+                    _ => s.send_errors = 1,
+                }
+                self.stats.add(&s);
+            }
+        }
+    }
+}
+
+/// Sends `bytes` to `dst` without ever blocking: a full socket buffer drops the datagram.
+pub fn send_now(fd: RawFd, bytes: &[u8], dst: SocketAddr) -> bool {
+    sendto(
+        fd,
+        bytes,
+        &SockaddrStorage::from(dst),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .is_ok()
+}
+
+/// One datagram waiting to leave: where to, and which bytes of the receive buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Queued {
+    dst: SocketAddr,
+    start: usize,
+    len: usize,
+}
+
+/// Datagrams per `sendmmsg`.
+pub const SEND_BATCH: usize = 64;
+
+/// The `sendmmsg` headers one sender uses, preallocated once (per UDP worker, per QUIC
+/// connection): sending allocates nothing.
+pub struct Headers<S: PeerAddr> {
+    send: MultiHeaders<S>,
+    /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
+    /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
+    gso: MultiHeaders<S>,
+}
+
+impl<S: PeerAddr> std::fmt::Debug for Headers<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Headers").finish_non_exhaustive()
+    }
+}
+
+impl<S: PeerAddr> Headers<S> {
+    /// Headers for batches of up to `batch` datagrams (at most [`SEND_BATCH`]).
+    pub fn new(batch: usize) -> Self {
+        Self {
+            send: MultiHeaders::preallocate(batch.min(SEND_BATCH), None),
+            gso: MultiHeaders::preallocate(1, Some(nix::cmsg_space!(u16))),
+        }
+    }
+}
+
+/// Sends for one receive batch (a UDP worker's, or one QUIC datagram); counts what it could not
+/// send.
+///
+/// Forwarded datagrams are queued as references into the receive buffer (nothing is copied)
+/// and leave in `sendmmsg` batches; a burst that arrived coalesced by GRO leaves as one GSO
+/// send per target. The queue is flushed before any other send, so that datagrams to one
+/// destination keep their order.
+pub struct Out<'a, S: PeerAddr> {
+    fd: RawFd,
+    quic: Option<&'a QuicConns>,
+    buf: &'a [u8],
+    /// Batching state; without it (a QUIC connection, whose task cannot hold `sendmmsg`
+    /// headers across an `.await`), each UDP datagram leaves at once with `sendto`.
+    batch: Option<Batch<'a, S>>,
+    /// The last datagram copied out for QUIC legs (its offset in the receive buffer, and the
+    /// copy): its other QUIC targets share the copy.
+    quic_copy: Option<(usize, Bytes)>,
+    max_gso: usize,
+    errors: u64,
+}
+
+impl<S: PeerAddr> std::fmt::Debug for Out<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out")
+            .field("batched", &self.batch.is_some())
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Batch<'a, S: PeerAddr> {
+    queue: &'a mut Vec<Queued>,
+    headers: &'a mut MultiHeaders<S>,
+    /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
+    /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
+    gso_header: &'a mut MultiHeaders<S>,
+}
+
+impl<'a, S: PeerAddr> Out<'a, S> {
+    /// A batching sender for datagrams received into `buf`, sending UDP from `fd` in `sendmmsg`
+    /// batches (`headers` and `queue` preallocated by the caller) and QUIC through `quic`;
+    /// `max_gso` is how many datagrams one GSO send may carry (1: no GSO).
+    pub fn batched(
+        fd: RawFd,
+        quic: Option<&'a QuicConns>,
+        buf: &'a [u8],
+        headers: &'a mut Headers<S>,
+        queue: &'a mut Vec<Queued>,
+        max_gso: usize,
+    ) -> Self {
+        Self {
+            fd,
+            quic,
+            buf,
+            batch: Some(Batch {
+                queue,
+                headers: &mut headers.send,
+                gso_header: &mut headers.gso,
+            }),
+            quic_copy: None,
+            max_gso,
+            errors: 0,
+        }
+    }
+
+    /// A sender that sends each UDP datagram at once (`sendto`), for datagrams in `buf`.
+    pub fn immediate(fd: RawFd, quic: Option<&'a QuicConns>, buf: &'a [u8]) -> Self {
+        Self {
+            fd,
+            quic,
+            buf,
+            batch: None,
+            quic_copy: None,
+            max_gso: 1,
+            errors: 0,
+        }
+    }
+
+    /// Shares `bytes`, the whole receive buffer as one `Bytes`, with QUIC targets instead of
+    /// copying it (a QUIC datagram fanned out to other QUIC legs is never copied).
+    pub fn sharing(mut self, bytes: Bytes) -> Self {
+        self.quic_copy = Some((0, bytes));
+        self
+    }
+
+    /// The receive buffer the datagrams are taken from.
+    pub fn buf(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    /// Datagrams this sender failed to send so far.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// Sends a control message the core originated. Returns false, sending nothing, for a
+    /// reliable message to a QUIC leg: the shell of that connection writes it on the leg's
+    /// control stream.
+    pub fn control(&mut self, t: &Transmit) -> bool {
+        match t.dst {
+            Endpoint::Udp(dst) => {
+                self.now(dst, t.msg.as_bytes(), None);
+                true
+            }
+            Endpoint::Quic(_) if t.reliable => false,
+            Endpoint::Quic(conn) => {
+                match self.quic {
+                    Some(q) => q.send_datagram(conn, Bytes::copy_from_slice(t.msg.as_bytes())),
+                    None => self.errors += 1,
+                }
+                true
+            }
+        }
+    }
+
+    /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued:
+    /// `segment_size` makes it one GSO send of datagrams of that size (the last may be shorter).
+    pub fn now(&mut self, destination: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+        self.flush();
+        let iov = [IoSlice::new(contents)];
+        // Nonblocking: a full send buffer drops the datagrams (counted) rather than delaying the
+        // rest of the batch behind them, as a media relay should.
+        let gso = self.batch.as_mut().map(|b| &mut *b.gso_header);
+        let sent = match (segment_size, gso) {
+            (Some(seg), Some(gso_header)) => {
+                let seg = seg as u16;
+                let cmsgs = [ControlMessage::UdpGsoSegments(&seg)];
+                let iovs = [iov];
+                sendmmsg(
+                    self.fd,
+                    gso_header,
+                    &iovs,
+                    [S::from_std(destination)],
+                    cmsgs,
+                    MsgFlags::MSG_DONTWAIT,
+                )
+                .is_ok_and(|mut r| r.next().is_some())
+            }
+            // `burst` asks for GSO only where `max_gso > 1`, which only a batching sender has.
+            (Some(_), None) => false,
+            (None, _) => {
+                let addr = SockaddrStorage::from(destination);
+                sendmsg(self.fd, &iov, &[], MsgFlags::MSG_DONTWAIT, Some(&addr)).is_ok()
+            }
+        };
+        if !sent {
+            self.errors += segment_size.map_or(1, |s| contents.len().div_ceil(s)) as u64;
+        }
+    }
+
+    /// Queues (UDP) or sends (QUIC) the datagram at `start..start + len` of the receive buffer.
+    #[inline]
+    pub fn to(&mut self, ep: Endpoint, start: usize, len: usize) {
+        match ep {
+            Endpoint::Udp(dst) => match &mut self.batch {
+                Some(b) => {
+                    b.queue.push(Queued { dst, start, len });
+                    if b.queue.len() >= SEND_BATCH {
+                        self.flush();
+                    }
+                }
+                None => {
+                    if !send_now(self.fd, &self.buf[start..start + len], dst) {
+                        self.errors += 1;
+                    }
+                }
+            },
+            // The QUIC registry counts its own failures.
+            Endpoint::Quic(conn) => {
+                let Some(quic) = self.quic else {
+                    self.errors += 1;
+                    return;
+                };
+                let pkt = match &self.quic_copy {
+                    Some((at, copy)) if *at == start && copy.len() == len => copy.clone(),
+                    _ => {
+                        let copy = Bytes::copy_from_slice(&self.buf[start..start + len]);
+                        self.quic_copy = Some((start, copy.clone()));
+                        copy
+                    }
+                };
+                quic.send_datagram(conn, pkt);
+            }
+        }
+    }
+
+    /// Sends the `stride`-sized datagrams at `start..start + len`, back to back, to `ep`: one
+    /// GSO send per `max_gso` datagrams over UDP, one datagram at a time otherwise.
+    pub fn burst(&mut self, ep: Endpoint, start: usize, len: usize, stride: usize) {
+        let buf = self.buf;
+        match ep {
+            Endpoint::Udp(dst) if self.max_gso > 1 => {
+                for chunk in buf[start..start + len].chunks(stride * self.max_gso) {
+                    let seg = (chunk.len() > stride).then_some(stride);
+                    self.now(dst, chunk, seg);
+                }
+            }
+            _ => {
+                for off in (0..len).step_by(stride) {
+                    self.to(ep, start + off, stride.min(len - off));
+                }
+            }
+        }
+    }
+
+    /// Sends everything queued, `SEND_BATCH` datagrams per system call.
+    pub fn flush(&mut self) {
+        let Some(b) = self.batch.as_mut() else {
+            return;
+        };
+        let mut done = 0;
+        while done < b.queue.len() {
+            let chunk = &b.queue[done..(done + SEND_BATCH).min(b.queue.len())];
+            // Only as many entries as datagrams: a socket address takes 128 bytes, and filling a
+            // whole batch's worth for a wake-up that carries one datagram showed in profiles.
+            let mut iovs: ArrayVec<[IoSlice<'_>; 1], SEND_BATCH> = ArrayVec::new();
+            let mut addrs: ArrayVec<Option<S>, SEND_BATCH> = ArrayVec::new();
+            for q in chunk {
+                iovs.push([IoSlice::new(&self.buf[q.start..q.start + q.len])]);
+                // Every destination is a client of this very socket, hence of its family.
+                addrs.push(S::from_std(q.dst));
+            }
+            let sent = sendmmsg(
+                self.fd,
+                b.headers,
+                &iovs,
+                &addrs,
+                &[] as &[ControlMessage<'_>],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|r| r.count());
+            match sent {
+                Ok(0) | Err(Errno::EAGAIN) => {
+                    // The socket buffer is full: the rest of the queue would fail too.
+                    self.errors += (b.queue.len() - done) as u64;
+                    break;
+                }
+                Ok(k) => done += k,
+                // One datagram the kernel refuses (an unroutable address, say) must not hold
+                // up the others: skip it.
+                Err(_) => {
+                    self.errors += 1;
+                    done += 1;
+                }
+            }
+        }
+        b.queue.clear();
+    }
+}
+
+/// The socket address type of one worker's socket: `sockaddr_in` for an IPv4 socket,
+/// `sockaddr_in6` for an IPv6 one (IPv4 clients of a dual-stack socket appear v4-mapped). The
+/// exact type rather than a 128-byte `sockaddr_storage` keeps the per-batch headers small.
+pub trait PeerAddr: SockaddrLike + Copy {
+    /// As a standard socket address.
+    fn to_std(&self) -> SocketAddr;
+    /// From a standard socket address; `None` if it is of the other family.
+    fn from_std(a: SocketAddr) -> Option<Self>;
+}
+
+impl PeerAddr for SockaddrIn {
+    fn to_std(&self) -> SocketAddr {
+        SocketAddr::V4((*self).into())
+    }
+
+    fn from_std(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V4(v4) => Some(v4.into()),
+            SocketAddr::V6(_) => None,
+        }
+    }
+}
+
+impl PeerAddr for SockaddrIn6 {
+    fn to_std(&self) -> SocketAddr {
+        SocketAddr::V6((*self).into())
+    }
+
+    fn from_std(a: SocketAddr) -> Option<Self> {
+        match a {
+            SocketAddr::V6(v6) => Some(v6.into()),
+            SocketAddr::V4(v4) => {
+                Some(std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into())
+            }
+        }
+    }
+}
+
