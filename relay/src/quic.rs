@@ -301,6 +301,7 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
         return;
     };
     let mut addr = conn.remote_address();
+    tracing::debug!(conn = id.0, peer = %veil_ops::redact::Redacted(addr), "QUIC connection bound");
     let mut tick = tokio::time::interval(ctx.node.config().sweep_interval);
     let mut stop = ctx.stop.clone();
     let why = loop {
@@ -344,7 +345,7 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     }
     ctx.conns.remove(id);
     conn_side.publish();
-    tracing::debug!(?why, "QUIC connection ended");
+    tracing::debug!(conn = id.0, ?why, "QUIC connection ended");
 }
 
 /// What every connection of the QUIC endpoint shares.

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A Veil participant written with aioquic, a QUIC stack Veil did not write.
 
-It implements docs/PROTOCOL.md from scratch: it computes the BIND (ticket + HMAC-SHA256 tag keyed
-by the leg key) from the token, pins the relay's certificate by its SHA-256, binds on the first
+It implements docs/PROTOCOL.md from scratch: it computes the channel-bound BIND (ticket +
+HMAC-SHA256 tag keyed by the leg key, over the message and the connection's TLS exporter value,
+RFC 8446 section 7.5, which it derives itself from aioquic's key schedule: aioquic exports no
+keying material) from the token, pins the relay's certificate by its SHA-256, binds on the first
 bidirectional stream, then exchanges RFC 9221 datagrams through the relay: it echoes back the
 first --echo media datagrams it receives and sends --send RTP-shaped datagrams of its own.
 
@@ -20,6 +22,7 @@ import ssl
 import struct
 import sys
 
+from aioquic import tls
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
@@ -27,15 +30,47 @@ from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived, Str
 from cryptography.hazmat.primitives.serialization import Encoding
 
 TYPE_BIND, TYPE_BIND_OK, TYPE_ERROR = 0x50, 0x52, 0x5F
+FLAG_CHANNEL = 2
+EXPORTER_LABEL = b"EXPORTER-veil-bind"
 SSRC = 0xA10C0DEC
 
+# The exporter master secret (RFC 8446 section 7.1) of each TLS session, captured when aioquic
+# derives the application traffic secrets: both use the transcript up to the server Finished.
+_EXPORTER_MASTER = {}
+_derive_secret = tls.KeySchedule.derive_secret
 
-def bind_message(token: bytes) -> bytes:
-    """BIND, docs/PROTOCOL.md section 4.1: no cookie over QUIC."""
+
+def _capturing_derive_secret(self, label):
+    if label == b"s ap traffic":
+        _EXPORTER_MASTER[id(self)] = (self.algorithm, _derive_secret(self, b"exp master"))
+    return _derive_secret(self, label)
+
+
+tls.KeySchedule.derive_secret = _capturing_derive_secret
+
+
+def export_keying_material(schedule, label: bytes, context: bytes, length: int) -> bytes:
+    """TLS-Exporter(label, context, length), RFC 8446 section 7.5."""
+    from cryptography.hazmat.primitives import hashes
+
+    algorithm, master = _EXPORTER_MASTER[id(schedule)]
+
+    def digest(data: bytes) -> bytes:
+        h = hashes.Hash(algorithm)
+        h.update(data)
+        return h.finalize()
+
+    secret = tls.hkdf_expand_label(algorithm, master, label, digest(b""), algorithm.digest_size)
+    return tls.hkdf_expand_label(algorithm, secret, b"exporter", digest(context), length)
+
+
+def bind_message(token: bytes, exporter: bytes) -> bytes:
+    """A channel-bound BIND, docs/PROTOCOL.md section 5: no cookie, flag 2, and a tag over the
+    message and the connection's exporter value."""
     ticket, leg_key = token[:32], token[32:]
     txn = os.urandom(8)
-    signed = bytes([TYPE_BIND, 1, 0, 0]) + txn + ticket + bytes(24)
-    tag = hmac.new(leg_key, signed, hashlib.sha256).digest()[:16]
+    signed = bytes([TYPE_BIND, 1, 0, FLAG_CHANNEL]) + txn + ticket + bytes(24)
+    tag = hmac.new(leg_key, signed + exporter, hashlib.sha256).digest()[:16]
     return signed + tag
 
 
@@ -83,7 +118,7 @@ async def main() -> int:
 
     config = QuicConfiguration(
         is_client=True,
-        alpn_protocols=["veil/1"],
+        alpn_protocols=["veil/2"],
         max_datagram_frame_size=65536,
         server_name="veil-relay",
         # No CA: the certificate is pinned by its fingerprint below, as the Veil API hands it out.
@@ -98,8 +133,11 @@ async def main() -> int:
             return 3
         summary["pinned"] = True
 
+        exporter = export_keying_material(conn._quic.tls.key_schedule, EXPORTER_LABEL, b"", 32)
         stream = conn._quic.get_next_available_stream_id()
-        conn._quic.send_stream_data(stream, bind_message(bytes.fromhex(a.token)), end_stream=False)
+        conn._quic.send_stream_data(
+            stream, bind_message(bytes.fromhex(a.token), exporter), end_stream=False
+        )
         conn.transmit()
         await asyncio.wait_for(conn.bound, timeout=5)
         summary["bound"] = True

@@ -14,6 +14,8 @@ use crate::node::Config;
 use crate::token::{KeyId, KeyRing, Limits, TICKET_LEN, Ticket, Token};
 use crate::wire::{COOKIE_LEN, RelayMessage};
 
+mod transports;
+
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
 
 struct Net {

@@ -1,0 +1,422 @@
+//! The same scenarios for UDP-only, QUIC-only and mixed sessions, in virtual time: every
+//! transport is one kind of endpoint of the one core. A UDP client binds through a worker's
+//! table with the cookie round; a QUIC client through its connection's own table (as the QUIC
+//! shell has one per connection) with a channel-bound BIND on the connection's stream.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::limit::BindLimiter;
+use crate::session::ConnId;
+use crate::token::Token;
+use crate::wire::RelayMessage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Udp,
+    Quic,
+}
+
+const UDP_ONLY: [Kind; 3] = [Kind::Udp; 3];
+const QUIC_ONLY: [Kind; 3] = [Kind::Quic; 3];
+const MIXED: [Kind; 3] = [Kind::Udp, Kind::Quic, Kind::Quic];
+
+/// One participant: its endpoint, its address, and which table serves it.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    kind: Kind,
+    ep: Endpoint,
+    addr: SocketAddr,
+    table: usize,
+    exporter: [u8; EXPORTER_LEN],
+}
+
+/// A relay node seen through its tables: table 0 is the UDP worker, the others one QUIC
+/// connection each.
+struct Relay {
+    net: Net,
+    tables: Vec<ForwardingTable>,
+    quic_binds: Arc<Mutex<BindLimiter>>,
+}
+
+impl Relay {
+    fn new() -> Self {
+        let net = Net::new();
+        let udp = net.worker();
+        let quic_binds = Arc::new(Mutex::new(BindLimiter::new(50, 20_000, net.now)));
+        Self {
+            net,
+            tables: vec![udp],
+            quic_binds,
+        }
+    }
+
+    /// A new client of `kind` at 127.0.0.`last`.
+    fn client(&mut self, kind: Kind, last: u8) -> Client {
+        let addr = addr(last, 5000);
+        match kind {
+            Kind::Udp => Client {
+                kind,
+                ep: Endpoint::Udp(addr),
+                addr,
+                table: 0,
+                exporter: [0; EXPORTER_LEN],
+            },
+            Kind::Quic => {
+                let t = ForwardingTable::with_shared_binds(
+                    self.net.node.clone(),
+                    self.net.now,
+                    self.quic_binds.clone(),
+                );
+                self.tables.push(t);
+                Client {
+                    kind,
+                    ep: Endpoint::Quic(ConnId(u64::from(last))),
+                    addr,
+                    table: self.tables.len() - 1,
+                    exporter: [last; EXPORTER_LEN],
+                }
+            }
+        }
+    }
+
+    fn table(&mut self, c: &Client) -> &mut ForwardingTable {
+        &mut self.tables[c.table]
+    }
+
+    /// Binds `c` with `token`; returns the final answer.
+    fn bind(&mut self, c: &Client, token: &Token) -> Transmit {
+        let now = self.net.now;
+        match c.kind {
+            Kind::Udp => {
+                let net = &self.net;
+                let answer = super::bind(net, &mut self.tables[c.table], c.addr, token);
+                Transmit {
+                    dst: c.ep,
+                    msg: wire::challenge([0; 8], &[0; COOKIE_LEN]),
+                    reliable: false,
+                }
+                .with_bytes(&answer)
+            }
+            Kind::Quic => {
+                let pkt = wire::bind_channel(token, [2; 8], &c.exporter);
+                let t = self.table(c);
+                t.handle_stream_bind(now, c.ep, c.addr, &pkt, &c.exporter);
+                let out = replies(t);
+                assert_eq!(out.len(), 1, "{out:?}");
+                assert!(out[0].reliable, "a stream bind is answered on the stream");
+                assert_eq!(out[0].dst, c.ep);
+                out[0]
+            }
+        }
+    }
+
+    fn send(&mut self, c: &Client, pkt: &[u8]) -> Verdict {
+        let now = self.net.now;
+        self.table(c).handle_datagram(now, c.ep, pkt)
+    }
+
+    fn timeout(&mut self) {
+        let now = self.net.now;
+        for t in &mut self.tables {
+            t.handle_timeout(now);
+        }
+    }
+}
+
+impl Transmit {
+    /// Test helper: a transmit with these bytes (for the UDP bind helper's answer).
+    fn with_bytes(mut self, b: &[u8]) -> Self {
+        self.msg = match wire::parse_relay(b).unwrap() {
+            RelayMessage::BindOk {
+                txn,
+                idle_timeout_secs,
+            } => wire::bind_ok(txn, idle_timeout_secs),
+            RelayMessage::Error { txn, code } => {
+                wire::error(txn, ErrorCode::from_u16(code).unwrap())
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        self
+    }
+}
+
+fn bind_ok(t: &Transmit) -> bool {
+    matches!(
+        wire::parse_relay(t.msg.as_bytes()),
+        Ok(RelayMessage::BindOk {
+            idle_timeout_secs: 30,
+            ..
+        })
+    )
+}
+
+/// Binds a session of `kinds.len()` legs, one client per kind.
+fn call(kinds: &[Kind], ttl_ms: u64) -> (Relay, Vec<Client>) {
+    let mut r = Relay::new();
+    let n = kinds.len() as u8;
+    let mut clients = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        let c = r.client(*k, 10 + i as u8);
+        let token = r
+            .net
+            .token_with(7, i as u8, n, crate::token::Limits::default(), ttl_ms);
+        let answer = r.bind(&c, &token);
+        assert!(bind_ok(&answer), "{k:?}: {answer:?}");
+        clients.push(c);
+    }
+    (r, clients)
+}
+
+fn sorted(mut v: Vec<Endpoint>) -> Vec<Endpoint> {
+    v.sort_by_key(|e| format!("{e:?}"));
+    v
+}
+
+fn others(clients: &[Client], i: usize) -> Vec<Endpoint> {
+    sorted(
+        clients
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, c)| c.ep)
+            .collect(),
+    )
+}
+
+#[test]
+fn every_transport_mix_binds_forwards_and_keeps_alive() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 3_600_000);
+        for (i, c) in clients.iter().enumerate() {
+            let v = r.send(c, &rtp(1, 120));
+            assert_eq!(sorted(targets(&v)), others(&clients, i), "{kinds:?}");
+            drop(v);
+            assert!(matches!(
+                r.send(c, &wire::keepalive([3; 8])),
+                Verdict::Control
+            ));
+            let out = replies(r.table(c));
+            assert_eq!(out.len(), 1);
+            assert!(!out[0].reliable, "KEEPALIVE_ACK is a datagram");
+            assert_eq!(out[0].msg.as_bytes(), wire::keepalive_ack([3; 8]).as_bytes());
+        }
+    }
+}
+
+/// Regression: the QUIC shell used to acknowledge a KEEPALIVE from a revoked leg until its next
+/// sweep. Every transport now answers it as UDP does, from the one core: CLOSE, never an ACK.
+#[test]
+fn every_transport_answers_a_keepalive_after_revocation_with_close_not_ack() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 3_600_000);
+        r.net.node.revoke(SessionId(7), T0_UNIX_MS + 3_600_000);
+        for c in &clients {
+            assert!(matches!(
+                r.send(c, &wire::keepalive([4; 8])),
+                Verdict::Drop(DropReason::SessionClosed)
+            ));
+            let out = replies(r.table(c));
+            assert_eq!(out.len(), 1, "{kinds:?} {c:?}");
+            assert_eq!(
+                out[0].msg.as_bytes(),
+                wire::close(ErrorCode::SessionClosed, 7).as_bytes()
+            );
+            assert_eq!(out[0].reliable, true, "CLOSE goes on a QUIC leg's stream");
+            assert!(std::iter::from_fn(|| r.table(c).poll_event()).any(|e| matches!(
+                e,
+                Event::Unbound {
+                    why: LegStatus::Closed,
+                    ..
+                }
+            )));
+            assert!(!r.table(c).serves(c.ep));
+        }
+    }
+}
+
+/// Regression: the QUIC shell ended a leg whose token expired only at its next sweep. Now the
+/// first packet after expiry ends it, with CLOSE `EXPIRED`, on every transport.
+#[test]
+fn every_transport_ends_a_leg_the_moment_its_token_expires() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 1_000);
+        r.net.advance(Duration::from_millis(1_001));
+        for c in &clients {
+            assert!(matches!(
+                r.send(c, &rtp(9, 100)),
+                Verdict::Drop(DropReason::Expired)
+            ));
+            let out = replies(r.table(c));
+            assert_eq!(out.len(), 1, "{kinds:?}");
+            assert_eq!(
+                out[0].msg.as_bytes(),
+                wire::close(ErrorCode::Expired, 7).as_bytes()
+            );
+            assert!(!r.table(c).serves(c.ep), "ended without waiting for a sweep");
+        }
+        assert_eq!(r.net.node.directory.legs(), 0);
+    }
+}
+
+#[test]
+fn every_transport_unbinds_idle_legs_and_evicts_on_drain() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 3_600_000);
+        // The first client keeps alive; the others go quiet past the idle timeout.
+        for _ in 0..11 {
+            r.net.advance(Duration::from_secs(3));
+            let c = clients[0];
+            r.send(&c, &wire::keepalive([1; 8]));
+            r.timeout();
+        }
+        for c in &clients[1..] {
+            assert!(!r.table(c).serves(c.ep), "{kinds:?}: idle leg unbound");
+        }
+        assert!(r.table(&clients[0]).serves(clients[0].ep));
+        for t in &mut r.tables {
+            replies(t);
+        }
+        r.net.node.set_evicting(true);
+        r.net.advance(Duration::from_millis(300));
+        r.timeout();
+        let c = clients[0];
+        let out = replies(r.table(&c));
+        assert_eq!(
+            out.last().unwrap().msg.as_bytes(),
+            wire::close(ErrorCode::Draining, 7).as_bytes()
+        );
+        assert_eq!(r.net.node.directory.legs(), 0);
+    }
+}
+
+/// A BIND seen on the wire binds nothing on another transport: a captured UDP BIND (either
+/// round) written on a QUIC stream is refused, a channel-bound BIND is refused over UDP, and a
+/// QUIC BIND made for one connection does not verify on another.
+#[test]
+fn a_bind_proves_possession_only_for_the_transport_and_connection_it_was_made_for() {
+    let mut r = Relay::new();
+    let token = r.net.token(7, 0, 2);
+    // The victim's UDP bind, both rounds, as an eavesdropper captures them.
+    let victim = addr(20, 5000);
+    let first = wire::bind(&token, [1; 8], None);
+    r.tables[0].handle_datagram(r.net.now, victim, &first);
+    let challenge = replies(&mut r.tables[0]);
+    let RelayMessage::Challenge { cookie, .. } =
+        wire::parse_relay(challenge[0].msg.as_bytes()).unwrap()
+    else {
+        panic!("challenge expected");
+    };
+    let second = wire::bind(&token, [2; 8], Some(cookie.try_into().unwrap()));
+    let attacker = r.client(Kind::Quic, 66);
+    for captured in [first, second] {
+        let now = r.net.now;
+        let v = r.table(&attacker).handle_stream_bind(
+            now,
+            attacker.ep,
+            attacker.addr,
+            &captured,
+            &attacker.exporter,
+        );
+        assert!(matches!(v, Verdict::Drop(DropReason::BadBinding)));
+        let out = replies(r.table(&attacker));
+        assert_eq!(error_code(out[0].msg.as_bytes()), Some(ErrorCode::Unauthorized as u16));
+        assert!(out[0].msg.as_bytes().len() <= captured.len());
+    }
+    // As a QUIC datagram rather than on the stream: refused too.
+    assert!(matches!(
+        r.send(&attacker, &first),
+        Verdict::Drop(DropReason::BadBinding)
+    ));
+    // A channel-bound BIND for connection A, replayed on connection B (another relay would see
+    // the same): its tag does not cover B's exporter.
+    let a = r.client(Kind::Quic, 30);
+    let b = r.client(Kind::Quic, 31);
+    let bound_to_a = wire::bind_channel(&token, [5; 8], &a.exporter);
+    let now = r.net.now;
+    let v = r.table(&b).handle_stream_bind(now, b.ep, b.addr, &bound_to_a, &b.exporter);
+    assert!(matches!(v, Verdict::Drop(DropReason::BadToken)));
+    // And over UDP, from any source.
+    assert!(matches!(
+        r.tables[0].handle_datagram(r.net.now, victim, &bound_to_a),
+        Verdict::Drop(DropReason::BadBinding)
+    ));
+    assert_eq!(r.net.node.directory.legs(), 0, "nothing bound");
+    // The rightful holder on A binds.
+    assert!(bind_ok(&r.bind(&a, &token)));
+    let stats: Stats = r.tables.iter().fold(Stats::default(), |mut s, t| {
+        s.merge(t.stats());
+        s
+    });
+    assert_eq!(stats.drops_for(DropReason::BadBinding), 4);
+}
+
+/// A QUIC connection that moves gets no media until its new address answers a PROBE, so a
+/// participant forging packets from a victim's address cannot have media sent there.
+#[test]
+fn a_migrated_quic_path_gets_no_media_until_it_answers_a_probe() {
+    for kinds in [[Kind::Quic, Kind::Udp], [Kind::Quic, Kind::Quic]] {
+        let (mut r, clients) = call(&kinds, 3_600_000);
+        let (q, other) = (clients[0], clients[1]);
+        let victim = addr(99, 7000);
+        r.net.advance(Duration::from_millis(10));
+        let now = r.net.now;
+        r.table(&q).handle_path(now, q.ep, victim);
+        let out = replies(r.table(&q));
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].reliable);
+        let RelayMessage::Probe { txn, cookie } = wire::parse_relay(out[0].msg.as_bytes()).unwrap()
+        else {
+            panic!("a PROBE is sent to the new path");
+        };
+        let cookie = cookie.to_vec();
+        // Media toward the unproven path is withheld (the only target: nothing is forwarded).
+        assert!(matches!(
+            r.send(&other, &rtp(1, 200)),
+            Verdict::Drop(DropReason::UnprovenPath)
+        ));
+        assert_eq!(r.table(&other).stats().drops_for(DropReason::UnprovenPath), 1);
+        // Media from it still flows (the participant could send it anyway).
+        assert_eq!(targets(&r.send(&q, &rtp(2, 200))), vec![other.ep]);
+        // PROBEs are bounded, whatever happens: at most 4 in all.
+        let mut probes = 1;
+        for _ in 0..20 {
+            r.net.advance(Duration::from_millis(300));
+            r.timeout();
+            r.send(&q, &wire::keepalive([1; 8]));
+            r.send(&other, &wire::keepalive([1; 8]));
+            probes += replies(r.table(&q))
+                .iter()
+                .filter(|t| t.msg.as_bytes()[0] == wire::TYPE_PROBE)
+                .count();
+        }
+        assert_eq!(probes, 4);
+        // A forged echo proves nothing; the real one (from the probe the client received)
+        // does, and media flows to the new path.
+        let mut forged = cookie.clone();
+        forged[20] ^= 1;
+        assert!(matches!(
+            r.send(&q, &wire::probe_ack(txn, &forged)),
+            Verdict::Drop(DropReason::BadCookie)
+        ));
+        assert!(matches!(
+            r.send(&q, &wire::probe_ack(txn, &cookie)),
+            Verdict::Control
+        ));
+        assert_eq!(targets(&r.send(&other, &rtp(3, 200))), vec![q.ep]);
+        // Moving back to the first address needs a new proof (only the last proven address is
+        // remembered); returning to the proven one before answering needs none.
+        let now = r.net.now;
+        r.table(&q).handle_path(now, q.ep, q.addr);
+        assert_eq!(replies(r.table(&q))[0].msg.as_bytes()[0], wire::TYPE_PROBE);
+        assert!(matches!(
+            r.send(&other, &rtp(4, 200)),
+            Verdict::Drop(DropReason::UnprovenPath)
+        ));
+        r.table(&q).handle_path(now, q.ep, victim);
+        assert!(replies(r.table(&q)).is_empty());
+        assert_eq!(targets(&r.send(&other, &rtp(5, 200))), vec![q.ep]);
+    }
+}
