@@ -471,7 +471,9 @@ pub fn bind_channel(token: &Token, txn: [u8; 8], exporter: &[u8; EXPORTER_LEN]) 
     b[2..4].copy_from_slice(&FLAG_CHANNEL.to_be_bytes());
     b[4..12].copy_from_slice(&txn);
     b[12..12 + TICKET_LEN].copy_from_slice(token.ticket_bytes());
-    let tag = token.leg_key().tag_parts(&[&b[..BIND_SIGNED_LEN], exporter]);
+    let tag = token
+        .leg_key()
+        .tag_parts(&[&b[..BIND_SIGNED_LEN], exporter]);
     b[BIND_SIGNED_LEN..].copy_from_slice(&tag);
     b
 }

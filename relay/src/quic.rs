@@ -31,7 +31,6 @@ use veil_relay_core::{ConnId, Endpoint, Event, ForwardingTable, LegStatus, Node,
 
 use crate::send::{Out, PeerAddr, QuicConns};
 
-
 /// The ALPN protocol id of Veil over QUIC.
 pub const ALPN: &[u8] = wire::QUIC_ALPN;
 

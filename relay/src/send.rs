@@ -14,8 +14,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrLike,
-    SockaddrStorage, sendmmsg, sendmsg, sendto,
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
+    sendmmsg, sendmsg, sendto,
 };
 use veil_relay_core::{ConnId, DropReason, Endpoint, SharedStats, Stats, Transmit};
 
@@ -435,4 +435,3 @@ impl PeerAddr for SockaddrIn6 {
         }
     }
 }
-

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use veil_relay_core::wire::MAX_DATAGRAM;
 use veil_relay_core::{DropReason, Endpoint, ForwardingTable, Node, SharedStats, Verdict};
 
-use crate::send::{Headers, Out, PeerAddr, QuicConns, Queued, SEND_BATCH};
+use crate::send::{Headers, Out, PeerAddr, Queued, QuicConns, SEND_BATCH};
 
 /// Datagrams per `recvmmsg`.
 const BATCH: usize = 32;
@@ -281,14 +281,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         if relay.poll_timeout().is_none_or(|t| now >= t) {
             cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
             relay.handle_timeout(now);
-            let mut out = Out::batched(
-                fd,
-                quic.as_deref(),
-                &buf,
-                &mut send_headers,
-                &mut queue,
-                1,
-            );
+            let mut out = Out::batched(fd, quic.as_deref(), &buf, &mut send_headers, &mut queue, 1);
             flush_control(&mut relay, &mut out);
             let errors = out.errors();
             relay.count_send_errors(errors);

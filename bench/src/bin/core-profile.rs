@@ -29,7 +29,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use veil_relay_core::token::{KeyId, SessionId, Ticket};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, Limits, Node, ForwardingTable, Verdict};
+use veil_relay_core::{Config, ForwardingTable, KeyRing, Limits, Node, Verdict};
 
 #[derive(Parser, Debug)]
 struct Args {

@@ -19,7 +19,7 @@ use clap::Parser;
 use veil_relay_core::session::{Endpoint, LegSet, Session};
 use veil_relay_core::token::{KeyId, SessionId, Ticket};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, LegState, Limits, Node, ForwardingTable};
+use veil_relay_core::{Config, ForwardingTable, KeyRing, LegState, Limits, Node};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -37,7 +37,12 @@ fn source(i: u64) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, 1024 + (i % 62_500) as u16))
 }
 
-fn bind(r: &mut ForwardingTable, now: Instant, from: SocketAddr, token: &veil_relay_core::Token) -> bool {
+fn bind(
+    r: &mut ForwardingTable,
+    now: Instant,
+    from: SocketAddr,
+    token: &veil_relay_core::Token,
+) -> bool {
     let first = wire::bind(token, [1; 8], None);
     r.handle_datagram(now, from, &first);
     let Some(t) = r.poll_transmit() else {

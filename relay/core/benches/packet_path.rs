@@ -23,7 +23,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use veil_relay_core::token::{KeyId, SessionId, Ticket, Token};
 use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, KeyRing, Limits, Node, ForwardingTable, Verdict};
+use veil_relay_core::{Config, ForwardingTable, KeyRing, Limits, Node, Verdict};
 
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
 

@@ -165,15 +165,14 @@ impl Node {
             Some(x) => keys.verify_parts(bind.ticket, &[bind.signed, x], bind.tag),
             None => keys.verify(bind.ticket, bind.signed, bind.tag),
         };
-        let ticket = verified
-            .map_err(|e| match e {
-                VerifyError::UnknownKey => {
-                    Refusal::new(DropReason::UnknownKey, ErrorCode::Unauthorized)
-                }
-                VerifyError::Malformed(_) | VerifyError::BadTag => {
-                    Refusal::new(DropReason::BadToken, ErrorCode::Unauthorized)
-                }
-            })?;
+        let ticket = verified.map_err(|e| match e {
+            VerifyError::UnknownKey => {
+                Refusal::new(DropReason::UnknownKey, ErrorCode::Unauthorized)
+            }
+            VerifyError::Malformed(_) | VerifyError::BadTag => {
+                Refusal::new(DropReason::BadToken, ErrorCode::Unauthorized)
+            }
+        })?;
         if ticket.expires_unix_ms <= self.unix_ms(now) {
             return Err(Refusal::new(DropReason::Expired, ErrorCode::Expired));
         }
@@ -231,4 +230,3 @@ impl Node {
         self.config.leg_idle.as_secs().min(u64::from(u16::MAX)) as u16
     }
 }
-

@@ -135,7 +135,13 @@ impl LegSet {
     }
 
     fn without(&self, leg: u8) -> Self {
-        Self::rebuilt(self.slots.iter().filter(|s| s.leg != leg).copied().collect())
+        Self::rebuilt(
+            self.slots
+                .iter()
+                .filter(|s| s.leg != leg)
+                .copied()
+                .collect(),
+        )
     }
 
     fn reachable(&self, leg: u8, reachable: bool) -> Self {

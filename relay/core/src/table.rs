@@ -192,13 +192,21 @@ pub struct ForwardingTable {
 impl ForwardingTable {
     /// A table of `node` with a bind limiter of its own (a UDP worker).
     pub fn new(node: Arc<Node>, now: Instant) -> Self {
-        let binds = BindLimiter::new(node.config().binds_per_ip, node.config().binds_per_worker, now);
+        let binds = BindLimiter::new(
+            node.config().binds_per_ip,
+            node.config().binds_per_worker,
+            now,
+        );
         Self::with_binds(node, now, Binds::Own(binds))
     }
 
     /// A table of `node` that takes its bind budget from `binds`, shared with other tables (one
     /// QUIC connection's; the owner of `binds` calls [`BindLimiter::forget_idle`]).
-    pub fn with_shared_binds(node: Arc<Node>, now: Instant, binds: Arc<Mutex<BindLimiter>>) -> Self {
+    pub fn with_shared_binds(
+        node: Arc<Node>,
+        now: Instant,
+        binds: Arc<Mutex<BindLimiter>>,
+    ) -> Self {
         Self::with_binds(node, now, Binds::Shared(binds))
     }
 
@@ -381,7 +389,10 @@ impl ForwardingTable {
         p.sent += 1;
         p.next_probe = now + PROBE_INTERVAL;
         let addr = p.addr;
-        let cookie = self.node.cookies.mint(self.node.mono_ms(now), addr, &context);
+        let cookie = self
+            .node
+            .cookies
+            .mint(self.node.mono_ms(now), addr, &context);
         self.send(ep, wire::probe(rand_txn(&cookie), &cookie), false);
     }
 
@@ -577,7 +588,9 @@ impl ForwardingTable {
         };
         let session = leg.session();
         match why {
-            LegStatus::Closed => self.send(from, wire::close(ErrorCode::SessionClosed, session.0), true),
+            LegStatus::Closed => {
+                self.send(from, wire::close(ErrorCode::SessionClosed, session.0), true)
+            }
             LegStatus::Expired => {
                 self.node.unbind_leg(&leg);
                 self.send(from, wire::close(ErrorCode::Expired, session.0), true);
@@ -679,7 +692,11 @@ impl ForwardingTable {
         let legs: Vec<_> = self.legs.drain().collect();
         for (key, leg) in legs {
             self.node.unbind_leg(&leg);
-            self.send(key.0, wire::close(ErrorCode::Draining, leg.session().0), true);
+            self.send(
+                key.0,
+                wire::close(ErrorCode::Draining, leg.session().0),
+                true,
+            );
             self.event(Event::Unbound {
                 session: leg.session(),
                 leg: leg.leg(),

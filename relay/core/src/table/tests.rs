@@ -389,9 +389,7 @@ fn cookies_prove_the_source_address() {
         1,
         "still one leg, still at the client's address"
     );
-    assert!(
-        r.serves(client.into()) && !r.serves(attacker.into())
-    );
+    assert!(r.serves(client.into()) && !r.serves(attacker.into()));
 }
 
 #[test]

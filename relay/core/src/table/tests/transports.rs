@@ -201,7 +201,10 @@ fn every_transport_mix_binds_forwards_and_keeps_alive() {
             let out = replies(r.table(c));
             assert_eq!(out.len(), 1);
             assert!(!out[0].reliable, "KEEPALIVE_ACK is a datagram");
-            assert_eq!(out[0].msg.as_bytes(), wire::keepalive_ack([3; 8]).as_bytes());
+            assert_eq!(
+                out[0].msg.as_bytes(),
+                wire::keepalive_ack([3; 8]).as_bytes()
+            );
         }
     }
 }
@@ -225,13 +228,15 @@ fn every_transport_answers_a_keepalive_after_revocation_with_close_not_ack() {
                 wire::close(ErrorCode::SessionClosed, 7).as_bytes()
             );
             assert_eq!(out[0].reliable, true, "CLOSE goes on a QUIC leg's stream");
-            assert!(std::iter::from_fn(|| r.table(c).poll_event()).any(|e| matches!(
-                e,
-                Event::Unbound {
-                    why: LegStatus::Closed,
-                    ..
-                }
-            )));
+            assert!(
+                std::iter::from_fn(|| r.table(c).poll_event()).any(|e| matches!(
+                    e,
+                    Event::Unbound {
+                        why: LegStatus::Closed,
+                        ..
+                    }
+                ))
+            );
             assert!(!r.table(c).serves(c.ep));
         }
     }
@@ -255,7 +260,10 @@ fn every_transport_ends_a_leg_the_moment_its_token_expires() {
                 out[0].msg.as_bytes(),
                 wire::close(ErrorCode::Expired, 7).as_bytes()
             );
-            assert!(!r.table(c).serves(c.ep), "ended without waiting for a sweep");
+            assert!(
+                !r.table(c).serves(c.ep),
+                "ended without waiting for a sweep"
+            );
         }
         assert_eq!(r.net.node.directory.legs(), 0);
     }
@@ -322,7 +330,10 @@ fn a_bind_proves_possession_only_for_the_transport_and_connection_it_was_made_fo
         );
         assert!(matches!(v, Verdict::Drop(DropReason::BadBinding)));
         let out = replies(r.table(&attacker));
-        assert_eq!(error_code(out[0].msg.as_bytes()), Some(ErrorCode::Unauthorized as u16));
+        assert_eq!(
+            error_code(out[0].msg.as_bytes()),
+            Some(ErrorCode::Unauthorized as u16)
+        );
         assert!(out[0].msg.as_bytes().len() <= captured.len());
     }
     // As a QUIC datagram rather than on the stream: refused too.
@@ -336,7 +347,9 @@ fn a_bind_proves_possession_only_for_the_transport_and_connection_it_was_made_fo
     let b = r.client(Kind::Quic, 31);
     let bound_to_a = wire::bind_channel(&token, [5; 8], &a.exporter);
     let now = r.net.now;
-    let v = r.table(&b).handle_stream_bind(now, b.ep, b.addr, &bound_to_a, &b.exporter);
+    let v = r
+        .table(&b)
+        .handle_stream_bind(now, b.ep, b.addr, &bound_to_a, &b.exporter);
     assert!(matches!(v, Verdict::Drop(DropReason::BadToken)));
     // And over UDP, from any source.
     assert!(matches!(
@@ -377,7 +390,10 @@ fn a_migrated_quic_path_gets_no_media_until_it_answers_a_probe() {
             r.send(&other, &rtp(1, 200)),
             Verdict::Drop(DropReason::UnprovenPath)
         ));
-        assert_eq!(r.table(&other).stats().drops_for(DropReason::UnprovenPath), 1);
+        assert_eq!(
+            r.table(&other).stats().drops_for(DropReason::UnprovenPath),
+            1
+        );
         // Media from it still flows (the participant could send it anyway).
         assert_eq!(targets(&r.send(&q, &rtp(2, 200))), vec![other.ep]);
         // PROBEs are bounded, whatever happens: at most 4 in all.
