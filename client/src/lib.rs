@@ -62,7 +62,7 @@ impl RelayInfo {
 pub enum Transport {
     /// UDP datagrams.
     Udp,
-    /// QUIC datagrams (RFC 9221), ALPN `veil/1`.
+    /// QUIC datagrams (RFC 9221), ALPN `veil/2`.
     Quic,
 }
 

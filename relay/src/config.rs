@@ -26,7 +26,7 @@ pub struct Config {
     #[arg(long, env = "VEIL_RELAY_PUBLIC_UDP_ADDR")]
     pub public_udp_addr: Option<SocketAddr>,
 
-    /// UDP address of the QUIC endpoint (ALPN `veil/1`, RFC 9221 datagrams). Unset: no QUIC.
+    /// UDP address of the QUIC endpoint (ALPN `veil/2`, RFC 9221 datagrams). Unset: no QUIC.
     #[arg(long, env = "VEIL_RELAY_QUIC_ADDR")]
     pub quic_addr: Option<SocketAddr>,
 

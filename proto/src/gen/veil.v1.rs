@@ -229,7 +229,7 @@ pub enum Transport {
     Unspecified = 0,
     /// Plain UDP datagrams (see docs/PROTOCOL.md).
     Udp = 1,
-    /// QUIC with RFC 9221 datagrams, ALPN "veil/1".
+    /// QUIC with RFC 9221 datagrams, ALPN "veil/2".
     Quic = 2,
 }
 impl Transport {
