@@ -4,7 +4,8 @@
 //! Asserts: no panic; classification follows the RFC 7983 table in docs/PROTOCOL.md; a message
 //! either parser accepts has its type's fixed length, version 1 and no reserved bit set, so that
 //! re-encoding the parsed fields gives back exactly the input (the parsers accept one encoding per
-//! message, nothing more).
+//! message, nothing more). A BIND carries one proof at most: a cookie (UDP) or the channel binding
+//! (QUIC), never both.
 
 #![no_main]
 
@@ -12,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use veil_relay_core::token::TICKET_LEN;
 use veil_relay_core::wire::{
     self, BIND_LEN, BIND_OK_LEN, CHALLENGE_LEN, COOKIE_LEN, Class, ClientMessage, ErrorCode,
-    RelayMessage, SHORT_LEN,
+    PROBE_LEN, RelayMessage, SHORT_LEN,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -37,23 +38,29 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(b.signed, &data[..BIND_LEN - 16]);
                 assert_eq!(b.tag, &data[BIND_LEN - 16..]);
                 let cookie_at = 12 + TICKET_LEN;
-                match b.cookie {
-                    Some(c) => {
+                match (b.cookie, b.channel_bound) {
+                    (Some(c), false) => {
                         assert_eq!(data[2..4], [0, 1]);
                         assert_eq!(c, &data[cookie_at..cookie_at + COOKIE_LEN]);
                     }
-                    None => {
-                        assert_eq!(data[2..4], [0, 0]);
+                    (None, channel_bound) => {
+                        assert_eq!(data[2..4], [0, if channel_bound { 2 } else { 0 }]);
                         assert!(
                             data[cookie_at..cookie_at + COOKIE_LEN]
                                 .iter()
                                 .all(|&x| x == 0)
                         );
                     }
+                    (Some(_), true) => panic!("a BIND with a cookie and a channel binding"),
                 }
             }
             ClientMessage::Keepalive { txn } => {
                 assert_eq!(data, wire::keepalive(txn));
+            }
+            ClientMessage::ProbeAck { txn, cookie } => {
+                assert_eq!(data.len(), PROBE_LEN);
+                assert_eq!(cookie.len(), COOKIE_LEN);
+                assert_eq!(data, wire::probe_ack(txn, cookie));
             }
         }
     }
@@ -78,6 +85,11 @@ fuzz_target!(|data: &[u8]| {
             RelayMessage::KeepaliveAck { txn } => {
                 assert_eq!(data.len(), SHORT_LEN);
                 Some(wire::keepalive_ack(txn).as_bytes().to_vec())
+            }
+            RelayMessage::Probe { txn, cookie } => {
+                assert_eq!(data.len(), PROBE_LEN);
+                let cookie: [u8; COOKIE_LEN] = cookie.try_into().expect("parser sliced 24 bytes");
+                Some(wire::probe(txn, &cookie).as_bytes().to_vec())
             }
             RelayMessage::Close { code, session } => {
                 assert_eq!(data.len(), SHORT_LEN);
