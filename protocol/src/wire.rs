@@ -538,6 +538,50 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_bound_bind_covers_the_exporter_value() {
+        let t = token();
+        let (x, y) = ([1u8; EXPORTER_LEN], [2u8; EXPORTER_LEN]);
+        let pkt = bind_channel(&t, [7; 8], &x);
+        let ClientMessage::Bind(b) = parse_client(&pkt).unwrap() else {
+            panic!("not a bind")
+        };
+        assert!(b.channel_bound && b.cookie.is_none());
+        assert!(t.leg_key().verify_parts(&[b.signed, &x], b.tag));
+        assert!(!t.leg_key().verify_parts(&[b.signed, &y], b.tag));
+        assert!(!t.leg_key().verify(b.signed, b.tag));
+        // And a UDP BIND's tag covers no exporter value.
+        let udp = bind(&t, [7; 8], None);
+        let ClientMessage::Bind(u) = parse_client(&udp).unwrap() else {
+            panic!("not a bind")
+        };
+        assert!(!u.channel_bound);
+        assert!(!t.leg_key().verify_parts(&[u.signed, &x], u.tag));
+    }
+
+    #[test]
+    fn probes_round_trip() {
+        let cookie = [5u8; COOKIE_LEN];
+        let p = probe([3; 8], &cookie);
+        assert_eq!(p.as_bytes().len(), PROBE_LEN);
+        let Ok(RelayMessage::Probe { txn, cookie: c }) = parse_relay(p.as_bytes()) else {
+            panic!("not a probe")
+        };
+        let ack = probe_ack(txn, c);
+        assert_eq!(
+            parse_client(&ack),
+            Ok(ClientMessage::ProbeAck {
+                txn: [3; 8],
+                cookie: &cookie
+            })
+        );
+        assert_eq!(
+            ack.len(),
+            p.as_bytes().len(),
+            "an echo is no larger than the probe"
+        );
+    }
+
+    #[test]
     fn malformed_client_messages_are_refused() {
         let pkt = bind(&token(), [1; 8], None);
         assert!(matches!(
@@ -554,8 +598,12 @@ mod tests {
         v[1] = 2;
         assert_eq!(parse_client(&v), Err(ParseError::Version(2)));
         let mut f = pkt;
-        f[3] = 2;
+        f[3] = 4;
         assert_eq!(parse_client(&f), Err(ParseError::Reserved));
+        // A cookie and the channel binding together: one proof per BIND.
+        let mut both = bind(&token(), [1; 8], Some(&[9; COOKIE_LEN]));
+        both[3] = 3;
+        assert_eq!(parse_client(&both), Err(ParseError::Reserved));
         let mut junk_cookie = pkt;
         junk_cookie[50] = 1;
         assert_eq!(parse_client(&junk_cookie), Err(ParseError::Reserved));
