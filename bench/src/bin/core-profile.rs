@@ -20,16 +20,13 @@
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use veil_relay_core::token::{KeyId, SessionId, Ticket};
-use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, ForwardingTable, KeyRing, Limits, Node, Verdict};
+use veil_relay_core::{ForwardingTable, Limits, Verdict};
+use veil_testkit::Net;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -45,44 +42,27 @@ struct Args {
 }
 
 fn addr(i: u64) -> SocketAddr {
-    let ip = Ipv4Addr::new(127, 1, 0, (i / 62_500) as u8 + 1);
-    SocketAddr::V4(SocketAddrV4::new(ip, 1024 + (i % 62_500) as u16))
+    veil_testkit::synthetic_addr(i)
 }
 
 /// Binds `legs` legs (two per session) with the two-round bind.
 #[inline(never)]
-fn bind_all(
-    relay: &mut ForwardingTable,
-    keys: &KeyRing,
-    t0: Instant,
-    unix_ms: u64,
-    legs: u64,
-) -> anyhow::Result<()> {
+fn bind_all(net: &Net, relay: &mut ForwardingTable, legs: u64) -> anyhow::Result<()> {
+    // A controller's default limits: the limiter runs on every packet.
+    let limits = Limits {
+        max_pps: 5_000,
+        max_kbps: 50_000,
+    };
     for s in 0..legs / 2 {
         for leg in 0..2u8 {
-            let token = keys.mint(Ticket {
-                key_id: KeyId(0),
-                session: SessionId(s + 1),
-                leg,
-                legs: 2,
-                expires_unix_ms: unix_ms + 3_600_000,
-                // A controller's default limits: the limiter runs on every packet.
-                limits: Limits {
-                    max_pps: 5_000,
-                    max_kbps: 50_000,
-                },
-            });
+            let token = net.token_with(s + 1, leg, 2, limits, 3_600_000);
             let from = addr(s * 2 + u64::from(leg));
-            relay.handle_datagram(t0, from, &wire::bind(&token, [1; 8], None));
-            let t = relay.poll_transmit().context("no CHALLENGE")?;
-            let Ok(RelayMessage::Challenge { cookie, .. }) = wire::parse_relay(t.msg.as_bytes())
-            else {
-                anyhow::bail!("expected CHALLENGE");
-            };
-            let cookie: [u8; COOKIE_LEN] = cookie.try_into()?;
-            relay.handle_datagram(t0, from, &wire::bind(&token, [2; 8], Some(&cookie)));
-            while relay.poll_transmit().is_some() {}
-            while relay.poll_event().is_some() {}
+            let answer = veil_testkit::udp_bind(relay, net.t0, from, &token);
+            anyhow::ensure!(
+                veil_testkit::is_bind_ok(&answer),
+                "bind {leg} of session {s}"
+            );
+            veil_testkit::forget_events(relay);
         }
     }
     Ok(())
@@ -115,24 +95,10 @@ fn forward_all(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let legs = args.legs.max(2) / 2 * 2;
-    let keys = KeyRing::from_keys(&[(1, [7; 32])], 1);
-    let t0 = Instant::now();
-    let unix_ms = 1_800_000_000_000;
-    let config = Config {
-        binds_per_ip: 1_000_000_000,
-        binds_per_worker: 1_000_000_000,
-        ..Config::default()
-    };
-    let node = Arc::new(Node::new(
-        config,
-        keys.clone(),
-        legs as usize + 1,
-        [9; 32],
-        t0,
-        unix_ms,
-    ));
-    let mut relay = ForwardingTable::new(node, t0);
-    bind_all(&mut relay, &keys, t0, unix_ms, legs)?;
+    let net = Net::unlimited(legs as usize + 1);
+    let t0 = net.t0;
+    let mut relay = net.worker();
+    bind_all(&net, &mut relay, legs)?;
     let mut pkt = vec![0u8; args.size];
     pkt[0] = 0x80;
     pkt[1] = 96;

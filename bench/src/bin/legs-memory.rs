@@ -11,15 +11,15 @@
 #![forbid(unsafe_code)]
 
 use std::mem::size_of;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use veil_relay_core::session::{Endpoint, LegSet, Session};
-use veil_relay_core::token::{KeyId, SessionId, Ticket};
-use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, ForwardingTable, KeyRing, LegState, Limits, Node};
+use veil_relay_core::token::SessionId;
+use veil_relay_core::{LegState, Limits};
+use veil_testkit::Net;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -31,76 +31,33 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
-/// The synthetic source address of leg `i`: 127.1.0.x, 62,500 ports each.
+/// The synthetic source address of leg `i`.
 fn source(i: u64) -> SocketAddr {
-    let ip = Ipv4Addr::new(127, 1, 0, (i / 62_500) as u8 + 1);
-    SocketAddr::V4(SocketAddrV4::new(ip, 1024 + (i % 62_500) as u16))
-}
-
-fn bind(
-    r: &mut ForwardingTable,
-    now: Instant,
-    from: SocketAddr,
-    token: &veil_relay_core::Token,
-) -> bool {
-    let first = wire::bind(token, [1; 8], None);
-    r.handle_datagram(now, from, &first);
-    let Some(t) = r.poll_transmit() else {
-        return false;
-    };
-    let Ok(RelayMessage::Challenge { cookie, .. }) = wire::parse_relay(t.msg.as_bytes()) else {
-        return false;
-    };
-    let cookie: [u8; COOKIE_LEN] = cookie.try_into().expect("parser checked the length");
-    r.handle_datagram(now, from, &wire::bind(token, [2; 8], Some(&cookie)));
-    let ok = matches!(
-        r.poll_transmit()
-            .map(|t| wire::parse_relay(t.msg.as_bytes())
-                .map(|m| matches!(m, RelayMessage::BindOk { .. }))),
-        Some(Ok(true))
-    );
-    while r.poll_event().is_some() {}
-    ok
+    veil_testkit::synthetic_addr(i)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let legs = args.legs.max(2) / 2 * 2;
-    let keys = KeyRing::from_keys(&[(1, rand::random())], 1);
-    let t0 = Instant::now();
-    let unix_ms = veil_bench::realtime_ns() / 1_000_000;
-    let config = Config {
-        binds_per_ip: 1_000_000_000,
-        binds_per_worker: 1_000_000_000,
-        ..Config::default()
-    };
     let rss_before = veil_bench::cpu::self_rss_bytes()?;
-    let node = Arc::new(Node::new(
-        config,
-        keys.clone(),
-        legs as usize + 1,
-        rand::random(),
-        t0,
-        unix_ms,
-    ));
-    let mut relay = ForwardingTable::new(node.clone(), t0);
+    let net = Net::unlimited(legs as usize + 1);
+    let (t0, node) = (net.t0, net.node.clone());
+    let mut relay = net.worker();
     let started = Instant::now();
+    // A controller's default limits.
+    let limits = Limits {
+        max_pps: 5_000,
+        max_kbps: 50_000,
+    };
     for s in 0..legs / 2 {
         for leg in 0..2u8 {
-            let token = keys.mint(Ticket {
-                key_id: KeyId(0),
-                session: SessionId(s + 1),
-                leg,
-                legs: 2,
-                expires_unix_ms: unix_ms + 3_600_000,
-                limits: Limits {
-                    max_pps: 5_000,
-                    max_kbps: 50_000,
-                },
-            });
-            if !bind(&mut relay, t0, source(s * 2 + u64::from(leg)), &token) {
+            let token = net.token_with(s + 1, leg, 2, limits, 3_600_000);
+            let answer =
+                veil_testkit::udp_bind(&mut relay, t0, source(s * 2 + u64::from(leg)), &token);
+            if !veil_testkit::is_bind_ok(&answer) {
                 anyhow::bail!("bind {} of session {s} failed", leg);
             }
+            veil_testkit::forget_events(&mut relay);
         }
     }
     let bind_time = started.elapsed();
@@ -119,11 +76,11 @@ fn main() -> anyhow::Result<()> {
     let sessions = legs / 2;
     let dir_entry = size_of::<(SessionId, Arc<Session>)>() as u64;
     let directory = buckets(sessions) * (dir_entry + 1);
-    // Each session: an Arc<Session>, an Arc<LegSet> and the LegSet's Vec, whose capacity is 4
-    // after the second leg (the clone holds 1, the push grows it to 4).
+    // Each session: an Arc<Session>, an Arc<LegSet> and the LegSet's boxed slice of slots,
+    // exactly as long as the legs bound (each slot: the leg, its endpoint, its reachability).
     let session_heap = 16 + size_of::<Session>() as u64;
     let legset_heap = 16 + size_of::<LegSet>() as u64;
-    let slots_heap = 4 * size_of::<(u8, Endpoint)>() as u64;
+    let slots_heap = 2 * size_of::<(u8, Endpoint, bool)>() as u64;
     let per_session = session_heap + legset_heap + slots_heap;
     let estimate = by_peer + directory + sessions * per_session;
 

@@ -15,96 +15,55 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::hint::black_box;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use veil_relay_core::token::{KeyId, SessionId, Ticket, Token};
-use veil_relay_core::wire::{self, COOKIE_LEN, RelayMessage};
-use veil_relay_core::{Config, ForwardingTable, KeyRing, Limits, Node, Verdict};
-
-const T0_UNIX_MS: u64 = 1_800_000_000_000;
+use veil_relay_core::token::Token;
+use veil_relay_core::wire;
+use veil_relay_core::{ForwardingTable, KeyRing, Node, Verdict};
+use veil_testkit::Net;
 
 /// A node and one worker, bind limits raised (the benchmarks bind from few addresses, fast).
 struct Harness {
     t0: Instant,
     keys: KeyRing,
     node: Arc<Node>,
+    net: Net,
     relay: ForwardingTable,
 }
 
 impl Harness {
     fn new(max_legs: usize) -> Self {
-        let keys = KeyRing::from_keys(&[(1, [7; 32])], 1);
-        let t0 = Instant::now();
-        let config = Config {
-            binds_per_ip: 1_000_000_000,
-            binds_per_worker: 1_000_000_000,
-            ..Config::default()
-        };
-        let node = Arc::new(Node::new(
-            config,
-            keys.clone(),
-            max_legs,
-            [9; 32],
-            t0,
-            T0_UNIX_MS,
-        ));
-        let relay = ForwardingTable::new(node.clone(), t0);
+        let net = Net::unlimited(max_legs);
+        let relay = net.worker();
         Self {
-            t0,
-            keys,
-            node,
+            t0: net.t0,
+            keys: net.keys.clone(),
+            node: net.node.clone(),
+            net,
             relay,
         }
     }
 
     fn token(&self, session: u64, leg: u8, legs: u8) -> Token {
-        self.keys.mint(Ticket {
-            key_id: KeyId(0),
-            session: SessionId(session),
-            leg,
-            legs,
-            expires_unix_ms: T0_UNIX_MS + 3_600_000,
-            limits: Limits {
-                max_pps: u32::MAX,
-                max_kbps: u32::MAX,
-            },
-        })
+        self.net
+            .token_with(session, leg, legs, veil_testkit::NO_LIMITS, 3_600_000)
     }
 
     /// The two-round bind; panics if it does not end in BIND_OK.
     fn bind(&mut self, from: SocketAddr, token: &Token) {
-        let now = self.t0;
-        self.relay
-            .handle_datagram(now, from, &wire::bind(token, [1; 8], None));
-        let t = self.relay.poll_transmit().expect("CHALLENGE");
-        let cookie: [u8; COOKIE_LEN] = match wire::parse_relay(t.msg.as_bytes()) {
-            Ok(RelayMessage::Challenge { cookie, .. }) => cookie.try_into().unwrap(),
-            other => panic!("expected CHALLENGE, got {other:?}"),
-        };
-        self.relay
-            .handle_datagram(now, from, &wire::bind(token, [2; 8], Some(&cookie)));
-        let t = self.relay.poll_transmit().expect("BIND_OK");
-        assert!(matches!(
-            wire::parse_relay(t.msg.as_bytes()),
-            Ok(RelayMessage::BindOk { .. })
-        ));
-        while self.relay.poll_event().is_some() {}
+        let answer = veil_testkit::udp_bind(&mut self.relay, self.t0, from, token);
+        assert!(veil_testkit::is_bind_ok(&answer));
+        veil_testkit::forget_events(&mut self.relay);
     }
 }
 
 /// Synthetic client address `i` (never used on a network).
 fn addr(i: u64) -> SocketAddr {
-    let ip = Ipv4Addr::new(
-        127,
-        1,
-        (i / 62_500 / 256) as u8,
-        (i / 62_500 % 256) as u8 + 1,
-    );
-    SocketAddr::V4(SocketAddrV4::new(ip, 1024 + (i % 62_500) as u16))
+    veil_testkit::synthetic_addr(i)
 }
 
 fn rtp(len: usize) -> Vec<u8> {

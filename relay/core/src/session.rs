@@ -69,9 +69,10 @@ struct Slot {
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
 #[derive(Debug, Default, Clone)]
 pub struct LegSet {
-    slots: Vec<Slot>,
+    /// Exactly as many as bound: a set is rebuilt on every change, never grown in place.
+    slots: Box<[Slot]>,
     /// Slots not reachable now (almost always 0, which keeps the media path to one branch).
-    withheld: usize,
+    withheld: u8,
 }
 
 impl LegSet {
@@ -116,20 +117,30 @@ impl LegSet {
     }
 
     fn rebuilt(slots: Vec<Slot>) -> Self {
-        let withheld = slots.iter().filter(|s| !s.reachable).count();
-        Self { slots, withheld }
+        // At most 16 legs a session (tokens say so), so the count fits.
+        let withheld = slots.iter().filter(|s| !s.reachable).count() as u8;
+        Self {
+            slots: slots.into_boxed_slice(),
+            withheld,
+        }
     }
 
     fn with(&self, leg: u8, ep: Endpoint) -> Self {
-        let mut slots = self.slots.clone();
         let slot = Slot {
             leg,
             ep,
             reachable: true,
         };
-        match slots.iter_mut().find(|s| s.leg == leg) {
-            Some(s) => *s = slot,
-            None => slots.push(slot),
+        // Sized exactly, so that boxing the slice moves nothing and frees nothing.
+        let present = self.slots.iter().any(|s| s.leg == leg);
+        let mut slots = Vec::with_capacity(self.slots.len() + usize::from(!present));
+        slots.extend(
+            self.slots
+                .iter()
+                .map(|s| if s.leg == leg { slot } else { *s }),
+        );
+        if !present {
+            slots.push(slot);
         }
         Self::rebuilt(slots)
     }
@@ -145,7 +156,7 @@ impl LegSet {
     }
 
     fn reachable(&self, leg: u8, reachable: bool) -> Self {
-        let mut slots = self.slots.clone();
+        let mut slots = self.slots.to_vec();
         for s in slots.iter_mut().filter(|s| s.leg == leg) {
             s.reachable = reachable;
         }

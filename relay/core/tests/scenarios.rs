@@ -1,117 +1,22 @@
-//! Scenarios of the packet path in virtual time: no sockets, no sleeps.
-
-// One real clock reading, as the arbitrary origin of virtual time.
-#![allow(clippy::disallowed_methods)]
+//! Scenarios of the packet path in virtual time, on the shared harness (`veil-testkit`): no
+//! sockets, no sleeps. `transports.rs` runs the same scenarios for UDP-only, QUIC-only and mixed
+//! sessions.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-
-use super::*;
-use crate::node::Config;
-use crate::token::{KeyId, KeyRing, Limits, TICKET_LEN, Ticket, Token};
-use crate::wire::{COOKIE_LEN, RelayMessage};
-
-mod transports;
-
-const T0_UNIX_MS: u64 = 1_800_000_000_000;
-
-struct Net {
-    t0: Instant,
-    now: Instant,
-    node: Arc<Node>,
-    keys: KeyRing,
-}
-
-impl Net {
-    fn new() -> Self {
-        Self::with_capacity(1_000)
-    }
-
-    fn with_capacity(max_legs: usize) -> Self {
-        Self::with_config(Config::default(), max_legs)
-    }
-
-    fn with_config(config: Config, max_legs: usize) -> Self {
-        let keys = KeyRing::from_keys(&[(1, [1; 32]), (2, [2; 32])], 2);
-        let t0 = Instant::now();
-        let node = Arc::new(Node::new(
-            config,
-            keys.clone(),
-            max_legs,
-            [9; 32],
-            t0,
-            T0_UNIX_MS,
-        ));
-        Self {
-            t0,
-            now: t0,
-            node,
-            keys,
-        }
-    }
-
-    fn worker(&self) -> ForwardingTable {
-        ForwardingTable::new(self.node.clone(), self.now)
-    }
-
-    fn advance(&mut self, d: Duration) {
-        self.now += d;
-    }
-
-    fn token(&self, session: u64, leg: u8, legs: u8) -> Token {
-        self.token_with(session, leg, legs, Limits::default(), 3_600_000)
-    }
-
-    fn token_with(&self, session: u64, leg: u8, legs: u8, limits: Limits, ttl_ms: u64) -> Token {
-        self.keys.mint(Ticket {
-            key_id: KeyId(0),
-            session: SessionId(session),
-            leg,
-            legs,
-            expires_unix_ms: T0_UNIX_MS + ttl_ms,
-            limits,
-        })
-    }
-}
-
-fn addr(last: u8, port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, last], port))
-}
-
-/// Drains a worker's transmits.
-fn replies(r: &mut ForwardingTable) -> Vec<Transmit> {
-    std::iter::from_fn(|| r.poll_transmit()).collect()
-}
+use veil_relay_core::token::{Limits, TICKET_LEN, Token};
+use veil_relay_core::wire::{self, COOKIE_LEN, ErrorCode, RelayMessage};
+use veil_relay_core::{
+    BindResult, Config, DropReason, Endpoint, Event, ForwardingTable, KeyRing, LegStatus,
+    SessionId, Verdict,
+};
+use veil_testkit::{Net, T0_UNIX_MS, addr, replies, rtp, targets};
 
 /// Runs the two-round bind for `token` from `from`; returns the final answer.
 fn bind(net: &Net, r: &mut ForwardingTable, from: SocketAddr, token: &Token) -> Vec<u8> {
-    let first = wire::bind(token, [1; 8], None);
-    assert!(matches!(
-        r.handle_datagram(net.now, from, &first),
-        Verdict::Control | Verdict::Drop(_)
-    ));
-    let out = replies(r);
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].dst, from);
-    let cookie: [u8; COOKIE_LEN] = match wire::parse_relay(out[0].msg.as_bytes()).unwrap() {
-        RelayMessage::Challenge { txn, cookie } => {
-            assert_eq!(txn, [1; 8]);
-            cookie.try_into().unwrap()
-        }
-        other => return reply_bytes(other, &out[0]),
-    };
-    let second = wire::bind(token, [2; 8], Some(&cookie));
-    r.handle_datagram(net.now, from, &second);
-    let out = replies(r);
-    assert_eq!(out.len(), 1);
-    out[0].msg.as_bytes().to_vec()
-}
-
-fn reply_bytes(_: RelayMessage<'_>, t: &Transmit) -> Vec<u8> {
-    t.msg.as_bytes().to_vec()
+    veil_testkit::udp_bind(r, net.now, from, token)
 }
 
 fn is_bind_ok(b: &[u8]) -> bool {
@@ -122,21 +27,6 @@ fn error_code(b: &[u8]) -> Option<u16> {
     match wire::parse_relay(b) {
         Ok(RelayMessage::Error { code, .. }) => Some(code),
         _ => None,
-    }
-}
-
-fn rtp(seq: u16, len: usize) -> Vec<u8> {
-    let mut p = vec![0u8; len];
-    p[0] = 0x80;
-    p[1] = 111;
-    p[2..4].copy_from_slice(&seq.to_be_bytes());
-    p
-}
-
-fn targets(v: &Verdict) -> Vec<Endpoint> {
-    match v {
-        Verdict::Forward(t) => t.iter().collect(),
-        _ => Vec::new(),
     }
 }
 
@@ -681,7 +571,13 @@ fn one_address_holds_one_leg() {
     bind(&net, &mut r, a, &net.token(8, 0, 2));
     assert_eq!(net.node.directory.legs(), 1);
     assert_eq!(net.node.directory.sessions(), 1);
-    assert_eq!(r.legs[&EndpointKey(a.into())].session(), SessionId(8));
+    // The address now holds session 8's leg: its peer's media reaches it.
+    let b = addr(3, 1);
+    bind(&net, &mut r, b, &net.token(8, 1, 2));
+    assert_eq!(
+        targets(&r.handle_datagram(net.now, b, &rtp(1, 100))),
+        vec![Endpoint::Udp(a)]
+    );
 }
 
 #[test]
