@@ -73,7 +73,14 @@ fn wire_seeds(c: &mut Corpus) {
     let t = "wire";
     c.put(t, "bind", &wire::bind(&token, [1; 8], None));
     c.put(t, "bind-cookie", &wire::bind(&token, [2; 8], Some(&cookie)));
+    c.put(
+        t,
+        "bind-channel",
+        &wire::bind_channel(&token, [5; 8], &[0x5e; wire::EXPORTER_LEN]),
+    );
     c.put(t, "keepalive", &wire::keepalive([3; 8]));
+    c.put(t, "probe-ack", &wire::probe_ack([6; 8], &cookie));
+    c.put(t, "probe", wire::probe([6; 8], &cookie).as_bytes());
     c.put(t, "challenge", wire::challenge([1; 8], &cookie).as_bytes());
     c.put(t, "bind-ok", wire::bind_ok([2; 8], 30).as_bytes());
     c.put(t, "keepalive-ack", wire::keepalive_ack([3; 8]).as_bytes());
@@ -216,6 +223,22 @@ fn datagram_seeds(c: &mut Corpus) {
     };
     let ring = veil_fuzz::key_ring();
     let tokens = datagram::tokens();
+    // QUIC: connection slots 0-3; `quic_media(conn, kind, len)` kinds 0-3 as `media`, 4: a
+    // PROBE_ACK of the newest PROBE the client received, 5: of another connection's, 6 and 7: a
+    // channel-bound and a UDP BIND (for token `len`) as datagrams. `StreamBind` kinds: 0
+    // genuine, 1 another TLS session's exporter, 2 UDP BIND, 3 UDP BIND with a cookie.
+    let quic_media = |conn: u8, kind: u8, len: u16| QuicMedia { conn, kind, len };
+    let connect_bind = |conn: u8, src: u8, token: u8| {
+        [
+            Connect { conn, src },
+            StreamBind {
+                conn,
+                token,
+                kind: 0,
+            },
+        ]
+    };
+    let migrate = |conn: u8, src: u8, spoofed: bool| Migrate { conn, src, spoofed };
     let scenarios: Vec<(&str, Vec<Op>)> = vec![
         ("setup-only", vec![]),
         (
@@ -377,7 +400,277 @@ fn datagram_seeds(c: &mut Corpus) {
                     3,
                     &wire::bind(&ring.mint(ticket(7, 2, 3, Limits::default())), [5; 8], None),
                 ),
+                raw(0, &wire::probe_ack([1; 8], &[0; wire::COOKIE_LEN])),
             ],
+        ),
+        (
+            // Session 7's third leg over QUIC: a call across both transports.
+            "quic-call",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain([
+                    media(0, 0, 172),
+                    quic_media(0, 0, 172),
+                    quic_media(0, 3, 0),
+                    media(1, 2, 100),
+                    Advance { ms: 20 },
+                    quic_media(0, 1, 40),
+                    quic_media(0, 2, 60),
+                    media(0, 3, 0),
+                ])
+                .collect(),
+        ),
+        (
+            // Session 8: the rate-limited leg 0 over UDP, leg 1 over QUIC; then session 9 with
+            // both legs over QUIC, kept alive until its tokens expire.
+            "quic-sessions",
+            connect_bind(1, 5, 4)
+                .into_iter()
+                .chain((0..30).flat_map(|_| [media(2, 0, 700), quic_media(1, 0, 700)]))
+                .chain(connect_bind(2, 7, 5))
+                .chain(connect_bind(3, 8, 6))
+                .chain([quic_media(2, 0, 100), quic_media(3, 0, 100)])
+                .chain((0..5).flat_map(|_| {
+                    [
+                        Advance { ms: 4_000 },
+                        quic_media(2, 3, 0),
+                        quic_media(3, 3, 0),
+                        quic_media(1, 3, 0),
+                        media(2, 3, 0),
+                    ]
+                }))
+                .chain([
+                    quic_media(2, 0, 100),
+                    quic_media(3, 3, 0),
+                    Advance { ms: 300 },
+                ])
+                .collect(),
+        ),
+        (
+            // Every BIND that must not bind over QUIC, then the genuine one, and what may not
+            // be replayed of it.
+            "quic-bad-binds",
+            vec![
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 2,
+                    kind: 1,
+                },
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 2,
+                    kind: 2,
+                },
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 2,
+                    kind: 3,
+                },
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 11,
+                    kind: 0,
+                },
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 10,
+                    kind: 0,
+                },
+                Connect { conn: 0, src: 3 },
+                StreamBind {
+                    conn: 0,
+                    token: 9,
+                    kind: 0,
+                },
+                Connect { conn: 0, src: 6 },
+                QuicRaw {
+                    conn: 0,
+                    stream: true,
+                    bytes: wire::keepalive([9; 8]).to_vec(),
+                },
+                Connect { conn: 1, src: 3 },
+                StreamBind {
+                    conn: 1,
+                    token: 2,
+                    kind: 0,
+                },
+                // The genuine channel-bound BIND, replayed over UDP and on another connection.
+                Replay { entry: 0, src: 3 },
+                Replay { entry: 0, src: 6 },
+                Connect { conn: 2, src: 6 },
+                QuicReplay {
+                    entry: 0,
+                    conn: 2,
+                    stream: true,
+                },
+                // A captured UDP BIND replayed on a connection's stream.
+                Bind { token: 4, src: 5 },
+                Connect { conn: 2, src: 5 },
+                QuicReplay {
+                    entry: 0,
+                    conn: 2,
+                    stream: true,
+                },
+                quic_media(1, 6, 2),
+                quic_media(1, 7, 2),
+                QuicReplay {
+                    entry: 1,
+                    conn: 1,
+                    stream: false,
+                },
+                QuicRaw {
+                    conn: 1,
+                    stream: false,
+                    bytes: wire::keepalive([8; 8]).to_vec(),
+                },
+                media(0, 0, 100),
+            ],
+        ),
+        (
+            // A QUIC leg moves: no media to the new address until it answers the PROBE; back to
+            // the proven address at once; a forged address never.
+            "quic-migration",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain([
+                    media(0, 0, 100),
+                    migrate(0, 5, false),
+                    media(0, 0, 100),
+                    media(1, 0, 100),
+                    quic_media(0, 0, 100),
+                    quic_media(0, 4, 0),
+                    media(0, 0, 100),
+                    migrate(0, 3, false),
+                    Advance { ms: 100 },
+                    migrate(0, 5, false),
+                    media(0, 0, 100),
+                    migrate(0, 6, true),
+                    media(1, 2, 100),
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    quic_media(0, 4, 0),
+                    quic_media(0, 3, 0),
+                    media(0, 0, 100),
+                    migrate(0, 5, false),
+                    media(0, 0, 100),
+                ])
+                .collect(),
+        ),
+        (
+            // Two connections: a PROBE_ACK echoing the other connection's PROBE proves nothing,
+            // nor one sent over UDP; a late answer, after the cookie's lifetime, neither.
+            "quic-probe-acks",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain(connect_bind(1, 5, 4))
+                .chain([
+                    migrate(0, 7, false),
+                    migrate(1, 8, false),
+                    quic_media(1, 5, 0),
+                    quic_media(0, 5, 0),
+                    Replay { entry: 0, src: 0 },
+                    quic_media(0, 4, 0),
+                    media(0, 0, 100),
+                    migrate(1, 9, false),
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    Advance { ms: 250 },
+                    Advance { ms: 4_000 },
+                    quic_media(1, 3, 0),
+                    media(2, 3, 0),
+                    Advance { ms: 4_000 },
+                    quic_media(1, 3, 0),
+                    media(2, 3, 0),
+                    Advance { ms: 3_000 },
+                    quic_media(1, 4, 0),
+                    media(2, 0, 100),
+                ])
+                .collect(),
+        ),
+        (
+            // Session 7 leg 0 moves from UDP to a QUIC connection, to another, and back to UDP.
+            "quic-moves",
+            connect_bind(0, 4, 0)
+                .into_iter()
+                .chain([media(0, 0, 100), media(1, 0, 100), quic_media(0, 0, 100)])
+                .chain(connect_bind(1, 4, 0))
+                .chain([
+                    quic_media(0, 0, 100),
+                    media(1, 0, 100),
+                    Bind { token: 0, src: 0 },
+                    media(1, 0, 100),
+                    Advance { ms: 300 },
+                    media(0, 0, 100),
+                ])
+                .collect(),
+        ),
+        (
+            // Connections end: the peer closes one, a release closes others, eviction and the
+            // relay's stop the rest.
+            "quic-endings",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain([Disconnect { conn: 0 }, media(0, 0, 100)])
+                .chain(connect_bind(0, 3, 2))
+                .chain(connect_bind(1, 5, 4))
+                .chain([
+                    Revoke { session: 0 },
+                    quic_media(0, 0, 100),
+                    Advance { ms: 300 },
+                    quic_media(1, 3, 0),
+                    Stop { how: 0 },
+                    Advance { ms: 300 },
+                    Stop { how: 1 },
+                ])
+                .chain(connect_bind(0, 3, 4))
+                .chain(connect_bind(2, 5, 3))
+                .chain([
+                    Connect { conn: 3, src: 8 },
+                    quic_media(0, 0, 100),
+                    Stop { how: 2 },
+                    media(2, 0, 100),
+                ])
+                .chain(connect_bind(0, 3, 4))
+                .chain([Connect { conn: 0, src: 5 }])
+                .collect(),
+        ),
+        (
+            // A client alternating between two unproven addresses (one forged): at most 4 PROBEs
+            // in all between two proofs (this once drew a PROBE at every move).
+            "quic-probe-flip",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain((0..5).flat_map(|_| [migrate(0, 5, true), migrate(0, 6, false)]))
+                .chain([Advance { ms: 250 }, quic_media(0, 4, 0), media(0, 0, 100)])
+                .collect(),
+        ),
+        (
+            // QUIC legs go idle unless kept alive; a full relay refuses a QUIC bind too.
+            "quic-idle-and-full",
+            connect_bind(0, 3, 2)
+                .into_iter()
+                .chain(connect_bind(1, 5, 4))
+                .chain(connect_bind(2, 7, 5))
+                .chain(connect_bind(3, 8, 6))
+                .chain([Bind { token: 7, src: 5 }, Bind { token: 8, src: 3 }])
+                .chain(connect_bind(0, 9, 2))
+                .chain(connect_bind(1, 10, 7))
+                .chain([
+                    Advance { ms: 3_000 },
+                    quic_media(2, 3, 0),
+                    Advance { ms: 3_000 },
+                    quic_media(2, 0, 100),
+                    media(0, 0, 100),
+                ])
+                .collect(),
         ),
     ];
     for (name, ops) in scenarios {

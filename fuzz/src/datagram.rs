@@ -135,7 +135,10 @@ const QUIC_LIMITER: usize = WORKERS;
 const LIMITER_SWEEP: Duration = Duration::from_secs(1);
 /// The least time between two PROBEs for one unproven address (docs of `ForwardingTable`).
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// PROBEs one unproven address receives at most before it answers.
+/// PROBEs a connection is sent at most between two proofs of its path, however it moves (one
+/// address, or many, forged ones among them): the core's `MAX_PROBES`. (The `datagram` target
+/// found this bound broken once: it used to be per move, so hopping between a proven and a
+/// forged address drew a PROBE at every hop; fuzz/README.md, "Found so far".)
 const MAX_PROBES: u32 = 4;
 
 /// The sources the fuzzer sends from, by index (taken modulo the pool's size). QUIC connections
@@ -571,8 +574,8 @@ struct Conn {
     /// the last one was.
     episode: u32,
     last_probe: Option<Instant>,
-    /// PROBEs each address was sent since it was last proven.
-    unanswered: HashMap<SocketAddr, u32>,
+    /// PROBEs sent since the path was last proven (or the leg bound).
+    since_proof: u32,
     /// Every PROBE the connection was sent.
     probes: Vec<Probe>,
     /// The newest PROBE the client received.
@@ -752,7 +755,9 @@ impl Scenario {
                     1 => wire::bind_channel(&token, txn, &foreign_exporter(id)),
                     2 => wire::bind(&token, txn, None),
                     _ => {
-                        let cookie = self.cookies.mint(self.mono_ms(), addr, token.ticket_bytes());
+                        let cookie = self
+                            .cookies
+                            .mint(self.mono_ms(), addr, token.ticket_bytes());
                         wire::bind(&token, txn, Some(&cookie))
                     }
                 };
@@ -835,7 +840,11 @@ impl Scenario {
                     "a bound QUIC connection's table no longer serves its leg, and said nothing"
                 );
             } else {
-                assert_eq!(c.table.local_legs(), 0, "a connection serves a leg before its BIND");
+                assert_eq!(
+                    c.table.local_legs(),
+                    0,
+                    "a connection serves a leg before its BIND"
+                );
             }
         }
     }
@@ -946,7 +955,8 @@ impl Scenario {
     fn live(&self, ep: Endpoint) -> bool {
         let now_unix = self.node.unix_ms(self.now);
         self.model.holds.get(&ep).is_some_and(|h| {
-            now_unix < h.expires_unix_ms && self.now.saturating_duration_since(h.last_seen) < LEG_IDLE
+            now_unix < h.expires_unix_ms
+                && self.now.saturating_duration_since(h.last_seen) < LEG_IDLE
         })
     }
 
@@ -1007,8 +1017,11 @@ impl Scenario {
         }
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
-        let table =
-            ForwardingTable::with_shared_binds(self.node.clone(), self.now, self.quic_binds.clone());
+        let table = ForwardingTable::with_shared_binds(
+            self.node.clone(),
+            self.now,
+            self.quic_binds.clone(),
+        );
         self.conns[slot] = Some(Conn {
             id,
             table,
@@ -1019,7 +1032,7 @@ impl Scenario {
             proven: addr,
             episode: 0,
             last_probe: None,
-            unanswered: HashMap::new(),
+            since_proof: 0,
             probes: Vec::new(),
             received: None,
         });
@@ -1069,7 +1082,10 @@ impl Scenario {
         assert_eq!(after.rx_packets, before.rx_packets);
         assert_eq!(after.forwarded_packets, before.forwarded_packets);
         assert_eq!(after.total_drops(), before.total_drops());
-        assert!(events.is_empty(), "a path change produced events: {events:?}");
+        assert!(
+            events.is_empty(),
+            "a path change produced events: {events:?}"
+        );
         let c = self.conn_mut(slot);
         c.addr = to;
         c.genuine = !spoofed;
@@ -1079,6 +1095,11 @@ impl Scenario {
             assert!(
                 transmits.is_empty(),
                 "moving back to the proven address sent {transmits:?}"
+            );
+        } else if c.since_proof >= MAX_PROBES {
+            assert!(
+                transmits.is_empty(),
+                "{MAX_PROBES} PROBEs went unanswered, yet a move drew {transmits:?}"
             );
         } else {
             assert_eq!(
@@ -1117,12 +1138,12 @@ impl Scenario {
         }
         c.last_probe = Some(now);
         let addr = c.addr;
-        let unanswered = c.unanswered.entry(addr).or_default();
-        *unanswered += 1;
+        c.since_proof += 1;
         assert!(
-            *unanswered <= MAX_PROBES,
-            "{addr} was sent {unanswered} PROBEs without answering: an address a client moves \
-             to receives at most {MAX_PROBES} before it answers, whatever the client does"
+            c.since_proof <= MAX_PROBES,
+            "{} PROBEs without an answer (the last to {addr}): a client is sent at most \
+             {MAX_PROBES} between two proofs, whatever it does",
+            c.since_proof
         );
         let probe = Probe {
             addr,
@@ -1154,13 +1175,18 @@ impl Scenario {
             let transmits: Vec<Transmit> = std::iter::from_fn(|| t.poll_transmit()).collect();
             let events: Vec<Event> = std::iter::from_fn(|| t.poll_event()).collect();
             assert_eq!(after, before, "a disconnect counted something");
-            assert!(transmits.is_empty(), "sent {transmits:?} to a closed connection");
-            let [Event::Unbound {
-                session,
-                leg,
-                endpoint,
-                why: LegStatus::Disconnected,
-            }] = events[..]
+            assert!(
+                transmits.is_empty(),
+                "sent {transmits:?} to a closed connection"
+            );
+            let [
+                Event::Unbound {
+                    session,
+                    leg,
+                    endpoint,
+                    why: LegStatus::Disconnected,
+                },
+            ] = events[..]
             else {
                 panic!("a disconnect reported {events:?}");
             };
@@ -1215,7 +1241,11 @@ impl Scenario {
     /// The connection in `slot` is gone: its table must hold nothing.
     fn close(&mut self, slot: usize) {
         let c = self.conns[slot].take().expect("an open connection");
-        assert_eq!(c.table.local_legs(), 0, "a closed connection's table holds a leg");
+        assert_eq!(
+            c.table.local_legs(),
+            0,
+            "a closed connection's table holds a leg"
+        );
         self.closed.merge(c.table.stats());
         self.model.holds.remove(&c.ep());
     }
@@ -1232,7 +1262,11 @@ impl Scenario {
         }
         let doors: Vec<Door> = (0..WORKERS)
             .map(Door::Worker)
-            .chain((0..CONNS).filter(|s| self.conns[*s].is_some()).map(Door::Conn))
+            .chain(
+                (0..CONNS)
+                    .filter(|s| self.conns[*s].is_some())
+                    .map(Door::Conn),
+            )
             .collect();
         for door in doors {
             self.sweep(door);
@@ -1262,6 +1296,7 @@ impl Scenario {
                 c.bound
                     && c.addr != c.proven
                     && c.episode < MAX_PROBES
+                    && c.since_proof < MAX_PROBES
                     && c.last_probe
                         .is_none_or(|t| now.saturating_duration_since(t) >= PROBE_INTERVAL)
             }
@@ -1328,7 +1363,11 @@ impl Scenario {
                 "a timer sent to {:?}, which never held a leg",
                 t.dst
             );
-            assert_eq!(self.door_of(t.dst), Some(door), "a timer sent to another table's leg");
+            assert_eq!(
+                self.door_of(t.dst),
+                Some(door),
+                "a timer sent to another table's leg"
+            );
             match wire::parse_relay(t.msg.as_bytes()) {
                 Ok(RelayMessage::Close { code, session }) => {
                     assert!(t.reliable, "CLOSE is reliable");
@@ -1437,8 +1476,8 @@ impl Scenario {
         assert_eq!(after.rx_packets, before.rx_packets + 1);
         assert_eq!(after.rx_bytes, before.rx_bytes + pkt.len() as u64);
         let drops = after.total_drops() - before.total_drops();
-        let withheld = after.drops_for(DropReason::UnprovenPath)
-            - before.drops_for(DropReason::UnprovenPath);
+        let withheld =
+            after.drops_for(DropReason::UnprovenPath) - before.drops_for(DropReason::UnprovenPath);
         let bind_results = |s: &Stats| BindResult::ALL.map(|r| s.binds_for(r));
         let (b0, b1) = (bind_results(&before), bind_results(&after));
         let counted: u64 = b1.iter().sum::<u64>() - b0.iter().sum::<u64>();
@@ -1449,7 +1488,10 @@ impl Scenario {
         );
         match outcome {
             Outcome::Forward => {
-                assert_eq!(drops, withheld, "a forwarded datagram was also counted as dropped")
+                assert_eq!(
+                    drops, withheld,
+                    "a forwarded datagram was also counted as dropped"
+                )
             }
             Outcome::Drop(DropReason::UnprovenPath) => {
                 assert!(withheld >= 1, "dropped for unproven paths, none counted");
@@ -1579,7 +1621,9 @@ impl Scenario {
                     (seen.len() * pkt.len()) as u64
                 );
             }
-            Outcome::Drop(r @ (DropReason::NoPeer | DropReason::UnprovenPath | DropReason::RateLimited)) => {
+            Outcome::Drop(
+                r @ (DropReason::NoPeer | DropReason::UnprovenPath | DropReason::RateLimited),
+            ) => {
                 let Some(sender) = held else {
                     panic!("{from:?}, which holds no leg, had media dropped as {r:?}");
                 };
@@ -1597,11 +1641,18 @@ impl Scenario {
             }
             Outcome::Drop(_) | Outcome::Control => {}
         }
-        assert!(
-            (live_withheld..=may_withhold).contains(&withheld),
-            "{withheld} copies withheld for unproven paths; {live_withheld} live legs of the \
-             session are unreachable, {may_withhold} may be"
-        );
+        if matches!(
+            outcome,
+            Outcome::Forward | Outcome::Drop(DropReason::UnprovenPath)
+        ) {
+            assert!(
+                (live_withheld..=may_withhold).contains(&withheld),
+                "{withheld} copies withheld for unproven paths; {live_withheld} live legs of the \
+                 session are unreachable, {may_withhold} may be"
+            );
+        } else {
+            assert_eq!(withheld, 0, "copies withheld from a datagram not forwarded");
+        }
         if is_media && live {
             assert!(
                 matches!(
@@ -1633,9 +1684,10 @@ impl Scenario {
             match via {
                 Via::Datagram(slot) => {
                     let c = self.conn(slot);
-                    let echoes = c.probes.iter().any(|p| {
-                        p.addr == c.addr && p.cookie[..] == *cookie && self.fresh(p.at)
-                    });
+                    let echoes = c
+                        .probes
+                        .iter()
+                        .any(|p| p.addr == c.addr && p.cookie[..] == *cookie && self.fresh(p.at));
                     let unproven = c.addr != c.proven;
                     if outcome == Outcome::Control {
                         assert!(
@@ -1647,8 +1699,7 @@ impl Scenario {
                         c.proven = c.addr;
                         c.episode = 0;
                         c.last_probe = None;
-                        let a = c.addr;
-                        c.unanswered.remove(&a);
+                        c.since_proof = 0;
                     } else {
                         assert_eq!(outcome, Outcome::Drop(DropReason::BadCookie));
                         assert!(
@@ -1672,7 +1723,9 @@ impl Scenario {
                     "a UDP worker sent to {:?}",
                     t.dst
                 ),
-                Door::Conn(_) => assert_eq!(t.dst, from, "a QUIC connection's table sent elsewhere"),
+                Door::Conn(_) => {
+                    assert_eq!(t.dst, from, "a QUIC connection's table sent elsewhere")
+                }
             }
             let close = matches!(wire::parse_relay(msg), Ok(RelayMessage::Close { .. }));
             assert_eq!(
@@ -1707,7 +1760,11 @@ impl Scenario {
             answers.len()
         );
         if is_bind && outcome != Outcome::Drop(DropReason::BindRateLimited) {
-            assert_eq!(answers.len(), 1, "a BIND the limiter admitted went unanswered");
+            assert_eq!(
+                answers.len(),
+                1,
+                "a BIND the limiter admitted went unanswered"
+            );
         }
         let answered = |ty: u8| answers.first().is_some_and(|a| a[0] == ty);
         assert_eq!(
@@ -1730,7 +1787,10 @@ impl Scenario {
             match e {
                 Event::Bound { endpoint, .. } => assert_eq!(endpoint, from),
                 Event::Unbound { endpoint, why, .. } => {
-                    assert_eq!(endpoint, from, "a datagram from {from:?} unbound {endpoint:?}");
+                    assert_eq!(
+                        endpoint, from,
+                        "a datagram from {from:?} unbound {endpoint:?}"
+                    );
                     assert!(
                         matches!(
                             why,
@@ -1792,7 +1852,9 @@ impl Scenario {
             Via::Udp(_) if !b.channel_bound => self.ring.verify(b.ticket, b.signed, b.tag).ok(),
             Via::Stream(_) if b.channel_bound => {
                 let x = exporter.expect("a connection's exporter");
-                self.ring.verify_parts(b.ticket, &[b.signed, &x], b.tag).ok()
+                self.ring
+                    .verify_parts(b.ticket, &[b.signed, &x], b.tag)
+                    .ok()
             }
             _ => None,
         };
@@ -1975,7 +2037,10 @@ pub fn run(data: &[u8]) -> Stats {
         );
     }
     for c in s.conns.iter().flatten() {
-        assert!(!c.bound, "a QUIC connection still bound after every leg went idle");
+        assert!(
+            !c.bound,
+            "a QUIC connection still bound after every leg went idle"
+        );
         assert_eq!(c.table.local_legs(), 0);
     }
     assert_eq!(

@@ -280,6 +280,9 @@ fn validate_address(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
 /// (reliable ones on the control stream, the rest as datagrams), then its events (an ended leg
 /// ends the connection).
 async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
+    // The address the Retry proved: the one the leg is bound at. If the connection has moved by
+    // the time its BIND arrives, its first datagram tells the table, which proves the new path.
+    let proven = incoming.remote_address();
     let Ok(Ok(conn)) = tokio::time::timeout(BIND_TIMEOUT, incoming).await else {
         return;
     };
@@ -295,11 +298,11 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
         ctx: ctx.clone(),
         ep,
     };
-    let Some(mut control) = conn_side.bind(&conn, id).await else {
+    let Some(mut control) = conn_side.bind(&conn, id, proven).await else {
         conn_side.publish();
         return;
     };
-    let mut addr = conn.remote_address();
+    let mut addr = proven;
     tracing::debug!(conn = id.0, peer = %veil_ops::redact::Redacted(addr), "QUIC connection bound");
     let mut tick = tokio::time::interval(ctx.node.config().sweep_interval);
     let mut stop = ctx.stop.clone();
@@ -369,8 +372,13 @@ struct Connection<S: PeerAddr> {
 
 impl<S: PeerAddr> Connection<S> {
     /// Reads the BIND from the client's first stream and hands it to the table with the
-    /// connection's TLS exporter value. Returns the control stream if the leg is bound.
-    async fn bind(&mut self, conn: &quinn::Connection, id: ConnId) -> Option<quinn::SendStream> {
+    /// connection's TLS exporter value and the address the handshake proved. Returns the control stream if the leg is bound.
+    async fn bind(
+        &mut self,
+        conn: &quinn::Connection,
+        id: ConnId,
+        proven: SocketAddr,
+    ) -> Option<quinn::SendStream> {
         let (mut send, mut recv) = tokio::time::timeout(BIND_TIMEOUT, conn.accept_bi())
             .await
             .ok()?
@@ -389,7 +397,7 @@ impl<S: PeerAddr> Connection<S> {
         };
         let now = Instant::now();
         self.table
-            .handle_stream_bind(now, self.ep, conn.remote_address(), &buf, &exporter);
+            .handle_stream_bind(now, self.ep, proven, &buf, &exporter);
         let bound = self.table.serves(self.ep);
         if bound {
             // Registered before BIND_OK leaves, so the first media to this leg finds it.

@@ -21,6 +21,10 @@ pub(crate) struct Path {
     pub(crate) proven: SocketAddr,
     /// The address the connection moved to, awaiting a PROBE_ACK.
     pub(crate) probing: Option<Probing>,
+    /// PROBEs the relay may still send before the client next proves a path: refilled by each
+    /// proof, not by moving, so that a client hopping between addresses (forged ones among them)
+    /// draws at most this many PROBEs between two answers, wherever they go.
+    pub(crate) probes_left: u8,
 }
 
 /// A path being proven.
@@ -30,8 +34,6 @@ pub(crate) struct Probing {
     pub(crate) addr: SocketAddr,
     /// When to send the next PROBE.
     pub(crate) next_probe: Instant,
-    /// PROBEs sent so far for this address.
-    pub(crate) sent: u8,
 }
 
 /// One bound leg.

@@ -89,8 +89,9 @@ const MAX_EVENTS: usize = 1024;
 
 /// How long after a PROBE the relay sends another while the path stays unproven.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// PROBEs sent for one unproven address at most: whatever the client does, an address it moved
-/// to receives at most this many small datagrams before it answers.
+/// PROBEs sent at most between two proofs of a QUIC leg's path: whatever the client does (moving
+/// to one address or hopping between many, forged ones among them), the relay sends at most this
+/// many small datagrams before the client answers one.
 const MAX_PROBES: u8 = 4;
 
 /// A control message the relay originates.
@@ -350,7 +351,6 @@ impl ForwardingTable {
         path.probing = Some(Probing {
             addr,
             next_probe: now,
-            sent: 0,
         });
         if first {
             self.node
@@ -380,13 +380,16 @@ impl ForwardingTable {
             return;
         };
         let context = probe_context(leg);
-        let Some(p) = leg.path.as_mut().and_then(|p| p.probing.as_mut()) else {
+        let Some(path) = leg.path.as_mut() else {
             return;
         };
-        if p.sent >= MAX_PROBES || now < p.next_probe {
+        let Some(p) = path.probing.as_mut() else {
+            return;
+        };
+        if path.probes_left == 0 || now < p.next_probe {
             return;
         }
-        p.sent += 1;
+        path.probes_left -= 1;
         p.next_probe = now + PROBE_INTERVAL;
         let addr = p.addr;
         let cookie = self
@@ -407,6 +410,7 @@ impl ForwardingTable {
             leg.path = Some(Box::new(Path {
                 proven: pending.addr,
                 probing: None,
+                probes_left: MAX_PROBES,
             }));
             node.directory
                 .set_reachable(leg.session_ref(), leg.leg(), from, true);
@@ -549,6 +553,7 @@ impl ForwardingTable {
             leg.path = Some(Box::new(Path {
                 proven: addr,
                 probing: None,
+                probes_left: MAX_PROBES,
             }));
         }
         // The leg moved from another endpoint this table serves: forget that one.

@@ -403,3 +403,42 @@ fn a_migrated_quic_path_gets_no_media_until_it_answers_a_probe() {
         assert_eq!(targets(&r.send(&other, &rtp(5, 200))), vec![q.ep]);
     }
 }
+
+/// Regression (found by the `datagram` fuzz target): the PROBE limit was per move, so a client
+/// hopping between its proven address and a forged one had a PROBE sent to the victim at every
+/// hop. Now at most 4 PROBEs leave between two answers, however the client moves.
+#[test]
+fn hopping_between_addresses_draws_at_most_four_probes_between_answers() {
+    let (mut r, clients) = call(&[Kind::Quic, Kind::Udp], 3_600_000);
+    let q = clients[0];
+    let (victim, other_victim) = (addr(99, 7000), addr(98, 7000));
+    let mut probes = Vec::new();
+    for hop in 0..10 {
+        r.net.advance(Duration::from_millis(10));
+        let now = r.net.now;
+        let to = match hop % 3 {
+            0 => victim,
+            1 => q.addr,
+            _ => other_victim,
+        };
+        r.table(&q).handle_path(now, q.ep, to);
+        r.timeout();
+        probes.extend(
+            replies(r.table(&q))
+                .into_iter()
+                .filter(|t| t.msg.as_bytes()[0] == wire::TYPE_PROBE),
+        );
+    }
+    assert_eq!(probes.len(), 4, "four PROBEs in all, whatever the hops");
+    // Spent: a move to yet another address draws nothing more.
+    r.net.advance(Duration::from_millis(300));
+    let now = r.net.now;
+    r.table(&q).handle_path(now, q.ep, addr(97, 7000));
+    r.timeout();
+    assert!(replies(r.table(&q)).is_empty());
+    // Back on its proven address, the client gets its media again, with no PROBE.
+    r.table(&q).handle_path(now, q.ep, q.addr);
+    assert!(replies(r.table(&q)).is_empty());
+    let other = clients[1];
+    assert_eq!(targets(&r.send(&other, &rtp(1, 200))), vec![q.ep]);
+}
