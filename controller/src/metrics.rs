@@ -1,5 +1,6 @@
-//! The controller's Prometheus metrics. Labels are closed sets (results, states) or operator-set
-//! region names; never a session, call, participant or address.
+//! The controller's Prometheus metrics. Labels are closed enums (results, roles, services,
+//! states: the `labels!` sets below, the only values a label can take) or the region names
+//! relays are configured with; never a session, call, participant or address.
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
@@ -9,19 +10,19 @@ use crate::registry::{Health, RelayView};
 #[derive(Clone)]
 pub struct ControllerMetrics {
     /// `AllocateSession` calls by result.
-    pub allocations: IntCounterVec,
+    allocations: IntCounterVec,
     /// `AllocateSession` latency.
     pub allocation_latency: Histogram,
     /// `ReleaseSession` calls by result.
-    pub releases: IntCounterVec,
+    releases: IntCounterVec,
     /// Placement decisions by role.
-    pub placements: IntCounterVec,
+    placements: IntCounterVec,
     /// Live sessions.
     pub sessions: IntGauge,
     /// Relays by state and region.
-    pub relays: IntGaugeVec,
+    relays: IntGaugeVec,
     /// Calls rejected for missing or wrong credentials, by service.
-    pub auth_failures: IntCounterVec,
+    auth_failures: IntCounterVec,
 }
 
 impl std::fmt::Debug for ControllerMetrics {
@@ -30,9 +31,91 @@ impl std::fmt::Debug for ControllerMetrics {
     }
 }
 
-/// Allocation results, as label values.
-pub const ALLOCATION_RESULTS: [&str; 5] =
-    ["created", "existing", "invalid", "conflict", "unavailable"];
+/// Defines a closed set of metric label values: an enum, every value in order, and the label
+/// text of each. Nothing else can become a label value.
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $v:ident => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $v,)+
+        }
+
+        impl $name {
+            /// Every value, in order.
+            pub const ALL: &'static [Self] = &[$(Self::$v,)+];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$v => $text,)+
+                }
+            }
+        }
+    };
+}
+
+labels! {
+    /// How an `AllocateSession` call ended.
+    AllocationResult {
+        /// A new session.
+        Created => "created",
+        /// A retry with a known `call_id`: the existing session.
+        Existing => "existing",
+        /// The request was invalid.
+        Invalid => "invalid",
+        /// The `call_id` names another request's session, or a released one.
+        Conflict => "conflict",
+        /// No relay could take it.
+        Unavailable => "unavailable",
+    }
+}
+
+labels! {
+    /// How a `ReleaseSession` call ended.
+    ReleaseResult {
+        /// Released.
+        Released => "released",
+        /// No such session.
+        NotFound => "not_found",
+        /// The session id is malformed.
+        Invalid => "invalid",
+    }
+}
+
+labels! {
+    /// The role a placed relay plays in a session.
+    PlacementRole {
+        /// Serves the session.
+        Primary => "primary",
+        /// Takes it over when the primary fails.
+        Backup => "backup",
+    }
+}
+
+labels! {
+    /// The gRPC service a refused credential was presented to.
+    AuthService {
+        /// `SessionService` (signaling services).
+        Session => "session",
+        /// `RelayRegistry` (relays).
+        Registry => "registry",
+        /// `AdminService` (operators).
+        Admin => "admin",
+    }
+}
+
+labels! {
+    /// A relay's state as the registry sees it.
+    RelayState {
+        /// Reporting, taking sessions.
+        Up => "up",
+        /// Reporting, taking no new sessions.
+        Draining => "draining",
+        /// Silent past the timeout.
+        Down => "down",
+    }
+}
 
 impl ControllerMetrics {
     /// Registers the controller's metrics in `registry`.
@@ -91,17 +174,17 @@ impl ControllerMetrics {
         registry.register(Box::new(allocation_latency.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(relays.clone()))?;
-        for r in ALLOCATION_RESULTS {
-            allocations.with_label_values(&[r]);
+        for r in AllocationResult::ALL {
+            allocations.with_label_values(&[r.as_str()]);
         }
-        for r in ["released", "not_found", "invalid"] {
-            releases.with_label_values(&[r]);
+        for r in ReleaseResult::ALL {
+            releases.with_label_values(&[r.as_str()]);
         }
-        for r in ["primary", "backup"] {
-            placements.with_label_values(&[r]);
+        for r in PlacementRole::ALL {
+            placements.with_label_values(&[r.as_str()]);
         }
-        for r in ["session", "registry", "admin"] {
-            auth_failures.with_label_values(&[r]);
+        for r in AuthService::ALL {
+            auth_failures.with_label_values(&[r.as_str()]);
         }
         Ok(Self {
             allocations,
@@ -114,21 +197,46 @@ impl ControllerMetrics {
         })
     }
 
+    /// Counts an `AllocateSession` call.
+    pub fn count_allocation(&self, r: AllocationResult) {
+        self.allocations.with_label_values(&[r.as_str()]).inc();
+    }
+
+    /// Counts a `ReleaseSession` call.
+    pub fn count_release(&self, r: ReleaseResult) {
+        self.releases.with_label_values(&[r.as_str()]).inc();
+    }
+
+    /// Counts a relay placed in a session.
+    pub fn count_placement(&self, r: PlacementRole) {
+        self.placements.with_label_values(&[r.as_str()]).inc();
+    }
+
+    /// Counts a refused credential.
+    pub fn count_auth_failure(&self, s: AuthService) {
+        self.auth_failures.with_label_values(&[s.as_str()]).inc();
+    }
+
+    /// Refused credentials counted for `s`.
+    pub fn auth_failures(&self, s: AuthService) -> u64 {
+        self.auth_failures.with_label_values(&[s.as_str()]).get()
+    }
+
     /// Recomputes the relay gauges from the registry's views.
     pub fn set_relays(&self, views: &[RelayView]) {
         self.relays.reset();
         for v in views {
             let state = match (v.health, v.draining || v.load.draining) {
-                (Health::Down, _) => "down",
-                (Health::Up, true) => "draining",
-                (Health::Up, false) => "up",
+                (Health::Down, _) => RelayState::Down,
+                (Health::Up, true) => RelayState::Draining,
+                (Health::Up, false) => RelayState::Up,
             };
             self.relays
-                .with_label_values(&[state, &v.info.region])
+                .with_label_values(&[state.as_str(), &v.info.region])
                 .inc();
         }
         // Keep the zero series of every state visible for alerting on absence.
-        for state in ["up", "draining", "down"] {
+        for state in RelayState::ALL.iter().map(|s| s.as_str()) {
             for region in views
                 .iter()
                 .map(|v| v.info.region.as_str())

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 use veil_proto::v1 as pb;
 
 use crate::api::{self, AllocateError, AllocateRequest};
+use crate::metrics::{AllocationResult, AuthService, ReleaseResult};
 use crate::registry::{Change, LINK_QUEUE, RelayEvent};
 use crate::state::{Controller, Role};
 
@@ -116,9 +117,7 @@ impl SessionApi {
             .inspect_err(|_| {
                 self.controller
                     .metrics
-                    .auth_failures
-                    .with_label_values(&["session"])
-                    .inc();
+                    .count_auth_failure(AuthService::Session);
             })
     }
 }
@@ -259,14 +258,13 @@ impl pb::session_service_server::SessionService for SessionApi {
             .and_then(|req| self.controller.allocate(req));
         m.allocation_latency
             .observe(started.elapsed().as_secs_f64());
-        let label = match &result {
-            Ok((_, true)) => "created",
-            Ok((_, false)) => "existing",
-            Err(AllocateError::Invalid(_)) => "invalid",
-            Err(AllocateError::Conflict | AllocateError::Released) => "conflict",
-            Err(AllocateError::NoRelay(_)) => "unavailable",
-        };
-        m.allocations.with_label_values(&[label]).inc();
+        m.count_allocation(match &result {
+            Ok((_, true)) => AllocationResult::Created,
+            Ok((_, false)) => AllocationResult::Existing,
+            Err(AllocateError::Invalid(_)) => AllocationResult::Invalid,
+            Err(AllocateError::Conflict | AllocateError::Released) => AllocationResult::Conflict,
+            Err(AllocateError::NoRelay(_)) => AllocationResult::Unavailable,
+        });
         let (session, created) = result?;
         Ok(Response::new(pb::AllocateSessionResponse {
             session: Some(session.to_pb()),
@@ -291,14 +289,14 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::ReleaseSessionRequest>,
     ) -> Result<Response<pb::ReleaseSessionResponse>, Status> {
         self.authorize(&request)?;
-        let releases = &self.controller.metrics.releases;
-        let id = api::parse_session_id(&request.get_ref().session_id).inspect_err(|_| {
-            releases.with_label_values(&["invalid"]).inc();
-        })?;
-        let session = self.controller.release(id).inspect_err(|_| {
-            releases.with_label_values(&["not_found"]).inc();
-        })?;
-        releases.with_label_values(&["released"]).inc();
+        let m = &self.controller.metrics;
+        let id = api::parse_session_id(&request.get_ref().session_id)
+            .inspect_err(|_| m.count_release(ReleaseResult::Invalid))?;
+        let session = self
+            .controller
+            .release(id)
+            .inspect_err(|_| m.count_release(ReleaseResult::NotFound))?;
+        m.count_release(ReleaseResult::Released);
         Ok(Response::new(pb::ReleaseSessionResponse {
             session: Some(session.to_pb()),
         }))
@@ -355,9 +353,7 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
             .inspect_err(|_| {
                 self.controller
                     .metrics
-                    .auth_failures
-                    .with_label_values(&["registry"])
-                    .inc();
+                    .count_auth_failure(AuthService::Registry);
             })?;
         let mut inbound = request.into_inner();
         let Some(pb::RelayMessage {
@@ -425,9 +421,7 @@ impl AdminApi {
             .inspect_err(|_| {
                 self.controller
                     .metrics
-                    .auth_failures
-                    .with_label_values(&["admin"])
-                    .inc();
+                    .count_auth_failure(AuthService::Admin);
             })
     }
 }

@@ -11,7 +11,7 @@ use veil_proto::v1 as pb;
 use veil_protocol::{KeyRing, Limits, SessionId, Ticket};
 
 use crate::api::{AllocateError, AllocateRequest, NotFound, Participant, Transport};
-use crate::metrics::ControllerMetrics;
+use crate::metrics::{ControllerMetrics, PlacementRole};
 use crate::placement::{self, RegionMap};
 use crate::registry::{Registry, RelayInfo};
 
@@ -221,13 +221,10 @@ impl Controller {
         let primary = &views[placement.primary];
         let backup = placement.backup.map(|i| &views[i]);
         self.registry.note_placed(&primary.info.node_id, legs);
-        self.metrics
-            .placements
-            .with_label_values(&["primary"])
-            .inc();
+        self.metrics.count_placement(PlacementRole::Primary);
         // The backup carries no traffic until a failover, so its load is not charged here.
         if backup.is_some() {
-            self.metrics.placements.with_label_values(&["backup"]).inc();
+            self.metrics.count_placement(PlacementRole::Backup);
         }
         let quic_everywhere = !primary.info.quic_address.is_empty()
             && backup.is_none_or(|b| !b.info.quic_address.is_empty());

@@ -119,10 +119,11 @@ async fn each_role_has_its_own_credentials() {
     assert_eq!(relays.relays.len(), 1);
 
     // Refusals are counted, by service, with no credential in the labels.
-    let metrics = controller.state.metrics.auth_failures.clone();
-    assert!(metrics.with_label_values(&["session"]).get() >= 6);
-    assert!(metrics.with_label_values(&["registry"]).get() >= 1);
-    assert!(metrics.with_label_values(&["admin"]).get() >= 1);
+    use veil_controller::metrics::AuthService;
+    let metrics = &controller.state.metrics;
+    assert!(metrics.auth_failures(AuthService::Session) >= 6);
+    assert!(metrics.auth_failures(AuthService::Registry) >= 1);
+    assert!(metrics.auth_failures(AuthService::Admin) >= 1);
 
     stop.send(true).unwrap();
     bad_task.await.unwrap().unwrap();
