@@ -244,6 +244,8 @@ struct Forging {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
     sent: Arc<std::sync::atomic::AtomicU64>,
     received: Arc<std::sync::atomic::AtomicU64>,
+    /// Sizes of the datagrams that arrived at the victim's address.
+    sizes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl quinn::AsyncUdpSocket for Forging {
@@ -271,6 +273,12 @@ impl quinn::AsyncUdpSocket for Forging {
                 // Arrived at the victim: counted, and never seen by the forger.
                 std::task::Poll::Ready(Ok(n)) => {
                     let bytes: usize = meta[..n].iter().map(|m| m.len).sum();
+                    let mut sizes = self.sizes.lock().unwrap();
+                    for m in &meta[..n] {
+                        // A GRO-coalesced buffer holds datagrams of `stride` bytes.
+                        let stride = m.stride.max(1);
+                        sizes.extend((0..m.len).step_by(stride).map(|o| stride.min(m.len - o)));
+                    }
                     self.received
                         .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -332,10 +340,12 @@ async fn forging_a_victims_address_on_a_quic_leg_draws_no_media_there() {
     // Now every packet of the connection leaves from the victim's address.
     let victim = std::net::UdpSocket::bind("127.0.0.77:0").unwrap();
     let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sizes = Arc::new(Mutex::new(Vec::new()));
     let forging = Arc::new(Forging {
         inner: quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, victim).unwrap(),
         sent: sent.clone(),
         received: received.clone(),
+        sizes: sizes.clone(),
     });
     endpoint.rebind_abstract(forging).unwrap();
     let started = std::time::Instant::now();
@@ -361,6 +371,13 @@ async fn forging_a_victims_address_on_a_quic_leg_draws_no_media_there() {
     assert!(
         withheld > 50,
         "bob's media to the unproven path was withheld ({withheld})"
+    );
+    // Bob's 200-byte SRTP would arrive in QUIC packets of about 240 bytes; what may arrive is
+    // QUIC's path validation (1200 bytes, padded) and small ACKs.
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(
+        sizes.iter().all(|&n| !(150..1100).contains(&n)),
+        "a datagram the size of bob's media reached the victim: {sizes:?}"
     );
     // QUIC's limit is 3x; the first packet on the new path may round it up a little.
     assert!(

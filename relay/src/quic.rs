@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use nix::sys::socket::{SockaddrIn, SockaddrIn6};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -29,7 +28,7 @@ use veil_relay_core::limit::BindLimiter;
 use veil_relay_core::wire;
 use veil_relay_core::{ConnId, Endpoint, Event, ForwardingTable, LegStatus, Node, Verdict};
 
-use crate::send::{Out, PeerAddr, QuicConns};
+use crate::send::{Out, QuicConns};
 
 /// The ALPN protocol id of Veil over QUIC.
 pub const ALPN: &[u8] = wire::QUIC_ALPN;
@@ -198,7 +197,6 @@ impl QuicServer {
         udp: Arc<std::net::UdpSocket>,
         stop: watch::Receiver<bool>,
     ) {
-        let v4 = udp.local_addr().is_ok_and(|a| a.is_ipv4());
         let config = node.config().clone();
         let ctx = Arc::new(ConnContext {
             binds: Arc::new(Mutex::new(BindLimiter::new(
@@ -219,12 +217,7 @@ impl QuicServer {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
                         if let Some(incoming) = validate_address(incoming) {
-                            // The UDP socket's family decides the socket address type.
-                            if v4 {
-                                conns.spawn(serve::<SockaddrIn>(incoming, ctx.clone()));
-                            } else {
-                                conns.spawn(serve::<SockaddrIn6>(incoming, ctx.clone()));
-                            }
+                            conns.spawn(serve(incoming, ctx.clone()));
                         }
                     }
                     None => break,
@@ -279,7 +272,7 @@ fn validate_address(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
 /// end, a timer) to the table; send what the verdict says; then drain the table's transmits
 /// (reliable ones on the control stream, the rest as datagrams), then its events (an ended leg
 /// ends the connection).
-async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
+async fn serve(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     // The address the Retry proved: the one the leg is bound at. If the connection has moved by
     // the time its BIND arrives, its first datagram tells the table, which proves the new path.
     let proven = incoming.remote_address();
@@ -288,13 +281,12 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     };
     let id = ctx.conns.next_id();
     let ep = Endpoint::Quic(id);
-    let mut conn_side = Connection::<S> {
+    let mut conn_side = Connection {
         table: ForwardingTable::with_shared_binds(
             ctx.node.clone(),
             Instant::now(),
             ctx.binds.clone(),
         ),
-        _addr: std::marker::PhantomData,
         ctx: ctx.clone(),
         ep,
     };
@@ -307,6 +299,7 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     let mut tick = tokio::time::interval(ctx.node.config().sweep_interval);
     let mut stop = ctx.stop.clone();
     let why = loop {
+        let mut lost = false;
         tokio::select! {
             d = conn.read_datagram() => {
                 let now = Instant::now();
@@ -319,7 +312,10 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
                         }
                         conn_side.datagram(now, pkt);
                     }
-                    Err(_) => conn_side.table.handle_disconnect(ep),
+                    Err(_) => {
+                        conn_side.table.handle_disconnect(ep);
+                        lost = true;
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -331,6 +327,10 @@ async fn serve<S: PeerAddr>(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
         }
         if let Some(why) = conn_side.drain(&mut control).await {
             break why;
+        }
+        // A lost connection ends the loop even if its leg had already left the table.
+        if lost {
+            break LegStatus::Disconnected;
         }
     };
     match why {
@@ -362,17 +362,16 @@ struct ConnContext {
 }
 
 /// One connection's forwarding table and sending state.
-struct Connection<S: PeerAddr> {
+struct Connection {
     table: ForwardingTable,
-    /// The media socket's address type.
-    _addr: std::marker::PhantomData<fn() -> S>,
     ctx: Arc<ConnContext>,
     ep: Endpoint,
 }
 
-impl<S: PeerAddr> Connection<S> {
+impl Connection {
     /// Reads the BIND from the client's first stream and hands it to the table with the
-    /// connection's TLS exporter value and the address the handshake proved. Returns the control stream if the leg is bound.
+    /// connection's TLS exporter value and the address the handshake proved. Returns the
+    /// control stream if the leg is bound.
     async fn bind(
         &mut self,
         conn: &quinn::Connection,
@@ -403,11 +402,8 @@ impl<S: PeerAddr> Connection<S> {
             // Registered before BIND_OK leaves, so the first media to this leg finds it.
             self.ctx.conns.insert(id, conn.clone());
         }
-        if self.drain(&mut send).await.is_some() || !bound {
-            if bound {
-                self.ctx.conns.remove(id);
-                self.table.handle_disconnect(self.ep);
-            }
+        self.drain(&mut send).await;
+        if !bound {
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
             conn.close(2u32.into(), b"bind refused");
@@ -420,8 +416,7 @@ impl<S: PeerAddr> Connection<S> {
     fn datagram(&mut self, now: Instant, pkt: Bytes) {
         if let Verdict::Forward(targets) = self.table.handle_datagram(now, self.ep, &pkt) {
             let fd = self.ctx.udp.as_raw_fd();
-            let mut out =
-                Out::<S>::immediate(fd, Some(&*self.ctx.conns), &pkt).sharing(pkt.clone());
+            let mut out = Out::immediate(fd, Some(&*self.ctx.conns), &pkt).sharing(pkt.clone());
             for t in targets.iter() {
                 out.to(t, 0, pkt.len());
             }
@@ -441,7 +436,7 @@ impl<S: PeerAddr> Connection<S> {
         let fd = self.ctx.udp.as_raw_fd();
         while let Some(t) = self.table.poll_transmit() {
             let sent = {
-                let mut out = Out::<S>::immediate(fd, Some(&*self.ctx.conns), &[]);
+                let mut out = Out::immediate(fd, Some(&*self.ctx.conns), &[]);
                 let sent = out.control(&t);
                 let errors = out.errors();
                 self.table.count_send_errors(errors);

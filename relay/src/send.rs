@@ -123,8 +123,8 @@ pub struct Queued {
 /// Datagrams per `sendmmsg`.
 pub const SEND_BATCH: usize = 64;
 
-/// The `sendmmsg` headers one sender uses, preallocated once (per UDP worker, per QUIC
-/// connection): sending allocates nothing.
+/// The `sendmmsg` headers a batching sender uses, preallocated once per UDP worker: sending
+/// allocates nothing.
 pub struct Headers<S: PeerAddr> {
     send: MultiHeaders<S>,
     /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
@@ -169,6 +169,24 @@ pub struct Out<'a, S: PeerAddr> {
     errors: u64,
 }
 
+impl<'a> Out<'a, SockaddrIn6> {
+    /// A sender that sends each UDP datagram at once (`sendto`), for datagrams in `buf`: what a
+    /// QUIC connection's task uses, as it cannot hold `sendmmsg` headers across an `.await`. It
+    /// queues nothing, so it names no socket address type of its own (`SockaddrIn6` is only the
+    /// type parameter's filler; `sendto` takes either family).
+    pub fn immediate(fd: RawFd, quic: Option<&'a QuicConns>, buf: &'a [u8]) -> Self {
+        Self {
+            fd,
+            quic,
+            buf,
+            batch: None,
+            quic_copy: None,
+            max_gso: 1,
+            errors: 0,
+        }
+    }
+}
+
 impl<S: PeerAddr> std::fmt::Debug for Out<'_, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Out")
@@ -209,19 +227,6 @@ impl<'a, S: PeerAddr> Out<'a, S> {
             }),
             quic_copy: None,
             max_gso,
-            errors: 0,
-        }
-    }
-
-    /// A sender that sends each UDP datagram at once (`sendto`), for datagrams in `buf`.
-    pub fn immediate(fd: RawFd, quic: Option<&'a QuicConns>, buf: &'a [u8]) -> Self {
-        Self {
-            fd,
-            quic,
-            buf,
-            batch: None,
-            quic_copy: None,
-            max_gso: 1,
             errors: 0,
         }
     }

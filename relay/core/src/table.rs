@@ -396,7 +396,7 @@ impl ForwardingTable {
             .node
             .cookies
             .mint(self.node.mono_ms(now), addr, &context);
-        self.send(ep, wire::probe(rand_txn(&cookie), &cookie), false);
+        self.send(ep, wire::probe(probe_txn(&cookie), &cookie), false);
     }
 
     fn handle_probe_ack(&mut self, now: Instant, from: Endpoint, cookie: &[u8]) -> Verdict {
@@ -407,11 +407,10 @@ impl ForwardingTable {
             node.cookies
                 .check(node.mono_ms(now), pending.addr, &context, cookie)
                 .ok()?;
-            leg.path = Some(Box::new(Path {
-                proven: pending.addr,
-                probing: None,
-                probes_left: MAX_PROBES,
-            }));
+            let path = leg.path.as_mut()?;
+            path.proven = pending.addr;
+            path.probing = None;
+            path.probes_left = MAX_PROBES;
             node.directory
                 .set_reachable(leg.session_ref(), leg.leg(), from, true);
             Some(())
@@ -507,21 +506,13 @@ impl ForwardingTable {
         // A BIND proves possession for the transport it was made for, and only there: a UDP
         // BIND seen on the wire (its cookie round included) binds nothing over QUIC, and a
         // channel-bound one nothing over UDP.
-        let exporter = match proof {
-            Proof::Cookie if bind.channel_bound => {
-                return refuse(
-                    self,
-                    Refusal::new(DropReason::BadBinding, ErrorCode::Unauthorized),
-                );
+        let exporter = match (proof, bind.channel_bound) {
+            (Proof::Cookie, false) => None,
+            (Proof::Channel(x), true) => Some(x),
+            (Proof::Cookie, true) | (Proof::Channel(_), false) => {
+                let wrong = Refusal::new(DropReason::BadBinding, ErrorCode::Unauthorized);
+                return refuse(self, wrong);
             }
-            Proof::Channel(_) if !bind.channel_bound => {
-                return refuse(
-                    self,
-                    Refusal::new(DropReason::BadBinding, ErrorCode::Unauthorized),
-                );
-            }
-            Proof::Cookie => None,
-            Proof::Channel(x) => Some(x),
         };
         let node = self.node.clone();
         let ticket = match node.authenticate(now, bind, exporter) {
@@ -738,8 +729,8 @@ fn probe_context(leg: &LegState) -> [u8; 17] {
     c
 }
 
-/// A PROBE's transaction id: taken from its cookie (the client only echoes it).
-fn rand_txn(cookie: &[u8; COOKIE_LEN]) -> [u8; 8] {
+/// A PROBE's transaction id: the tail of its cookie's MAC (the client only echoes it).
+fn probe_txn(cookie: &[u8; COOKIE_LEN]) -> [u8; 8] {
     cookie[COOKIE_LEN - 8..]
         .try_into()
         .expect("a cookie is longer than 8 bytes")
