@@ -13,7 +13,11 @@
 #   e. every metric name the dashboard and the alerts use is exported by a live dev cluster,
 #      whose scrapes pass `promtool check metrics`;
 #   f. a real Prometheus scraping a dev cluster under a 15 s call load sees the forwarded
-#      packet rate the load test sent (+-15%), evaluates every alert rule and dashboard query.
+#      packet rate the load test sent (+-15%), evaluates every alert rule and dashboard query;
+#   g. the shipped deployments run as shipped: every container of the manifests and every
+#      service of compose.yml gets the environment, Secret files, user and names its file gives
+#      it, in its own network namespace; `--check-config` passes with it, the probes pass, and
+#      calls flow through each cluster (deploy/tests/cluster_netns.py; needs root).
 #
 # The workspace binaries (target/debug/veil-*) come from `cargo build --workspace --all-targets`,
 # which scripts/test.sh runs first; this script runs the same build, a no-op when up to date.
@@ -94,6 +98,11 @@ passed=$((passed + 1))
 
 step "f. a real Prometheus scraping a dev cluster under load"
 python3 deploy/tests/prometheus_e2e.py
+passed=$((passed + 1))
+
+step "g. the shipped Kubernetes and compose clusters, as processes in network namespaces"
+[[ $(id -u) -eq 0 ]] || die "step g creates network namespaces: run this script as root"
+"$VENV/bin/python" deploy/tests/cluster_netns.py
 passed=$((passed + 1))
 
 echo "deploy checks passed in $((SECONDS - start)) s"

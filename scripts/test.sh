@@ -15,6 +15,10 @@ echo "== system packages (Debian)"
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
 { command -v promtool && command -v prometheus; } >/dev/null || need+=(prometheus)
+# deploy/tests/cluster_netns.py runs the shipped deployment in network namespaces.
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "error: missing Debian packages: ${need[*]} (run as root, or install them)" >&2

@@ -93,6 +93,67 @@ pub struct Config {
     /// Log filter, for example `info` or `veil_controller=debug,info`.
     #[arg(long, env = "VEIL_LOG", default_value = "info")]
     pub log_filter: String,
+
+    /// Serve this role with no tokens on a non-loopback --grpc-addr, on purpose
+    /// (comma-separated: signaling, relay, admin). Without it a controller refuses to start
+    /// with an open role anywhere but loopback: anyone who reaches the port could allocate
+    /// sessions, pose as a relay, or drain every relay.
+    #[arg(
+        long = "allow-open-role",
+        env = "VEIL_CONTROLLER_ALLOW_OPEN_ROLES",
+        value_delimiter = ',',
+        value_enum
+    )]
+    pub allow_open_roles: Vec<Role>,
+
+    /// Validate the flags, the environment and the key file, print the effective settings
+    /// with secrets redacted, and exit: 0 if valid, 64 naming the field if not. Binds
+    /// nothing.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A caller role, each with its own bearer tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Signaling services: SessionService.
+    Signaling,
+    /// Relays: RelayRegistry.
+    Relay,
+    /// Operators: AdminService.
+    Admin,
+}
+
+impl Role {
+    /// Every role, in the order of their flags.
+    pub const ALL: [Self; 3] = [Self::Signaling, Self::Relay, Self::Admin];
+
+    /// The role's name, as `--allow-open-role` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Signaling => "signaling",
+            Self::Relay => "relay",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The flag that sets its tokens.
+    pub fn tokens_flag(self) -> &'static str {
+        match self {
+            Self::Signaling => "--signaling-tokens",
+            Self::Relay => "--relay-tokens",
+            Self::Admin => "--admin-tokens",
+        }
+    }
+
+    /// The gRPC service it may call.
+    fn service(self) -> &'static str {
+        match self {
+            Self::Signaling => "SessionService",
+            Self::Relay => "RelayRegistry",
+            Self::Admin => "AdminService",
+        }
+    }
 }
 
 /// The controller's validated settings.
@@ -121,6 +182,64 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The tokens of `role`.
+    pub fn tokens(&self, role: Role) -> &[String] {
+        match role {
+            Role::Signaling => &self.signaling_tokens,
+            Role::Relay => &self.relay_tokens,
+            Role::Admin => &self.admin_tokens,
+        }
+    }
+
+    /// The roles anyone may take, for they have no tokens.
+    pub fn open_roles(&self) -> Vec<Role> {
+        Role::ALL
+            .into_iter()
+            .filter(|&r| self.tokens(r).is_empty())
+            .collect()
+    }
+
+    /// What `--check-config` prints: every setting, tokens and keys as counts and ids only.
+    pub fn effective(&self, config: &Config) -> veil_ops::check::Effective {
+        let keys: Vec<String> = self
+            .keys
+            .key_ids()
+            .iter()
+            .map(|k| k.0.to_string())
+            .collect();
+        let key_source = config.key_file.as_ref().map_or_else(
+            || "generated (--dev)".to_string(),
+            |p| p.display().to_string(),
+        );
+        let open: Vec<&str> = self.open_roles().into_iter().map(Role::name).collect();
+        veil_ops::check::Effective::new("veil-controller")
+            .set("grpc-addr", self.grpc_addr)
+            .set("ops-addr", self.ops_addr)
+            .set(
+                "key-file",
+                format!(
+                    "{key_source} (key ids {}, signing {})",
+                    keys.join(","),
+                    self.keys.signing_key_id().0
+                ),
+            )
+            .secret("signaling-tokens", self.signaling_tokens.len())
+            .secret("relay-tokens", self.relay_tokens.len())
+            .secret("admin-tokens", self.admin_tokens.len())
+            .list("open-roles", &open)
+            .list("region-distance", &config.region_distance)
+            .set("relay-timeout-ms", self.relay_timeout.as_millis())
+            .set("leg-max-pps", self.leg_limits.max_pps)
+            .set("leg-max-kbps", self.leg_limits.max_kbps)
+            .set(
+                "log-format",
+                format!("{:?}", config.log_format).to_lowercase(),
+            )
+            .set("log", &config.log_filter)
+    }
+}
+
+impl Settings {
     /// Settings for a controller on loopback with the given keys: for `--dev` and tests.
     pub fn local(keys: KeyRing) -> Self {
         Self {
@@ -142,6 +261,15 @@ impl Settings {
 }
 
 impl Config {
+    /// The tokens of `role`, as given.
+    fn tokens(&self, role: Role) -> &[String] {
+        match role {
+            Role::Signaling => &self.signaling_tokens,
+            Role::Relay => &self.relay_tokens,
+            Role::Admin => &self.admin_tokens,
+        }
+    }
+
     /// Validates the flags and reads the key file (not used with --dev).
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let keys = match &self.key_file {
@@ -171,6 +299,30 @@ impl Config {
                 if ta.iter().any(|t| tb.contains(t)) {
                     bail!("{a} and {b} must not share a token: each role has its own credentials");
                 }
+            }
+        }
+        for role in Role::ALL {
+            let tokens = self.tokens(role);
+            let allowed = self.allow_open_roles.contains(&role);
+            if allowed && !tokens.is_empty() {
+                bail!(
+                    "--allow-open-role {} contradicts {}: drop one of them",
+                    role.name(),
+                    role.tokens_flag()
+                );
+            }
+            // --dev serves on loopback whatever --grpc-addr says.
+            if tokens.is_empty() && !allowed && !self.dev && !self.grpc_addr.ip().is_loopback() {
+                bail!(
+                    "{} is empty, so {} would be open to anyone who reaches --grpc-addr {}: \
+                     set {} (or its environment variable), or pass --allow-open-role {} to serve \
+                     it open on purpose",
+                    role.tokens_flag(),
+                    role.service(),
+                    self.grpc_addr,
+                    role.tokens_flag(),
+                    role.name()
+                );
             }
         }
         if self.dev && !(1..=16).contains(&self.dev_relays) {

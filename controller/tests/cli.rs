@@ -29,6 +29,12 @@ fn help_documents_every_flag() {
             Some("VEIL_CONTROLLER_SIGNALING_TOKENS"),
         ),
         ("--relay-tokens", Some("VEIL_CONTROLLER_RELAY_TOKENS")),
+        ("--admin-tokens", Some("VEIL_CONTROLLER_ADMIN_TOKENS")),
+        (
+            "--allow-open-role",
+            Some("VEIL_CONTROLLER_ALLOW_OPEN_ROLES"),
+        ),
+        ("--check-config", None),
         (
             "--region-distance",
             Some("VEIL_CONTROLLER_REGION_DISTANCES"),
@@ -92,4 +98,148 @@ fn bad_configuration_exits_64_naming_the_field() {
         );
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A key file for the tests below, removed on drop.
+struct Keys(std::path::PathBuf);
+
+impl Keys {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("veil-ctl-cli-{name}-{}", std::process::id()));
+        std::fs::write(&path, format!("1 {} signing\n", "cd".repeat(32))).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
+}
+
+const SIGNALING: &str = "signaling-token-0123456789";
+const RELAY: &str = "relay-token-0123456789abc";
+const ADMIN: &str = "admin-token-0123456789abcd";
+
+#[test]
+fn an_open_role_on_a_reachable_address_refuses_to_start_naming_role_and_flag() {
+    let keys = Keys::new("open");
+    // Each role in turn left open on a wildcard address: the message names its tokens flag
+    // and the flag that would allow it.
+    for (open, others) in [
+        (
+            "signaling",
+            ["--relay-tokens", RELAY, "--admin-tokens", ADMIN],
+        ),
+        (
+            "relay",
+            ["--signaling-tokens", SIGNALING, "--admin-tokens", ADMIN],
+        ),
+        (
+            "admin",
+            ["--signaling-tokens", SIGNALING, "--relay-tokens", RELAY],
+        ),
+    ] {
+        let mut args = vec!["--key-file", keys.path(), "--grpc-addr", "0.0.0.0:50051"];
+        args.extend(others);
+        for run in [&args[..], &[&args[..], &["--check-config"]].concat()] {
+            let (code, out, err) = controller(run);
+            assert_eq!(code, 64, "{open} open: {out}{err}");
+            assert!(
+                err.contains(&format!("--{open}-tokens is empty"))
+                    && err.contains(&format!("--allow-open-role {open}")),
+                "{open} open: {err}"
+            );
+        }
+        // Allowed on purpose, it starts (here: checks) and says which role is open.
+        args.extend(["--allow-open-role", open, "--check-config"]);
+        let (code, out, err) = controller(&args);
+        assert_eq!(code, 0, "{open} allowed: {err}");
+        assert!(
+            out.contains(&format!("open-roles       = {open}\n")),
+            "{out}"
+        );
+    }
+    // Loopback is the developer's own machine: open roles start there, as before.
+    let (code, out, err) = controller(&[
+        "--key-file",
+        keys.path(),
+        "--grpc-addr",
+        "127.0.0.1:50051",
+        "--check-config",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("open-roles       = signaling,relay,admin\n"),
+        "{out}"
+    );
+    // Allowing a role that has tokens is a contradiction, not a silent choice.
+    let (code, _, err) = controller(&[
+        "--key-file",
+        keys.path(),
+        "--grpc-addr",
+        "0.0.0.0:50051",
+        "--signaling-tokens",
+        SIGNALING,
+        "--relay-tokens",
+        RELAY,
+        "--admin-tokens",
+        ADMIN,
+        "--allow-open-role",
+        "admin",
+    ]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("--allow-open-role admin contradicts --admin-tokens"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets_and_binds_nothing() {
+    let keys = Keys::new("check");
+    // The port is taken: a check that bound it would fail.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-controller"))
+        .args(["--check-config", "--grpc-addr", &addr, "--ops-addr", &addr])
+        .env_clear()
+        .env("VEIL_KEY_FILE", keys.path())
+        .env(
+            "VEIL_CONTROLLER_SIGNALING_TOKENS",
+            format!("{SIGNALING},{SIGNALING}-2"),
+        )
+        .env("VEIL_CONTROLLER_RELAY_TOKENS", RELAY)
+        .env("VEIL_CONTROLLER_ADMIN_TOKENS", ADMIN)
+        .env("VEIL_CONTROLLER_LEG_MAX_PPS", "1234")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("veil-controller: configuration is valid\n"),
+        "{stdout}"
+    );
+    for line in [
+        format!("grpc-addr        = {addr}"),
+        "signaling-tokens = <redacted: 2 values>".to_string(),
+        "admin-tokens     = <redacted: 1 value>".to_string(),
+        "open-roles       = none".to_string(),
+        "leg-max-pps      = 1234".to_string(),
+        "(key ids 1, signing 1)".to_string(),
+    ] {
+        assert!(stdout.contains(&line), "lacks {line:?}: {stdout}");
+    }
+    for secret in [SIGNALING, RELAY, ADMIN, &"cd".repeat(32)] {
+        assert!(!stdout.contains(secret), "a secret leaked: {stdout}");
+    }
 }

@@ -2,6 +2,8 @@
 //! (`/metrics`, `/healthz`, `/readyz`), shutdown signals, redaction of client addresses in logs,
 //! and process statistics. It holds no Veil logic.
 
+pub mod build;
+pub mod check;
 pub mod http;
 pub mod keys;
 pub mod logging;

@@ -122,6 +122,26 @@ pub struct Config {
     /// Log filter, for example `info` or `veil_relay=debug,info`.
     #[arg(long, env = "VEIL_LOG", default_value = "info")]
     pub log_filter: String,
+
+    /// Validate the flags, the environment and the files they name (key ring, QUIC
+    /// certificate), print the effective settings with secrets redacted, and exit: 0 if
+    /// valid, 64 naming the field if not. Binds nothing and contacts no controller.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Resolve the host of each --controller URL again every this many seconds: the relay
+    /// attaches to every address the host resolves to (a headless Service gives one per
+    /// controller pod), attaching to new ones and dropping vanished ones.
+    #[arg(long, env = "VEIL_RELAY_CONTROLLER_RESOLVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub controller_resolve_secs: u64,
+
+    /// File holding the IP address clients reach this node on (one line; for nodes behind a
+    /// 1:1 NAT, such as a cloud VM's public IP). Announced with the ports of --udp-addr and
+    /// --quic-addr wherever --public-udp-addr or --public-quic-addr is unset. Written before
+    /// the relay starts, for instance by an init container from the node's ExternalIP
+    /// (deploy/kubernetes/examples/relay-nat.yaml).
+    #[arg(long, env = "VEIL_RELAY_PUBLIC_IP_FILE")]
+    pub public_ip_file: Option<PathBuf>,
 }
 
 /// The QUIC endpoint's settings.
@@ -183,6 +203,8 @@ pub struct Settings {
     pub drain_deadline: Duration,
     /// What the CPU figure of load reports measures.
     pub cpu_source: CpuSource,
+    /// How often controller host names are resolved again.
+    pub controller_resolve: Duration,
 }
 
 /// What the CPU figure of a relay's load reports measures.
@@ -217,7 +239,81 @@ impl Settings {
             report_interval: Duration::from_millis(1000),
             drain_deadline: Duration::ZERO,
             cpu_source: CpuSource::Workers,
+            controller_resolve: Duration::from_secs(10),
         }
+    }
+}
+
+impl Settings {
+    /// What `--check-config` prints: every setting, secrets as a count only.
+    pub fn effective(&self, config: &Config) -> veil_ops::check::Effective {
+        let quic = self.quic.as_ref();
+        let certificate = quic.map(|q| {
+            let source = match (&config.quic_cert_file, &config.quic_key_file) {
+                (Some(cert), Some(key)) => format!("{} + {}", cert.display(), key.display()),
+                _ => "self-signed, new at every start".to_string(),
+            };
+            format!(
+                "{source} (sha256 {})",
+                hex::encode(q.identity.fingerprint())
+            )
+        });
+        let keys: Vec<String> = self
+            .keys
+            .key_ids()
+            .iter()
+            .map(|k| k.0.to_string())
+            .collect();
+        veil_ops::check::Effective::new("veil-relay")
+            .set("udp-addr", self.udp_addr)
+            .set(
+                "public-udp-addr",
+                self.public_udp_addr.map_or_else(
+                    || format!("{} (the bound address)", self.udp_addr),
+                    |a| a.to_string(),
+                ),
+            )
+            .opt("quic-addr", quic.map(|q| q.addr))
+            .opt(
+                "public-quic-addr",
+                quic.map(|q| {
+                    q.public_addr.map_or_else(
+                        || format!("{} (the bound address)", q.addr),
+                        |a| a.to_string(),
+                    )
+                }),
+            )
+            .opt("quic-certificate", certificate)
+            .set("ops-addr", self.ops_addr)
+            .set("workers", self.workers)
+            .list("controller", &self.controllers)
+            .secret(
+                "controller-token",
+                usize::from(self.controller_token.is_some()),
+            )
+            .set(
+                "key-file",
+                format!(
+                    "{} (key ids {}, signing {})",
+                    config.key_file.display(),
+                    keys.join(","),
+                    self.keys.signing_key_id().0
+                ),
+            )
+            .set("node-id", &self.node_id)
+            .set("region", &self.region)
+            .set("zone", &self.zone)
+            .set("leg-idle-secs", self.core.leg_idle.as_secs())
+            .set("binds-per-ip", self.core.binds_per_ip)
+            .set("binds-per-worker", self.core.binds_per_worker)
+            .set("max-legs", self.max_legs)
+            .set("report-interval-ms", self.report_interval.as_millis())
+            .set("drain-deadline-secs", self.drain_deadline.as_secs())
+            .set(
+                "log-format",
+                format!("{:?}", config.log_format).to_lowercase(),
+            )
+            .set("log", &config.log_filter)
     }
 }
 
@@ -324,6 +420,7 @@ impl Config {
             report_interval: Duration::from_millis(self.report_interval_ms),
             drain_deadline: Duration::from_secs(self.drain_deadline_secs),
             cpu_source: CpuSource::Process,
+            controller_resolve: Duration::from_secs(self.controller_resolve_secs),
         })
     }
 }

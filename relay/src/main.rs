@@ -13,6 +13,9 @@ async fn main() {
         Ok(s) => s,
         Err(e) => veil_ops::config_error(&e),
     };
+    if config.check_config {
+        settings.effective(&config).print_and_exit();
+    }
     let result = async {
         RelayServer::load(settings)
             .await?

@@ -71,6 +71,10 @@ fn help_documents_every_flag_and_its_environment_variable() {
         assert!(out.contains(flag), "--help lacks {flag}");
         assert!(out.contains(env), "--help lacks {env}");
     }
+    assert!(
+        out.contains("--check-config"),
+        "--help lacks --check-config"
+    );
 }
 
 #[test]
@@ -135,4 +139,75 @@ fn bad_configuration_exits_64_naming_the_field() {
             "{args:?}: message should name {field}: {err}"
         );
     }
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets_and_binds_nothing() {
+    let keys = key_file(GOOD_KEY);
+    // The ports are taken: a check that bound them would fail.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (udp_addr, ops_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+    let token = "relay-token-0123456789abc";
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-relay"))
+        .arg("--check-config")
+        .env_clear()
+        .env("VEIL_KEY_FILE", keys.as_str())
+        .env("VEIL_RELAY_UDP_ADDR", "0.0.0.0:40000")
+        .env("VEIL_RELAY_PUBLIC_UDP_ADDR", udp_addr.to_string())
+        .env("VEIL_RELAY_QUIC_ADDR", udp_addr.to_string())
+        .env("VEIL_RELAY_QUIC_SELF_SIGNED", "true")
+        .env("VEIL_RELAY_OPS_ADDR", ops_addr.to_string())
+        .env(
+            "VEIL_RELAY_CONTROLLERS",
+            "http://a.example:50051,http://b.example:50051",
+        )
+        .env("VEIL_RELAY_CONTROLLER_TOKEN", token)
+        .env("VEIL_RELAY_NODE_ID", "node-7")
+        .env("VEIL_RELAY_WORKERS", "3")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("veil-relay: configuration is valid\n"),
+        "{stdout}"
+    );
+    for line in [
+        "udp-addr            = 0.0.0.0:40000".to_string(),
+        format!("public-udp-addr     = {udp_addr}"),
+        format!("public-quic-addr    = {udp_addr} (the bound address)"),
+        "quic-certificate    = self-signed, new at every start (sha256 ".to_string(),
+        "controller          = http://a.example:50051,http://b.example:50051".to_string(),
+        "controller-token    = <redacted: 1 value>".to_string(),
+        "node-id             = node-7".to_string(),
+        "workers             = 3".to_string(),
+        "(key ids 1, signing 1)".to_string(),
+    ] {
+        assert!(stdout.contains(&line), "lacks {line:?}: {stdout}");
+    }
+    assert!(
+        !stdout.contains(token) && !stdout.contains("010101"),
+        "a secret leaked: {stdout}"
+    );
+
+    // Invalid: the same check exits 64 naming the field, as a start would.
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-relay"))
+        .arg("--check-config")
+        .env_clear()
+        .env("VEIL_KEY_FILE", keys.as_str())
+        .env("VEIL_RELAY_UDP_ADDR", "127.0.0.1:0")
+        .env("VEIL_RELAY_QUIC_ADDR", "0.0.0.0:40443")
+        .env("VEIL_RELAY_QUIC_SELF_SIGNED", "true")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--public-quic-addr is required"), "{err}");
+    assert!(out.stdout.is_empty());
 }
