@@ -16,7 +16,9 @@ use crate::placement::RegionMap;
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "veil-controller", version)]
 pub struct Config {
-    /// gRPC address (SessionService, RelayRegistry, grpc.health.v1, reflection).
+    /// gRPC address: SessionService, RelayRegistry, AdminService, grpc.health.v1 (NOT_SERVING
+    /// while no relay is attached or while draining, like /readyz) and server reflection (v1
+    /// and v1alpha).
     #[arg(long, env = "VEIL_CONTROLLER_GRPC_ADDR", default_value = "[::]:50051")]
     pub grpc_addr: SocketAddr,
 

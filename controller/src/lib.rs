@@ -15,9 +15,11 @@ pub mod config;
 pub mod deadline;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod health;
 pub mod metrics;
 pub mod placement;
 pub mod registry;
+pub mod rpc;
 pub mod service;
 pub mod state;
 
@@ -33,7 +35,8 @@ use veil_proto::v1::relay_registry_server::RelayRegistryServer;
 use veil_proto::v1::session_service_server::SessionServiceServer;
 
 use crate::config::Settings;
-use crate::metrics::ControllerMetrics;
+use crate::health::HealthApi;
+use crate::metrics::{ControllerMetrics, Role};
 use crate::service::{AdminApi, Auth, RegistryApi, SessionApi};
 use crate::state::Controller;
 use veil_proto::v1::admin_service_server::AdminServiceServer;
@@ -69,6 +72,17 @@ impl ControllerServer {
     pub async fn load(settings: Settings) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let metrics = ControllerMetrics::register(&registry)?;
+        veil_ops::build::register(&registry, env!("CARGO_PKG_VERSION"))?;
+        // A role with no tokens is open to anyone who reaches the gRPC port (the controller
+        // refuses that on a reachable address unless allowed on purpose): exported, so that an
+        // open role in production shows, and can be alerted on.
+        for (role, tokens) in [
+            (Role::Signaling, &settings.signaling_tokens),
+            (Role::Relay, &settings.relay_tokens),
+            (Role::Admin, &settings.admin_tokens),
+        ] {
+            metrics.set_open_role(role, tokens.is_empty());
+        }
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -93,15 +107,10 @@ impl ControllerServer {
                     c.metrics.set_relays(&c.registry.views());
                 })
             },
+            // The same readiness as the gRPC health status of SessionService (crate::health).
             ready: {
                 let c = controller.clone();
-                Arc::new(move || {
-                    if c.registry.up() > 0 {
-                        Ok(())
-                    } else {
-                        Err("no relay attached".into())
-                    }
-                })
+                Arc::new(move || c.readiness().map_err(|e| e.to_string()))
             },
         };
         let (ops_addr, ops_task) = veil_ops::http::serve(settings.ops_addr, ops, async move {
@@ -157,19 +166,23 @@ impl ControllerServer {
             auth,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<SessionServiceServer<SessionApi>>()
-            .await;
-        health
-            .set_serving::<RelayRegistryServer<RegistryApi>>()
-            .await;
-        health.set_serving::<AdminServiceServer<AdminApi>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(veil_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Health follows readiness, as relays attach and detach and when shutdown begins.
+        let health_service = tonic_health::pb::health_server::HealthServer::new(HealthApi {
+            controller: self.controller.clone(),
+        });
+        // Reflection in both versions: grpcurl and newer clients ask v1, others (Python's
+        // grpcio-reflection, older grpcurl) only v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(veil_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
-            .context("build reflection service")?;
+            .context("build reflection service (v1)")?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .context("build reflection service (v1alpha)")?;
 
         let (stop_tx, stop_rx) = watch::channel(false);
         // Key rotation: SIGHUP re-reads the key ring file; new tokens are signed with its
@@ -199,12 +212,17 @@ impl ControllerServer {
         let served = tonic::transport::Server::builder()
             // A backstop only: `DeadlineLayer` answers first, with the right code.
             .timeout(RPC_TIMEOUT + Duration::from_secs(1))
+            // Outermost, so that it counts what the layers inside answer too.
+            .layer(rpc::RpcMetricsLayer {
+                metrics: self.controller.metrics.clone(),
+            })
             .layer(deadline::DeadlineLayer { max: RPC_TIMEOUT })
             .concurrency_limit_per_connection(1024)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(sessions)
             .add_service(relays)
             .add_service(admin)

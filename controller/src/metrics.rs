@@ -2,7 +2,9 @@
 //! states: the `labels!` sets below, the only values a label can take) or the region names
 //! relays are configured with; never a session, call, participant or address.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::registry::{Health, RelayView};
 
@@ -23,6 +25,12 @@ pub struct ControllerMetrics {
     relays: IntGaugeVec,
     /// Calls rejected for missing or wrong credentials, by service.
     auth_failures: IntCounterVec,
+    /// Roles served without tokens (1) or with (0).
+    open_roles: IntGaugeVec,
+    /// gRPC requests by method and status code.
+    rpc_requests: IntCounterVec,
+    /// gRPC latency of unary methods, by method.
+    rpc_latency: HistogramVec,
 }
 
 impl std::fmt::Debug for ControllerMetrics {
@@ -117,6 +125,138 @@ labels! {
     }
 }
 
+labels! {
+    /// A caller role, as `veil_controller_open_role` names it.
+    Role {
+        /// Signaling services (`SessionService`, `--signaling-tokens`).
+        Signaling => "signaling",
+        /// Relays (`RelayRegistry`, `--relay-tokens`).
+        Relay => "relay",
+        /// Operators (`AdminService`, `--admin-tokens`).
+        Admin => "admin",
+    }
+}
+
+labels! {
+    /// A gRPC method this server serves; anything else (an unknown path) is `Other`.
+    RpcMethod {
+        /// `SessionService.AllocateSession`.
+        AllocateSession => "veil.v1.SessionService/AllocateSession",
+        /// `SessionService.GetSession`.
+        GetSession => "veil.v1.SessionService/GetSession",
+        /// `SessionService.ReleaseSession`.
+        ReleaseSession => "veil.v1.SessionService/ReleaseSession",
+        /// `SessionService.WatchSession` (server streaming).
+        WatchSession => "veil.v1.SessionService/WatchSession",
+        /// `RelayRegistry.Attach` (bidirectional streaming).
+        Attach => "veil.v1.RelayRegistry/Attach",
+        /// `AdminService.DrainRelay`.
+        DrainRelay => "veil.v1.AdminService/DrainRelay",
+        /// `AdminService.ListRelays`.
+        ListRelays => "veil.v1.AdminService/ListRelays",
+        /// `grpc.health.v1.Health.Check`.
+        HealthCheck => "grpc.health.v1.Health/Check",
+        /// `grpc.health.v1.Health.Watch` (server streaming).
+        HealthWatch => "grpc.health.v1.Health/Watch",
+        /// Server reflection, v1 (bidirectional streaming).
+        ReflectionV1 => "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        /// Server reflection, v1alpha (bidirectional streaming).
+        ReflectionV1alpha => "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        /// A path this server has no method for (answered `UNIMPLEMENTED`).
+        Other => "other",
+    }
+}
+
+impl RpcMethod {
+    /// The method a request path (`/package.Service/Method`) names.
+    pub fn from_path(path: &str) -> Self {
+        let name = path.strip_prefix('/').unwrap_or(path);
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|m| *m != Self::Other && m.as_str() == name)
+            .unwrap_or(Self::Other)
+    }
+
+    /// Whether the method answers with one message: only those are timed (a stream's length
+    /// is how long its caller keeps it, not how fast the server is).
+    pub fn is_unary(self) -> bool {
+        !matches!(
+            self,
+            Self::WatchSession
+                | Self::Attach
+                | Self::HealthWatch
+                | Self::ReflectionV1
+                | Self::ReflectionV1alpha
+        )
+    }
+}
+
+labels! {
+    /// A gRPC status code, as its canonical name.
+    RpcCode {
+        /// 0.
+        Ok => "OK",
+        /// 1.
+        Cancelled => "CANCELLED",
+        /// 2.
+        Unknown => "UNKNOWN",
+        /// 3.
+        InvalidArgument => "INVALID_ARGUMENT",
+        /// 4.
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        /// 5.
+        NotFound => "NOT_FOUND",
+        /// 6.
+        AlreadyExists => "ALREADY_EXISTS",
+        /// 7.
+        PermissionDenied => "PERMISSION_DENIED",
+        /// 8.
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        /// 9.
+        FailedPrecondition => "FAILED_PRECONDITION",
+        /// 10.
+        Aborted => "ABORTED",
+        /// 11.
+        OutOfRange => "OUT_OF_RANGE",
+        /// 12.
+        Unimplemented => "UNIMPLEMENTED",
+        /// 13.
+        Internal => "INTERNAL",
+        /// 14.
+        Unavailable => "UNAVAILABLE",
+        /// 15.
+        DataLoss => "DATA_LOSS",
+        /// 16.
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<tonic::Code> for RpcCode {
+    fn from(c: tonic::Code) -> Self {
+        use tonic::Code as C;
+        match c {
+            C::Ok => Self::Ok,
+            C::Cancelled => Self::Cancelled,
+            C::Unknown => Self::Unknown,
+            C::InvalidArgument => Self::InvalidArgument,
+            C::DeadlineExceeded => Self::DeadlineExceeded,
+            C::NotFound => Self::NotFound,
+            C::AlreadyExists => Self::AlreadyExists,
+            C::PermissionDenied => Self::PermissionDenied,
+            C::ResourceExhausted => Self::ResourceExhausted,
+            C::FailedPrecondition => Self::FailedPrecondition,
+            C::Aborted => Self::Aborted,
+            C::OutOfRange => Self::OutOfRange,
+            C::Unimplemented => Self::Unimplemented,
+            C::Internal => Self::Internal,
+            C::Unavailable => Self::Unavailable,
+            C::DataLoss => Self::DataLoss,
+            C::Unauthenticated => Self::Unauthenticated,
+        }
+    }
+}
+
 impl ControllerMetrics {
     /// Registers the controller's metrics in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -168,8 +308,53 @@ impl ControllerMetrics {
             ),
             &["service"],
         )?;
-        for c in [&allocations, &releases, &placements, &auth_failures] {
+        let open_roles = IntGaugeVec::new(
+            Opts::new(
+                "veil_controller_open_role",
+                "1 for a role served without tokens (anyone reaching the gRPC port may act in \
+                 it), 0 for a role that needs its bearer token.",
+            ),
+            &["role"],
+        )?;
+        let rpc_requests = IntCounterVec::new(
+            Opts::new(
+                "veil_controller_grpc_requests_total",
+                "gRPC requests answered, by method and status code (streams count when they end).",
+            ),
+            &["method", "code"],
+        )?;
+        let rpc_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "veil_controller_grpc_request_duration_seconds",
+                "Time from a unary gRPC request's arrival to its status, by method.",
+            )
+            .buckets(vec![
+                1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
+            ]),
+            &["method"],
+        )?;
+        for c in [
+            &allocations,
+            &releases,
+            &placements,
+            &auth_failures,
+            &rpc_requests,
+        ] {
             registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(open_roles.clone()))?;
+        registry.register(Box::new(rpc_latency.clone()))?;
+        // Every method's OK series and every unary method's histogram exist from the start (not
+        // the other codes: 17 codes times 12 methods would be mostly zeros); a ratio of errors
+        // over all requests is then defined as soon as a method has been called.
+        for m in RpcMethod::ALL {
+            rpc_requests.with_label_values(&[m.as_str(), RpcCode::Ok.as_str()]);
+            if m.is_unary() {
+                rpc_latency.with_label_values(&[m.as_str()]);
+            }
+        }
+        for r in Role::ALL {
+            open_roles.with_label_values(&[r.as_str()]);
         }
         registry.register(Box::new(allocation_latency.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
@@ -194,7 +379,36 @@ impl ControllerMetrics {
             sessions,
             relays,
             auth_failures,
+            open_roles,
+            rpc_requests,
+            rpc_latency,
         })
+    }
+
+    /// Records whether `role` is open (served without tokens).
+    pub fn set_open_role(&self, role: Role, open: bool) {
+        self.open_roles
+            .with_label_values(&[role.as_str()])
+            .set(i64::from(open));
+    }
+
+    /// Counts an answered gRPC request; `elapsed` is timed for unary methods only.
+    pub fn count_rpc(&self, method: RpcMethod, code: RpcCode, elapsed: std::time::Duration) {
+        self.rpc_requests
+            .with_label_values(&[method.as_str(), code.as_str()])
+            .inc();
+        if method.is_unary() {
+            self.rpc_latency
+                .with_label_values(&[method.as_str()])
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// gRPC requests counted for `method` with `code`.
+    pub fn rpc_requests(&self, method: RpcMethod, code: RpcCode) -> u64 {
+        self.rpc_requests
+            .with_label_values(&[method.as_str(), code.as_str()])
+            .get()
     }
 
     /// Counts an `AllocateSession` call.

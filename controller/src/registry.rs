@@ -44,6 +44,8 @@ pub struct RelayInfo {
     pub quic_address: String,
     /// QUIC certificate fingerprint.
     pub quic_cert_sha256: Vec<u8>,
+    /// Whether the relay serves TURN on its UDP address.
+    pub turn_udp: bool,
     /// Most legs.
     pub capacity_legs: u64,
     /// Changes when the relay restarts.
@@ -59,6 +61,7 @@ impl From<&RelayHello> for RelayInfo {
             udp_address: h.udp_address.clone(),
             quic_address: h.quic_address.clone(),
             quic_cert_sha256: h.quic_cert_sha256.clone(),
+            turn_udp: h.turn_udp,
             capacity_legs: h.capacity_legs,
             instance_id: h.instance_id,
         }
@@ -194,6 +197,9 @@ pub struct Registry {
     entries: Mutex<HashMap<String, Entry>>,
     next_link: std::sync::atomic::AtomicU64,
     events: tokio::sync::broadcast::Sender<RelayEvent>,
+    /// Bumped at every attach, detach and change of a relay's state, new relays included
+    /// (which `events` does not report): what readiness watchers wake up on.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Registry {
@@ -202,6 +208,7 @@ impl Default for Registry {
             entries: Mutex::default(),
             next_link: std::sync::atomic::AtomicU64::new(0),
             events: tokio::sync::broadcast::channel(1024).0,
+            generation: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -239,8 +246,20 @@ impl Registry {
         self.events.subscribe()
     }
 
+    /// Wakes up whoever watches [`Self::changes`].
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver that sees a change whenever a relay attaches, detaches, goes down or changes
+    /// state: for watchers of the controller's readiness.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Emits the events between two states of a relay.
     fn changed(&self, node_id: &str, before: Option<(Health, bool)>, after: (Health, bool)) {
+        self.bump();
         let emit = |change| {
             // No subscriber is fine: nobody is watching.
             let _ = self.events.send(RelayEvent {
@@ -360,6 +379,9 @@ impl Registry {
                 e.view.health = Health::Down;
                 downed.push(id.clone());
             }
+        }
+        if !downed.is_empty() {
+            self.bump();
         }
         for id in &downed {
             let _ = self.events.send(RelayEvent {

@@ -443,6 +443,7 @@ fn relay_status(v: &crate::registry::RelayView) -> pb::RelayStatus {
             key_ids: Vec::new(),
             instance_id: i.instance_id,
             draining: v.load.draining,
+            turn_udp: i.turn_udp,
         }),
         up: v.health == crate::registry::Health::Up,
         draining: v.draining,

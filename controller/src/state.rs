@@ -103,6 +103,7 @@ impl Session {
                         Transport::Quic => pb::Transport::Quic,
                     } as i32,
                     relays: relays.clone(),
+                    ice_servers: ice_servers(&l.token, &self.relays),
                 })
                 .collect(),
             state: if self.is_released() {
@@ -113,6 +114,17 @@ impl Session {
             relays,
         }
     }
+}
+
+/// Why a controller is not ready (see [`Controller::readiness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// No relay is attached and up: every allocation would fail.
+    #[error("no relay attached")]
+    NoRelay,
+    /// Shutdown has begun: relay links and watches are closing.
+    #[error("draining: shutting down")]
+    Draining,
 }
 
 /// Unix milliseconds now.
@@ -317,6 +329,25 @@ impl Controller {
         self.registry.close_links();
     }
 
+    /// Whether this controller can serve signaling services now: the one notion of readiness,
+    /// behind both `/readyz` and the gRPC health status of `SessionService` (and of the server
+    /// as a whole, service `""`). A controller with no relay up could only answer
+    /// `UNAVAILABLE`; one that is shutting down is going away.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if *self.stopping.borrow() {
+            Err(NotReady::Draining)
+        } else if self.registry.up() == 0 {
+            Err(NotReady::NoRelay)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     /// Completes once shutdown has begun.
     ///
     /// # Cancel safety
@@ -379,4 +410,22 @@ impl Controller {
             }
         }
     }
+}
+
+/// A leg's relays as TURN servers (`RTCIceServer`), the primary first, with the leg's TURN
+/// credentials.
+fn ice_servers(token: &[u8], relays: &[(RelayInfo, Role)]) -> Vec<pb::IceServer> {
+    let Ok(token) = veil_protocol::Token::from_bytes(token) else {
+        return Vec::new();
+    };
+    let creds = veil_protocol::turn::credentials(&token);
+    relays
+        .iter()
+        .filter(|(r, _)| r.turn_udp)
+        .map(|(r, _)| pb::IceServer {
+            urls: vec![format!("turn:{}?transport=udp", r.udp_address)],
+            username: creds.username.clone(),
+            credential: creds.credential.clone(),
+        })
+        .collect()
 }

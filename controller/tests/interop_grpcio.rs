@@ -1,6 +1,7 @@
 //! Interop with a gRPC stack Veil did not write: a Python signaling service built with grpcio and
-//! grpcio-tools from `proto/` allocates, reads, watches and releases a session and checks health,
-//! against a running controller. The Python environment is set up by the test command
+//! grpcio-tools from `proto/` allocates, reads, watches and releases a session, checks health and
+//! lists the services through grpcio-reflection (reflection v1alpha), against a running
+//! controller. The Python environment is set up by the test command
 //! (scripts/test.sh installs the packages into .venv); without it this test fails, never skips.
 
 use std::process::Command;
@@ -50,5 +51,26 @@ async fn grpcio_signaling_service_drives_the_api() {
         serde_json::json!(["KIND_SNAPSHOT", "KIND_RELEASED"])
     );
     assert_eq!(summary["bad_request_message"], "call_id must not be empty");
+    // grpcio-reflection's client asks grpc.reflection.v1alpha: every service is listed.
+    assert_eq!(
+        summary["reflection_services"],
+        serde_json::json!([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "veil.v1.AdminService",
+            "veil.v1.RelayRegistry",
+            "veil.v1.SessionService"
+        ])
+    );
+    assert_eq!(
+        summary["reflection_session_methods"],
+        serde_json::json!([
+            "AllocateSession",
+            "GetSession",
+            "ReleaseSession",
+            "WatchSession"
+        ])
+    );
+    assert_eq!(summary["health"], "SERVING");
     c.shutdown().await.unwrap();
 }

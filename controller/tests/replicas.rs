@@ -209,3 +209,50 @@ async fn a_controller_killed_and_restarted_mid_call_interrupts_no_media() {
     let _ = controller.wait();
     std::fs::remove_file(kf).ok();
 }
+
+/// The relay finds controllers by name, through the system resolver: with controllers on one
+/// port of 127.0.0.1 and ::1, a relay given `http://localhost:PORT` attaches to the controller
+/// at every address `localhost` resolves to here (both, where /etc/hosts lists both), and to no
+/// other. Changing answers (scale-up, scale-down) are covered by the relay's own tests with a
+/// scripted resolver (`relay/src/control.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_attaches_to_every_address_of_a_controller_name() {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let keys = generate_keys();
+    let mut v4 = Settings::local(keys.clone());
+    v4.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    let a = LocalController::start(v4).await;
+    let port: u16 = a.url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut v6 = Settings::local(keys.clone());
+    v6.grpc_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let b = LocalController::start(v6).await;
+    let resolved: Vec<SocketAddr> = ("localhost", port).to_socket_addrs().unwrap().collect();
+    assert!(resolved.contains(&SocketAddr::from(([127, 0, 0, 1], port))));
+
+    let (stop, tasks) = relays(&keys, 1, &[format!("http://localhost:{port}")]).await;
+    let ends = [
+        (&a, SocketAddr::from(([127, 0, 0, 1], port))),
+        (&b, SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))),
+    ];
+    for (c, addr) in ends {
+        if resolved.contains(&addr) {
+            c.wait_relays(1).await;
+        }
+    }
+    // Every resolved address is attached by now; a controller whose address `localhost` does
+    // not resolve to got nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (c, addr) in ends {
+        assert_eq!(
+            c.state.registry.up(),
+            usize::from(resolved.contains(&addr)),
+            "controller at {addr} (localhost resolves to {resolved:?})"
+        );
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    a.stop().await;
+    b.stop().await;
+}

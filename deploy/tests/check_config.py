@@ -19,7 +19,18 @@ It checks that
 - the Kubernetes scrape config, applied (relabelling simulated) to the pods the manifests
   create, yields exactly one target per pod on its ops port, in the right job; and that
   `promtool check config` accepts both Prometheus configurations (see NOTE below);
-- the Grafana dashboard is well-formed and provisioned where compose mounts it.
+- the Grafana dashboard is well-formed and provisioned where compose mounts it;
+- the NetworkPolicy admits exactly what it says (signaling namespaces, relay nodes, monitoring)
+  on ports the controller has; every role of every shipped controller has tokens;
+- every alert has a runbook_url naming a section of docs/OPERATIONS.md that exists;
+- the optional objects of examples/: the relay pool differs from 40-relay.yaml and 20-config.yaml
+  only where a pool must, and the prometheus-operator objects (custom resources, which
+  kubernetes-validate has no schema for and check.sh step c therefore leaves out) select the
+  shipped pods, keep the job names, and carry exactly the rules of alerts.yml;
+- the image build strips the binaries.
+
+`--write-prometheus-rule` regenerates examples/prometheus-operator/prometheus-rule.yaml from
+deploy/prometheus/alerts.yml instead of checking.
 """
 
 from __future__ import annotations
@@ -41,6 +52,40 @@ K8S = DEPLOY / "kubernetes"
 DOCKER = DEPLOY / "docker"
 PROM = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
+OPERATOR = K8S / "examples" / "prometheus-operator"
+RULE_FILE = OPERATOR / "prometheus-rule.yaml"
+
+
+class LiteralDumper(yaml.SafeDumper):
+    """Writes multi-line strings (PromQL) as literal blocks, as alerts.yml has them."""
+
+
+LiteralDumper.add_representer(
+    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def prometheus_rule_text() -> str:
+    """examples/prometheus-operator/prometheus-rule.yaml, generated from alerts.yml."""
+    groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "veil", "namespace": "veil", "labels": {"app.kubernetes.io/part-of": "veil"}},
+        "spec": {"groups": groups},
+    }
+    header = (
+        "# EXAMPLE, for the prometheus-operator: the rules of deploy/prometheus/alerts.yml as a\n"
+        "# PrometheusRule (see pod-monitors.yaml next to this file). GENERATED: do not edit; change\n"
+        "# alerts.yml and run `.venv/bin/python deploy/tests/check_config.py --write-prometheus-rule`\n"
+        "# (check_config.py fails while the two differ).\n"
+    )
+    return header + yaml.dump(rule, Dumper=LiteralDumper, sort_keys=False, width=100, allow_unicode=True)
+
+
+if sys.argv[1:] == ["--write-prometheus-rule"]:
+    RULE_FILE.write_text(prometheus_rule_text())
+    log(f"wrote {RULE_FILE.relative_to(DEPLOY.parent)}")
+    sys.exit(0)
 
 # Variables of the relay's QUIC listener, which another branch is adding. They are checked
 # like every other variable as soon as `veil-relay --help` documents them.
@@ -96,8 +141,9 @@ def one(kind: str, name: str) -> dict:
 
 
 NAMESPACE = one("Namespace", "veil")["metadata"]["name"]
+CLUSTER_SCOPED = ("Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding")
 for path, d in docs:
-    if d["kind"] not in ("Namespace", "PriorityClass") and d["metadata"].get("namespace") != NAMESPACE:
+    if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != NAMESPACE:
         fail(f"{path.name}: {d['kind']} {d['metadata']['name']} is not in namespace {NAMESPACE}")
 
 sts = one("StatefulSet", "veil-controller")
@@ -138,8 +184,8 @@ def expand(value: str, env: dict[str, str | None]) -> str:
 
 env_k8s = {b: k8s_env(b) for b in workloads}
 
-# ConfigMaps nobody loads are settings that silently do nothing.
-used_cms = {src["configMapRef"]["name"] for w in workloads.values()
+# ConfigMaps nobody loads are settings that silently do nothing (example workloads included).
+used_cms = {src["configMapRef"]["name"] for w in find("DaemonSet") + find("StatefulSet")
             for c in w["spec"]["template"]["spec"]["containers"] for src in c.get("envFrom", [])}
 for cm in find("ConfigMap"):
     if cm["metadata"]["name"] not in used_cms:
@@ -276,20 +322,26 @@ for s in find("Service"):
     for p in s["spec"]["ports"]:
         if p["targetPort"] not in ("grpc", grpc_port):
             fail(f"Service {s['metadata']['name']} targets port {p['targetPort']}")
+# Relays find every replica through the headless Service's name (all its pods' addresses),
+# resolved again periodically: one URL, whatever the number of replicas.
 urls = env_k8s["veil-relay"]["VEIL_RELAY_CONTROLLERS"].split(",")
-want = [f"http://{sts['metadata']['name']}-{i}.{svc_name}.{NAMESPACE}.svc:{grpc_port}" for i in range(replicas)]
+want = [f"http://{svc_name}.{NAMESPACE}.svc:{grpc_port}"]
 for u in urls:
     if not re.fullmatch(r"https?://[^\s,]+", u):
         fail(f"VEIL_RELAY_CONTROLLERS entry {u!r} is not a URL veil-relay accepts")
 if urls != want:
-    fail(f"VEIL_RELAY_CONTROLLERS lists {urls}; with {replicas} replicas it must be {want}")
+    fail(f"VEIL_RELAY_CONTROLLERS is {urls}; it must be the headless Service's name, {want}")
+resolve = env_k8s["veil-relay"].get("VEIL_RELAY_CONTROLLER_RESOLVE_SECS")
+if resolve is None or not 1 <= int(resolve) <= 60:
+    fail(f"VEIL_RELAY_CONTROLLER_RESOLVE_SECS={resolve}: relays should re-resolve the controllers "
+         f"at least every minute")
 for pdb in find("PodDisruptionBudget"):
     sel = pdb["spec"]["selector"]["matchLabels"]
     if any(pod_labels.get(k) != v for k, v in sel.items()):
         fail(f"PodDisruptionBudget {pdb['metadata']['name']} selects no controller pod")
     if pdb["spec"].get("minAvailable", 0) >= replicas:
         fail("the controllers' PodDisruptionBudget would block every voluntary disruption")
-log(f"  VEIL_RELAY_CONTROLLERS names all {replicas} controller replicas under {svc_name}")
+log(f"  VEIL_RELAY_CONTROLLERS is the headless Service {svc_name}: every one of the {replicas} replicas")
 
 # --- drain, probes --------------------------------------------------------------------------------
 
@@ -321,8 +373,14 @@ for b, w in workloads.items():
                 fail(f"{b} {probe}: gRPC probe on {p['grpc']['port']}, not the gRPC port")
     if c["readinessProbe"].get("httpGet", {}).get("path") != "/readyz":
         fail(f"{b}: readiness must be /readyz")
-if "grpc" not in container(sts, "veil-controller")["livenessProbe"]:
+liveness = container(sts, "veil-controller")["livenessProbe"]
+if "grpc" not in liveness:
     fail("the controller's liveness probe should be the gRPC health check")
+# The overall status ("") and SessionService follow readiness (NOT_SERVING with no relay): a
+# liveness probe on them would restart every replica that waits for its first relay.
+elif liveness["grpc"].get("service") != "veil.v1.RelayRegistry":
+    fail(f"the controller's gRPC liveness probe asks for {liveness['grpc'].get('service', '')!r}; "
+         f"it must ask for veil.v1.RelayRegistry, whose status does not follow readiness")
 log(f"  relay grace period {grace}s covers the {drain}s drain; probes on the right ports")
 
 # --- Secrets and mounted files --------------------------------------------------------------------
@@ -488,6 +546,180 @@ with tempfile.TemporaryDirectory(prefix="veil-promcfg-") as tmp:
         promtool_config(tmp / "k8s-static.yml", "deploy/prometheus/prometheus.yml (static stand-in)")
     else:
         fail(f"promtool check config deploy/prometheus/prometheus.yml: {(r.stdout + r.stderr).strip()}")
+
+# --- credentials: no shipped controller serves a role open ------------------------------------------
+
+ROLE_VARS = {"signaling": "VEIL_CONTROLLER_SIGNALING_TOKENS", "relay": "VEIL_CONTROLLER_RELAY_TOKENS",
+             "admin": "VEIL_CONTROLLER_ADMIN_TOKENS"}
+for where, env in [("Kubernetes", env_k8s["veil-controller"])] + [
+        (f"compose {s_}", e) for s_, e in compose_env["veil-controller"]]:
+    allowed = set((env.get("VEIL_CONTROLLER_ALLOW_OPEN_ROLES") or "").split(","))
+    for role, var in ROLE_VARS.items():
+        if var not in env and role not in allowed:
+            fail(f"{where} veil-controller: {var} is not set, so {role} would be open (it binds "
+                 f"a reachable address, where the controller refuses that)")
+log("  every role of every shipped controller has its tokens")
+
+# --- NetworkPolicy ----------------------------------------------------------------------------------
+
+ctl_ports = {p["name"]: p["containerPort"] for p in container(sts, "veil-controller")["ports"]}
+readme = (DEPLOY / "README.md").read_text()
+policies = find("NetworkPolicy")
+if not policies:
+    fail("no NetworkPolicy for the controllers")
+for np in policies:
+    name = np["metadata"]["name"]
+    sel = np["spec"]["podSelector"].get("matchLabels", {})
+    if not sel or any(pod_labels.get(k) != v for k, v in sel.items()):
+        fail(f"NetworkPolicy {name} selects no controller pod: {sel}")
+    if np["spec"].get("policyTypes") != ["Ingress"]:
+        fail(f"NetworkPolicy {name}: policyTypes should be [Ingress] (egress is not restricted)")
+    admitted: dict[str, list[dict]] = {}
+    for rule in np["spec"].get("ingress", []):
+        for port in rule.get("ports", []):
+            if port["port"] not in ctl_ports and port["port"] not in ctl_ports.values():
+                fail(f"NetworkPolicy {name}: port {port['port']} is no port of the controller")
+            admitted.setdefault(str(port["port"]), []).extend(rule.get("from", []))
+    grpc_from = admitted.get("grpc", [])
+    ns_labels = [f["namespaceSelector"]["matchLabels"] for f in grpc_from if "namespaceSelector" in f]
+    if not ns_labels:
+        fail(f"NetworkPolicy {name}: gRPC is admitted from no signaling namespace")
+    for labels in ns_labels:
+        for k, v in labels.items():
+            if f"{k}={v}" not in readme:
+                fail(f"NetworkPolicy {name}: the namespace label {k}={v} is not documented in deploy/README.md")
+    if not any("ipBlock" in f for f in grpc_from):
+        fail(f"NetworkPolicy {name}: gRPC is not admitted from the relays' nodes (host network: an ipBlock)")
+    if not any("namespaceSelector" in f for f in admitted.get("ops", [])):
+        fail(f"NetworkPolicy {name}: the ops port is admitted from no monitoring namespace")
+    if set(admitted) - {"grpc", "ops"}:
+        fail(f"NetworkPolicy {name} admits ports {sorted(admitted)}")
+log(f"  NetworkPolicy: gRPC from signaling namespaces and relay nodes, ops from monitoring")
+
+# --- runbooks: every alert names a section of docs/OPERATIONS.md ---------------------------------
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    s_ = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return s_.replace(" ", "-")
+
+
+operations = (DEPLOY.parent / "docs" / "OPERATIONS.md").read_text()
+anchors = {slug(m) for m in re.findall(r"^#+ (.+)$", operations, re.M)}
+alerts = [r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]
+          if "alert" in r]
+for r in alerts:
+    url = r.get("annotations", {}).get("runbook_url", "")
+    m = re.fullmatch(r"docs/OPERATIONS\.md#([a-z0-9-]+)", url)
+    if not m:
+        fail(f"alert {r['alert']}: runbook_url {url!r} is not docs/OPERATIONS.md#SECTION")
+    elif m.group(1) not in anchors:
+        fail(f"alert {r['alert']}: runbook_url {url}: docs/OPERATIONS.md has no such section")
+log(f"  all {len(alerts)} alerts have a runbook section in docs/OPERATIONS.md")
+
+# --- examples: relay pool ---------------------------------------------------------------------------
+
+pools = [d for d in find("DaemonSet") if d is not ds]
+for pool in pools:
+    pname = pool["metadata"]["name"]
+    pool_label = pool["spec"]["selector"]["matchLabels"].get("veil-relay-pool")
+    if not pool_label:
+        fail(f"DaemonSet {pname}: its selector has no veil-relay-pool label")
+    tlabels = pool["spec"]["template"]["metadata"]["labels"]
+    if any(tlabels.get(k) != v for k, v in pool["spec"]["selector"]["matchLabels"].items()):
+        fail(f"DaemonSet {pname}: its selector does not match its own pods")
+    if pool["spec"]["template"]["spec"]["nodeSelector"] != {"veil-relay-pool": pool_label}:
+        fail(f"DaemonSet {pname}: nodeSelector should select the pool's nodes, veil-relay-pool={pool_label}")
+    # Apart from what makes it a pool, it must be the shipped relay.
+    a, b = json.loads(json.dumps(ds)), json.loads(json.dumps(pool))
+    for d in (a, b):
+        d["metadata"]["name"] = "x"
+        d["metadata"]["labels"].pop("veil-relay-pool", None)
+        d["spec"]["selector"]["matchLabels"].pop("veil-relay-pool", None)
+        d["spec"]["template"]["metadata"]["labels"].pop("veil-relay-pool", None)
+        t = d["spec"]["template"]["spec"]
+        t.pop("nodeSelector")
+        t.pop("initContainers", None)
+        t["serviceAccountName"] = "x"
+        t["volumes"] = [v for v in t["volumes"] if v["name"] in ("keys", "quic")]
+        c = t["containers"][0]
+        c["envFrom"] = []
+        c["env"] = [e for e in c["env"] if e["name"] not in (
+            "VEIL_RELAY_PUBLIC_UDP_ADDR", "VEIL_RELAY_PUBLIC_QUIC_ADDR")]
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] in ("keys", "quic")]
+    if a != b:
+        diff = [k for k in set(a["spec"]["template"]["spec"]) | set(b["spec"]["template"]["spec"])
+                if a["spec"]["template"]["spec"].get(k) != b["spec"]["template"]["spec"].get(k)]
+        fail(f"DaemonSet {pname} differs from 40-relay.yaml beyond what a pool changes "
+             f"(pod spec fields {sorted(diff)}, or metadata/selector/strategy)")
+    (cm_ref,) = [x["configMapRef"]["name"] for x in container(pool, "veil-relay")["envFrom"]]
+    pool_cm = one("ConfigMap", cm_ref)["data"]
+    base_cm = one("ConfigMap", "veil-relay")["data"]
+    pool_keys = {"VEIL_RELAY_REGION", "VEIL_RELAY_ZONE", "VEIL_RELAY_PUBLIC_IP_FILE"}
+    for k in sorted(set(pool_cm) | set(base_cm)):
+        if k not in pool_keys and pool_cm.get(k) != base_cm.get(k):
+            fail(f"ConfigMap {cm_ref}: {k}={pool_cm.get(k)!r}, 20-config.yaml has {base_cm.get(k)!r}")
+    documented = documented_env("veil-relay")
+    pool_env = set(pool_cm) | {e["name"] for e in container(pool, "veil-relay")["env"]}
+    for n in sorted(v for v in pool_env if v.startswith("VEIL_") and v not in documented):
+        fail(f"DaemonSet {pname}: {n} is not a variable `veil-relay --help` documents")
+    # The public IP file: written by the init container into a volume the relay mounts.
+    ip_file = pool_cm.get("VEIL_RELAY_PUBLIC_IP_FILE")
+    if ip_file:
+        d_ = ip_file.rpartition("/")[0]
+        inits = pool["spec"]["template"]["spec"].get("initContainers", [])
+        relay_mounts = {m["mountPath"]: m["name"] for m in container(pool, "veil-relay")["volumeMounts"]}
+        writer = [i for i in inits if ip_file in " ".join(i.get("args", []) + i.get("command", []))
+                  and any(m["mountPath"] == d_ and m["name"] == relay_mounts.get(d_) for m in i["volumeMounts"])]
+        if not writer:
+            fail(f"DaemonSet {pname}: no init container writes {ip_file} into a volume the relay mounts")
+    log(f"  examples: relay pool {pname} is 40-relay.yaml but for its pool, its nodes and its public address")
+
+# --- examples: prometheus-operator objects (custom resources: not validated by check.sh step c) ----
+
+operator_docs = [d for f in sorted(OPERATOR.glob("*.yaml")) for d in load_all(f)]
+monitors = [d for d in operator_docs if d["kind"] == "PodMonitor"]
+for d in operator_docs:
+    if d["apiVersion"] != "monitoring.coreos.com/v1" or d["kind"] not in ("PodMonitor", "PrometheusRule"):
+        fail(f"examples/prometheus-operator: unexpected {d['apiVersion']} {d['kind']}")
+    if d["metadata"].get("namespace") != NAMESPACE:
+        fail(f"examples/prometheus-operator: {d['kind']} {d['metadata']['name']} is not in {NAMESPACE}")
+by_job = {}
+for pm in monitors:
+    sel = pm["spec"]["selector"]["matchLabels"]
+    matched = [b for b, w in workloads.items()
+               if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+    if len(matched) != 1:
+        fail(f"PodMonitor {pm['metadata']['name']} selects {matched}, not one workload")
+        continue
+    w = workloads[matched[0]]
+    job = w["spec"]["template"]["metadata"]["labels"].get(pm["spec"].get("jobLabel", ""))
+    by_job[job] = pm
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    ops_port = [p for p in container(w, matched[0])["ports"] if p["name"] == ep["port"]]
+    ann = w["spec"]["template"]["metadata"]["annotations"]
+    if not ops_port or str(ops_port[0]["containerPort"]) != ann["prometheus.io/port"] or ep.get("path") != "/metrics":
+        fail(f"PodMonitor {pm['metadata']['name']}: endpoint {ep} is not the ops port's /metrics")
+    drops = [r for r in ep.get("relabelings", []) if r.get("action") == "drop"]
+    want_drop = [r for r in jobs[matched[0]]["relabel_configs"] if r.get("action") == "drop"]
+    if [(r["sourceLabels"], r["regex"]) for r in drops] != [(r["source_labels"], r["regex"]) for r in want_drop]:
+        fail(f"PodMonitor {pm['metadata']['name']}: drops {drops}, prometheus.yml drops {want_drop}")
+if set(by_job) != set(jobs):
+    fail(f"the PodMonitors give jobs {sorted(by_job)}; prometheus.yml has {sorted(jobs)}")
+if not RULE_FILE.exists() or RULE_FILE.read_text() != prometheus_rule_text():
+    fail(f"{RULE_FILE.relative_to(DEPLOY.parent)} is not alerts.yml as a PrometheusRule: regenerate it with "
+         f"`.venv/bin/python deploy/tests/check_config.py --write-prometheus-rule`")
+log(f"  examples/prometheus-operator: {len(monitors)} PodMonitors with the jobs of prometheus.yml; "
+    f"the PrometheusRule is alerts.yml")
+
+# --- Dockerfile: release images carry stripped binaries -----------------------------------------
+
+if "CARGO_PROFILE_RELEASE_STRIP=symbols" not in dockerfile or ".symtab" not in dockerfile:
+    fail("Dockerfile: the image build must strip the binaries (CARGO_PROFILE_RELEASE_STRIP=symbols) and "
+         "check that no symbol table is left")
+if "VEIL_COMMIT" not in dockerfile:
+    fail("Dockerfile: VEIL_COMMIT (veil_build_info's commit label) is not passed to the build")
 
 # --- Grafana --------------------------------------------------------------------------------------
 

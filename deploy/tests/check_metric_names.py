@@ -6,7 +6,8 @@ Starts `veil-controller --dev --dev-relays 2` (controller and relays on loopback
 that every `veil_*` and `process_*` metric name referenced anywhere in
 deploy/grafana/dashboards/*.json and deploy/prometheus/alerts.yml is a series name in the scrape
 of a process that exports it: veil_relay_* on the relays, veil_controller_* on the controller,
-process_* on both. Histograms must be referenced as _bucket, _sum or _count.
+process_* and veil_build_info on both. Histograms must be referenced as _bucket, _sum or
+_count.
 
 Standard library only. Exit status 0 when everything checks out, 1 otherwise.
 """
@@ -91,7 +92,7 @@ def main() -> int:
             return ["relay"]
         if name.startswith("veil_controller_"):
             return ["controller"]
-        if name.startswith("process_"):
+        if name.startswith("process_") or name == "veil_build_info":
             return ["relay", "controller"]
         return []
 

@@ -946,7 +946,7 @@ impl Scenario {
     /// The table that serves `ep`, if any.
     fn door_of(&self, ep: Endpoint) -> Option<Door> {
         match ep {
-            Endpoint::Udp(a) => Some(Door::Worker(worker_of(a))),
+            Endpoint::Udp(a) | Endpoint::TurnUdp(a) => Some(Door::Worker(worker_of(a))),
             Endpoint::Quic(id) => self.slot_of(id).map(Door::Conn),
         }
     }
@@ -964,7 +964,7 @@ impl Scenario {
     /// is proven.
     fn reachable(&self, ep: Endpoint) -> bool {
         match ep {
-            Endpoint::Udp(_) => true,
+            Endpoint::Udp(_) | Endpoint::TurnUdp(_) => true,
             Endpoint::Quic(id) => self
                 .slot_of(id)
                 .is_some_and(|s| self.conn(s).addr == self.conn(s).proven),
@@ -1465,6 +1465,9 @@ impl Scenario {
             ),
             Verdict::Control => (Outcome::Control, Vec::new(), 0),
             Verdict::Drop(r) => (Outcome::Drop(*r), Vec::new(), 0),
+            // This model's node serves no TURN (`Config::turn_ip` is unset): the `turn` target
+            // fuzzes that door.
+            Verdict::Relay(r) => panic!("relayed with TURN off: {r:?}"),
         };
         drop(verdict);
         let after = *t.stats();

@@ -6,18 +6,26 @@
 //! and decrypts and authenticates everything it receives, so loss, corruption and misdelivery are
 //! counted, not guessed. Every run stops by itself at its duration, and sends only to the relay
 //! addresses the controller returned.
+//!
+//! The report ([`report`], [`html`]) says where lost packets died, from the relays' metrics and
+//! this host's kernel counters ([`host`]), and whether the generator itself kept up; [`gate`]
+//! judges it against a release's thresholds. It cannot see inside a remote relay's kernel: drops
+//! at the sockets of relays on other hosts show only as an estimate from their metrics.
 
+pub mod gate;
+pub mod host;
+pub mod html;
 pub mod media;
 pub mod report;
 pub mod scenario;
 pub mod soak;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use rand::Rng;
@@ -29,9 +37,9 @@ use webrtc_srtp::context::Context;
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use crate::media::Source;
-use crate::report::{RelayFigures, Report};
+use crate::report::{RelayFigures, Report, RunFacts};
 use crate::scenario::{Profile, Scenario, SrtpSuite, TransportMode};
-use crate::stats::{Collector, StreamRx};
+use crate::stats::{Collector, LegTransport, StreamRx};
 
 /// Which cluster to drive.
 #[derive(Debug, Clone)]
@@ -61,12 +69,14 @@ pub struct Config {
     pub target: Target,
     /// Print a progress line each second (standard error).
     pub progress: bool,
+    /// What the run must stay within to pass.
+    pub thresholds: gate::Thresholds,
 }
 
 /// How long receivers keep listening after senders stop, for packets in flight.
 const GRACE: Duration = Duration::from_millis(1000);
 
-/// Runs the load test and returns its report.
+/// Runs the load test and returns its report, judged against `cfg.thresholds`.
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     cfg.scenario.validate()?;
     let (cluster, endpoint) = connect(&cfg.target).await?;
@@ -74,7 +84,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     if let Some(c) = cluster {
         c.shutdown().await?;
     }
-    report
+    let mut report = report?;
+    report.judge(&cfg.thresholds);
+    Ok(report)
 }
 
 /// Where a run sends its requests, and which relay metrics it reads.
@@ -86,6 +98,10 @@ pub struct Endpoint {
     pub token: Option<String>,
     /// `(name, host:port)` of each relay's ops endpoint.
     pub relay_metrics: Vec<(String, String)>,
+    /// What this is, for the report's header.
+    pub description: String,
+    /// The cluster runs in this process (`--local`).
+    pub local: bool,
 }
 
 /// Starts the local cluster if the target is local; says where to send requests.
@@ -108,6 +124,18 @@ pub async fn connect(
                     .iter()
                     .map(|r| (r.node_id.clone(), r.metrics.to_string()))
                     .collect(),
+                description: format!(
+                    "local cluster in this process (controller on {}, {} relay{} on loopback), \
+                     sharing this machine's {} CPUs with the load generator",
+                    cluster
+                        .controller_url
+                        .trim_start_matches("http://")
+                        .trim_start_matches("https://"),
+                    relays,
+                    if *relays == 1 { "" } else { "s" },
+                    cores()
+                ),
+                local: true,
             };
             (Some(cluster), endpoint)
         }
@@ -125,13 +153,27 @@ pub async fn connect(
                     .enumerate()
                     .map(|(i, m)| (format!("relay-metrics-{i}"), m.clone()))
                     .collect(),
+                description: if relay_metrics.is_empty() {
+                    format!("controller {controller} (no --relay-metrics: no relay cross-check)")
+                } else {
+                    format!(
+                        "controller {controller}, relay metrics from {}",
+                        relay_metrics.join(", ")
+                    )
+                },
+                local: false,
             },
         ),
     })
 }
 
+/// CPUs of this machine, as the scheduler offers them to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Runs `s` once against `endpoint`: every call allocated (with `ttl_seconds`, 0 for the API's
-/// default), run and released; returns the report.
+/// default), run and released; returns the report, judged against the default thresholds.
 pub async fn drive(
     s: &Scenario,
     endpoint: &Endpoint,
@@ -141,7 +183,10 @@ pub async fn drive(
     s.validate()?;
     let relay_metrics = &endpoint.relay_metrics;
     let url = &endpoint.url;
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let before = report::scrape_relays(relay_metrics).await;
+    let kernel_before = host::UdpCounters::read();
+    let sockets_before = host::Sockets::read();
 
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?
         .connect_timeout(Duration::from_secs(5))
@@ -157,6 +202,7 @@ pub async fn drive(
     let end = epoch + s.ramp_time() + s.duration;
     let collector = Arc::new(Collector::default());
     let run_id: u32 = rand::random();
+    let (snapshot_tx, snapshot_rx) = tokio::sync::watch::channel(None);
     let ctx = Arc::new(RunCtx {
         scenario: s.clone(),
         api,
@@ -165,9 +211,21 @@ pub async fn drive(
         collector: collector.clone(),
         run_id,
         ttl_seconds,
+        relay_metrics: relay_metrics.clone(),
+        relay_addrs: Mutex::new(HashSet::new()),
+        sockets: snapshot_rx,
     });
 
-    let progress = tokio::spawn(progress_loop(ctx.clone(), progress_line));
+    // Every socket's drop count, read once when receivers stop listening and before any
+    // participant closes its socket (each waits for this snapshot; see `participant`).
+    let snapshot = tokio::spawn(async move {
+        tokio::time::sleep_until((end + GRACE + Duration::from_millis(10)).into()).await;
+        let sockets = host::Sockets::read().map(Arc::new);
+        let kernel = host::UdpCounters::read();
+        snapshot_tx.send_replace(Some(sockets.clone()));
+        (sockets, kernel)
+    });
+    let progress = tokio::spawn(progress_loop(ctx.clone(), progress_line, before.clone()));
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..s.calls {
         let at = epoch + Duration::from_secs_f64(i as f64 / s.ramp_up_per_sec);
@@ -176,17 +234,31 @@ pub async fn drive(
     }
     let mut results = Vec::new();
     while let Some(r) = calls.join_next().await {
-        match r.context("call task panicked")? {
-            Ok(c) => results.push(c),
-            Err(e) => {
-                collector.calls_failed.fetch_add(1, Relaxed);
-                tracing::warn!(error = %format!("{e:#}"), "call failed");
+        // The first failure of each kind is logged; the summary counts them all.
+        let (kind, error) = match r {
+            Ok(Ok(c)) => {
+                let failed = c.failure.clone();
+                results.push(c);
+                match failed {
+                    Some((kind, error)) => (kind, error),
+                    None => continue,
+                }
             }
+            Ok(Err(f)) => (f.kind, format!("{:#}", f.error)),
+            Err(e) => ("panicked".to_string(), e.to_string()),
+        };
+        if collector.on_failure(&kind, &error) {
+            tracing::warn!(
+                kind,
+                error,
+                "call failed (further failures of this kind: see the summary)"
+            );
         }
     }
     let _ = progress.await;
+    let (sockets_after, kernel_after) = snapshot.await.unwrap_or((None, None));
 
-    // Loss, by the second each lost packet was sent in.
+    // Loss, by the second each lost packet was sent in and the receiver's transport.
     for call in &results {
         for (r, rx) in call.received.iter().enumerate() {
             for (sender, tx) in call.sent.iter().enumerate() {
@@ -196,9 +268,23 @@ pub async fn drive(
                 let stream = rx.get(&tx.ssrc);
                 for index in 0..tx.sent {
                     if !stream.is_some_and(|st| st.has(index)) {
-                        collector.on_lost(tx.second_of(index), 1);
+                        collector.on_lost(tx.second_of(index), call.transports[r], 1);
                     }
                 }
+            }
+        }
+    }
+
+    // Drops at the relays' own sockets, by transport, where they are on this host (a local
+    // cluster).
+    let mut relay_socket_drops = [None; 2];
+    if let (Some(b), Some(a)) = (&sockets_before, &sockets_after) {
+        let addrs = ctx.relay_addrs.lock().unwrap_or_else(|e| e.into_inner());
+        for (transport, addr) in addrs.iter() {
+            if let Some(after) = a.drops_serving(*addr) {
+                let before = b.drops_serving(*addr).unwrap_or(0);
+                *relay_socket_drops[transport.index()].get_or_insert(0) +=
+                    after.saturating_sub(before);
             }
         }
     }
@@ -213,8 +299,21 @@ pub async fn drive(
             a.minus(b)
         })
         .collect();
-    let report = Report::build(s, &collector, &results, relays, epoch.elapsed());
-    Ok(report)
+    let facts = RunFacts {
+        relays,
+        relays_scraped: !relay_metrics.is_empty(),
+        wall: epoch.elapsed(),
+        started_at,
+        target: endpoint.description.clone(),
+        kernel: match (kernel_before, kernel_after) {
+            (Some(b), Some(a)) => Some(a.minus(&b)),
+            _ => None,
+        },
+        relay_socket_drops,
+        cores: cores(),
+        local: endpoint.local,
+    };
+    Ok(Report::build(s, &collector, &results, facts))
 }
 
 struct Api {
@@ -246,11 +345,21 @@ struct RunCtx {
     collector: Arc<Collector>,
     run_id: u32,
     ttl_seconds: u32,
+    relay_metrics: Vec<(String, String)>,
+    /// Every relay media address the controller handed out in this run, by transport.
+    relay_addrs: Mutex<HashSet<(LegTransport, SocketAddr)>>,
+    /// The socket table read when receivers stopped: `None` until then, `Some(None)` if it
+    /// could not be read.
+    sockets: tokio::sync::watch::Receiver<Option<Option<Arc<host::Sockets>>>>,
 }
 
 impl RunCtx {
     fn second(&self, t: Instant) -> usize {
         t.saturating_duration_since(self.epoch).as_secs() as usize
+    }
+
+    fn seconds_since_epoch(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.epoch).as_secs_f64()
     }
 }
 
@@ -263,6 +372,10 @@ pub struct SentStream {
     pub sent: u64,
     /// `(second, first index sent in it)`, ascending.
     pub seconds: Vec<(usize, u64)>,
+    /// When the first RTP packet was sent, seconds since the run's start.
+    pub first_sent_s: Option<f64>,
+    /// When the last one was sent.
+    pub last_sent_s: f64,
 }
 
 impl SentStream {
@@ -273,7 +386,7 @@ impl SentStream {
     }
 }
 
-/// One finished call.
+/// One call that ran media.
 #[derive(Debug)]
 pub struct CallResult {
     /// Each participant's sent stream, by participant index.
@@ -288,6 +401,72 @@ pub struct CallResult {
     pub profiles: Vec<Profile>,
     /// Datagrams from anywhere but the relay, over all participants.
     pub foreign: u64,
+    /// Each participant's transport.
+    pub transports: Vec<LegTransport>,
+    /// Media datagrams the participants' sockets read from their relay (RTP, RTCP, duplicates
+    /// and anything undecryptable alike).
+    pub datagrams_read: u64,
+    /// Datagrams read that the participants' clients dropped because the generator did not
+    /// take them in time (their queue was full).
+    pub queue_overflows: u64,
+    /// Datagrams each participant's socket dropped (receive buffer full), from the kernel's
+    /// socket table; `None` where that could not be read.
+    pub socket_drops: Vec<Option<u64>>,
+    /// How the call failed although it ran media (a leg ended early, the release failed):
+    /// `(kind, error)`.
+    pub failure: Option<(String, String)>,
+}
+
+/// Why a call failed: a kind (stage and class, counted in the report) and the error itself.
+#[derive(Debug)]
+pub struct CallFailure {
+    /// For example `allocate_unavailable`, `bind_unreachable`, `bind_refused_relay_full`.
+    pub kind: String,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl CallFailure {
+    fn new(kind: impl Into<String>, error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            kind: kind.into(),
+            error: error.into(),
+        }
+    }
+}
+
+/// `ResourceExhausted` to `resource_exhausted`: a `Debug` name as a kind.
+fn snake(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+fn grpc_kind(stage: &str, status: &tonic::Status) -> String {
+    format!("{stage}_{}", snake(&format!("{:?}", status.code())))
+}
+
+fn bind_kind(e: &veil_client::ClientError) -> String {
+    use veil_client::ClientError as E;
+    match e {
+        E::Token(_) => "bind_bad_token".into(),
+        E::NoRelay => "bind_no_relay".into(),
+        E::Socket(_) => "bind_socket".into(),
+        E::Refused(code) => format!("bind_refused_{}", snake(&format!("{code:?}"))),
+        E::Unreachable => "bind_unreachable".into(),
+        E::Closed(code) => format!("bind_closed_{}", snake(&format!("{code:?}"))),
+    }
 }
 
 fn srtp_profile(s: SrtpSuite) -> ProtectionProfile {
@@ -315,7 +494,7 @@ fn pick_profile(mix: &[(Profile, u32)], rng: &mut impl Rng) -> Profile {
     mix[0].0
 }
 
-async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
+async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailure> {
     let s = &ctx.scenario;
     let n = s.participants;
     let req = pb::AllocateSessionRequest {
@@ -336,14 +515,40 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
     };
     let started = Instant::now();
     let mut client = ctx.api.client.clone();
+    let req = ctx
+        .api
+        .request(req)
+        .map_err(|e| CallFailure::new("allocate_request", e))?;
     let session = client
-        .allocate_session(ctx.api.request(req)?)
+        .allocate_session(req)
         .await
-        .context("AllocateSession")?
+        .map_err(|st| CallFailure::new(grpc_kind("allocate", &st), st))?
         .into_inner()
         .session
-        .context("answer without session")?;
+        .ok_or_else(|| {
+            CallFailure::new(
+                "allocate_no_session",
+                anyhow::anyhow!("answer without session"),
+            )
+        })?;
     let allocation = started.elapsed();
+    {
+        let mut addrs = ctx.relay_addrs.lock().unwrap_or_else(|e| e.into_inner());
+        for r in session.legs.iter().flat_map(|l| &l.relays) {
+            addrs.extend(
+                r.udp_address
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .map(|a| (LegTransport::Udp, a)),
+            );
+            addrs.extend(
+                r.quic_address
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .map(|a| (LegTransport::Quic, a)),
+            );
+        }
+    }
 
     // Keys, exchanged among the participants only (as an end-to-end key exchange would).
     let profile = srtp_profile(s.srtp);
@@ -366,8 +571,28 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
     }
     let mut legs: Vec<Option<(Leg, Duration)>> = (0..n).map(|_| None).collect();
     while let Some(r) = binds.join_next().await {
-        let (j, leg, t) = r?.context("bind a leg")?;
-        legs[j] = Some((leg, t));
+        let bound = r
+            .map_err(|e| CallFailure::new("bind_panicked", e))
+            .and_then(|b| b.map_err(|e| CallFailure::new(bind_kind(&e), e)));
+        match bound {
+            Ok((j, leg, t)) => legs[j] = Some((leg, t)),
+            Err(f) => {
+                // Hang up, as a signaling service would: the legs that did bind end too.
+                drop(legs);
+                binds.abort_all();
+                let _ = release(&ctx, &session.session_id).await;
+                return Err(f);
+            }
+        }
+    }
+    if legs.iter().any(Option::is_none) {
+        return Err(CallFailure::new(
+            "allocate_too_few_legs",
+            anyhow::anyhow!(
+                "the answer holds {} legs for {n} participants",
+                session.legs.len()
+            ),
+        ));
     }
     ctx.collector.calls_up.fetch_add(1, Relaxed);
 
@@ -377,20 +602,20 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut bind_latency = vec![Duration::ZERO; n];
+    let mut transports = vec![LegTransport::Udp; n];
     for (j, slot) in legs.into_iter().enumerate() {
-        let (leg, t) = slot.expect("every leg bound");
+        let (leg, t) = slot.expect("checked above: every leg bound");
         bind_latency[j] = t;
+        transports[j] = leg.transport().into();
         let me = &keys[j];
-        let tx = Context::new(&me.key, &me.salt, profile, None, None).context("SRTP context")?;
+        let srtp = |k: &Keys| {
+            Context::new(&k.key, &k.salt, profile, None, None)
+                .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))
+        };
+        let tx = srtp(me)?;
         let mut rx = HashMap::new();
         for other in keys.iter().filter(|k| k.ssrc != me.ssrc) {
-            rx.insert(
-                other.ssrc,
-                (
-                    Context::new(&other.key, &other.salt, profile, None, None)?,
-                    StreamRx::default(),
-                ),
-            );
+            rx.insert(other.ssrc, (srtp(other)?, StreamRx::default()));
         }
         tasks.spawn(participant(
             ctx.clone(),
@@ -405,32 +630,86 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> anyhow::Result<CallResult> {
     }
     let mut sent: Vec<Option<SentStream>> = (0..n).map(|_| None).collect();
     let mut received: Vec<HashMap<u32, StreamRx>> = (0..n).map(|_| HashMap::new()).collect();
-    let mut foreign = 0;
+    let mut socket_drops = vec![None; n];
+    let (mut foreign, mut datagrams_read, mut queue_overflows) = (0, 0, 0);
+    let mut failure = None;
     while let Some(r) = tasks.join_next().await {
-        let (j, tx, rx, f) = r?;
-        sent[j] = Some(tx);
-        received[j] = rx;
-        foreign += f;
+        let p = match r {
+            Ok(p) => p,
+            Err(e) => {
+                failure.get_or_insert_with(|| ("media_panicked".to_string(), e.to_string()));
+                continue;
+            }
+        };
+        sent[p.j] = Some(p.sent);
+        received[p.j] = p.received;
+        foreign += p.foreign;
+        datagrams_read += p.datagrams_read;
+        queue_overflows += p.queue_overflows;
+        socket_drops[p.j] = p.socket_drops;
+        if let Some(why) = p.ended_early {
+            failure.get_or_insert_with(|| ("media_leg_ended".to_string(), why));
+        }
     }
     ctx.collector.calls_up.fetch_sub(1, Relaxed);
-    let mut client = ctx.api.client.clone();
-    client
-        .release_session(ctx.api.request(pb::ReleaseSessionRequest {
-            session_id: session.session_id.clone(),
-        })?)
-        .await
-        .context("ReleaseSession")?;
+    if let Err(f) = release(&ctx, &session.session_id).await {
+        failure.get_or_insert((f.kind, format!("{:#}", f.error)));
+    }
     Ok(CallResult {
         sent: sent
             .into_iter()
-            .map(|s| s.expect("every participant reported"))
+            .enumerate()
+            .map(|(j, s)| {
+                s.unwrap_or_else(|| SentStream {
+                    ssrc: keys[j].ssrc,
+                    sent: 0,
+                    seconds: Vec::new(),
+                    first_sent_s: None,
+                    last_sent_s: 0.0,
+                })
+            })
             .collect(),
         received,
         allocation,
         binds: bind_latency,
         profiles,
         foreign,
+        transports,
+        datagrams_read,
+        queue_overflows,
+        socket_drops,
+        failure,
     })
+}
+
+/// Releases a session, as the signaling service does when a call ends.
+async fn release(ctx: &RunCtx, session_id: &str) -> Result<(), CallFailure> {
+    let req = ctx
+        .api
+        .request(pb::ReleaseSessionRequest {
+            session_id: session_id.to_string(),
+        })
+        .map_err(|e| CallFailure::new("release_request", e))?;
+    ctx.api
+        .client
+        .clone()
+        .release_session(req)
+        .await
+        .map(|_| ())
+        .map_err(|st| CallFailure::new(grpc_kind("release", &st), st))
+}
+
+/// What one participant did and saw.
+struct ParticipantOutcome {
+    j: usize,
+    sent: SentStream,
+    received: HashMap<u32, StreamRx>,
+    foreign: u64,
+    datagrams_read: u64,
+    queue_overflows: u64,
+    socket_drops: Option<u64>,
+    /// Why the leg ended before the call did, if it did.
+    ended_early: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -443,8 +722,9 @@ async fn participant(
     mut rx: HashMap<u32, (Context, StreamRx)>,
     profile: Profile,
     seed: u64,
-) -> (usize, SentStream, HashMap<u32, StreamRx>, u64) {
+) -> ParticipantOutcome {
     let fanout = rx.len() as u64;
+    let transport: LegTransport = leg.transport().into();
     let sender = leg.sender();
     let send_ctx = ctx.clone();
     let send_task = tokio::spawn(async move {
@@ -455,6 +735,8 @@ async fn participant(
             ssrc,
             sent: 0,
             seconds: Vec::new(),
+            first_sent_s: None,
+            last_sent_s: 0.0,
         };
         let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
         let mut buf = Vec::with_capacity(1500);
@@ -464,6 +746,8 @@ async fn participant(
         let mut next_rtcp = Instant::now() + Duration::from_secs(ctx.scenario.rtcp_interval_secs);
         while next < ctx.end {
             tokio::time::sleep_until(next.into()).await;
+            // How late this sender woke: a generator short of CPU falls behind its schedule.
+            let lag = Instant::now().saturating_duration_since(next);
             let frame = src.next_frame();
             ts = ts.wrapping_add(frame.ts_step);
             let last = frame.packets.len() - 1;
@@ -491,23 +775,34 @@ async fn participant(
                     continue;
                 };
                 if sender.send(&srtp).await.is_err() {
+                    ctx.collector.send_errors.fetch_add(1, Relaxed);
                     continue;
                 }
+                let at = ctx.seconds_since_epoch(now);
+                stream.first_sent_s.get_or_insert(at);
+                stream.last_sent_s = at;
                 stream.sent += 1;
                 pkts += 1;
                 bytes += srtp.len() as u64;
                 octets = octets.wrapping_add(*len as u32);
             }
-            ctx.collector
-                .on_sent(ctx.second(Instant::now()), pkts, bytes, fanout);
+            ctx.collector.on_sent(
+                ctx.second(Instant::now()),
+                pkts,
+                bytes,
+                fanout,
+                lag.as_micros() as u64,
+            );
             if Instant::now() >= next_rtcp {
                 next_rtcp += Duration::from_secs(ctx.scenario.rtcp_interval_secs);
                 let ntp = ctx.epoch.elapsed().as_nanos() as u64;
                 media::sender_report(&mut buf, ssrc, ntp, ts, stream.sent as u32, octets);
-                if let Ok(srtcp) = tx.encrypt_rtcp(&buf)
-                    && sender.send(&srtcp).await.is_ok()
-                {
-                    ctx.collector.rtcp_sent.fetch_add(1, Relaxed);
+                if let Ok(srtcp) = tx.encrypt_rtcp(&buf) {
+                    if sender.send(&srtcp).await.is_ok() {
+                        ctx.collector.rtcp_sent.fetch_add(1, Relaxed);
+                    } else {
+                        ctx.collector.send_errors.fetch_add(1, Relaxed);
+                    }
                 }
             }
             next += src.interval();
@@ -556,40 +851,91 @@ async fn participant(
         if stream.unique > before {
             c.on_received(
                 ctx.second(got.at),
+                transport,
                 pkt.len() as u64,
                 arrived_ns.saturating_sub(sent_ns) / 1000,
+                stream.jitter,
             );
         } else {
             c.duplicates.fetch_add(1, Relaxed);
         }
     }
+    let ended_early = match &*leg.status().borrow() {
+        veil_client::LegStatus::Ended(e) => Some(e.to_string()),
+        _ => None,
+    };
     let sent = send_task.await.unwrap_or(SentStream {
         ssrc,
         sent: 0,
         seconds: Vec::new(),
+        first_sent_s: None,
+        last_sent_s: 0.0,
     });
-    let foreign = leg.counters().foreign.load(Relaxed);
-    (
+    // Keep the socket open until the run has read the socket table, so that its drop count is
+    // in it (the kernel forgets a socket's count when it closes).
+    let mut snapshot = ctx.sockets.clone();
+    let socket_drops = match tokio::time::timeout_at(
+        (stop + Duration::from_secs(3)).into(),
+        snapshot.wait_for(Option::is_some),
+    )
+    .await
+    {
+        Ok(Ok(table)) => table
+            .as_ref()
+            .and_then(Option::as_ref)
+            .and_then(|t| t.drops_of(leg.local_addr())),
+        _ => None,
+    };
+    let counters = leg.counters();
+    ParticipantOutcome {
         j,
         sent,
-        rx.into_iter().map(|(k, (_, s))| (k, s)).collect(),
-        foreign,
-    )
+        received: rx.into_iter().map(|(k, (_, s))| (k, s)).collect(),
+        foreign: counters.foreign.load(Relaxed),
+        datagrams_read: counters.received.load(Relaxed),
+        queue_overflows: counters.overflow.load(Relaxed),
+        socket_drops,
+        ended_early,
+    }
 }
 
-async fn progress_loop(ctx: Arc<RunCtx>, print: bool) {
+async fn progress_loop(ctx: Arc<RunCtx>, print: bool, relays_at_start: Vec<RelayFigures>) {
     let stop = ctx.end + GRACE;
     let mut tick = tokio::time::interval_at(
         (ctx.epoch + Duration::from_secs(1)).into(),
         Duration::from_secs(1),
     );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let c = &ctx.collector;
     let (mut last_sent, mut last_rx) = (0u64, 0u64);
+    let mut cpu = host::CpuTimes::read();
+    let mut relays = relays_at_start;
     loop {
         let t = tick.tick().await;
         let now: Instant = t.into();
         let second = ctx.second(now).saturating_sub(1);
         c.set_calls_up(second);
+        let cpu_now = host::CpuTimes::read();
+        if let (Some(a), Some(b)) = (&cpu_now, &cpu)
+            && let Some((busy, me)) = a.since(b)
+        {
+            c.set_cpu(second, busy, me);
+        }
+        cpu = cpu_now;
+        if !ctx.relay_metrics.is_empty() {
+            let scraped = report::scrape_relays(&ctx.relay_metrics).await;
+            c.set_relays(
+                second,
+                scraped
+                    .iter()
+                    .map(|a| {
+                        let d = a.minus(relays.iter().find(|b| b.node_id == a.node_id));
+                        (a.node_id.clone(), d.forwarded_packets, d.dropped_packets)
+                    })
+                    .collect(),
+            );
+            relays = scraped;
+        }
         if print {
             let (sent, received, expected) = (
                 c.sent.load(Relaxed),
@@ -597,15 +943,18 @@ async fn progress_loop(ctx: Arc<RunCtx>, print: bool) {
                 c.expected.load(Relaxed),
             );
             let loss = if expected > 0 {
-                100.0 * (1.0 - received as f64 / expected as f64).max(0.0)
+                format!(
+                    "{:.3}%",
+                    100.0 * (1.0 - received as f64 / expected as f64).max(0.0)
+                )
             } else {
-                0.0
+                "n/a".to_string()
             };
-            let p99 = c.p99_of(second).map_or("-".to_string(), |us| {
+            let p99 = c.p99_of(second).map_or("n/a".to_string(), |us| {
                 format!("{:.2} ms", us as f64 / 1000.0)
             });
             eprintln!(
-                "[{:>4}s] calls up {:>5}/{} | tx {:>7} pps | rx {:>7} pps | loss {:.3}% (incl. in flight) | p99 {} | decrypt failures {}",
+                "[{:>4}s] calls up {:>5}/{} | tx {:>7} pps | rx {:>7} pps | loss {} (incl. in flight) | p99 {} | failed calls {} | decrypt failures {}",
                 second + 1,
                 c.calls_up.load(Relaxed),
                 ctx.scenario.calls,
@@ -613,6 +962,7 @@ async fn progress_loop(ctx: Arc<RunCtx>, print: bool) {
                 received - last_rx,
                 loss,
                 p99,
+                c.calls_failed(),
                 c.decrypt_failures.load(Relaxed),
             );
             (last_sent, last_rx) = (sent, received);
@@ -633,12 +983,30 @@ mod tests {
             ssrc: 1,
             sent: 150,
             seconds: vec![(0, 0), (1, 50), (3, 100)],
+            first_sent_s: Some(0.1),
+            last_sent_s: 3.9,
         };
         assert_eq!(s.second_of(0), 0);
         assert_eq!(s.second_of(49), 0);
         assert_eq!(s.second_of(50), 1);
         assert_eq!(s.second_of(99), 1);
         assert_eq!(s.second_of(149), 3);
+    }
+
+    #[test]
+    fn failure_kinds_are_snake_case_names() {
+        assert_eq!(snake("ResourceExhausted"), "resource_exhausted");
+        assert_eq!(snake("Unavailable"), "unavailable");
+        assert_eq!(snake("RelayFull"), "relay_full");
+        assert_eq!(snake("Refused(RelayFull)"), "refused");
+        assert_eq!(
+            grpc_kind("allocate", &tonic::Status::unavailable("no relay")),
+            "allocate_unavailable"
+        );
+        assert_eq!(
+            bind_kind(&veil_client::ClientError::Unreachable),
+            "bind_unreachable"
+        );
     }
 
     #[test]

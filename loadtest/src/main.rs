@@ -3,12 +3,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use veil_loadtest::gate::{self, Thresholds};
 use veil_loadtest::scenario::{self, Profile, Scenario, SrtpSuite, TransportMode};
 use veil_loadtest::{Config, Target};
 
 /// veil-loadtest: drives realistic calls with real SRTP through a Veil cluster and reports loss,
-/// latency and jitter. With --local it starts a whole cluster in this process first. Every run
-/// stops by itself after its duration.
+/// latency, jitter and media gaps, and where any loss happened. With --local it starts a whole
+/// cluster in this process first. Every run stops by itself after its duration.
+///
+/// Exit status: 0 when every check passed; 99 when the run crossed a threshold (--max-*), any
+/// datagram failed SRTP authentication or came from anywhere but the relay, or no media was
+/// measured; 64 for bad flags or a bad scenario; 1 when the run could not start or finish.
 #[derive(clap::Parser, Debug)]
 #[command(name = "veil-loadtest", version)]
 struct Flags {
@@ -84,6 +89,24 @@ struct Flags {
     #[arg(long)]
     quiet: bool,
 
+    /// Fail (exit 99) if more than this share of deliveries is lost, percent (`0.1` or `0.1%`).
+    /// No limit by default.
+    #[arg(long, value_name = "PERCENT", value_parser = gate::parse_percent)]
+    max_loss: Option<f64>,
+
+    /// Fail (exit 99) if the one-way latency p99 exceeds this many milliseconds.
+    #[arg(long, value_name = "MS", value_parser = gate::parse_ms)]
+    max_p99_ms: Option<f64>,
+
+    /// Fail (exit 99) if more calls than this fail (to set up, during media, or to release).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_failed_calls: u64,
+
+    /// Fail (exit 99) if any participant's longest media interruption exceeds this many
+    /// milliseconds. No limit by default.
+    #[arg(long, value_name = "MS", value_parser = gate::parse_ms)]
+    max_gap_ms: Option<f64>,
+
     /// Soak: run the scenario in back-to-back rounds for --duration (say `10m`), sampling the
     /// watched processes' resident memory and open descriptors every --soak-interval, and fail
     /// (exit 1) if either grows over the second half of the run. With --local the process
@@ -124,6 +147,12 @@ struct Flags {
     /// Log filter.
     #[arg(long, env = "VEIL_LOG", default_value = "warn")]
     log_filter: String,
+
+    /// Validate the flags, the environment and the scenario file, print the effective scenario,
+    /// target and thresholds (the token redacted), and exit: 0 if valid, 64 naming the field if
+    /// not. Starts nothing and contacts no controller.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// A parsed `--profile` (a newtype, so clap takes it as one value).
@@ -184,6 +213,9 @@ async fn main() {
     let scenario = flags
         .scenario()
         .unwrap_or_else(|e| veil_ops::config_error(&e));
+    if flags.check_config {
+        check_config(&flags, &scenario).print_and_exit();
+    }
     let target = if flags.local {
         Target::Local {
             relays: flags.local_relays.max(1),
@@ -206,6 +238,12 @@ async fn main() {
         scenario,
         target,
         progress: !flags.quiet,
+        thresholds: Thresholds {
+            max_loss_percent: flags.max_loss,
+            max_p99_ms: flags.max_p99_ms,
+            max_failed_calls: flags.max_failed_calls,
+            max_gap_ms: flags.max_gap_ms,
+        },
     };
     let report = match veil_loadtest::run(cfg).await {
         Ok(r) => r,
@@ -223,10 +261,13 @@ async fn main() {
         }
     }
     if let Some(path) = &flags.report_html
-        && let Err(e) = std::fs::write(path, veil_loadtest::report::html(&report))
+        && let Err(e) = std::fs::write(path, veil_loadtest::html::render(&report))
     {
         eprintln!("error: --report-html {}: {e}", path.display());
         std::process::exit(1);
+    }
+    if !report.verdict.passed {
+        std::process::exit(gate::EXIT_THRESHOLD);
     }
 }
 
@@ -291,4 +332,48 @@ async fn soak(flags: &Flags, scenario: Scenario, target: Target) {
             std::process::exit(1);
         }
     }
+}
+
+/// What `--check-config` prints.
+fn check_config(flags: &Flags, s: &Scenario) -> veil_ops::check::Effective {
+    let mix: Vec<String> = s
+        .mix
+        .iter()
+        .map(|(p, w)| format!("{p:?}={w}").to_lowercase())
+        .collect();
+    let ms = |v: Option<f64>| v.map(|x| format!("{x} ms"));
+    veil_ops::check::Effective::new("veil-loadtest")
+        .set(
+            "target",
+            if flags.local {
+                format!("--local, {} relays", flags.local_relays.max(1))
+            } else {
+                flags.controller.clone().unwrap_or_default()
+            },
+        )
+        .secret("token", usize::from(flags.token.is_some()))
+        .list("relay-metrics", &flags.relay_metrics)
+        .set("calls", s.calls)
+        .set("participants", s.participants)
+        .set("duration", humantime::format_duration(s.duration))
+        .set("ramp-up", format!("{} calls/s", s.ramp_up_per_sec))
+        .list("profile", &mix)
+        .set("transport", format!("{:?}", s.transport).to_lowercase())
+        .set("srtp", s.srtp.rfc_name())
+        .set(
+            "client-ip-pool",
+            format!("{} addresses", s.client_ips.len()),
+        )
+        .opt("max-loss", flags.max_loss.map(|x| format!("{x}%")))
+        .opt("max-p99-ms", ms(flags.max_p99_ms))
+        .set("max-failed-calls", flags.max_failed_calls)
+        .opt("max-gap-ms", ms(flags.max_gap_ms))
+        .opt(
+            "report-json",
+            flags.report_json.as_ref().map(|p| p.display().to_string()),
+        )
+        .opt(
+            "report-html",
+            flags.report_html.as_ref().map(|p| p.display().to_string()),
+        )
 }

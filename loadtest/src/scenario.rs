@@ -43,6 +43,17 @@ pub enum TransportMode {
     Mixed,
 }
 
+impl TransportMode {
+    /// What the mode means, for a report's header.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Udp => "udp (every participant over UDP)",
+            Self::Quic => "quic (every participant over QUIC datagrams)",
+            Self::Mixed => "mixed (even participants over QUIC, odd over UDP)",
+        }
+    }
+}
+
 /// SRTP protection profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -51,6 +62,17 @@ pub enum SrtpSuite {
     AesCm,
     /// SRTP_AEAD_AES_128_GCM.
     AesGcm,
+}
+
+impl SrtpSuite {
+    /// The profile's registered name (RFC 5764 §4.1.2, RFC 7714 §14.2) and the RFC that
+    /// defines its transform.
+    pub fn rfc_name(self) -> &'static str {
+        match self {
+            Self::AesCm => "SRTP_AES128_CM_HMAC_SHA1_80 (RFC 3711)",
+            Self::AesGcm => "SRTP_AEAD_AES_128_GCM (RFC 7714)",
+        }
+    }
 }
 
 /// A load-test scenario. Also the scenario file's format (JSON; every field optional).

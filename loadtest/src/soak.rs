@@ -201,7 +201,7 @@ pub struct SoakReport {
     pub rounds: u64,
     /// Calls run, over all rounds.
     pub calls: u64,
-    /// Calls that failed to set up.
+    /// Calls that failed (to set up, during media, or to release).
     pub calls_failed: u64,
     /// RTP deliveries due, over all rounds.
     pub packets_expected: u64,
@@ -394,7 +394,7 @@ pub async fn run(
     if report.calls_failed > 0 {
         report
             .failures
-            .push(format!("{} calls failed to set up", report.calls_failed));
+            .push(format!("{} calls failed", report.calls_failed));
     }
     if report.decrypt_failures > 0 || report.foreign_datagrams > 0 {
         report.failures.push(format!(

@@ -10,6 +10,49 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
 }
 
+/// A coarser histogram (1 µs to 60 s, two significant digits): for the per-second,
+/// per-transport series, where a tenth of the memory of [`latency_histogram`] is plenty.
+pub fn coarse_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds are valid")
+}
+
+/// The transport of one participant's leg. A closed set: it keys figures and report fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegTransport {
+    /// UDP datagrams.
+    Udp,
+    /// QUIC datagrams.
+    Quic,
+}
+
+impl LegTransport {
+    /// Both, in index order.
+    pub const ALL: [Self; 2] = [Self::Udp, Self::Quic];
+
+    /// Label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Quic => "quic",
+        }
+    }
+
+    /// Index into per-transport arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<veil_client::Transport> for LegTransport {
+    fn from(t: veil_client::Transport) -> Self {
+        match t {
+            veil_client::Transport::Udp => Self::Udp,
+            veil_client::Transport::Quic => Self::Quic,
+        }
+    }
+}
+
 /// What one receiver saw of one sender's RTP stream, tracked by the sender's packet index.
 #[derive(Debug, Default)]
 pub struct StreamRx {
@@ -24,6 +67,12 @@ pub struct StreamRx {
     /// RFC 3550 interarrival jitter, seconds.
     pub jitter: f64,
     prev_transit: Option<f64>,
+    /// Arrival of the first distinct packet, seconds on the run's clock.
+    pub first_arrival: Option<f64>,
+    /// Arrival of the latest distinct packet.
+    pub last_arrival: Option<f64>,
+    /// Longest time between two consecutive distinct arrivals, seconds.
+    pub max_gap: f64,
 }
 
 impl StreamRx {
@@ -39,6 +88,11 @@ impl StreamRx {
         }
         self.seen[word] |= 1 << bit;
         self.unique += 1;
+        if let Some(last) = self.last_arrival {
+            self.max_gap = self.max_gap.max(arrived_s - last);
+        }
+        self.first_arrival.get_or_insert(arrived_s);
+        self.last_arrival = Some(arrived_s);
         match self.max_index {
             Some(m) if index < m => self.reordered += 1,
             _ => self.max_index = Some(index),
@@ -49,6 +103,21 @@ impl StreamRx {
             self.jitter += ((transit - prev).abs() - self.jitter) / 16.0;
         }
         self.prev_transit = Some(transit);
+    }
+
+    /// The longest interruption of this stream, seconds: the longest time between two
+    /// consecutive arrivals, or from the sender's first packet (sent at `first_sent_s`) to the
+    /// first arrival, or from the last arrival to the sender's last packet (`last_sent_s`). A
+    /// stream of which nothing arrived was interrupted for as long as it was sent.
+    pub fn longest_gap(&self, first_sent_s: f64, last_sent_s: f64) -> f64 {
+        match (self.first_arrival, self.last_arrival) {
+            (Some(first), Some(last)) => self
+                .max_gap
+                .max(first - first_sent_s)
+                .max(last_sent_s - last)
+                .max(0.0),
+            _ => (last_sent_s - first_sent_s).max(0.0),
+        }
     }
 
     /// Whether packet `index` was received.
@@ -64,6 +133,8 @@ impl StreamRx {
 pub struct Second {
     /// RTP packets sent.
     pub sent: u64,
+    /// Bytes of SRTP sent.
+    pub bytes_sent: u64,
     /// RTP packets received (distinct).
     pub received: u64,
     /// Bytes received (datagrams as they arrived).
@@ -74,17 +145,54 @@ pub struct Second {
     pub latency: Histogram<u64>,
     /// Calls with every leg bound at the end of this second.
     pub calls_up: u64,
+    /// Sum of the receiving streams' RFC 3550 jitter after each packet received this second,
+    /// seconds (with `jitter_n`, their mean).
+    pub jitter_sum: f64,
+    /// Packets that sum is over.
+    pub jitter_n: u64,
+    /// How late senders woke for the frames they sent this second, µs.
+    pub send_lag: Histogram<u64>,
+    /// Per receiving transport: packets received, packets lost (by the second they were sent),
+    /// and the latency of those received.
+    pub by_transport: [TransportSecond; 2],
+    /// `(machine busy, this process)` over this second, fractions of all CPUs.
+    pub cpu: Option<(f64, f64)>,
+    /// Each relay's `(forwarded, dropped)` datagrams over this second, from its metrics.
+    pub relays: Vec<(String, u64, u64)>,
+}
+
+/// One second of one receiving transport.
+#[derive(Debug, Clone)]
+pub struct TransportSecond {
+    /// RTP packets received (distinct).
+    pub received: u64,
+    /// Packets due at this transport's participants, sent this second, never received.
+    pub lost: u64,
+    /// One-way latency of packets received this second.
+    pub latency: Histogram<u64>,
 }
 
 impl Second {
     fn new() -> Self {
+        let t = || TransportSecond {
+            received: 0,
+            lost: 0,
+            latency: coarse_histogram(),
+        };
         Self {
             sent: 0,
+            bytes_sent: 0,
             received: 0,
             bytes: 0,
             lost: 0,
             latency: latency_histogram(),
             calls_up: 0,
+            jitter_sum: 0.0,
+            jitter_n: 0,
+            send_lag: coarse_histogram(),
+            by_transport: [t(), t()],
+            cpu: None,
+            relays: Vec::new(),
         }
     }
 }
@@ -112,8 +220,13 @@ pub struct Collector {
     pub rtcp_received: AtomicU64,
     /// Calls with every leg bound.
     pub calls_up: AtomicU64,
-    /// Calls that failed to set up.
-    pub calls_failed: AtomicU64,
+    /// Calls that failed, by kind of failure (the stage and the error's class): how many, and
+    /// the first one's error.
+    pub failures: Mutex<std::collections::BTreeMap<String, (u64, String)>>,
+    /// Media datagrams the generator tried to send and its socket refused.
+    pub send_errors: AtomicU64,
+    /// Latency over the whole run, by receiving transport.
+    pub latency_by_transport: Mutex<[Histogram<u64>; 2]>,
     seconds: Mutex<Vec<Second>>,
 }
 
@@ -130,7 +243,9 @@ impl Default for Collector {
             rtcp_sent: AtomicU64::new(0),
             rtcp_received: AtomicU64::new(0),
             calls_up: AtomicU64::new(0),
-            calls_failed: AtomicU64::new(0),
+            failures: Mutex::new(Default::default()),
+            send_errors: AtomicU64::new(0),
+            latency_by_transport: Mutex::new([latency_histogram(), latency_histogram()]),
             seconds: Mutex::new(Vec::new()),
         }
     }
@@ -145,29 +260,85 @@ impl Collector {
         f(&mut secs[s])
     }
 
-    /// Counts `n` RTP packets sent in second `s`, each due at `fanout` receivers.
-    pub fn on_sent(&self, s: usize, n: u64, bytes: u64, fanout: u64) {
+    /// Counts one frame sent in second `s`: `n` RTP packets of `bytes`, each due at `fanout`
+    /// receivers, by a sender that woke `lag_us` after the frame was due.
+    pub fn on_sent(&self, s: usize, n: u64, bytes: u64, fanout: u64, lag_us: u64) {
         self.sent.fetch_add(n, Relaxed);
         self.bytes_sent.fetch_add(bytes, Relaxed);
         self.expected.fetch_add(n * fanout, Relaxed);
-        self.with_second(s, |sec| sec.sent += n);
-    }
-
-    /// Counts one distinct RTP packet received in second `s` with `latency_us`.
-    pub fn on_received(&self, s: usize, bytes: u64, latency_us: u64) {
-        self.received.fetch_add(1, Relaxed);
-        self.bytes_received.fetch_add(bytes, Relaxed);
         self.with_second(s, |sec| {
-            sec.received += 1;
-            sec.bytes += bytes;
-            // Saturates at the histogram's 60 s ceiling rather than failing.
-            sec.latency.saturating_record(latency_us.max(1));
+            sec.sent += n;
+            sec.bytes_sent += bytes;
+            sec.send_lag.saturating_record(lag_us.max(1));
         });
     }
 
-    /// Counts `n` packets sent in second `s` as lost.
-    pub fn on_lost(&self, s: usize, n: u64) {
-        self.with_second(s, |sec| sec.lost += n);
+    /// Counts one distinct RTP packet received in second `s` by a participant on `transport`,
+    /// with `latency_us`, its stream's RFC 3550 jitter being `jitter_s` after it.
+    pub fn on_received(
+        &self,
+        s: usize,
+        transport: LegTransport,
+        bytes: u64,
+        latency_us: u64,
+        jitter_s: f64,
+    ) {
+        self.received.fetch_add(1, Relaxed);
+        self.bytes_received.fetch_add(bytes, Relaxed);
+        // Saturates at the histogram's 60 s ceiling rather than failing.
+        let latency_us = latency_us.max(1);
+        self.with_second(s, |sec| {
+            sec.received += 1;
+            sec.bytes += bytes;
+            sec.latency.saturating_record(latency_us);
+            sec.jitter_sum += jitter_s;
+            sec.jitter_n += 1;
+            let t = &mut sec.by_transport[transport.index()];
+            t.received += 1;
+            t.latency.saturating_record(latency_us);
+        });
+        self.latency_by_transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())[transport.index()]
+        .saturating_record(latency_us);
+    }
+
+    /// Counts `n` packets sent in second `s`, due at a participant on `transport`, as lost.
+    pub fn on_lost(&self, s: usize, transport: LegTransport, n: u64) {
+        self.with_second(s, |sec| {
+            sec.lost += n;
+            sec.by_transport[transport.index()].lost += n;
+        });
+    }
+
+    /// Counts a call that failed, by kind, with its error; true for the first of its kind.
+    pub fn on_failure(&self, kind: &str, error: &str) -> bool {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = f
+            .entry(kind.to_string())
+            .or_insert_with(|| (0, error.to_string()));
+        entry.0 += 1;
+        entry.0 == 1
+    }
+
+    /// Calls that failed.
+    pub fn calls_failed(&self) -> u64 {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(n, _)| n)
+            .sum()
+    }
+
+    /// Notes what the CPUs did during second `s`.
+    pub fn set_cpu(&self, s: usize, busy: f64, process: f64) {
+        self.with_second(s, |sec| sec.cpu = Some((busy, process)));
+    }
+
+    /// Notes each relay's `(name, forwarded, dropped)` during second `s`.
+    pub fn set_relays(&self, s: usize, relays: Vec<(String, u64, u64)>) {
+        self.with_second(s, |sec| sec.relays = relays);
     }
 
     /// Notes the calls up at second `s`.
@@ -224,15 +395,50 @@ mod tests {
     #[test]
     fn collector_buckets_by_second() {
         let c = Collector::default();
-        c.on_sent(0, 10, 1000, 1);
-        c.on_sent(2, 5, 500, 3);
-        c.on_received(2, 100, 1500);
-        c.on_lost(0, 1);
+        c.on_sent(0, 10, 1000, 1, 300);
+        c.on_sent(2, 5, 500, 3, 2000);
+        c.on_received(2, LegTransport::Quic, 100, 1500, 0.002);
+        c.on_lost(0, LegTransport::Udp, 1);
         let secs = c.seconds();
         assert_eq!(secs.len(), 3);
         assert_eq!((secs[0].sent, secs[0].lost, secs[2].received), (10, 1, 1));
+        assert_eq!(
+            (secs[0].by_transport[0].lost, secs[0].by_transport[1].lost),
+            (1, 0)
+        );
+        assert_eq!(secs[2].by_transport[1].received, 1);
+        assert_eq!((secs[2].jitter_n, secs[2].bytes_sent), (1, 500));
+        assert!(secs[2].send_lag.max() >= 1990);
         assert_eq!(c.expected.load(Relaxed), 25);
         assert_eq!(c.p99_of(2), Some(secs[2].latency.value_at_quantile(0.99)));
         assert_eq!(c.p99_of(1), None);
+        assert!(c.on_failure("allocate_unavailable", "no relay available"));
+        assert!(!c.on_failure("allocate_unavailable", "again"));
+        assert!(c.on_failure("bind_unreachable", "no relay answered"));
+        assert_eq!(c.calls_failed(), 3);
+        let f = c.failures.lock().unwrap();
+        assert_eq!(
+            f["allocate_unavailable"],
+            (2, "no relay available".to_string())
+        );
+    }
+
+    #[test]
+    fn longest_gap_covers_the_middle_and_both_ends() {
+        let mut s = StreamRx::default();
+        // Sent every 20 ms from 1.0 s to 1.8 s; those sent from 1.30 to 1.48 s are lost.
+        for i in 0..=40u64 {
+            let sent = 1.0 + i as f64 * 0.02;
+            if (15..25).contains(&i) {
+                continue;
+            }
+            s.record(i, sent, sent + 0.001);
+        }
+        let gap = s.longest_gap(1.0, 1.0 + 40.0 * 0.02);
+        assert!((gap - 0.22).abs() < 1e-9, "{gap}");
+        // Had the sender gone on to 2.5 s with nothing more arriving, the tail is the gap.
+        let tail = s.longest_gap(1.0, 2.5);
+        assert!((tail - (2.5 - 1.801)).abs() < 1e-9, "{tail}");
+        assert_eq!(StreamRx::default().longest_gap(1.0, 4.0), 3.0);
     }
 }

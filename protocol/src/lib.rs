@@ -6,6 +6,7 @@
 //! without linking the relay's forwarding core or any gRPC stack.
 
 pub mod token;
+pub mod turn;
 pub mod wire;
 
 pub use token::{KeyFileError, KeyId, KeyRing, KeyRingError, Limits, SessionId, Ticket, Token};

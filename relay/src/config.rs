@@ -123,6 +123,16 @@ pub struct Config {
     #[arg(long, env = "VEIL_LOG", default_value = "info")]
     pub log_filter: String,
 
+    /// Serve TURN (RFC 8656) on the UDP media port, for WebRTC apps: `--turn false` turns it
+    /// off, and STUN and ChannelData datagrams are then dropped as unknown types.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_TURN",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub turn: bool,
+
     /// Validate the flags, the environment and the files they name (key ring, QUIC
     /// certificate), print the effective settings with secrets redacted, and exit: 0 if
     /// valid, 64 naming the field if not. Binds nothing and contacts no controller.
@@ -195,6 +205,8 @@ pub struct Settings {
     pub zone: String,
     /// Packet-path tunables.
     pub core: veil_relay_core::Config,
+    /// Whether TURN is served on the UDP media port.
+    pub turn: bool,
     /// Most bound legs.
     pub max_legs: usize,
     /// Interval between load reports.
@@ -235,6 +247,7 @@ impl Settings {
             region: String::new(),
             zone: String::new(),
             core: veil_relay_core::Config::default(),
+            turn: true,
             max_legs: 200_000,
             report_interval: Duration::from_millis(1000),
             drain_deadline: Duration::ZERO,
@@ -284,9 +297,17 @@ impl Settings {
                 }),
             )
             .opt("quic-certificate", certificate)
+            .opt(
+                "public-ip-file",
+                config
+                    .public_ip_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            )
             .set("ops-addr", self.ops_addr)
             .set("workers", self.workers)
             .list("controller", &self.controllers)
+            .set("controller-resolve-secs", config.controller_resolve_secs)
             .secret(
                 "controller-token",
                 usize::from(self.controller_token.is_some()),
@@ -306,6 +327,7 @@ impl Settings {
             .set("leg-idle-secs", self.core.leg_idle.as_secs())
             .set("binds-per-ip", self.core.binds_per_ip)
             .set("binds-per-worker", self.core.binds_per_worker)
+            .set("turn", self.turn)
             .set("max-legs", self.max_legs)
             .set("report-interval-ms", self.report_interval.as_millis())
             .set("drain-deadline-secs", self.drain_deadline.as_secs())
@@ -416,6 +438,7 @@ impl Config {
                 binds_per_worker: self.binds_per_worker,
                 ..Default::default()
             },
+            turn: self.turn,
             max_legs: self.max_legs,
             report_interval: Duration::from_millis(self.report_interval_ms),
             drain_deadline: Duration::from_secs(self.drain_deadline_secs),

@@ -2,8 +2,21 @@
 //! backoff. The relay introduces itself, reports its load about once a second, and applies the
 //! revocations the controller sends. Forwarding never waits on any of this: with every controller
 //! gone, bound calls keep flowing.
+//!
+//! A controller URL names a host, and the relay attaches to *every* address that host resolves
+//! to, as a headless Kubernetes Service gives one address per controller pod: the URL can stay
+//! the same while controllers scale. The name is resolved again every `--controller-resolve-secs`;
+//! the relay attaches to addresses that appear and drops the links to those that vanish. A
+//! failed or empty resolution keeps the links the relay has (a DNS outage must not cut a relay
+//! off from controllers that still answer). Each link connects to its address but keeps the
+//! URL's host as the request authority (and, with TLS, as the name the certificate must match).
 
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,6 +35,8 @@ use crate::metrics::RelayMetrics;
 #[derive(Clone)]
 pub(crate) struct Link {
     pub(crate) url: String,
+    /// The address this link connects to (one of those `url`'s host resolves to).
+    pub(crate) addr: Option<SocketAddr>,
     pub(crate) token: Option<String>,
     pub(crate) hello: RelayHello,
     pub(crate) node: Arc<Node>,
@@ -35,15 +50,134 @@ pub(crate) struct Link {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Keeps a link to one controller until shutdown.
-pub(crate) async fn run(mut link: Link) {
+/// Resolves a host and port to socket addresses.
+pub(crate) type Resolve = Arc<
+    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The system resolver (`/etc/hosts`, then DNS).
+pub(crate) fn system_resolver() -> Resolve {
+    Arc::new(|host, port| {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    })
+}
+
+/// How soon a failed resolution is tried again (sooner than the regular interval).
+const RESOLVE_RETRY: Duration = Duration::from_secs(2);
+
+/// Host and port of a controller URL (the scheme's default port when it names none).
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let uri: tonic::transport::Uri = url.parse().context("controller URL")?;
+    let host = uri
+        .host()
+        .context("controller URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    Ok((host, port))
+}
+
+/// Keeps one link to every address of the controller URL `template.url` until shutdown,
+/// resolving its host again every `every` (an IP address is not re-resolved).
+pub(crate) async fn run_url(template: Link, resolve: Resolve, every: Duration) {
+    let (host, port) = match host_port(&template.url) {
+        Ok(hp) => hp,
+        Err(e) => {
+            tracing::error!(controller = %template.url, error = %format!("{e:#}"), "bad controller URL");
+            return;
+        }
+    };
+    let literal = host.parse::<std::net::IpAddr>().is_ok();
+    let mut shutdown = template.shutdown.clone();
+    let mut links: HashMap<SocketAddr, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    // This URL's share of the addresses gauge.
+    let mut published = 0i64;
+    loop {
+        let next = match resolve(host.clone(), port).await {
+            Ok(addrs) if !addrs.is_empty() => {
+                template.metrics.count_resolution(true);
+                let want: BTreeSet<SocketAddr> = addrs.into_iter().collect();
+                links.retain(|addr, (stop, _)| {
+                    let keep = want.contains(addr);
+                    if !keep {
+                        tracing::info!(controller = %template.url, %addr, "controller address gone; dropping its link");
+                        // The task ends its stream and exits; nothing waits for it here.
+                        let _ = stop.send(true);
+                    }
+                    keep
+                });
+                for addr in want {
+                    if links.contains_key(&addr) {
+                        continue;
+                    }
+                    tracing::info!(controller = %template.url, %addr, "controller address found; attaching");
+                    let (stop, stopped) = watch::channel(false);
+                    let mut link = template.clone();
+                    link.addr = Some(addr);
+                    link.shutdown = stopped;
+                    links.insert(addr, (stop, tokio::spawn(run(link))));
+                }
+                every
+            }
+            Ok(_) => {
+                template.metrics.count_resolution(false);
+                tracing::warn!(controller = %template.url, "controller host resolved to no address; keeping the links there are");
+                RESOLVE_RETRY.min(every)
+            }
+            Err(e) => {
+                template.metrics.count_resolution(false);
+                tracing::warn!(controller = %template.url, error = %e, "cannot resolve controller host; keeping the links there are");
+                RESOLVE_RETRY.min(every)
+            }
+        };
+        let linked = links.len() as i64;
+        template
+            .metrics
+            .controller_addresses
+            .add(linked - published);
+        published = linked;
+        if literal && !links.is_empty() {
+            let _ = shutdown.wait_for(|s| *s).await;
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    for (_, (stop, task)) in links.drain() {
+        let _ = stop.send(true);
+        // A link task that panicked has logged it; there is nothing else to stop.
+        let _ = task.await;
+    }
+    template.metrics.controller_addresses.sub(published);
+}
+
+/// Keeps a link to one controller address until shutdown.
+async fn run(mut link: Link) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
         match attach(&mut link).await {
-            Ok(()) => tracing::info!(controller = %link.url, "controller stream ended"),
+            Ok(()) => {
+                tracing::info!(controller = %link.url, addr = ?link.addr, "controller stream ended")
+            }
             Err(e) => {
-                tracing::warn!(controller = %link.url, error = %format!("{e:#}"), "controller link failed")
+                tracing::warn!(controller = %link.url, addr = ?link.addr, error = %format!("{e:#}"), "controller link failed")
             }
         }
         if *link.shutdown.borrow() {
@@ -142,16 +276,42 @@ fn totals(metrics: &RelayMetrics) -> (u64, u64) {
         .fold((0, 0), |(p, b), (_, s)| (p + s.rx_packets, b + s.rx_bytes))
 }
 
+/// Connects to one fixed address whatever the URI says: the URI (with the URL's host) stays
+/// what the HTTP/2 requests carry as their authority.
+#[derive(Debug, Clone, Copy)]
+struct FixedAddr(SocketAddr);
+
+impl tower::Service<tonic::transport::Uri> for FixedAddr {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
 async fn attach(link: &mut Link) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(link.url.clone())
+    let endpoint = tonic::transport::Endpoint::from_shared(link.url.clone())
         .context("controller URL")?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .context("connect")?;
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = match link.addr {
+        Some(addr) => endpoint.connect_with_connector(FixedAddr(addr)).await,
+        None => endpoint.connect().await,
+    }
+    .context("connect")?;
     let mut client = RelayRegistryClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let mut hello = link.hello.clone();
@@ -176,7 +336,7 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
         request.metadata_mut().insert("authorization", value);
     }
     let mut inbound = client.attach(request).await.context("attach")?.into_inner();
-    tracing::info!(controller = %link.url, "attached to controller");
+    tracing::info!(controller = %link.url, addr = ?link.addr, "attached to controller");
     link.metrics.controllers_attached.inc();
     let _attached = Attached(&link.metrics);
 
@@ -226,5 +386,287 @@ fn apply(node: &Node, drainer: &Drainer, msg: veil_proto::v1::ControllerMessage)
             }
         }
         None => tracing::debug!("empty controller message ignored"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Controller name resolution against real controllers (minimal `RelayRegistry` servers on
+    //! loopback addresses) with a scripted resolver standing in for DNS, whose answers the
+    //! tests change as a headless Service's would.
+
+    use std::sync::Mutex;
+
+    use tokio::sync::mpsc::UnboundedSender;
+    use veil_proto::v1::{ControllerMessage, relay_registry_server};
+
+    use super::*;
+
+    /// What a fake controller saw.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Seen {
+        /// An `Attach` with this node id, whose request named this authority.
+        Attached(String, String),
+        /// That stream ended.
+        Ended,
+    }
+
+    #[derive(Clone)]
+    struct FakeController {
+        seen: UnboundedSender<Seen>,
+    }
+
+    type Out =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<ControllerMessage, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl relay_registry_server::RelayRegistry for FakeController {
+        type AttachStream = Out;
+
+        async fn attach(
+            &self,
+            request: tonic::Request<tonic::Streaming<RelayMessage>>,
+        ) -> Result<tonic::Response<Out>, tonic::Status> {
+            let authority = request
+                .extensions()
+                .get::<Authority>()
+                .map(|a| a.0.clone())
+                .unwrap_or_default();
+            let mut inbound = request.into_inner();
+            let Some(RelayMessage {
+                kind: Some(relay_message::Kind::Hello(hello)),
+            }) = inbound.message().await?
+            else {
+                return Err(tonic::Status::invalid_argument("hello first"));
+            };
+            let _ = self.seen.send(Seen::Attached(hello.node_id, authority));
+            let (tx, rx) = mpsc::channel(1);
+            let seen = self.seen.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = inbound.message().await {}
+                let _ = seen.send(Seen::Ended);
+                drop(tx);
+            });
+            Ok(tonic::Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Out
+            ))
+        }
+    }
+
+    /// The `:authority` of a request, copied where the service can read it.
+    #[derive(Clone)]
+    struct Authority(String);
+
+    #[derive(Clone)]
+    struct KeepAuthority<S>(S);
+
+    impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for KeepAuthority<S>
+    where
+        S: tower::Service<tonic::codegen::http::Request<B>>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, mut req: tonic::codegen::http::Request<B>) -> Self::Future {
+            let a = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            req.extensions_mut().insert(Authority(a));
+            self.0.call(req)
+        }
+    }
+
+    /// Serves a fake controller on `listener` until the test ends; returns what it sees.
+    fn serve(listener: std::net::TcpListener) -> mpsc::UnboundedReceiver<Seen> {
+        let (seen, rx) = mpsc::unbounded_channel();
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tower::layer::layer_fn(KeepAuthority))
+                .add_service(relay_registry_server::RelayRegistryServer::new(
+                    FakeController { seen },
+                ))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        rx
+    }
+
+    /// A fake controller on `ip` and `port` (0: any).
+    fn controller(ip: &str, port: u16) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+        let l = std::net::TcpListener::bind((ip, port)).unwrap();
+        (l.local_addr().unwrap(), serve(l))
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the fake controller saw something within 10 s")
+            .unwrap()
+    }
+
+    /// Nothing more arrives for a while.
+    async fn quiet(rx: &mut mpsc::UnboundedReceiver<Seen>) {
+        let got = tokio::time::timeout(Duration::from_millis(600), rx.recv()).await;
+        assert!(got.is_err(), "unexpected {got:?}");
+    }
+
+    fn link(url: &str, shutdown: watch::Receiver<bool>) -> (Link, Arc<RelayMetrics>) {
+        let keys = veil_relay_core::KeyRing::from_keys(&[(1, [7; 32])], 1);
+        let node = Arc::new(Node::new(
+            veil_relay_core::Config::default(),
+            keys,
+            100,
+            [9; 32],
+            Instant::now(),
+            crate::unix_ms(),
+        ));
+        let metrics =
+            Arc::new(RelayMetrics::register(&prometheus::Registry::new(), node.clone()).unwrap());
+        let link = Link {
+            url: url.into(),
+            addr: None,
+            token: None,
+            hello: RelayHello {
+                node_id: "relay-r".into(),
+                ..Default::default()
+            },
+            node: node.clone(),
+            metrics: metrics.clone(),
+            drainer: Arc::new(Drainer::new(node)),
+            cpu: CpuClock::Process,
+            interval: Duration::from_millis(100),
+            shutdown,
+        };
+        (link, metrics)
+    }
+
+    /// A resolver whose answer the test sets: `None` fails the lookup.
+    fn scripted(
+        answer: Arc<Mutex<Option<Vec<SocketAddr>>>>,
+        asked: UnboundedSender<(String, u16)>,
+    ) -> Resolve {
+        Arc::new(move |host, port| {
+            let _ = asked.send((host, port));
+            let a = answer.lock().unwrap().clone();
+            Box::pin(async move { a.ok_or_else(|| std::io::Error::other("no such host")) })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resolved_name_links_to_every_address_and_follows_changes() {
+        // Two controllers on one port of two loopback addresses, as two pods behind one name.
+        let (a, mut seen_a) = controller("127.0.0.2", 0);
+        let (b, mut seen_b) = controller("127.0.0.3", a.port());
+        let url = format!("http://controllers.test:{}", a.port());
+        let answer = Arc::new(Mutex::new(Some(vec![a])));
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let (template, metrics) = link(&url, stopped);
+        let task = tokio::spawn(run_url(
+            template,
+            scripted(answer.clone(), asked_tx),
+            Duration::from_millis(100),
+        ));
+        assert_eq!(
+            asked.recv().await.unwrap(),
+            ("controllers.test".to_string(), a.port())
+        );
+
+        // One address: one link, and its requests still name the URL's host.
+        let authority = format!("controllers.test:{}", a.port());
+        assert_eq!(
+            next(&mut seen_a).await,
+            Seen::Attached("relay-r".into(), authority.clone())
+        );
+        quiet(&mut seen_b).await;
+
+        // A second controller appears under the name: the relay attaches to it too.
+        *answer.lock().unwrap() = Some(vec![b, a]);
+        assert_eq!(
+            next(&mut seen_b).await,
+            Seen::Attached("relay-r".into(), authority.clone())
+        );
+        quiet(&mut seen_a).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        while metrics.controllers_attached.get() < 2 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.controllers_attached.get(), 2);
+        assert_eq!(metrics.controller_addresses.get(), 2);
+
+        // The lookup fails for a while: nothing is dropped.
+        *answer.lock().unwrap() = None;
+        quiet(&mut seen_a).await;
+        quiet(&mut seen_b).await;
+        assert_eq!(metrics.controller_addresses.get(), 2);
+
+        // The first one vanishes from the name: its link is dropped, the other stays.
+        *answer.lock().unwrap() = Some(vec![b]);
+        assert_eq!(next(&mut seen_a).await, Seen::Ended);
+        quiet(&mut seen_b).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        while metrics.controllers_attached.get() > 1 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.controllers_attached.get(), 1);
+        assert_eq!(metrics.controller_addresses.get(), 1);
+
+        // Shutdown ends the remaining link and the task.
+        stop.send(true).unwrap();
+        assert_eq!(next(&mut seen_b).await, Seen::Ended);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(metrics.controller_addresses.get(), 0);
+        assert_eq!(metrics.controllers_attached.get(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ip_address_is_not_resolved_again() {
+        let (a, mut seen_a) = controller("127.0.0.1", 0);
+        let answer = Arc::new(Mutex::new(Some(vec![a])));
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let (template, _) = link(&format!("http://{a}"), stopped);
+        let task = tokio::spawn(run_url(
+            template,
+            scripted(answer, asked_tx),
+            Duration::from_millis(50),
+        ));
+        assert_eq!(
+            next(&mut seen_a).await,
+            Seen::Attached("relay-r".into(), a.to_string())
+        );
+        assert_eq!(asked.recv().await.unwrap(), ("127.0.0.1".into(), a.port()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            asked.try_recv().is_err(),
+            "an IP address was resolved again"
+        );
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn urls_give_host_and_port() {
+        assert_eq!(
+            host_port("http://veil-controller-peers.veil.svc:50051").unwrap(),
+            ("veil-controller-peers.veil.svc".into(), 50051)
+        );
+        assert_eq!(
+            host_port("https://c.example").unwrap(),
+            ("c.example".into(), 443)
+        );
+        assert_eq!(host_port("http://[::1]:7").unwrap(), ("::1".into(), 7));
+        assert!(host_port("not a url").is_err());
     }
 }

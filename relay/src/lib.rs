@@ -13,6 +13,7 @@ pub mod config;
 mod control;
 pub mod drain;
 pub mod metrics;
+pub mod public_ip;
 pub mod quic;
 pub mod send;
 pub mod udp;
@@ -71,16 +72,24 @@ impl RelayServer {
     /// Binds the media sockets and the ops endpoint. Nothing is forwarded until [`Self::run`].
     pub async fn load(settings: Settings) -> anyhow::Result<Self> {
         let now = Instant::now();
+        let sockets = udp::bind_sockets(settings.udp_addr, settings.workers.max(1))?;
+        let udp_addr = sockets[0].local_addr()?;
+        // TURN's relayed addresses are the announced media address's IP with ports that only
+        // name legs (relay/core/src/turn.rs).
+        let core = veil_relay_core::Config {
+            turn_ip: settings
+                .turn
+                .then(|| settings.public_udp_addr.unwrap_or(udp_addr).ip()),
+            ..settings.core.clone()
+        };
         let node = Arc::new(Node::new(
-            settings.core.clone(),
+            core,
             settings.keys.clone(),
             settings.max_legs,
             rand::random(),
             now,
             unix_ms(),
         ));
-        let sockets = udp::bind_sockets(settings.udp_addr, settings.workers.max(1))?;
-        let udp_addr = sockets[0].local_addr()?;
         let quic = match &settings.quic {
             Some(q) => Some(QuicServer::bind(q.addr, &q.identity)?),
             None => None,
@@ -89,6 +98,7 @@ impl RelayServer {
         let quic_fingerprint = quic.as_ref().map(|q| q.fingerprint());
         let registry = Registry::new();
         let metrics = Arc::new(RelayMetrics::register(&registry, node.clone())?);
+        veil_ops::build::register(&registry, env!("CARGO_PKG_VERSION"))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -177,6 +187,7 @@ impl RelayServer {
             region: self.settings.region.clone(),
             zone: self.settings.zone.clone(),
             udp_address: self.public_udp_addr().to_string(),
+            turn_udp: self.settings.turn,
             quic_address: self
                 .public_quic_addr()
                 .map(|a| a.to_string())
@@ -250,9 +261,11 @@ impl RelayServer {
 
         let hello = self.hello();
         let drainer = Arc::new(drain::Drainer::new(self.node.clone()));
+        let resolver = control::system_resolver();
         for url in &self.settings.controllers {
-            tasks.spawn(control::run(control::Link {
+            let link = control::Link {
                 url: url.clone(),
+                addr: None,
                 token: self.settings.controller_token.clone(),
                 hello: hello.clone(),
                 node: self.node.clone(),
@@ -264,7 +277,12 @@ impl RelayServer {
                 },
                 interval: self.settings.report_interval,
                 shutdown: stop_rx.clone(),
-            }));
+            };
+            tasks.spawn(control::run_url(
+                link,
+                resolver.clone(),
+                self.settings.controller_resolve,
+            ));
         }
         {
             let node = self.node.clone();
@@ -321,6 +339,7 @@ pub(crate) fn log_event(e: veil_relay_core::Event) {
     let peer = |ep: Endpoint| match ep {
         Endpoint::Udp(a) => Redacted(a).to_string(),
         Endpoint::Quic(c) => format!("quic#{}", c.0),
+        Endpoint::TurnUdp(a) => Redacted(a).to_string(),
     };
     match e {
         Event::Bound {

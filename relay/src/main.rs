@@ -5,8 +5,12 @@ use veil_relay::config::Config;
 
 #[tokio::main]
 async fn main() {
-    let config: Config = veil_ops::parse_flags();
+    let mut config: Config = veil_ops::parse_flags();
     if let Err(e) = veil_ops::logging::init(config.log_format, &config.log_filter) {
+        veil_ops::config_error(&e);
+    }
+    // Before validation: it fills the public addresses a wildcard bind requires.
+    if let Err(e) = config.apply_public_ip_file() {
         veil_ops::config_error(&e);
     }
     let settings = match config.settings() {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use veil_relay_core::{BindResult, DropReason, Node, SharedStats, Stats};
 
-use crate::send::QuicConns;
+use crate::send::{QuicConns, QuicRefusal};
 
 /// A client transport, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,17 @@ pub struct RelayMetrics {
     revocations: IntGauge,
     /// Controllers this relay is attached to right now.
     pub controllers_attached: IntGauge,
+    /// Controller addresses the relay keeps a link to (every address of every --controller
+    /// host, as last resolved).
+    pub controller_addresses: IntGauge,
+    resolutions: IntCounterVec,
+    quic_open: IntGauge,
+    quic_accepted: IntCounterVec,
+    quic_refused: IntCounterVec,
+    quic_retries: IntCounterVec,
+    quic_handshake_failures: IntCounterVec,
+    quic_datagrams_rx: IntCounterVec,
+    quic_datagrams_tx: IntCounterVec,
     /// Time from receiving a batch of datagrams to having sent everything it caused.
     pub forwarding_latency: Histogram,
     sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
@@ -181,6 +192,58 @@ impl RelayMetrics {
                 "veil_relay_controllers_attached",
                 "Controllers attached now.",
             )?,
+            controller_addresses: gauge(
+                registry,
+                "veil_relay_controller_addresses",
+                "Controller addresses the relay keeps a link to: every address each --controller host resolves to.",
+            )?,
+            resolutions: counter(
+                registry,
+                "veil_relay_controller_resolutions_total",
+                "Resolutions of --controller host names, by result (a failed one keeps the links there are).",
+                &["result"],
+            )?,
+            quic_open: gauge(
+                registry,
+                "veil_relay_quic_connections",
+                "QUIC connections open now (handshake complete, not yet ended).",
+            )?,
+            quic_accepted: counter(
+                registry,
+                "veil_relay_quic_connections_accepted_total",
+                "QUIC connections whose handshake completed.",
+                &[],
+            )?,
+            quic_refused: counter(
+                registry,
+                "veil_relay_quic_connections_refused_total",
+                "QUIC connection attempts or connections turned away, by reason.",
+                &["reason"],
+            )?,
+            quic_retries: counter(
+                registry,
+                "veil_relay_quic_retries_total",
+                "QUIC Retry packets sent to prove a client's address before any handshake.",
+                &[],
+            )?,
+            quic_handshake_failures: counter(
+                registry,
+                "veil_relay_quic_handshake_failures_total",
+                "QUIC handshakes that failed or did not complete within 5 s.",
+                &[],
+            )?,
+            quic_datagrams_rx: counter(
+                registry,
+                "veil_relay_quic_datagrams_received_total",
+                "QUIC DATAGRAM frames received (quinn's count, published about once a second per connection).",
+                &[],
+            )?,
+            quic_datagrams_tx: counter(
+                registry,
+                "veil_relay_quic_datagrams_sent_total",
+                "QUIC DATAGRAM frames sent (quinn's count, published about once a second per connection).",
+                &[],
+            )?,
             forwarding_latency,
             sources: Mutex::new(Vec::new()),
             quic: Mutex::new(None),
@@ -195,6 +258,22 @@ impl RelayMetrics {
             for r in BindResult::ALL {
                 m.binds.with_label_values(&[tr.as_str(), r.as_str()]);
             }
+        }
+        for r in RESOLUTION_RESULTS {
+            m.resolutions.with_label_values(&[r]);
+        }
+        for r in QuicRefusal::ALL {
+            m.quic_refused.with_label_values(&[r.as_str()]);
+        }
+        // Unlabelled counters (vectors only to share `set`): their one series, zero without QUIC.
+        for c in [
+            &m.quic_accepted,
+            &m.quic_retries,
+            &m.quic_handshake_failures,
+            &m.quic_datagrams_rx,
+            &m.quic_datagrams_tx,
+        ] {
+            c.with_label_values::<&str>(&[]);
         }
         m.refresh();
         Ok(m)
@@ -256,6 +335,23 @@ impl RelayMetrics {
         self.bound_legs
             .with_label_values(&["quic"])
             .set(quic as i64);
+        if let Some(q) = self.quic.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &q.counters;
+            self.quic_open.set(c.open.load(Relaxed) as i64);
+            set(&self.quic_accepted, &[], c.accepted.load(Relaxed));
+            set(&self.quic_retries, &[], c.retries.load(Relaxed));
+            set(
+                &self.quic_handshake_failures,
+                &[],
+                c.handshake_failures.load(Relaxed),
+            );
+            set(&self.quic_datagrams_rx, &[], c.datagrams_rx.load(Relaxed));
+            set(&self.quic_datagrams_tx, &[], c.datagrams_tx.load(Relaxed));
+            for r in QuicRefusal::ALL {
+                set(&self.quic_refused, &[r.as_str()], c.refused(r));
+            }
+        }
         self.bound_legs
             .with_label_values(&["udp"])
             .set(d.legs().saturating_sub(quic) as i64);
@@ -263,6 +359,18 @@ impl RelayMetrics {
         self.capacity.set(d.max_legs() as i64);
         self.draining.set(i64::from(d.is_draining()));
         self.revocations.set(d.revocations() as i64);
+    }
+}
+
+/// Outcomes of a controller host name resolution, as label values.
+const RESOLUTION_RESULTS: [&str; 2] = ["resolved", "failed"];
+
+impl RelayMetrics {
+    /// Counts a resolution of a --controller host name (`ok`: it gave at least one address).
+    pub fn count_resolution(&self, ok: bool) {
+        self.resolutions
+            .with_label_values(&[RESOLUTION_RESULTS[usize::from(!ok)]])
+            .inc();
     }
 }
 

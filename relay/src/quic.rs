@@ -28,7 +28,7 @@ use veil_relay_core::limit::BindLimiter;
 use veil_relay_core::wire;
 use veil_relay_core::{ConnId, Endpoint, Event, ForwardingTable, LegStatus, Node, Verdict};
 
-use crate::send::{Out, QuicConns};
+use crate::send::{Out, QuicConns, QuicCounters, QuicRefusal};
 
 /// The ALPN protocol id of Veil over QUIC.
 pub const ALPN: &[u8] = wire::QUIC_ALPN;
@@ -216,7 +216,7 @@ impl QuicServer {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        if let Some(incoming) = validate_address(incoming) {
+                        if let Some(incoming) = validate_address(incoming, &self.conns.counters) {
                             conns.spawn(serve(incoming, ctx.clone()));
                         }
                     }
@@ -249,17 +249,22 @@ impl QuicServer {
 /// up to three times as many bytes to that address (QUIC's own amplification limit), and the
 /// relay never sends an unverified address more than it received from it (docs/SECURITY.md). The
 /// price is one round trip more to open a QUIC leg. Returns the attempt if its address is proven.
-fn validate_address(incoming: quinn::Incoming) -> Option<quinn::Incoming> {
+fn validate_address(incoming: quinn::Incoming, counters: &QuicCounters) -> Option<quinn::Incoming> {
     if incoming.remote_address_validated() {
         return Some(incoming);
     }
     if incoming.may_retry() {
-        if let Err(e) = incoming.retry() {
-            e.into_incoming().ignore();
+        match incoming.retry() {
+            Ok(()) => QuicCounters::inc(&counters.retries),
+            Err(e) => {
+                counters.refuse(QuicRefusal::Unvalidated);
+                e.into_incoming().ignore();
+            }
         }
     } else {
         // Unproven yet carrying a token (quinn has already refused an invalid one): drop it
         // without an answer.
+        counters.refuse(QuicRefusal::Unvalidated);
         incoming.ignore();
     }
     None
@@ -276,9 +281,15 @@ async fn serve(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
     // The address the Retry proved: the one the leg is bound at. If the connection has moved by
     // the time its BIND arrives, its first datagram tells the table, which proves the new path.
     let proven = incoming.remote_address();
+    let counters = &ctx.conns.counters;
     let Ok(Ok(conn)) = tokio::time::timeout(BIND_TIMEOUT, incoming).await else {
+        QuicCounters::inc(&counters.handshake_failures);
         return;
     };
+    QuicCounters::inc(&counters.accepted);
+    QuicCounters::inc(&counters.open);
+    // Counted down however this function returns.
+    let _open = OpenGuard(&counters.open);
     let id = ctx.conns.next_id();
     let ep = Endpoint::Quic(id);
     let mut conn_side = Connection {
@@ -289,9 +300,10 @@ async fn serve(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
         ),
         ctx: ctx.clone(),
         ep,
+        datagrams: (0, 0),
     };
     let Some(mut control) = conn_side.bind(&conn, id, proven).await else {
-        conn_side.publish();
+        conn_side.publish(&conn);
         return;
     };
     let mut addr = proven;
@@ -320,7 +332,7 @@ async fn serve(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
             }
             _ = tick.tick() => {
                 conn_side.table.handle_timeout(Instant::now());
-                conn_side.publish();
+                conn_side.publish(&conn);
             }
             // Shutdown without a drain (or past it): tell the client to move on.
             _ = stop.changed() => conn_side.table.handle_shutdown(),
@@ -346,7 +358,7 @@ async fn serve(incoming: quinn::Incoming, ctx: Arc<ConnContext>) {
         }
     }
     ctx.conns.remove(id);
-    conn_side.publish();
+    conn_side.publish(&conn);
     tracing::debug!(conn = id.0, ?why, "QUIC connection ended");
 }
 
@@ -361,11 +373,22 @@ struct ConnContext {
     stop: watch::Receiver<bool>,
 }
 
+/// Counts an open connection down when dropped.
+struct OpenGuard<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One connection's forwarding table and sending state.
 struct Connection {
     table: ForwardingTable,
     ctx: Arc<ConnContext>,
     ep: Endpoint,
+    /// DATAGRAM frames received and sent, as last published from quinn's statistics.
+    datagrams: (u64, u64),
 }
 
 impl Connection {
@@ -378,10 +401,13 @@ impl Connection {
         id: ConnId,
         proven: SocketAddr,
     ) -> Option<quinn::SendStream> {
-        let (mut send, mut recv) = tokio::time::timeout(BIND_TIMEOUT, conn.accept_bi())
-            .await
-            .ok()?
-            .ok()?;
+        let counters = &self.ctx.conns.counters;
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(BIND_TIMEOUT, conn.accept_bi()).await
+        else {
+            counters.refuse(QuicRefusal::NoBind);
+            return None;
+        };
         let mut buf = [0u8; wire::BIND_LEN];
         let read = tokio::time::timeout(BIND_TIMEOUT, recv.read_exact(&mut buf)).await;
         let mut exporter = [0u8; wire::EXPORTER_LEN];
@@ -391,6 +417,7 @@ impl Connection {
         let (Ok(Ok(())), true) = (read, exported) else {
             self.table
                 .count_shell_drop(buf.len(), veil_relay_core::DropReason::Malformed);
+            counters.refuse(QuicRefusal::NoBind);
             conn.close(1u32.into(), b"expected BIND");
             return None;
         };
@@ -404,6 +431,7 @@ impl Connection {
         }
         self.drain(&mut send).await;
         if !bound {
+            self.ctx.conns.counters.refuse(QuicRefusal::BindRefused);
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
             conn.close(2u32.into(), b"bind refused");
@@ -460,9 +488,19 @@ impl Connection {
         ended
     }
 
-    /// Adds this connection's counters into the QUIC transport's.
-    fn publish(&mut self) {
+    /// Adds this connection's counters into the QUIC transport's, and the DATAGRAM frames
+    /// quinn counted on it since the last time.
+    fn publish(&mut self, conn: &quinn::Connection) {
+        use std::sync::atomic::Ordering::Relaxed;
         self.ctx.conns.stats.add(&self.table.take_stats());
+        let frames = conn.stats();
+        let now = (frames.frame_rx.datagram, frames.frame_tx.datagram);
+        let c = &self.ctx.conns.counters;
+        c.datagrams_rx
+            .fetch_add(now.0.saturating_sub(self.datagrams.0), Relaxed);
+        c.datagrams_tx
+            .fetch_add(now.1.saturating_sub(self.datagrams.1), Relaxed);
+        self.datagrams = now;
     }
 }
 

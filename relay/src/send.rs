@@ -17,6 +17,8 @@ use nix::sys::socket::{
     ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
     sendmmsg, sendmsg, sendto,
 };
+use veil_relay_core::table::Relayed;
+use veil_relay_core::wire::MAX_DATAGRAM;
 use veil_relay_core::{ConnId, DropReason, Endpoint, SharedStats, Stats, Transmit};
 
 /// The QUIC connections that hold legs, by id: where every shell sends QUIC datagrams.
@@ -24,7 +26,72 @@ pub struct QuicConns {
     conns: DashMap<ConnId, quinn::Connection>,
     /// Counters of the QUIC transport (many writers: added, not published).
     pub stats: Arc<SharedStats>,
+    /// Counters of the QUIC endpoint's connections.
+    pub counters: QuicCounters,
     next_id: AtomicU64,
+}
+
+/// Why the QUIC endpoint turned a connection attempt or a connection away, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicRefusal {
+    /// An attempt from an address not proven by a Retry that could not be retried (its
+    /// address-validation token was invalid or stale): dropped unanswered.
+    Unvalidated,
+    /// No valid BIND on the first stream within 5 s of the handshake.
+    NoBind,
+    /// The BIND was refused (why: `veil_relay_binds_total{transport="quic"}`).
+    BindRefused,
+}
+
+impl QuicRefusal {
+    /// Every value, in order.
+    pub const ALL: [Self; 3] = [Self::Unvalidated, Self::NoBind, Self::BindRefused];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unvalidated => "unvalidated",
+            Self::NoBind => "no_bind",
+            Self::BindRefused => "bind_refused",
+        }
+    }
+}
+
+/// What the QUIC endpoint counts about connections (per connection event, never per packet;
+/// datagrams are added from quinn's own per-connection statistics as each connection
+/// publishes).
+#[derive(Debug, Default)]
+pub struct QuicCounters {
+    /// Connections whose handshake completed and that have not ended yet.
+    pub open: AtomicU64,
+    /// Handshakes completed.
+    pub accepted: AtomicU64,
+    /// Retry packets sent to prove a client's address.
+    pub retries: AtomicU64,
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: AtomicU64,
+    refused: [AtomicU64; 3],
+    /// QUIC DATAGRAM frames received.
+    pub datagrams_rx: AtomicU64,
+    /// QUIC DATAGRAM frames sent.
+    pub datagrams_tx: AtomicU64,
+}
+
+impl QuicCounters {
+    /// Counts a refusal.
+    pub fn refuse(&self, why: QuicRefusal) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals counted for `why`.
+    pub fn refused(&self, why: QuicRefusal) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Adds one to `c`.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for QuicConns {
@@ -40,6 +107,7 @@ impl Default for QuicConns {
         Self {
             conns: DashMap::new(),
             stats: Arc::new(SharedStats::default()),
+            counters: QuicCounters::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -99,6 +167,20 @@ impl QuicConns {
             }
         }
     }
+}
+
+/// Room for the largest relayed TURN datagram: a Data indication over IPv6 (48 bytes of
+/// header) around the largest payload a relay forwards, padded.
+const RELAYED_CAP: usize = MAX_DATAGRAM + 64;
+
+/// A transaction id for a Data indication: never answered, so only unique enough not to look
+/// like a retransmission to a client that compares them.
+fn next_txn() -> [u8; 12] {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut t = [0x56u8; 12];
+    t[4..].copy_from_slice(&n.to_be_bytes());
+    t
 }
 
 /// Sends `bytes` to `dst` without ever blocking: a full socket buffer drops the datagram.
@@ -253,7 +335,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
     /// control stream.
     pub fn control(&mut self, t: &Transmit) -> bool {
         match t.dst {
-            Endpoint::Udp(dst) => {
+            Endpoint::Udp(dst) | Endpoint::TurnUdp(dst) => {
                 self.now(dst, t.msg.as_bytes(), None);
                 true
             }
@@ -266,6 +348,21 @@ impl<'a, S: PeerAddr> Out<'a, S> {
                 true
             }
         }
+    }
+
+    /// Sends a datagram the core relays to a TURN allocation: the payload at `start..` of the
+    /// receive buffer (`r.payload` is relative to the received datagram at `start`), framed
+    /// for the receiver.
+    pub fn relayed(&mut self, r: &Relayed, start: usize, len: usize) {
+        let Endpoint::TurnUdp(dst) = r.dst else {
+            // The core relays TURN only to TURN allocations.
+            self.errors += 1;
+            return;
+        };
+        let mut scratch = [0u8; RELAYED_CAP];
+        let txn = next_txn();
+        let n = r.datagram(&self.buf[start..start + len], &mut scratch, &txn);
+        self.now(dst, &scratch[..n], None);
     }
 
     /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued:
@@ -307,7 +404,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
     #[inline]
     pub fn to(&mut self, ep: Endpoint, start: usize, len: usize) {
         match ep {
-            Endpoint::Udp(dst) => match &mut self.batch {
+            Endpoint::Udp(dst) | Endpoint::TurnUdp(dst) => match &mut self.batch {
                 Some(b) => {
                     b.queue.push(Queued { dst, start, len });
                     if b.queue.len() >= SEND_BATCH {

@@ -433,10 +433,14 @@ fn handle<S: PeerAddr>(
         return;
     }
     if data.len() <= stride {
-        if let Verdict::Forward(t) = relay.handle_datagram(now, m.addr, data) {
-            for ep in t.iter() {
-                out.to(ep, base, data.len());
+        match relay.handle_datagram(now, m.addr, data) {
+            Verdict::Forward(t) => {
+                for ep in t.iter() {
+                    out.to(ep, base, data.len());
+                }
             }
+            Verdict::Relay(r) => out.relayed(&r, base, data.len()),
+            Verdict::Control | Verdict::Drop(_) => {}
         }
         return;
     }
@@ -444,11 +448,16 @@ fn handle<S: PeerAddr>(
     // are forwarded, send the whole run to each target at once.
     targets.clear();
     forwarded.clear();
-    for seg in data.chunks(stride) {
+    for (k, seg) in data.chunks(stride).enumerate() {
         let v = relay.handle_datagram(now, m.addr, seg);
-        if let Verdict::Forward(t) = &v {
-            targets.clear();
-            targets.extend(t.iter());
+        match &v {
+            Verdict::Forward(t) => {
+                targets.clear();
+                targets.extend(t.iter());
+            }
+            // TURN is addressed, one datagram at a time.
+            Verdict::Relay(r) => out.relayed(r, base + k * stride, seg.len()),
+            Verdict::Control | Verdict::Drop(_) => {}
         }
         forwarded.push(matches!(v, Verdict::Forward(_)));
     }

@@ -1,7 +1,8 @@
 //! The relay's QUIC legs over real sockets, with no controller: tokens minted from the relay's
 //! own key ring, a real quinn client. The core decides for QUIC as it does for UDP: a captured
 //! UDP BIND binds nothing over QUIC, a KEEPALIVE after a revocation draws CLOSE and never an
-//! ACK, and a leg ends at its first packet after its token expires, not at a later sweep.
+//! ACK, and a leg ends at its first packet after its token expires, not at a later sweep. The
+//! QUIC metrics count what these connections really did.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use veil_relay_core::{KeyRing, Node};
 struct Relay {
     udp: SocketAddr,
     quic: SocketAddr,
+    ops: SocketAddr,
     fingerprint: [u8; 32],
     node: Arc<Node>,
     keys: KeyRing,
@@ -35,6 +37,7 @@ impl Relay {
         s.core.sweep_interval = sweep;
         let relay = RelayServer::load(s).await.unwrap();
         let (udp, quic) = (relay.udp_addr(), relay.public_quic_addr().unwrap());
+        let ops = relay.ops_addr();
         let fingerprint = relay.quic_fingerprint().unwrap();
         let node = relay.node().clone();
         let (stop, mut rx) = watch::channel(false);
@@ -44,6 +47,7 @@ impl Relay {
         Self {
             udp,
             quic,
+            ops,
             fingerprint,
             node,
             keys,
@@ -243,5 +247,132 @@ async fn a_quic_leg_ends_at_its_first_packet_after_its_token_expires() {
         Some(ErrorCode::Expired as u16)
     );
     assert_eq!(relay.node.directory.legs(), 0);
+    relay.stop().await;
+}
+
+/// The value of the sample `series` (name and labels, as exposed) on the relay's /metrics.
+async fn metric(relay: &Relay, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(relay.ops).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("/metrics has no {series}"))
+}
+
+/// Waits until `series` reaches `want` (connection counters are published about every sweep).
+async fn wait_metric(relay: &Relay, series: &str, want: f64) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = metric(relay, series).await;
+        if got >= want || std::time::Instant::now() > until {
+            assert_eq!(got, want, "{series}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_refusals_and_datagrams_are_counted() {
+    let relay = Relay::start(Duration::from_millis(100)).await;
+    for series in [
+        "veil_relay_quic_connections",
+        "veil_relay_quic_connections_accepted_total",
+        "veil_relay_quic_handshake_failures_total",
+        r#"veil_relay_quic_connections_refused_total{reason="bind_refused"}"#,
+        r#"veil_relay_quic_datagrams_received_total"#,
+    ] {
+        assert_eq!(metric(&relay, series).await, 0.0, "{series} at start");
+    }
+
+    // A leg: five KEEPALIVEs in, five acknowledgements out, all as DATAGRAM frames.
+    let token = relay.token(4, 0, Duration::from_secs(60));
+    let conn = connect(&relay, "127.0.0.2:0").await;
+    let (_send, _recv, answer) = bind_on(&conn, &channel_bind(&conn, &token)).await;
+    assert_eq!(answer, RelayAnswer::BindOk(30));
+    for i in 0..5u8 {
+        conn.send_datagram(wire::keepalive([i; 8]).to_vec().into())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), conn.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    wait_metric(&relay, "veil_relay_quic_datagrams_received_total", 5.0).await;
+    wait_metric(&relay, "veil_relay_quic_datagrams_sent_total", 5.0).await;
+    assert_eq!(metric(&relay, "veil_relay_quic_connections").await, 1.0);
+    assert_eq!(
+        metric(&relay, "veil_relay_quic_connections_accepted_total").await,
+        1.0
+    );
+    // Its first Initial came from an unproven address: answered with a Retry.
+    assert_eq!(metric(&relay, "veil_relay_quic_retries_total").await, 1.0);
+
+    // A BIND the relay refuses (a token for another leg count), and a stream without a BIND.
+    let other = relay.keys.mint(Ticket {
+        key_id: KeyId(0),
+        session: SessionId(5),
+        leg: 0,
+        legs: 2,
+        expires_unix_ms: veil_relay::unix_ms() - 1,
+        limits: Limits::default(),
+    });
+    let refused = connect(&relay, "127.0.0.3:0").await;
+    let (_, _, answer) = bind_on(&refused, &channel_bind(&refused, &other)).await;
+    assert!(matches!(answer, RelayAnswer::Error(_)), "{answer:?}");
+    let empty = connect(&relay, "127.0.0.4:0").await;
+    let (mut send, _recv) = empty.open_bi().await.unwrap();
+    send.write_all(&[0x55; 10]).await.unwrap();
+    send.finish().unwrap();
+    wait_metric(
+        &relay,
+        r#"veil_relay_quic_connections_refused_total{reason="bind_refused"}"#,
+        1.0,
+    )
+    .await;
+    wait_metric(
+        &relay,
+        r#"veil_relay_quic_connections_refused_total{reason="no_bind"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&relay, "veil_relay_quic_connections_accepted_total").await,
+        3.0
+    );
+
+    // A client that rejects the relay's certificate (pinned to another fingerprint): the
+    // handshake fails on the relay's side too.
+    let endpoint = quinn::Endpoint::client("127.0.0.5:0".parse().unwrap()).unwrap();
+    let cfg = veil_client::quic::client_config(
+        [0xAB; 32],
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let failed = endpoint
+        .connect_with(cfg, relay.quic, "veil-relay")
+        .unwrap()
+        .await;
+    assert!(failed.is_err(), "a wrong pin must fail the handshake");
+    wait_metric(&relay, "veil_relay_quic_handshake_failures_total", 1.0).await;
+
+    // Every connection gone: none open.
+    conn.close(0u32.into(), b"done");
+    refused.close(0u32.into(), b"done");
+    empty.close(0u32.into(), b"done");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while metric(&relay, "veil_relay_quic_connections").await > 0.0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "connections still counted open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     relay.stop().await;
 }

@@ -2,7 +2,8 @@
 """A signaling service written with grpcio, against a running Veil controller.
 
 Builds its stubs from proto/veil/v1/*.proto with grpcio-tools (as a third party would), then:
-checks grpc.health.v1, allocates a session, reads it back, watches it from another thread,
+checks grpc.health.v1, lists the services through server reflection with grpcio-reflection's
+client (which speaks grpc.reflection.v1alpha only), allocates a session, reads it back, watches it from another thread,
 releases it and sees the watch end with RELEASED, and checks that a bad request gets
 INVALID_ARGUMENT. Prints a JSON summary; exit status 0 means every step succeeded.
 """
@@ -16,7 +17,9 @@ import tempfile
 import threading
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_tools import protoc
 
 
@@ -47,6 +50,14 @@ def main() -> int:
         health = health_pb2_grpc.HealthStub(channel)
         status = health.Check(health_pb2.HealthCheckRequest(service="veil.v1.SessionService"), timeout=5).status
         summary["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+        # What a third party without the .proto files sees: the services, and the methods of
+        # SessionService as the reflected descriptors describe them.
+        reflected = ProtoReflectionDescriptorDatabase(channel)
+        summary["reflection_services"] = sorted(reflected.get_services())
+        pool = descriptor_pool.DescriptorPool(reflected)
+        summary["reflection_session_methods"] = sorted(
+            m.name for m in pool.FindServiceByName("veil.v1.SessionService").methods)
 
         api = rpc.SessionServiceStub(channel)
         req = pb.AllocateSessionRequest(
@@ -103,6 +114,9 @@ def main() -> int:
         and summary["released_state"] == "SESSION_STATE_RELEASED"
         and summary["watch"] == ["KIND_SNAPSHOT", "KIND_RELEASED"]
         and summary["bad_request"] == "INVALID_ARGUMENT"
+        and summary["health"] == "SERVING"
+        and "veil.v1.SessionService" in summary["reflection_services"]
+        and "AllocateSession" in summary["reflection_session_methods"]
     )
     return 0 if ok else 1
 

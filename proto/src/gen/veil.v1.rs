@@ -198,6 +198,26 @@ pub struct Leg {
     /// The relays the participant may bind on: the primary first, then the backup.
     #[prost(message, repeated, tag = "6")]
     pub relays: ::prost::alloc::vec::Vec<RelayEndpoint>,
+    /// The same relays as TURN servers, shaped exactly like the W3C `RTCIceServer` dictionary,
+    /// for a WebRTC app: pass them straight to
+    /// `new RTCPeerConnection({iceServers, iceTransportPolicy: "relay"})`. The username and
+    /// credential derive from this leg's token (docs/TURN.md): secret to the participant, like
+    /// the token. Empty where no relay of the leg serves TURN.
+    #[prost(message, repeated, tag = "7")]
+    pub ice_servers: ::prost::alloc::vec::Vec<IceServer>,
+}
+/// One TURN server, as the W3C `RTCIceServer` dictionary has it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IceServer {
+    /// TURN URLs of one relay, for example "turn:203.0.113.7:40000?transport=udp" (RFC 7065).
+    #[prost(string, repeated, tag = "1")]
+    pub urls: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The TURN username.
+    #[prost(string, tag = "2")]
+    pub username: ::prost::alloc::string::String,
+    /// The TURN credential (password).
+    #[prost(string, tag = "3")]
+    pub credential: ::prost::alloc::string::String,
 }
 /// How to reach one relay.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -947,6 +967,9 @@ pub struct RelayHello {
     /// True if the relay is draining and wants no new sessions.
     #[prost(bool, tag = "10")]
     pub draining: bool,
+    /// True if the relay serves TURN (RFC 8656) on its UDP media address, for WebRTC clients.
+    #[prost(bool, tag = "11")]
+    pub turn_udp: bool,
 }
 /// A relay's load, measured over the interval since its previous report.
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]

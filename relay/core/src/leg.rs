@@ -39,16 +39,19 @@ pub(crate) struct Probing {
 /// One bound leg.
 #[derive(Debug)]
 pub struct LegState {
-    session: Arc<Session>,
-    leg: u8,
-    endpoint: Endpoint,
-    last_seen: Instant,
+    pub(crate) session: Arc<Session>,
+    pub(crate) leg: u8,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) last_seen: Instant,
     /// The ticket's expiry on the monotonic clock: checked on every packet, cheaply.
-    expires_at: Instant,
-    limiter: Limiter,
+    pub(crate) expires_at: Instant,
+    pub(crate) limiter: Limiter,
     /// QUIC legs only; boxed, so that a UDP leg pays one pointer for it (legs are the relay's
     /// memory: `bench/` measures bytes per leg).
     pub(crate) path: Option<Box<Path>>,
+    /// A TURN allocation's own state (its key, relayed address, answers); `None` for native
+    /// legs.
+    pub(crate) turn: Option<Box<crate::turn::Allocation>>,
 }
 
 /// Why a leg stopped being served, as found by [`LegState::check`].
@@ -87,6 +90,7 @@ impl LegState {
             expires_at,
             limiter,
             path: None,
+            turn: None,
         }
     }
 
@@ -101,6 +105,12 @@ impl LegState {
 
     /// The leg index.
     pub fn leg(&self) -> u8 {
+        self.leg % crate::token::MAX_LEGS
+    }
+
+    /// The leg's slot in its session: its index, or for an extra TURN allocation of the leg,
+    /// `index + 16k` (session.rs, `TURN_ALLOCATIONS_PER_LEG`).
+    pub(crate) fn slot(&self) -> u8 {
         self.leg
     }
 
@@ -168,7 +178,7 @@ impl LegState {
         if withheld > 0 {
             stats.count_drops(DropReason::UnprovenPath, withheld as u64);
         }
-        let n = (legs.len() - 1 - withheld) as u64;
+        let n = (legs.len() - 1 - withheld - legs.turn_legs()) as u64;
         if n == 0 {
             return if withheld > 0 {
                 Verdict::Drop(DropReason::UnprovenPath)

@@ -14,7 +14,9 @@ pub mod limit;
 pub mod node;
 pub mod session;
 pub mod stats;
+pub mod stun;
 pub mod table;
+pub mod turn;
 
 pub use veil_protocol::{token, wire};
 
@@ -22,5 +24,5 @@ pub use leg::{LegState, LegStatus};
 pub use node::{Config, Node, Refusal};
 pub use session::{ConnId, Endpoint};
 pub use stats::{BindResult, DropReason, SharedStats, Stats};
-pub use table::{Event, ForwardingTable, Targets, Transmit, Verdict};
+pub use table::{Event, ForwardingTable, Message, Targets, Transmit, Verdict};
 pub use token::{KeyId, KeyRing, Limits, SessionId, Ticket, Token};

@@ -34,6 +34,9 @@ pub struct Config {
     /// cost of failing clients whose round trip is longer. Tests shorten it to see expiry without
     /// waiting 10 s.
     pub cookie_lifetime: Duration,
+    /// The relay's public IP for TURN: relayed addresses are this IP with a port naming a leg.
+    /// `None`: no TURN (STUN and ChannelData are dropped as unknown types).
+    pub turn_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             binds_per_ip: 50,
             binds_per_worker: 20_000,
             cookie_lifetime: Duration::from_secs(10),
+            turn_ip: None,
         }
     }
 }
@@ -194,11 +198,19 @@ impl Node {
         ticket: &Ticket,
         ep: Endpoint,
     ) -> Result<(LegState, Option<Endpoint>), Refusal> {
-        let bound = self.directory.bind(ticket, ep).map_err(|e| match e {
+        let bound = if ep.is_turn() {
+            self.directory.bind_turn(ticket, ep)
+        } else {
+            self.directory.bind(ticket, ep).map(|b| (b, ticket.leg))
+        };
+        let (bound, slot) = bound.map_err(|e| match e {
             BindError::SessionClosed => {
                 Refusal::new(DropReason::SessionClosed, ErrorCode::SessionClosed)
             }
             BindError::RelayFull => Refusal::new(DropReason::RelayFull, ErrorCode::RelayFull),
+            BindError::QuotaReached => {
+                Refusal::new(DropReason::TurnQuotaReached, ErrorCode::RelayFull)
+            }
             BindError::Draining => Refusal::new(DropReason::Draining, ErrorCode::Draining),
         })?;
         let left = ticket.expires_unix_ms.saturating_sub(self.unix_ms(now));
@@ -211,7 +223,7 @@ impl Node {
         };
         let leg = LegState::new(
             bound.session,
-            ticket.leg,
+            slot,
             ep,
             now,
             now + Duration::from_millis(left),
@@ -223,7 +235,7 @@ impl Node {
     /// Unbinds `leg` if it is still bound where it was.
     pub(crate) fn unbind_leg(&self, leg: &LegState) -> bool {
         self.directory
-            .unbind(leg.session_ref(), leg.leg(), leg.endpoint())
+            .unbind(leg.session_ref(), leg.slot(), leg.endpoint())
     }
 
     pub(crate) fn idle_timeout_secs(&self) -> u16 {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
-use crate::token::{SessionId, Ticket};
+use crate::token::{MAX_LEGS, SessionId, Ticket};
 
 /// Identifies a QUIC connection within one relay (assigned by the QUIC shell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +30,9 @@ pub enum Endpoint {
     Udp(SocketAddr),
     /// A QUIC client on this connection (whatever its address is now: connections migrate).
     Quic(ConnId),
+    /// A TURN allocation (RFC 8656) of a client at this address on the media port: the same
+    /// UDP socket as [`Endpoint::Udp`], framed as TURN (ChannelData, Data indications).
+    TurnUdp(SocketAddr),
 }
 
 impl From<SocketAddr> for Endpoint {
@@ -52,18 +55,82 @@ impl Endpoint {
         match self {
             Self::Udp(_) => "udp",
             Self::Quic(_) => "quic",
+            Self::TurnUdp(_) => "turn-udp",
+        }
+    }
+
+    /// True for TURN allocations, which receive media framed as TURN, addressed to them.
+    pub fn is_turn(&self) -> bool {
+        matches!(self, Self::TurnUdp(_))
+    }
+}
+
+/// TURN allocations one leg may hold at once on a relay: a WebRTC stack may gather on several
+/// sockets with the same credentials (aiortc allocates per transceiver before BUNDLE, and
+/// releases the extra ones at once). Allocation `k` of leg `n` takes slot `n + 16k` of the
+/// session.
+pub const TURN_ALLOCATIONS_PER_LEG: u8 = 4;
+/// Slots of a session: its legs, and their extra TURN allocations.
+pub const MAX_SLOTS: usize = MAX_LEGS as usize * TURN_ALLOCATIONS_PER_LEG as usize;
+
+/// What the forwarding of other legs needs to know of a TURN allocation: the peers it permits
+/// and the channels it bound, by peer leg index. Replaced (never changed in place) on every
+/// CreatePermission or ChannelBind, which are rare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnView {
+    /// Unix milliseconds until which each peer slot is permitted (0: never).
+    pub permits_until: [u64; MAX_SLOTS],
+    /// The channel number bound to each peer slot (0: none).
+    pub channels: [u16; MAX_SLOTS],
+}
+
+impl Default for TurnView {
+    fn default() -> Self {
+        Self {
+            permits_until: [0; MAX_SLOTS],
+            channels: [0; MAX_SLOTS],
         }
     }
 }
 
+impl TurnView {
+    /// True if `peer` is permitted at `now_unix_ms`.
+    #[inline]
+    pub fn permits(&self, peer: u8, now_unix_ms: u64) -> bool {
+        self.permits_until
+            .get(usize::from(peer))
+            .is_some_and(|&t| t > now_unix_ms)
+    }
+
+    /// The channel bound to `peer`, if any.
+    #[inline]
+    pub fn channel_of(&self, peer: u8) -> Option<u16> {
+        self.channels
+            .get(usize::from(peer))
+            .copied()
+            .filter(|&c| c != 0)
+    }
+
+    /// The peer leg bound to `channel`, if any.
+    #[inline]
+    pub fn peer_of(&self, channel: u16) -> Option<u8> {
+        self.channels
+            .iter()
+            .position(|&c| c == channel)
+            .map(|i| i as u8)
+    }
+}
+
 /// One bound leg in a [`LegSet`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Slot {
     leg: u8,
     ep: Endpoint,
     /// False while the endpoint's current path is unproven (a QUIC connection that moved to an
     /// address that has not answered a PROBE): media is withheld from it.
     reachable: bool,
+    /// A TURN allocation's permissions and channels; `None` for native legs.
+    turn: Option<Arc<TurnView>>,
 }
 
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
@@ -73,6 +140,8 @@ pub struct LegSet {
     slots: Box<[Slot]>,
     /// Slots not reachable now (almost always 0, which keeps the media path to one branch).
     withheld: u8,
+    /// Slots that are TURN allocations.
+    turn: u8,
 }
 
 impl LegSet {
@@ -82,17 +151,19 @@ impl LegSet {
         self.slots.iter().find(|s| s.leg == leg).map(|s| s.ep)
     }
 
-    /// Every reachable bound endpoint except that of leg `except`: where media from `except`
-    /// goes.
+    /// Every reachable native endpoint except that of leg `except`: where media from `except`
+    /// goes. TURN allocations are not among them: TURN is addressed (a datagram names the one
+    /// allocation it is for), and a native leg has no relayed address a TURN client could
+    /// have permitted.
     #[inline]
     pub fn others(&self, except: u8) -> impl Iterator<Item = Endpoint> + '_ {
         self.slots
             .iter()
-            .filter(move |s| s.leg != except && s.reachable)
+            .filter(move |s| s.leg != except && s.reachable && s.turn.is_none())
             .map(|s| s.ep)
     }
 
-    /// Bound legs other than `except` whose media is withheld (unproven path).
+    /// Bound native legs other than `except` whose media is withheld (unproven path).
     #[inline]
     pub fn withheld_from(&self, except: u8) -> usize {
         if self.withheld == 0 {
@@ -103,6 +174,21 @@ impl LegSet {
                 .filter(|s| s.leg != except && !s.reachable)
                 .count()
         }
+    }
+
+    /// How many of the bound legs are TURN allocations.
+    #[inline]
+    pub fn turn_legs(&self) -> usize {
+        usize::from(self.turn)
+    }
+
+    /// Leg `leg`'s endpoint and, for a TURN allocation, its permissions and channels.
+    #[inline]
+    pub fn turn_view(&self, leg: u8) -> Option<(Endpoint, &TurnView)> {
+        self.slots
+            .iter()
+            .find(|s| s.leg == leg)
+            .and_then(|s| s.turn.as_deref().map(|v| (s.ep, v)))
     }
 
     /// Number of bound legs.
@@ -117,11 +203,13 @@ impl LegSet {
     }
 
     fn rebuilt(slots: Vec<Slot>) -> Self {
-        // At most 16 legs a session (tokens say so), so the count fits.
+        // At most 16 legs a session (tokens say so), so the counts fit.
         let withheld = slots.iter().filter(|s| !s.reachable).count() as u8;
+        let turn = slots.iter().filter(|s| s.turn.is_some()).count() as u8;
         Self {
             slots: slots.into_boxed_slice(),
             withheld,
+            turn,
         }
     }
 
@@ -130,15 +218,18 @@ impl LegSet {
             leg,
             ep,
             reachable: true,
+            turn: ep.is_turn().then(|| Arc::new(TurnView::default())),
         };
         // Sized exactly, so that boxing the slice moves nothing and frees nothing.
         let present = self.slots.iter().any(|s| s.leg == leg);
         let mut slots = Vec::with_capacity(self.slots.len() + usize::from(!present));
-        slots.extend(
-            self.slots
-                .iter()
-                .map(|s| if s.leg == leg { slot } else { *s }),
-        );
+        slots.extend(self.slots.iter().map(|s| {
+            if s.leg == leg {
+                slot.clone()
+            } else {
+                s.clone()
+            }
+        }));
         if !present {
             slots.push(slot);
         }
@@ -150,9 +241,20 @@ impl LegSet {
             self.slots
                 .iter()
                 .filter(|s| s.leg != leg)
-                .copied()
+                .cloned()
                 .collect(),
         )
+    }
+
+    fn with_view(&self, leg: u8, view: TurnView) -> Self {
+        let mut slots = self.slots.to_vec();
+        for s in slots
+            .iter_mut()
+            .filter(|s| s.leg == leg && s.turn.is_some())
+        {
+            s.turn = Some(Arc::new(view.clone()));
+        }
+        Self::rebuilt(slots)
     }
 
     fn reachable(&self, leg: u8, reachable: bool) -> Self {
@@ -203,6 +305,9 @@ pub enum BindError {
     /// The session was revoked.
     #[error("session closed")]
     SessionClosed,
+    /// The leg holds as many TURN allocations here as it may.
+    #[error("allocation quota reached")]
+    QuotaReached,
     /// The relay holds its maximum number of legs.
     #[error("relay full")]
     RelayFull,
@@ -259,14 +364,42 @@ impl Directory {
     /// Binds leg `ticket.leg` of `ticket.session` to `ep`, replacing any previous endpoint of
     /// that leg. The caller has authenticated the ticket and checked its expiry.
     pub fn bind(&self, ticket: &Ticket, ep: Endpoint) -> Result<Bound, BindError> {
-        let mut inner = self.lock();
+        let inner = self.lock();
+        self.bind_slot(inner, ticket, ticket.leg, ep)
+    }
+
+    /// Binds a TURN allocation of `ticket`'s leg to `ep`: in the leg's slot `ep` already holds,
+    /// else its first free one (slot `leg + 16k`). Returns the slot too.
+    pub fn bind_turn(&self, ticket: &Ticket, ep: Endpoint) -> Result<(Bound, u8), BindError> {
+        let inner = self.lock();
+        let legs = inner
+            .sessions
+            .get(&ticket.session)
+            .map(|s| s.legs.load_full());
+        let slots = (0..TURN_ALLOCATIONS_PER_LEG).map(|k| ticket.leg + MAX_LEGS * k);
+        let slot = match &legs {
+            None => ticket.leg,
+            Some(legs) => slots
+                .clone()
+                .find(|&s| legs.get(s) == Some(ep))
+                .or_else(|| slots.clone().find(|&s| legs.get(s).is_none()))
+                .ok_or(BindError::QuotaReached)?,
+        };
+        Ok((self.bind_slot(inner, ticket, slot, ep)?, slot))
+    }
+
+    fn bind_slot(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        ticket: &Ticket,
+        slot: u8,
+        ep: Endpoint,
+    ) -> Result<Bound, BindError> {
         if inner.revoked.contains_key(&ticket.session) {
             return Err(BindError::SessionClosed);
         }
         let existing = inner.sessions.get(&ticket.session).cloned();
-        let previous = existing
-            .as_ref()
-            .and_then(|s| s.legs.load().get(ticket.leg));
+        let previous = existing.as_ref().and_then(|s| s.legs.load().get(slot));
         if previous.is_none() {
             if existing.is_none() && self.draining.load(Ordering::Relaxed) {
                 return Err(BindError::Draining);
@@ -286,7 +419,7 @@ impl Directory {
             inner.sessions.insert(ticket.session, s.clone());
             s
         });
-        let next = session.legs.load().with(ticket.leg, ep);
+        let next = session.legs.load().with(slot, ep);
         session.legs.store(Arc::new(next));
         Ok(Bound { session, previous })
     }
@@ -312,6 +445,28 @@ impl Directory {
             inner.sessions.remove(&session.id);
         }
         true
+    }
+
+    /// Changes the permissions and channels of TURN allocation `leg` of `session`, if still
+    /// bound to `ep`; returns the new view, or `None` if the leg is not bound there.
+    pub fn update_turn(
+        &self,
+        session: &Session,
+        leg: u8,
+        ep: Endpoint,
+        change: impl FnOnce(&mut TurnView),
+    ) -> Option<TurnView> {
+        let _inner = self.lock();
+        let legs = session.legs.load();
+        let (at, view) = legs.turn_view(leg)?;
+        if at != ep {
+            return None;
+        }
+        let mut view = view.clone();
+        change(&mut view);
+        let next = legs.with_view(leg, view.clone());
+        session.legs.store(Arc::new(next));
+        Some(view)
     }
 
     /// Marks leg `leg` of `session`, if still bound to `ep`, as reachable or not: media is

@@ -44,11 +44,30 @@ pub enum DropReason {
     /// A forwarded copy withheld from a QUIC leg whose connection moved to an address that has
     /// not yet answered the relay's PROBE (counted once per withheld copy).
     UnprovenPath,
+    /// A plain STUN Binding request: dropped unanswered, for an answer would be an amplifier
+    /// (TURN clients connect without it).
+    StunBinding,
+    /// A TURN request whose credentials (username, MESSAGE-INTEGRITY) do not verify, or that
+    /// carries none (answered with 401 and a nonce, no larger than twice the request).
+    TurnUnauthorized,
+    /// A TURN request, indication or ChannelData from a client with no allocation here, or a
+    /// second Allocate on one (answered 437 where the request was authenticated).
+    TurnNoAllocation,
+    /// A TURN peer address that is not the relayed address of another allocation of the same
+    /// session: another session's, no allocation's, the relay's own port, 0.0.0.0, an
+    /// IPv4-mapped form (answered 403; an indication is dropped).
+    TurnForbiddenPeer,
+    /// TURN data toward or from a peer with no permission installed (no CreatePermission or
+    /// ChannelBind for it, or one that expired), or on a channel the client never bound.
+    TurnNoPermission,
+    /// A TURN Allocate for a leg that already holds as many allocations on this relay as it
+    /// may (answered 486).
+    TurnQuotaReached,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 23;
     /// Every reason, in index order.
     pub const ALL: [Self; Self::COUNT] = [
         Self::Malformed,
@@ -68,6 +87,12 @@ impl DropReason {
         Self::TooLargeForPeer,
         Self::BadBinding,
         Self::UnprovenPath,
+        Self::StunBinding,
+        Self::TurnUnauthorized,
+        Self::TurnNoAllocation,
+        Self::TurnForbiddenPeer,
+        Self::TurnNoPermission,
+        Self::TurnQuotaReached,
     ];
 
     /// The metric label value.
@@ -90,6 +115,12 @@ impl DropReason {
             Self::TooLargeForPeer => "too_large_for_peer",
             Self::BadBinding => "bad_binding",
             Self::UnprovenPath => "unproven_path",
+            Self::StunBinding => "stun_binding",
+            Self::TurnUnauthorized => "turn_unauthorized",
+            Self::TurnNoAllocation => "turn_no_allocation",
+            Self::TurnForbiddenPeer => "turn_forbidden_peer",
+            Self::TurnNoPermission => "turn_no_permission",
+            Self::TurnQuotaReached => "turn_quota_reached",
         }
     }
 

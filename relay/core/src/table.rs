@@ -12,7 +12,9 @@ use crate::limit::BindLimiter;
 use crate::node::{Node, Refusal};
 use crate::session::{Endpoint, LegSet};
 use crate::stats::{BindResult, DropReason, Stats};
+use crate::stun;
 use crate::token::SessionId;
+pub use crate::turn::{Frame, Relayed};
 use crate::wire::{self, Bind, COOKIE_LEN, Class, ClientMessage, EXPORTER_LEN, Encoded, ErrorCode};
 
 /// Where a forwarded datagram goes: every other reachable bound leg of its session.
@@ -35,7 +37,7 @@ impl Targets {
 
     /// How many endpoints.
     pub fn len(&self) -> usize {
-        self.legs.len() - 1 - self.legs.withheld_from(self.except)
+        self.legs.len() - 1 - self.legs.withheld_from(self.except) - self.legs.turn_legs()
     }
 
     /// True if there are none (never, for a `Forward` verdict).
@@ -49,6 +51,9 @@ impl Targets {
 pub enum Verdict {
     /// Send the received bytes, unmodified, to each target.
     Forward(Targets),
+    /// Send the payload of a TURN datagram to the one allocation it names, framed for it
+    /// ([`Relayed::datagram`]).
+    Relay(Relayed),
     /// A control message, handled; any answer is queued for
     /// [`ForwardingTable::poll_transmit`].
     Control,
@@ -94,13 +99,33 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// many small datagrams before the client answers one.
 const MAX_PROBES: u8 = 4;
 
+/// A message the relay originates: Veil's own control messages, or STUN answers to TURN
+/// clients.
+#[derive(Debug, Clone, Copy)]
+pub enum Message {
+    /// A Veil control message (docs/PROTOCOL.md).
+    Veil(Encoded),
+    /// A STUN message (an answer to a TURN request).
+    Stun(stun::Builder),
+}
+
+impl Message {
+    /// The bytes to send.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Veil(m) => m.as_bytes(),
+            Self::Stun(m) => m.as_bytes(),
+        }
+    }
+}
+
 /// A control message the relay originates.
 #[derive(Debug, Clone, Copy)]
 pub struct Transmit {
     /// Where to send it.
     pub dst: Endpoint,
     /// What to send.
-    pub msg: Encoded,
+    pub msg: Message,
     /// True for answers to binds and for CLOSE, which a QUIC shell sends on the leg's control
     /// stream (reliably, in order); false for messages a QUIC shell sends as datagrams
     /// (KEEPALIVE_ACK, PROBE, errors answering a datagram). UDP sends every one as a datagram.
@@ -127,6 +152,10 @@ impl std::hash::Hash for EndpointKey {
                 state.write_u8(0xff);
                 state.write_u64(c.0);
             }
+            Endpoint::TurnUdp(a) => {
+                state.write_u8(0xfe);
+                a.hash(state);
+            }
         }
     }
 }
@@ -134,13 +163,13 @@ impl std::hash::Hash for EndpointKey {
 /// Where a table takes its bind budget from: its own limiter (a UDP worker), or one shared by
 /// many tables (QUIC connections, one table each).
 #[derive(Debug)]
-enum Binds {
+pub(crate) enum Binds {
     Own(BindLimiter),
     Shared(Arc<Mutex<BindLimiter>>),
 }
 
 impl Binds {
-    fn admit(&mut self, now: Instant, from: SocketAddr) -> bool {
+    pub(crate) fn admit(&mut self, now: Instant, from: SocketAddr) -> bool {
         match self {
             Self::Own(l) => l.admit(now, from.ip()),
             // A panic while holding the lock leaves buckets that are still consistent.
@@ -179,14 +208,14 @@ enum Proof<'a> {
 /// [`ForwardingTable::poll_timeout`].
 #[derive(Debug)]
 pub struct ForwardingTable {
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
     /// Keyed by endpoint, which for UDP an attacker chooses: keep SipHash (randomly keyed), over
     /// a packed key ([`EndpointKey`]).
-    legs: HashMap<EndpointKey, LegState>,
+    pub(crate) legs: HashMap<EndpointKey, LegState>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    binds: Binds,
-    stats: Stats,
+    pub(crate) binds: Binds,
+    pub(crate) stats: Stats,
     next_sweep: Instant,
 }
 
@@ -292,10 +321,16 @@ impl ForwardingTable {
                 verdict
             }
             Class::Control => self.handle_control(now, from, pkt),
-            Class::Other => {
-                self.stats.count_drop(DropReason::UnknownType);
-                Verdict::Drop(DropReason::UnknownType)
-            }
+            // STUN (0-3) and ChannelData (0x40-0x4F) from a UDP client: TURN.
+            Class::Other => match (from, pkt.first()) {
+                (Endpoint::Udp(addr), Some(0..=3 | 0x40..=0x4F)) => {
+                    self.handle_turn(now, addr, pkt)
+                }
+                _ => {
+                    self.stats.count_drop(DropReason::UnknownType);
+                    Verdict::Drop(DropReason::UnknownType)
+                }
+            },
         }
     }
 
@@ -340,7 +375,7 @@ impl ForwardingTable {
             if path.probing.take().is_some() {
                 self.node
                     .directory
-                    .set_reachable(leg.session_ref(), leg.leg(), ep, true);
+                    .set_reachable(leg.session_ref(), leg.slot(), ep, true);
             }
             return;
         }
@@ -355,7 +390,7 @@ impl ForwardingTable {
         if first {
             self.node
                 .directory
-                .set_reachable(leg.session_ref(), leg.leg(), ep, false);
+                .set_reachable(leg.session_ref(), leg.slot(), ep, false);
         }
         self.probe(now, ep);
     }
@@ -412,7 +447,7 @@ impl ForwardingTable {
             path.probing = None;
             path.probes_left = MAX_PROBES;
             node.directory
-                .set_reachable(leg.session_ref(), leg.leg(), from, true);
+                .set_reachable(leg.session_ref(), leg.slot(), from, true);
             Some(())
         });
         match proven {
@@ -463,7 +498,9 @@ impl ForwardingTable {
             ClientMessage::Bind(bind) => match from {
                 Endpoint::Udp(addr) => self.handle_bind(now, from, addr, &bind, Proof::Cookie),
                 // Over QUIC a BIND goes on the connection's stream, bound to its TLS session.
-                Endpoint::Quic(_) => {
+                // (A TURN endpoint is never the source of a datagram: TURN clients are UDP
+                // ones, and the table names their allocations.)
+                Endpoint::Quic(_) | Endpoint::TurnUdp(_) => {
                     self.stats.binds[BindResult::Refused as usize] += 1;
                     self.stats.count_drop(DropReason::BadBinding);
                     self.send(from, wire::error(bind.txn, ErrorCode::Unauthorized), false);
@@ -578,7 +615,7 @@ impl ForwardingTable {
     /// Forgets the leg `from` held in this table, which its session's revocation (`Closed`), a
     /// bind elsewhere (`Moved`) or its expiry ended; tells the client of a closed or expired
     /// session.
-    fn forget_leg(&mut self, from: Endpoint, why: LegStatus) {
+    pub(crate) fn forget_leg(&mut self, from: Endpoint, why: LegStatus) {
         let Some(leg) = self.legs.remove(&EndpointKey(from)) else {
             return;
         };
@@ -601,7 +638,7 @@ impl ForwardingTable {
         });
     }
 
-    fn event(&mut self, e: Event) {
+    pub(crate) fn event(&mut self, e: Event) {
         if self.events.len() == MAX_EVENTS {
             self.events.pop_front();
         }
@@ -609,6 +646,15 @@ impl ForwardingTable {
     }
 
     fn send(&mut self, dst: Endpoint, msg: Encoded, reliable: bool) {
+        // TURN clients speak STUN only: a leg that ends there ends silently, and the client
+        // learns it from its next request (437).
+        if dst.is_turn() {
+            return;
+        }
+        self.send_message(dst, Message::Veil(msg), reliable);
+    }
+
+    pub(crate) fn send_message(&mut self, dst: Endpoint, msg: Message, reliable: bool) {
         self.stats.control_tx_packets += 1;
         self.stats.control_tx_bytes += msg.as_bytes().len() as u64;
         self.transmits.push_back(Transmit { dst, msg, reliable });
