@@ -190,7 +190,9 @@ pub fn parse(pkt: &[u8]) -> Result<Message<'_>, ParseError> {
         return Err(ParseError::Framing);
     }
     let ty = u16::from_be_bytes([pkt[0], pkt[1]]);
-    if ty & 0xC000 != 0 || pkt[4..8] != MAGIC.to_be_bytes() {
+    // RFC 7983: a STUN message's first byte is 0-3 (every method a TURN server serves is
+    // below 0x080).
+    if pkt[0] > 3 || pkt[4..8] != MAGIC.to_be_bytes() {
         return Err(ParseError::NotStun);
     }
     let len = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
@@ -402,8 +404,9 @@ pub fn long_term_key(username: &[u8], realm: &[u8], password: &[u8]) -> [u8; 16]
 }
 
 /// Capacity of a [`Builder`]: the longest answer a Veil relay sends (an Allocate success over
-/// IPv6 with every attribute is 108 bytes; a 420 lists at most [`MAX_UNKNOWN`] types).
-pub const ANSWER_CAP: usize = 160;
+/// IPv6 with every attribute is 108 bytes; a 420 lists at most [`MAX_UNKNOWN`] types), and
+/// the signed requests of a TURN client with a peer, a channel, a lifetime and a transport.
+pub const ANSWER_CAP: usize = 200;
 
 /// Builds a STUN message in a fixed buffer.
 #[derive(Clone, Copy)]
