@@ -133,8 +133,26 @@ pub(crate) fn start(
     token: Token,
     link: Link,
 ) -> Result<(Slot, quinn::Endpoint, tokio::task::JoinHandle<()>), ClientError> {
-    let endpoint = quinn::Endpoint::client(config.local_addr)
-        .map_err(|e| ClientError::Socket(e.to_string()))?;
+    // The receive buffer the UDP legs ask for (the kernel default is a fifth of it).
+    let socket = {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let addr = config.local_addr;
+        let bind = || -> std::io::Result<std::net::UdpSocket> {
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            let _ = socket.set_recv_buffer_size(crate::udp::RECV_BUFFER);
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            Ok(socket.into())
+        };
+        bind().map_err(|e| ClientError::Socket(e.to_string()))?
+    };
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ClientError::Socket(e.to_string()))?;
     let local = endpoint
         .local_addr()
         .map_err(|e| ClientError::Socket(e.to_string()))?;

@@ -51,7 +51,7 @@ pub(crate) async fn start(
 /// Receive buffer asked for (the kernel caps it at net.core.rmem_max): one relay wake-up may
 /// hand a many-party call's leg dozens of datagrams at once, more than the default 208 KiB
 /// holds while the app is busy elsewhere.
-const RECV_BUFFER: usize = 1 << 20;
+pub(crate) const RECV_BUFFER: usize = 1 << 20;
 
 fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};

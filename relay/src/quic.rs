@@ -165,8 +165,31 @@ impl QuicServer {
             .max_concurrent_uni_streams(0u32.into());
         server.transport_config(Arc::new(transport));
         server.migration(true);
-        let endpoint = quinn::Endpoint::server(server, addr)
-            .with_context(|| format!("bind QUIC socket {addr}"))?;
+        // One socket carries every QUIC participant's datagrams: give it the buffers the UDP
+        // workers have (the kernel default, about 200 KiB, overflowed first in load tests).
+        let socket = {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+                .context("create QUIC socket")?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(false).context("clear IPV6_V6ONLY")?;
+            }
+            socket.set_nonblocking(true)?;
+            // Best effort, as for the media sockets.
+            let _ = socket.set_recv_buffer_size(crate::udp::SOCKET_BUFFER);
+            let _ = socket.set_send_buffer_size(crate::udp::SOCKET_BUFFER);
+            socket
+                .bind(&addr.into())
+                .with_context(|| format!("bind QUIC socket {addr}"))?;
+            std::net::UdpSocket::from(socket)
+        };
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("start QUIC endpoint {addr}"))?;
         Ok(Self {
             endpoint,
             conns: Arc::new(QuicConns::default()),

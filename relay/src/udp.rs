@@ -42,7 +42,7 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(5);
 /// Most datagrams one GSO send may carry (the kernel's limit, `UDP_MAX_SEGMENTS`).
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Socket buffer size asked for; the kernel caps it at net.core.{r,w}mem_max.
-const SOCKET_BUFFER: usize = 8 << 20;
+pub(crate) const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Binds `n` sockets to `addr` with `SO_REUSEPORT` (port 0 picks one port for all of them).
 pub fn bind_sockets(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<std::net::UdpSocket>> {
