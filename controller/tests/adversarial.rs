@@ -85,9 +85,10 @@ impl Rig {
         }
     }
 
-    /// The relay's counters, UDP and QUIC.
+    /// The relay's counters: its UDP port (Veil's protocol and TURN on it), and QUIC.
     fn stats(&self) -> (Stats, Stats) {
-        let [(_, udp), (_, quic)] = self.metrics.totals();
+        let [(_, mut udp), (_, quic), (_, turn)] = self.metrics.totals();
+        udp.merge(&turn);
         (udp, quic)
     }
 
@@ -329,7 +330,7 @@ fn attack(arsenal: &Arsenal, metrics: &RelayMetrics, seed: u64) -> Outcome {
     let mut seen = Seen::default();
     let (mut random_n, mut oversized_n) = (0u64, 0u64);
     let (mut udp_datagrams, mut quic_datagrams) = (0u64, 0u64);
-    let rx_base = metrics.totals()[0].1.rx_packets;
+    let rx_base = udp_port_rx(metrics);
     let started = Instant::now();
     let mut rbuf = vec![0u8; 70_000];
     let mut read_answers =
@@ -352,7 +353,7 @@ fn attack(arsenal: &Arsenal, metrics: &RelayMetrics, seed: u64) -> Outcome {
         // Pace on what the relay has taken in: never more than WINDOW datagrams ahead of it.
         if idx % 256 == 0 {
             let until = Instant::now() + Duration::from_secs(5);
-            while udp_datagrams > (metrics.totals()[0].1.rx_packets - rx_base) + WINDOW {
+            while udp_datagrams > (udp_port_rx(metrics) - rx_base) + WINDOW {
                 assert!(Instant::now() < until, "the relay stopped taking datagrams");
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -1084,4 +1085,10 @@ async fn a_bind_flood_from_thousands_of_addresses_costs_the_calls_nothing() {
         "the flood bound nothing"
     );
     rig.stop().await;
+}
+
+/// Datagrams the relay's UDP port received: Veil's protocol and TURN.
+fn udp_port_rx(metrics: &RelayMetrics) -> u64 {
+    let t = metrics.totals();
+    t[0].1.rx_packets + t[2].1.rx_packets
 }

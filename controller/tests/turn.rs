@@ -102,4 +102,26 @@ async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
             "audio reached the {side}: {r}"
         );
     }
+    // The relays counted the call as TURN: forwarded under transport "turn-udp", nothing
+    // forwarded as native UDP, and no label names a session or an address.
+    let mut turn = 0.0;
+    for relay in &c.relays {
+        let text = http_get(relay.metrics, "/metrics").await;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("veil_relay_forwarded_packets_total"))
+        {
+            let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            if line.contains(r#"transport="turn-udp""#) {
+                turn += v;
+            } else {
+                assert_eq!(v, 0.0, "{line}");
+            }
+        }
+        assert!(
+            !text.contains("127.0.0.1") && !text.contains("session="),
+            "{text}"
+        );
+    }
+    assert!(turn > 100.0, "{turn} datagrams relayed as TURN");
 }

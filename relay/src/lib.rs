@@ -232,11 +232,15 @@ impl RelayServer {
         for (index, socket) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
             let stats = Arc::new(SharedStats::default());
             self.metrics.add_source(Transport::Udp, stats.clone());
+            let turn_stats = Arc::new(SharedStats::default());
+            self.metrics
+                .add_source(Transport::TurnUdp, turn_stats.clone());
             workers.push(udp::spawn(udp::WorkerContext {
                 index,
                 socket,
                 node: self.node.clone(),
                 stats,
+                turn_stats,
                 latency: self.metrics.forwarding_latency.clone(),
                 quic: quic.clone(),
                 cpu_ns: {

@@ -16,6 +16,8 @@ pub enum Transport {
     Udp,
     /// QUIC datagrams.
     Quic,
+    /// TURN over UDP (on the UDP media port).
+    TurnUdp,
 }
 
 impl Transport {
@@ -24,10 +26,11 @@ impl Transport {
         match self {
             Self::Udp => "udp",
             Self::Quic => "quic",
+            Self::TurnUdp => "turn-udp",
         }
     }
 
-    const ALL: [Self; 2] = [Self::Udp, Self::Quic];
+    const ALL: [Self; 3] = [Self::Udp, Self::Quic, Self::TurnUdp];
 }
 
 /// The relay's metrics, registered in a registry passed in.
@@ -294,7 +297,7 @@ impl RelayMetrics {
     }
 
     /// Totals per transport.
-    pub fn totals(&self) -> [(Transport, Stats); 2] {
+    pub fn totals(&self) -> [(Transport, Stats); 3] {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         Transport::ALL.map(|tr| {
             let mut total = Stats::default();
@@ -353,8 +356,11 @@ impl RelayMetrics {
             }
         }
         self.bound_legs
+            .with_label_values(&["turn-udp"])
+            .set(d.turn_legs() as i64);
+        self.bound_legs
             .with_label_values(&["udp"])
-            .set(d.legs().saturating_sub(quic) as i64);
+            .set(d.legs().saturating_sub(quic + d.turn_legs()) as i64);
         self.sessions.set(d.sessions() as i64);
         self.capacity.set(d.max_legs() as i64);
         self.draining.set(i64::from(d.is_draining()));

@@ -82,6 +82,8 @@ pub struct WorkerContext {
     pub node: Arc<Node>,
     /// Where it publishes its counters.
     pub stats: Arc<SharedStats>,
+    /// Where it publishes its TURN counters (transport "turn-udp").
+    pub turn_stats: Arc<SharedStats>,
     /// Batch forwarding latency.
     pub latency: Histogram,
     /// Sends to QUIC legs (none if the relay serves no QUIC).
@@ -137,6 +139,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         socket,
         node,
         stats,
+        turn_stats,
         latency,
         quic,
         cpu_ns,
@@ -274,6 +277,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         unpublished |= !meta.is_empty();
         if unpublished && now.saturating_duration_since(published) >= PUBLISH_EVERY {
             stats.publish(relay.stats());
+            turn_stats.publish(relay.turn_stats());
             latency.flush();
             published = now;
             unpublished = false;
@@ -286,6 +290,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
             let errors = out.errors();
             relay.count_send_errors(errors);
             stats.publish(relay.stats());
+            turn_stats.publish(relay.turn_stats());
             latency.flush();
             published = now;
             unpublished = false;
@@ -300,6 +305,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         }
     }
     stats.publish(relay.stats());
+    turn_stats.publish(relay.turn_stats());
     latency.flush();
     tracing::debug!(worker = index, "UDP worker stopped");
     Ok(())

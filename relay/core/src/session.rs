@@ -340,6 +340,8 @@ struct Inner {
 pub struct Directory {
     inner: Mutex<Inner>,
     legs: AtomicUsize,
+    /// Of `legs`, those bound to TURN allocations.
+    turn_legs: AtomicUsize,
     max_legs: usize,
     draining: AtomicBool,
 }
@@ -350,6 +352,7 @@ impl Directory {
         Self {
             inner: Mutex::default(),
             legs: AtomicUsize::new(0),
+            turn_legs: AtomicUsize::new(0),
             max_legs,
             draining: AtomicBool::new(false),
         }
@@ -409,6 +412,15 @@ impl Directory {
             }
             self.legs.fetch_add(1, Ordering::Relaxed);
         }
+        match (previous.is_some_and(|p| p.is_turn()), ep.is_turn()) {
+            (false, true) => {
+                self.turn_legs.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.turn_legs.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         let session = existing.unwrap_or_else(|| {
             let s = Arc::new(Session {
                 id: ticket.session,
@@ -436,6 +448,9 @@ impl Directory {
         let empty = next.is_empty();
         session.legs.store(Arc::new(next));
         self.legs.fetch_sub(1, Ordering::Relaxed);
+        if ep.is_turn() {
+            self.turn_legs.fetch_sub(1, Ordering::Relaxed);
+        }
         if empty
             && inner
                 .sessions
@@ -494,6 +509,8 @@ impl Directory {
         session.closed.store(true, Ordering::Relaxed);
         let legs = session.legs.swap(Arc::new(LegSet::default()));
         self.legs.fetch_sub(legs.len(), Ordering::Relaxed);
+        self.turn_legs
+            .fetch_sub(legs.turn_legs(), Ordering::Relaxed);
         legs.slots.iter().map(|s| s.ep).collect()
     }
 
@@ -520,6 +537,11 @@ impl Directory {
     /// Number of bound legs.
     pub fn legs(&self) -> usize {
         self.legs.load(Ordering::Relaxed)
+    }
+
+    /// Number of bound legs that are TURN allocations.
+    pub fn turn_legs(&self) -> usize {
+        self.turn_legs.load(Ordering::Relaxed)
     }
 
     /// The most legs this directory accepts.

@@ -216,6 +216,8 @@ pub struct ForwardingTable {
     events: VecDeque<Event>,
     pub(crate) binds: Binds,
     pub(crate) stats: Stats,
+    /// What TURN clients sent and were sent, drops and allocations (transport "turn-udp").
+    pub(crate) turn_stats: Stats,
     next_sweep: Instant,
 }
 
@@ -249,6 +251,7 @@ impl ForwardingTable {
             events: VecDeque::new(),
             binds,
             stats: Stats::default(),
+            turn_stats: Stats::default(),
             next_sweep,
         }
     }
@@ -256,6 +259,12 @@ impl ForwardingTable {
     /// This table's counters since it was made (or last taken).
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// This table's TURN counters: datagrams from TURN clients, what was relayed to TURN
+    /// allocations, TURN answers, drops and allocations (counted in neither of the others).
+    pub fn turn_stats(&self) -> &Stats {
+        &self.turn_stats
     }
 
     /// Takes this table's counters, leaving zeros: for shells that add deltas into shared
@@ -655,8 +664,13 @@ impl ForwardingTable {
     }
 
     pub(crate) fn send_message(&mut self, dst: Endpoint, msg: Message, reliable: bool) {
-        self.stats.control_tx_packets += 1;
-        self.stats.control_tx_bytes += msg.as_bytes().len() as u64;
+        let stats = if dst.is_turn() {
+            &mut self.turn_stats
+        } else {
+            &mut self.stats
+        };
+        stats.control_tx_packets += 1;
+        stats.control_tx_bytes += msg.as_bytes().len() as u64;
         self.transmits.push_back(Transmit { dst, msg, reliable });
     }
 

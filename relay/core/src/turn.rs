@@ -210,8 +210,13 @@ impl ForwardingTable {
     /// Handles a datagram whose first byte is STUN's (0-3) or ChannelData's (0x40-0x4F), from
     /// a UDP client at `addr`.
     pub(crate) fn handle_turn(&mut self, now: Instant, addr: SocketAddr, pkt: &[u8]) -> Verdict {
+        // TURN has counters of its own (transport "turn-udp"): move the receive count there.
+        self.stats.rx_packets -= 1;
+        self.stats.rx_bytes -= pkt.len() as u64;
+        self.turn_stats.rx_packets += 1;
+        self.turn_stats.rx_bytes += pkt.len() as u64;
         let Some(ip) = self.node.config().turn_ip else {
-            self.stats.count_drop(DropReason::UnknownType);
+            self.turn_stats.count_drop(DropReason::UnknownType);
             return Verdict::Drop(DropReason::UnknownType);
         };
         if pkt[0] & 0xC0 == 0x40 {
@@ -238,7 +243,7 @@ impl ForwardingTable {
     }
 
     fn drop_reason(&mut self, reason: DropReason) -> Verdict {
-        self.stats.count_drop(reason);
+        self.turn_stats.count_drop(reason);
         Verdict::Drop(reason)
     }
 
@@ -265,7 +270,7 @@ impl ForwardingTable {
             ip,
             To::Channel(ch),
             4..4 + len,
-            &mut self.stats,
+            &mut self.turn_stats,
         );
         self.after_relay(ep, &verdict);
         verdict
@@ -307,7 +312,7 @@ impl ForwardingTable {
             ip,
             To::Leg(peer),
             start..start + data.len(),
-            &mut self.stats,
+            &mut self.turn_stats,
         );
         self.after_relay(ep, &verdict);
         verdict
@@ -396,7 +401,7 @@ impl ForwardingTable {
             return self.drop_reason(DropReason::TurnUnauthorized);
         }
         self.send_stun(Endpoint::TurnUdp(addr), b);
-        self.stats.count_drop(DropReason::TurnUnauthorized);
+        self.turn_stats.count_drop(DropReason::TurnUnauthorized);
         Verdict::Control
     }
 
@@ -603,7 +608,7 @@ impl ForwardingTable {
                     DropReason::TurnQuotaReached => (486, "Allocation Quota Reached"),
                     _ => (508, "Insufficient Capacity"),
                 };
-                self.stats.binds[BindResult::Refused as usize] += 1;
+                self.turn_stats.binds[BindResult::Refused as usize] += 1;
                 return self.refuse(ep, req, code, reason, key, r.reason);
             }
         };
@@ -627,7 +632,7 @@ impl ForwardingTable {
         {
             node.unbind_leg(&old);
         }
-        self.stats.binds[BindResult::Bound as usize] += 1;
+        self.turn_stats.binds[BindResult::Bound as usize] += 1;
         let relayed = SocketAddr::new(ip, relayed_port(slot));
         let b = Builder::new(method::ALLOCATE, Kind::Success, &req.txn)
             .xor_addr(attr::XOR_RELAYED_ADDRESS, relayed)

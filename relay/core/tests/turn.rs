@@ -250,7 +250,13 @@ fn send_indications_then_channels_carry_media_between_two_allocations() {
         (dst, out),
         (Endpoint::TurnUdp(b.addr), channel_data(0x4001, &media))
     );
-    assert_eq!(t.stats().forwarded_packets, 4);
+    assert_eq!(t.turn_stats().forwarded_packets, 4);
+    assert_eq!(
+        t.stats().forwarded_packets,
+        0,
+        "TURN is counted as turn-udp only"
+    );
+    assert_eq!(net.node.directory.turn_legs(), 2);
 }
 
 #[test]
@@ -306,7 +312,7 @@ fn peers_outside_the_session_are_refused_with_403_and_nothing_is_forwarded() {
     assert_ne!(dst, Endpoint::TurnUdp(other.addr));
     // The other session's client cannot reach session 1 at all: its leg 0 is not allocated.
     assert_eq!(other.permit(&mut t, &net, relayed(0)), Some(403));
-    assert!(t.stats().drops_for(DropReason::TurnForbiddenPeer) >= 3 * forbidden.len() as u64);
+    assert!(t.turn_stats().drops_for(DropReason::TurnForbiddenPeer) >= 3 * forbidden.len() as u64);
 }
 
 #[test]
