@@ -210,15 +210,15 @@ impl ForwardingTable {
     /// Handles a datagram whose first byte is STUN's (0-3) or ChannelData's (0x40-0x4F), from
     /// a UDP client at `addr`.
     pub(crate) fn handle_turn(&mut self, now: Instant, addr: SocketAddr, pkt: &[u8]) -> Verdict {
+        let Some(ip) = self.node.config().turn_ip else {
+            self.stats.count_drop(DropReason::UnknownType);
+            return Verdict::Drop(DropReason::UnknownType);
+        };
         // TURN has counters of its own (transport "turn-udp"): move the receive count there.
         self.stats.rx_packets -= 1;
         self.stats.rx_bytes -= pkt.len() as u64;
         self.turn_stats.rx_packets += 1;
         self.turn_stats.rx_bytes += pkt.len() as u64;
-        let Some(ip) = self.node.config().turn_ip else {
-            self.turn_stats.count_drop(DropReason::UnknownType);
-            return Verdict::Drop(DropReason::UnknownType);
-        };
         if pkt[0] & 0xC0 == 0x40 {
             return self.channel_data(now, addr, ip, pkt);
         }
