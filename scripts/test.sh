@@ -10,10 +10,12 @@ cargo --version
 rustc --version
 
 echo "== system packages (Debian)"
-# Chromium renders the load test's HTML report in a test; Prometheus (and promtool) serve the
+# Chromium renders the load test's HTML report in a test, and makes WebRTC calls through Veil's
+# TURN driven by chromedriver; Prometheus (and promtool) serve the
 # deploy checks. Installed when missing, as root; otherwise the run stops here, naming them.
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 { command -v promtool && command -v prometheus; } >/dev/null || need+=(prometheus)
 # deploy/tests/cluster_netns.py runs the shipped deployment in network namespaces.
 command -v ip >/dev/null || need+=(iproute2)

@@ -139,7 +139,11 @@ impl LegState {
             binding
         } else if self.session.expires_unix_ms() <= now_unix_ms || now >= self.expires_at {
             LegStatus::Expired
-        } else if now.saturating_duration_since(self.last_seen) >= idle {
+        // A TURN allocation lives by its lifetime and Refresh (RFC 8656 §7), which `expires_at`
+        // holds: until it has a peer, a WebRTC client sends it nothing else (a call that rings
+        // for 30 s would otherwise lose it).
+        } else if !self.endpoint.is_turn() && now.saturating_duration_since(self.last_seen) >= idle
+        {
             LegStatus::Idle
         } else {
             LegStatus::Serving

@@ -66,10 +66,11 @@ impl Endpoint {
 }
 
 /// TURN allocations one leg may hold at once on a relay: a WebRTC stack may gather on several
-/// sockets with the same credentials (aiortc allocates per transceiver before BUNDLE, and
-/// releases the extra ones at once). Allocation `k` of leg `n` takes slot `n + 16k` of the
-/// session.
-pub const TURN_ALLOCATIONS_PER_LEG: u8 = 4;
+/// sockets with the same credentials before BUNDLE settles, and releases the extra ones at once
+/// (aiortc: one per transceiver; Chromium: one per network interface and transport, four on
+/// a machine with loopback and one interface). Allocation `k` of leg `n` takes slot `n + 16k`
+/// of the session.
+pub const TURN_ALLOCATIONS_PER_LEG: u8 = 8;
 /// Slots of a session: its legs, and their extra TURN allocations.
 pub const MAX_SLOTS: usize = MAX_LEGS as usize * TURN_ALLOCATIONS_PER_LEG as usize;
 

@@ -682,13 +682,13 @@ impl ForwardingTable {
 
     /// The peer legs a request names, or `None` (answered 403) if any is not another
     /// allocation of the session.
-    fn peers_of(&self, ep: Endpoint, ip: IpAddr, req: &Message<'_>) -> Option<(u64, usize)> {
+    fn peers_of(&self, ep: Endpoint, ip: IpAddr, req: &Message<'_>) -> Option<(u128, usize)> {
         let leg = self.legs.get(&EndpointKey(ep))?;
         let legs = leg.session.legs();
-        let mut mask = 0u64;
+        let mut mask = 0u128;
         let mut n = 0;
         for p in req.peers() {
-            mask |= 1u64 << peer_leg(&legs, leg.leg, ip, p)?;
+            mask |= 1u128 << peer_leg(&legs, leg.leg, ip, p)?;
             n += 1;
         }
         Some((mask, n))

@@ -545,21 +545,49 @@ fn a_leg_may_hold_several_allocations_and_releasing_one_keeps_the_others() {
     assert_eq!(dst, Endpoint::TurnUdp(first.addr));
     // A leg's own other allocation is not a peer.
     assert_eq!(first.permit(&mut t, &net, relayed(16)), Some(403));
-    // At most four allocations a leg: the fifth gets 486.
-    for port in 5002..5005 {
+    // At most eight allocations a leg: the ninth gets 486.
+    for port in 5002..5009 {
         Client::new(addr(2, port), &token).allocate(&mut t, &net);
     }
-    let mut fifth = Client::new(addr(2, 5009), &token);
+    let mut ninth = Client::new(addr(2, 5009), &token);
     let first_try = Builder::new(method::ALLOCATE, Kind::Request, &[9; 12])
         .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
-    t.handle_datagram(net.now, fifth.addr, first_try.as_bytes());
-    fifth.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
+    t.handle_datagram(net.now, ninth.addr, first_try.as_bytes());
+    ninth.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
         .unwrap()
         .nonce
         .unwrap()
         .to_vec();
-    let req = fifth.request(method::ALLOCATE, |x| {
+    let req = ninth.request(method::ALLOCATE, |x| {
         x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
     });
-    assert_eq!(error_code(&fifth.exchange(&mut t, &net, &req)), Some(486));
+    assert_eq!(error_code(&ninth.exchange(&mut t, &net, &req)), Some(486));
+}
+
+#[test]
+fn an_allocation_lives_by_its_lifetime_not_the_idle_timeout() {
+    // A call that rings: Chromium sends an allocation nothing until it has a peer, and
+    // refreshes only near the end of the lifetime.
+    let mut net = net();
+    let mut t = net.worker();
+    let mut a = Client::new(addr(2, 5000), &net.token(1, 0, 2));
+    a.allocate(&mut t, &net);
+    for _ in 0..12 {
+        net.advance(Duration::from_secs(10));
+        t.handle_timeout(net.now);
+    }
+    // Two minutes of silence, four times the idle timeout: still allocated.
+    let mut b = Client::new(addr(3, 5000), &net.token(1, 1, 2));
+    b.allocate(&mut t, &net);
+    assert_eq!(a.permit(&mut t, &net, relayed(1)), None);
+    assert_eq!(net.node.directory.turn_legs(), 2);
+    // Unrefreshed, it ends at its lifetime (600 s): B's permission for it is then refused.
+    for _ in 0..50 {
+        net.advance(Duration::from_secs(10));
+        t.handle_timeout(net.now);
+        let keep = b.request(method::REFRESH, |x| x.u32(attr::LIFETIME, 600));
+        assert_eq!(error_code(&b.exchange(&mut t, &net, &keep)), None);
+    }
+    assert_eq!(net.node.directory.turn_legs(), 1);
+    assert_eq!(b.permit(&mut t, &net, relayed(0)), Some(403));
 }

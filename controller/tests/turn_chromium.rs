@@ -1,0 +1,758 @@
+//! TURN for WebRTC apps with the WebRTC stack most users run: two headless Chromium browsers
+//! (Debian's `chromium` and `chromium-driver`, installed by scripts/test.sh; without them this
+//! test fails, never skips), each under its own chromedriver with a fresh profile, make a
+//! relay-only call through a real two-relay cluster. Each browser gets only its own leg's
+//! `ice_servers` and `iceTransportPolicy: "relay"`; the test is the signaling: it carries the
+//! offer, the answer and the trickled candidates between the two pages over W3C WebDriver.
+//!
+//! From each browser's `getStats()`: the selected candidate pair is relay/relay, a data channel
+//! echoes every message, audio from the fake microphone arrives both ways, and every remote
+//! candidate is a relayed address on a Veil relay, never a socket of the other browser. From
+//! each browser's own NetLog (Chromium records every datagram its network service sends and
+//! receives, with the peer address; no root or capture tool needed): each browser exchanged
+//! datagrams with the relays' media addresses only.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use veil_controller::dev::{Cluster, Options};
+use veil_proto::v1 as pb;
+use veil_relay_core::turn::RELAYED_PORT_BASE;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The page each browser loads; the test drives its `window.veil` functions.
+const PAGE: &str = include_str!("interop/turn_call.html");
+/// Data channel messages, each echoed before the next is sent.
+const MESSAGES: u64 = 20;
+/// Audio packets each side must receive (20 ms frames: half a second of the fake tone).
+const AUDIO_PACKETS: u64 = 25;
+/// The browser part of the test, from the first chromedriver to the last NetLog.
+const BUDGET: Duration = Duration::from_secs(50);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: install Debian's chromium and chromium-driver \
+             (scripts/test.sh does, as root: apt-get install -y chromium chromium-driver)"
+        );
+    }
+    let started = Instant::now();
+    let c = Cluster::start(Options {
+        relays: 2,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let mut api = client(&c.controller_url).await;
+    let s = allocate(&mut api, request("chromium", 2)).await;
+    let relays: Vec<SocketAddr> = c.relays.iter().map(|r| r.udp).collect();
+    for leg in &s.legs {
+        assert_eq!(leg.ice_servers.len(), 2, "{leg:?}");
+        for (server, relay) in leg.ice_servers.iter().zip(&leg.relays) {
+            assert_eq!(
+                server.urls,
+                vec![format!("turn:{}?transport=udp", relay.udp_address)]
+            );
+        }
+    }
+
+    let (page, server) = serve_page().await;
+    let servers = [ice_servers(&s.legs[0]), ice_servers(&s.legs[1])];
+    let outcome = tokio::task::spawn_blocking(move || drive(page, servers))
+        .await
+        .unwrap();
+    server.abort();
+    let counters = relay_counters(&c).await;
+    let call = match outcome {
+        Ok(call) => call,
+        Err(e) => panic!("the Chromium call failed: {e}\nrelay counters: {counters:#?}"),
+    };
+    eprintln!(
+        "chromium call: connected {:?} after the offer, {:?} in all; relay counters: {counters:?}",
+        call.connected_after, call.browsers_took
+    );
+
+    assert_eq!(call.echoed, MESSAGES);
+    for (side, other) in [(0, 1), (1, 0)] {
+        let r = &call.reports[side];
+        let name = SIDES[side];
+        // One bundled transport, and its selected pair runs relay to relay.
+        let transports = r["transports"].as_array().unwrap();
+        assert!(!transports.is_empty(), "{name}: {r}");
+        for t in transports {
+            assert_eq!(
+                (t["local"]["type"].as_str(), t["remote"]["type"].as_str()),
+                (Some("relay"), Some("relay")),
+                "{name}'s selected pair: {t}"
+            );
+            assert_eq!(t["dtlsState"], "connected", "{name}: {t}");
+            // Its local end is an allocation on one of its own leg's TURN servers, its remote
+            // end one of the other browser's allocations.
+            let own_urls: Vec<&str> = s.legs[side]
+                .ice_servers
+                .iter()
+                .flat_map(|x| x.urls.iter().map(String::as_str))
+                .collect();
+            assert!(
+                t["local"]["url"]
+                    .as_str()
+                    .is_some_and(|u| own_urls.contains(&u)),
+                "{name}'s selected pair: {t}, its servers {own_urls:?}"
+            );
+            let theirs: Vec<SocketAddr> = call.reports[other]["localCandidates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(candidate_addr)
+                .collect();
+            assert!(
+                theirs.contains(&candidate_addr(&t["remote"])),
+                "{name}'s selected pair: {t}, the {}'s candidates {theirs:?}",
+                SIDES[other]
+            );
+        }
+        // Only relay candidates in either description.
+        for sdp in [&r["localSdp"], &r["remoteSdp"]] {
+            for line in sdp.as_str().unwrap().lines() {
+                if line.starts_with("a=candidate") {
+                    assert!(line.contains(" typ relay"), "{name}: {line}");
+                }
+            }
+        }
+        // Every remote candidate it learned, and the remote end of every pair it formed, is a
+        // relayed address on one of the relays (the relay's IP, a relayed port), never a socket
+        // of the other browser.
+        let remotes: Vec<&Value> = r["remoteCandidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(r["pairs"].as_array().unwrap().iter().map(|p| &p["remote"]))
+            .collect();
+        assert!(!remotes.is_empty(), "{name}: {r}");
+        for cand in remotes {
+            assert_eq!(cand["type"], "relay", "{name}: {cand}");
+            let addr = candidate_addr(cand);
+            assert!(
+                relays.iter().any(|x| x.ip() == addr.ip()),
+                "{name} learned {addr}, not on a relay {relays:?}"
+            );
+            assert!(
+                addr.port() >= RELAYED_PORT_BASE && addr.port().is_multiple_of(2),
+                "{name} learned {addr}, not a relayed port"
+            );
+            assert!(
+                !call.udp[other].locals.contains(&addr),
+                "{name} learned {addr}, a socket of the {}",
+                SIDES[other]
+            );
+        }
+        // Audio from the fake microphone arrived (headless Chromium plays nothing out, so its
+        // totalAudioEnergy stays 0: packets are the measure).
+        let received: u64 = r["inbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["kind"] == "audio")
+            .map(|s| s["packetsReceived"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(
+            received >= AUDIO_PACKETS,
+            "{name} got {received} audio packets: {r}"
+        );
+
+        // What the browser's network service itself saw: datagrams to and from the relays'
+        // media addresses only, and plenty of them.
+        let udp = &call.udp[side];
+        let strangers: Vec<_> = udp.peers.keys().filter(|a| !relays.contains(a)).collect();
+        assert!(
+            strangers.is_empty(),
+            "{name} exchanged datagrams with {strangers:?}, not only relays {relays:?}: {udp:?}"
+        );
+        assert_eq!(udp.unaddressed, 0, "{name}: {udp:?}");
+        let (sent, got) = udp
+            .peers
+            .values()
+            .fold((0, 0), |(s, g), (a, b)| (s + a, g + b));
+        assert!(
+            sent >= AUDIO_PACKETS && got >= AUDIO_PACKETS,
+            "{name}'s NetLog holds {sent} datagrams sent and {got} received: {udp:?}"
+        );
+        eprintln!(
+            "{name}: selected {} -> {}; {received} audio packets in; NetLog: {:?}",
+            transports[0]["local"], transports[0]["remote"], udp.peers
+        );
+    }
+    // The relays carried the call as TURN.
+    let turn: u64 = counters
+        .iter()
+        .filter(|(k, _)| k.starts_with("forwarded") && k.contains(r#"transport="turn-udp""#))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(turn > 2 * AUDIO_PACKETS, "{counters:?}");
+    eprintln!("whole test: {:?}", started.elapsed());
+}
+
+const SIDES: [&str; 2] = ["caller", "callee"];
+
+/// A leg's `ice_servers` as the W3C `RTCIceServer` list the page passes to the browser.
+fn ice_servers(leg: &pb::Leg) -> Value {
+    leg.ice_servers
+        .iter()
+        .map(|s| json!({"urls": s.urls, "username": s.username, "credential": s.credential}))
+        .collect()
+}
+
+fn candidate_addr(cand: &Value) -> SocketAddr {
+    let ip: IpAddr = cand["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a candidate without an IP address: {cand}"));
+    SocketAddr::new(ip, cand["port"].as_u64().unwrap() as u16)
+}
+
+/// Serves the page at `http://127.0.0.1:PORT/` (a secure context, so `getUserMedia` works),
+/// until the task is aborted.
+async fn serve_page() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let (status, body) = match head.split_whitespace().nth(1) {
+                    Some("/") => ("200 OK", PAGE),
+                    _ => ("404 Not Found", "not found"),
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
+                     Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                // The browser may have gone away; nothing to do about it here.
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// What the call showed, once both browsers have quit.
+struct Call {
+    /// Each side's `veil.report()`: getStats, descriptions and the page's event log.
+    reports: [Value; 2],
+    /// Each side's UDP traffic, from its NetLog.
+    udp: [UdpLog; 2],
+    echoed: u64,
+    connected_after: Duration,
+    browsers_took: Duration,
+}
+
+/// Runs the call in two fresh browsers; returns what it showed, or why it failed (with both
+/// pages' event logs, and where the NetLogs were kept).
+fn drive(page: String, servers: [Value; 2]) -> Result<Call, String> {
+    let deadline = Instant::now() + BUDGET;
+    let start = Instant::now();
+    let mut browsers = [Browser::launch(SIDES[0])?, Browser::launch(SIDES[1])?];
+    let result = (|| -> Result<_, String> {
+        for (b, s) in browsers.iter().zip(&servers) {
+            b.open(&page)?;
+            b.call("start", json!([s, b.name == SIDES[0]]), deadline)?;
+        }
+        let [caller, callee] = &browsers;
+        let offer = caller.call("offer", json!([]), deadline)?;
+        let offered = Instant::now();
+        let answer = callee.call("answer", json!([offer]), deadline)?;
+        caller.call("accept", json!([answer]), deadline)?;
+        trickle(
+            &browsers,
+            deadline.min(Instant::now() + Duration::from_secs(15)),
+        )?;
+        let connected_after = offered.elapsed();
+        let echoed = caller.call("echo", json!([MESSAGES]), deadline)?["echoed"]
+            .as_u64()
+            .unwrap_or(0);
+        for b in &browsers {
+            b.call("audio", json!([AUDIO_PACKETS, 10000]), deadline)?;
+        }
+        let reports = [
+            caller.call("report", json!([]), deadline)?,
+            callee.call("report", json!([]), deadline)?,
+        ];
+        Ok((reports, echoed, connected_after))
+    })();
+    let (reports, echoed, connected_after) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            // The pages' own account of what happened, then what each browser sent and got
+            // (datagram sizes tell STUN methods apart: Chromium's first Allocate is 28 bytes).
+            let mut msg = e;
+            let until = Instant::now() + Duration::from_secs(5);
+            for b in &mut browsers {
+                let report = b.call("report", json!([]), until);
+                let report = report.map(|r| {
+                    json!({"connection": r["connectionState"], "pairs": r["pairs"],
+                           "events": r["events"]})
+                });
+                msg += &format!("\n{}: {report:?}", b.name);
+                b.keep = true;
+                let udp = b.quit().and_then(|()| read_netlog(&b.netlog()));
+                msg += &format!("\n{} datagrams: {:?}", b.name, udp.map(|u| u.sizes));
+                msg += &format!("\n{} NetLog kept at {}", b.name, b.netlog().display());
+                msg += &format!("\n{} chromedriver: {}", b.name, b.driver_log());
+            }
+            return Err(msg);
+        }
+    };
+    // Quitting closes both peer connections (Chromium releases its allocations) and makes
+    // each browser finish its NetLog.
+    let mut udp = Vec::new();
+    for b in &mut browsers {
+        b.quit()?;
+        udp.push(read_netlog(&b.netlog())?);
+    }
+    Ok(Call {
+        reports,
+        udp: udp.try_into().unwrap(),
+        echoed,
+        connected_after,
+        browsers_took: start.elapsed(),
+    })
+}
+
+/// Carries each side's candidates to the other as they are gathered, until both are connected
+/// (or one fails, or `until`).
+fn trickle(browsers: &[Browser; 2], until: Instant) -> Result<(), String> {
+    loop {
+        let states = [
+            browsers[0].call("take", json!([]), until)?,
+            browsers[1].call("take", json!([]), until)?,
+        ];
+        for (from, to) in [(0, 1), (1, 0)] {
+            let candidates = &states[from]["candidates"];
+            if candidates.as_array().is_some_and(|c| !c.is_empty()) {
+                browsers[to].call("add", json!([candidates]), until)?;
+            }
+        }
+        if states.iter().all(|s| s["connection"] == "connected") {
+            return Ok(());
+        }
+        if let Some(s) = states
+            .iter()
+            .find(|s| s["connection"] == "failed" || s["connection"] == "closed")
+        {
+            return Err(format!("connection {}: {states:?}", s["connection"]));
+        }
+        if Instant::now() >= until {
+            return Err(format!("not connected in time: {states:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One headless Chromium under its own chromedriver, with a fresh profile and its own NetLog.
+/// Dropping it ends the WebDriver session (Chromium quits), then stops chromedriver and anything
+/// it started that still runs, each by PID.
+struct Browser {
+    name: &'static str,
+    driver: Child,
+    port: u16,
+    session: Option<String>,
+    dir: PathBuf,
+    log: Arc<Mutex<Vec<u8>>>,
+    /// Keep the profile and NetLog directory (after a failure).
+    keep: bool,
+}
+
+impl Browser {
+    fn launch(name: &'static str) -> Result<Self, String> {
+        let dir =
+            std::env::temp_dir().join(format!("veil-turn-chromium-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("profile")).map_err(|e| format!("{dir:?}: {e}"))?;
+        let mut driver = Command::new(CHROMEDRIVER)
+            .args(["--port=0", "--log-level=WARNING"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("start {CHROMEDRIVER}: {e}"))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let (out, err) = (driver.stdout.take().unwrap(), driver.stderr.take().unwrap());
+        for (pipe, tx) in [
+            (Box::new(out) as Box<dyn Read + Send>, Some(tx)),
+            (Box::new(err), None),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    // "ChromeDriver was started successfully on port 37305."
+                    if let (Some(tx), Some(port)) =
+                        (&tx, line.split("started successfully on port ").nth(1))
+                    {
+                        let _ = tx.send(port.trim_end_matches('.').parse::<u16>());
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.extend_from_slice(line.as_bytes());
+                    log.push(b'\n');
+                }
+            });
+        }
+        let mut b = Self {
+            name,
+            driver,
+            port: 0,
+            session: None,
+            dir,
+            log,
+            keep: false,
+        };
+        b.port = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(port)) => port,
+            other => {
+                return Err(format!(
+                    "{name}: no chromedriver port ({other:?}): {}",
+                    b.driver_log()
+                ));
+            }
+        };
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            &format!("--user-data-dir={}", b.dir.join("profile").display()),
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            // Loopback is the only path to the relays here: without this Chromium gathers no
+            // candidate at all.
+            "--allow-loopback-in-peer-connection",
+            // No name resolution at all, so nothing but the call (and the page) touches the
+            // network.
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            &format!("--log-net-log={}", b.netlog().display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "timeouts": {"script": 30000, "pageLoad": 10000},
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+        }}});
+        let v = webdriver(
+            b.port,
+            "POST",
+            "/session",
+            Some(&caps),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| format!("{name}: new session: {e}\n{}", b.driver_log()))?;
+        b.session = Some(
+            v["sessionId"]
+                .as_str()
+                .ok_or_else(|| format!("{name}: no session id in {v}"))?
+                .to_string(),
+        );
+        Ok(b)
+    }
+
+    fn netlog(&self) -> PathBuf {
+        self.dir.join("netlog.json")
+    }
+
+    fn driver_log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    fn session(&self) -> Result<&str, String> {
+        self.session
+            .as_deref()
+            .ok_or_else(|| format!("{}: no WebDriver session", self.name))
+    }
+
+    fn open(&self, url: &str) -> Result<(), String> {
+        let path = format!("/session/{}/url", self.session()?);
+        webdriver(
+            self.port,
+            "POST",
+            &path,
+            Some(&json!({"url": url})),
+            Duration::from_secs(15),
+        )
+        .map(drop)
+        .map_err(|e| format!("{}: open {url}: {e}", self.name))
+    }
+
+    /// Runs `veil.<func>(...args)` in the page and waits for its promise (at most until
+    /// `deadline`, and the script timeout); returns what it resolved to.
+    fn call(&self, func: &str, args: Value, deadline: Instant) -> Result<Value, String> {
+        const SCRIPT: &str = "const done = arguments[arguments.length - 1];
+            Promise.resolve()
+              .then(() => window.veil[arguments[0]](...arguments[1]))
+              .then((v) => done({ ok: v === undefined ? null : v }),
+                    (e) => done({ err: String((e && e.stack) || e) }));";
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("{}: veil.{func}: out of time", self.name))?;
+        let path = format!("/session/{}/execute/async", self.session()?);
+        let body = json!({"script": SCRIPT, "args": [func, args]});
+        let v = webdriver(self.port, "POST", &path, Some(&body), left)
+            .map_err(|e| format!("{}: veil.{func}: {e}", self.name))?;
+        match v.get("ok") {
+            Some(ok) => Ok(ok.clone()),
+            None => Err(format!("{}: veil.{func} failed: {}", self.name, v["err"])),
+        }
+    }
+
+    /// Ends the WebDriver session: Chromium closes the page and quits.
+    fn quit(&mut self) -> Result<(), String> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let path = format!("/session/{session}");
+        webdriver(self.port, "DELETE", &path, None, Duration::from_secs(10))
+            .map(drop)
+            .map_err(|e| format!("{}: quit: {e}", self.name))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.quit();
+        // Whatever chromedriver started that still runs (a browser that did not quit), then
+        // chromedriver itself: all ours, each by PID.
+        for pid in descendants(self.driver.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The PIDs of every process below `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+        {
+            parent.insert(p, ppid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (&child, _) in parent.iter().filter(|(_, pp)| **pp == p) {
+            out.push(child);
+            frontier.push(child);
+        }
+    }
+    out
+}
+
+/// One W3C WebDriver command over its own HTTP/1.1 connection; returns the answer's `value`,
+/// or the WebDriver error.
+fn webdriver(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("connect to chromedriver on port {port}: {e}"))?;
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    conn.set_write_timeout(Some(timeout)).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes())
+        .map_err(|e| format!("{method} {path}: {e}"))?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    let (head_len, length) = loop {
+        let n = conn
+            .read(&mut buf)
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("{method} {path}: connection closed mid-answer"));
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| format!("{method} {path}: no Content-Length in {head:?}"))?;
+            break (end + 4, length);
+        }
+    };
+    while raw.len() < head_len + length {
+        let n = conn
+            .read(&mut buf)
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("{method} {path}: connection closed mid-answer"));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let status = String::from_utf8_lossy(&raw[..head_len])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0);
+    let v: Value = serde_json::from_slice(&raw[head_len..head_len + length])
+        .map_err(|e| format!("{method} {path}: HTTP {status}, not JSON: {e}"))?;
+    let value = v.get("value").cloned().unwrap_or(Value::Null);
+    if status != 200 {
+        return Err(format!("{method} {path}: HTTP {status}: {value}"));
+    }
+    Ok(value)
+}
+
+/// A browser's UDP traffic as its NetLog recorded it.
+#[derive(Debug, Default)]
+struct UdpLog {
+    /// Datagrams (sent, received), by the peer's address.
+    peers: BTreeMap<SocketAddr, (u64, u64)>,
+    /// Datagrams sent or received on a socket with no peer address known.
+    unaddressed: u64,
+    /// Every local address a UDP socket of the browser had.
+    locals: BTreeSet<SocketAddr>,
+    /// Datagrams by direction, peer and size ("to 127.0.0.1:4000 28 B").
+    sizes: BTreeMap<String, u64>,
+}
+
+/// Reads a NetLog file: the constants on the first line, then one event a line (a NetLog cut
+/// short by a crash still reads up to its last whole line).
+fn read_netlog(path: &Path) -> Result<UdpLog, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = text.lines();
+    let constants: Value = lines
+        .next()
+        .and_then(|l| l.strip_prefix(r#"{"constants":"#))
+        .and_then(|l| serde_json::from_str(l.trim_end_matches(',')).ok())
+        .ok_or_else(|| format!("{}: no NetLog constants", path.display()))?;
+    let kind = |name: &str| {
+        constants["logEventTypes"][name]
+            .as_u64()
+            .ok_or_else(|| format!("NetLog has no event type {name}"))
+    };
+    let (sent, received) = (kind("UDP_BYTES_SENT")?, kind("UDP_BYTES_RECEIVED")?);
+    let (connect, local) = (kind("UDP_CONNECT")?, kind("UDP_LOCAL_ADDRESS")?);
+    let mut log = UdpLog::default();
+    let mut connected: HashMap<u64, SocketAddr> = HashMap::new();
+    for line in lines {
+        let Ok(e) = serde_json::from_str::<Value>(line.trim_end_matches(',')) else {
+            continue;
+        };
+        let (Some(t), Some(source)) = (e["type"].as_u64(), e["source"]["id"].as_u64()) else {
+            continue;
+        };
+        let addr = e["params"]["address"]
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        if t == connect {
+            if let Some(a) = addr {
+                connected.insert(source, a);
+            }
+        } else if t == local {
+            log.locals.extend(addr);
+        } else if t == sent || t == received {
+            let dir = if t == sent { "to" } else { "from" };
+            let size = &e["params"]["byte_count"];
+            let peer = addr.or_else(|| connected.get(&source).copied());
+            let key = format!(
+                "{dir} {} {size} B",
+                peer.map_or("?".into(), |p| p.to_string())
+            );
+            *log.sizes.entry(key).or_default() += 1;
+            match peer {
+                Some(peer) => {
+                    let n = log.peers.entry(peer).or_default();
+                    if t == sent {
+                        n.0 += 1;
+                    } else {
+                        n.1 += 1;
+                    }
+                }
+                None => log.unaddressed += 1,
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// Every non-zero forwarded and dropped packet counter of the cluster's relays, summed over
+/// relays, by label set.
+async fn relay_counters(c: &Cluster) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for relay in &c.relays {
+        let text = http_get(relay.metrics, "/metrics").await;
+        for line in text.lines() {
+            let Some(rest) = line
+                .strip_prefix("veil_relay_forwarded_packets_total")
+                .map(|r| ("forwarded", r))
+                .or_else(|| {
+                    line.strip_prefix("veil_relay_dropped_packets_total")
+                        .map(|r| ("dropped", r))
+                })
+            else {
+                continue;
+            };
+            let Some((labels, value)) = rest.1.rsplit_once(' ') else {
+                continue;
+            };
+            let v = value.parse::<f64>().unwrap_or(0.0) as u64;
+            if v > 0 {
+                *out.entry(format!("{}{labels}", rest.0)).or_default() += v;
+            }
+        }
+    }
+    out
+}
