@@ -203,12 +203,6 @@ impl Settings {
 
     /// What `--check-config` prints: every setting, tokens and keys as counts and ids only.
     pub fn effective(&self, config: &Config) -> veil_ops::check::Effective {
-        let keys: Vec<String> = self
-            .keys
-            .key_ids()
-            .iter()
-            .map(|k| k.0.to_string())
-            .collect();
         let key_source = config.key_file.as_ref().map_or_else(
             || "generated (--dev)".to_string(),
             |p| p.display().to_string(),
@@ -217,14 +211,7 @@ impl Settings {
         veil_ops::check::Effective::new("veil-controller")
             .set("grpc-addr", self.grpc_addr)
             .set("ops-addr", self.ops_addr)
-            .set(
-                "key-file",
-                format!(
-                    "{key_source} (key ids {}, signing {})",
-                    keys.join(","),
-                    self.keys.signing_key_id().0
-                ),
-            )
+            .key_ring(key_source, &self.keys)
             .secret("signaling-tokens", self.signaling_tokens.len())
             .secret("relay-tokens", self.relay_tokens.len())
             .secret("admin-tokens", self.admin_tokens.len())

@@ -46,6 +46,19 @@ impl Effective {
         self.set(flag, s)
     }
 
+    /// The key ring: where it came from and its key ids, never a secret.
+    pub fn key_ring(self, source: impl Display, keys: &veil_protocol::KeyRing) -> Self {
+        let ids: Vec<String> = keys.key_ids().iter().map(|k| k.0.to_string()).collect();
+        self.set(
+            "key-file",
+            format!(
+                "{source} (key ids {}, signing {})",
+                ids.join(","),
+                keys.signing_key_id().0
+            ),
+        )
+    }
+
     /// Secret values: only how many are set, never what they are.
     pub fn secret(self, flag: &'static str, count: usize) -> Self {
         match count {

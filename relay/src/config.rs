@@ -271,12 +271,6 @@ impl Settings {
                 hex::encode(q.identity.fingerprint())
             )
         });
-        let keys: Vec<String> = self
-            .keys
-            .key_ids()
-            .iter()
-            .map(|k| k.0.to_string())
-            .collect();
         veil_ops::check::Effective::new("veil-relay")
             .set("udp-addr", self.udp_addr)
             .set(
@@ -312,15 +306,7 @@ impl Settings {
                 "controller-token",
                 usize::from(self.controller_token.is_some()),
             )
-            .set(
-                "key-file",
-                format!(
-                    "{} (key ids {}, signing {})",
-                    config.key_file.display(),
-                    keys.join(","),
-                    self.keys.signing_key_id().0
-                ),
-            )
+            .key_ring(config.key_file.display(), &self.keys)
             .set("node-id", &self.node_id)
             .set("region", &self.region)
             .set("zone", &self.zone)

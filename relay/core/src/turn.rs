@@ -197,6 +197,9 @@ fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
 struct Verified {
     key: [u8; 16],
     ticket: [u8; TICKET_LEN],
+    /// The ticket's claims, where they were decoded (not for a request on the allocation the
+    /// ticket already holds, whose cached key needed no derivation).
+    claims: Option<crate::token::Ticket>,
 }
 
 /// The outcome of checking a request's credentials.
@@ -437,19 +440,24 @@ impl ForwardingTable {
             .and_then(|l| l.turn.as_ref())
             .filter(|a| a.ticket == ticket)
             .map(|a| a.key);
-        let key = match cached {
-            Some(k) => k,
+        let (key, claims) = match cached {
+            Some(k) => (k, None),
             None => match self.node.keys().leg_key(&ticket) {
-                Ok((_, leg_key)) => {
-                    stun::long_term_key(user, realm, credential(&leg_key).as_bytes())
-                }
+                Ok((claims, leg_key)) => (
+                    stun::long_term_key(user, realm, credential(&leg_key).as_bytes()),
+                    Some(claims),
+                ),
                 Err(_) => return Auth::Challenged(self.challenge(now, addr, req, false)),
             },
         };
         if !req.verify_integrity(&key) {
             return Auth::Challenged(self.challenge(now, addr, req, false));
         }
-        Auth::Verified(Verified { key, ticket })
+        Auth::Verified(Verified {
+            key,
+            ticket,
+            claims,
+        })
     }
 
     fn turn_request(
@@ -588,8 +596,17 @@ impl ForwardingTable {
             );
         }
         let node = self.node.clone();
-        let Ok((ticket, _)) = node.keys().leg_key(&v.ticket) else {
-            return self.refuse(ep, req, 401, "Unauthorized", key, DropReason::BadToken);
+        // Decoded by `authenticate`: only a 5-tuple's own allocation skips that, and it got
+        // 437 above.
+        let Some(ticket) = v.claims else {
+            return self.refuse(
+                ep,
+                req,
+                437,
+                "Allocation Mismatch",
+                key,
+                DropReason::TurnNoAllocation,
+            );
         };
         let now_unix = node.unix_ms(now);
         if ticket.expires_unix_ms <= now_unix {
@@ -682,16 +699,26 @@ impl ForwardingTable {
 
     /// The peer legs a request names, or `None` (answered 403) if any is not another
     /// allocation of the session.
-    fn peers_of(&self, ep: Endpoint, ip: IpAddr, req: &Message<'_>) -> Option<(u128, usize)> {
+    fn peers_of(&self, ep: Endpoint, ip: IpAddr, req: &Message<'_>) -> Option<u128> {
         let leg = self.legs.get(&EndpointKey(ep))?;
         let legs = leg.session.legs();
         let mut mask = 0u128;
-        let mut n = 0;
         for p in req.peers() {
             mask |= 1u128 << peer_leg(&legs, leg.leg, ip, p)?;
-            n += 1;
         }
-        Some((mask, n))
+        Some(mask)
+    }
+
+    /// 403 for a request naming a peer outside the session.
+    fn forbidden(&mut self, ep: Endpoint, req: &Message<'_>, key: &[u8; 16]) -> Verdict {
+        self.refuse(
+            ep,
+            req,
+            403,
+            "Forbidden",
+            key,
+            DropReason::TurnForbiddenPeer,
+        )
     }
 
     fn create_permission(
@@ -705,15 +732,8 @@ impl ForwardingTable {
         if req.peers().next().is_none() || req.too_many_peers {
             return self.refuse(ep, req, 400, "Bad Request", &v.key, DropReason::Malformed);
         }
-        let Some((mask, _)) = self.peers_of(ep, ip, req) else {
-            return self.refuse(
-                ep,
-                req,
-                403,
-                "Forbidden",
-                &v.key,
-                DropReason::TurnForbiddenPeer,
-            );
+        let Some(mask) = self.peers_of(ep, ip, req) else {
+            return self.forbidden(ep, req, &v.key);
         };
         let until = self.node.unix_ms(now) + PERMISSION_LIFETIME.as_millis() as u64;
         if !self.update_view(now, ep, |view| {
@@ -747,15 +767,8 @@ impl ForwardingTable {
         let (Some(_), None) = (peers.next(), peers.next()) else {
             return self.refuse(ep, req, 400, "Bad Request", &v.key, DropReason::Malformed);
         };
-        let Some((mask, _)) = self.peers_of(ep, ip, req) else {
-            return self.refuse(
-                ep,
-                req,
-                403,
-                "Forbidden",
-                &v.key,
-                DropReason::TurnForbiddenPeer,
-            );
+        let Some(mask) = self.peers_of(ep, ip, req) else {
+            return self.forbidden(ep, req, &v.key);
         };
         let peer = mask.trailing_zeros() as u8;
         let until = self.node.unix_ms(now) + PERMISSION_LIFETIME.as_millis() as u64;
