@@ -30,7 +30,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
 fi
 
-all_targets=(wire ticket token key_ring cookie datagram stun turn)
+all_targets=(wire ticket token key_ring cookie datagram stun turn turn_stream)
 features=()
 if [ "$FUZZ_CONTROLLER" != 0 ]; then
     all_targets+=(allocate_request)

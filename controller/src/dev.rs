@@ -34,6 +34,8 @@ pub struct Options {
     pub quic: bool,
     /// Leg capacity of each relay, cycled; empty for the default.
     pub capacities: Vec<usize>,
+    /// Serve TURN over TCP and TLS (self-signed certificates) as well as over UDP.
+    pub turn_streams: bool,
 }
 
 impl Default for Options {
@@ -45,6 +47,7 @@ impl Default for Options {
             leg_idle: Duration::from_secs(30),
             quic: true,
             capacities: Vec::new(),
+            turn_streams: true,
         }
     }
 }
@@ -58,6 +61,14 @@ pub struct DevRelay {
     pub udp: SocketAddr,
     /// QUIC address, if served.
     pub quic: Option<SocketAddr>,
+    /// TURN over TCP address, if served.
+    pub turn_tcp: Option<SocketAddr>,
+    /// TURN over TLS address (`host:port`), if served.
+    pub turn_tls: Option<String>,
+    /// SHA-256 of the TURN over TLS certificate's public key (SPKI), base64: the certificate is
+    /// self-signed, and this is what a client pins (Chromium:
+    /// `--ignore-certificate-errors-spki-list`).
+    pub turn_tls_spki: Option<String>,
     /// Ops endpoint (/metrics, /healthz, /readyz).
     pub metrics: SocketAddr,
 }
@@ -136,11 +147,23 @@ impl Cluster {
             if opts.quic {
                 s.quic = Some(veil_relay::config::QuicSettings::local()?);
             }
+            if opts.turn_streams {
+                s.turn_streams = veil_relay::config::TurnStreamSettings::local()?;
+            }
+            let turn_tls_spki = s
+                .turn_streams
+                .tls
+                .as_ref()
+                .map(|(_, id)| id.spki_sha256_base64())
+                .transpose()?;
             let relay = RelayServer::load(s).await?;
             relays.push(DevRelay {
                 node_id: format!("relay-{i}"),
                 udp: relay.public_udp_addr(),
                 quic: relay.public_quic_addr(),
+                turn_tcp: relay.public_turn_tcp_addr(),
+                turn_tls: relay.public_turn_tls_addr(),
+                turn_tls_spki,
                 metrics: relay.ops_addr(),
             });
             relay_nodes.push(relay.node().clone());

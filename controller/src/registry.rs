@@ -46,6 +46,10 @@ pub struct RelayInfo {
     pub quic_cert_sha256: Vec<u8>,
     /// Whether the relay serves TURN on its UDP address.
     pub turn_udp: bool,
+    /// TURN over TCP address, `ip:port`; empty without.
+    pub turn_tcp_address: String,
+    /// TURN over TLS address, `host:port`; empty without.
+    pub turn_tls_address: String,
     /// Most legs.
     pub capacity_legs: u64,
     /// Changes when the relay restarts.
@@ -62,6 +66,8 @@ impl From<&RelayHello> for RelayInfo {
             quic_address: h.quic_address.clone(),
             quic_cert_sha256: h.quic_cert_sha256.clone(),
             turn_udp: h.turn_udp,
+            turn_tcp_address: h.turn_tcp_address.clone(),
+            turn_tls_address: h.turn_tls_address.clone(),
             capacity_legs: h.capacity_legs,
             instance_id: h.instance_id,
         }

@@ -332,12 +332,43 @@ fn check_hello(h: &pb::RelayHello) -> Result<(), Status> {
             "hello.quic_address must be empty or ip:port",
         ));
     }
+    if !h.turn_tcp_address.is_empty()
+        && (!h.turn_udp || h.turn_tcp_address.parse::<std::net::SocketAddr>().is_err())
+    {
+        return Err(Status::invalid_argument(
+            "hello.turn_tcp_address must be empty or ip:port, and needs hello.turn_udp",
+        ));
+    }
+    if !h.turn_tls_address.is_empty() && (!h.turn_udp || !valid_host_port(&h.turn_tls_address)) {
+        return Err(Status::invalid_argument(
+            "hello.turn_tls_address must be empty or host:port, and needs hello.turn_udp",
+        ));
+    }
     if h.capacity_legs == 0 {
         return Err(Status::invalid_argument(
             "hello.capacity_legs must be at least 1",
         ));
     }
     Ok(())
+}
+
+/// True for `ip:port`, `[ipv6]:port` or `dns-name:port`: what may follow `turns:` in a URL.
+fn valid_host_port(s: &str) -> bool {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok_and(|p| p != 0)
+        && !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 #[tonic::async_trait]
@@ -444,6 +475,8 @@ fn relay_status(v: &crate::registry::RelayView) -> pb::RelayStatus {
             instance_id: i.instance_id,
             draining: v.load.draining,
             turn_udp: i.turn_udp,
+            turn_tcp_address: i.turn_tcp_address.clone(),
+            turn_tls_address: i.turn_tls_address.clone(),
         }),
         up: v.health == crate::registry::Health::Up,
         draining: v.draining,

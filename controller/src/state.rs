@@ -413,7 +413,8 @@ impl Controller {
 }
 
 /// A leg's relays as TURN servers (`RTCIceServer`), the primary first, with the leg's TURN
-/// credentials.
+/// credentials: each relay's URLs are TURN over UDP, then over TCP and TLS where it serves them
+/// (a WebRTC client prefers UDP, and falls back to TCP or TLS where its network blocks UDP).
 fn ice_servers(token: &[u8], relays: &[(RelayInfo, Role)]) -> Vec<pb::IceServer> {
     let Ok(token) = veil_protocol::Token::from_bytes(token) else {
         return Vec::new();
@@ -423,7 +424,16 @@ fn ice_servers(token: &[u8], relays: &[(RelayInfo, Role)]) -> Vec<pb::IceServer>
         .iter()
         .filter(|(r, _)| r.turn_udp)
         .map(|(r, _)| pb::IceServer {
-            urls: vec![format!("turn:{}?transport=udp", r.udp_address)],
+            urls: std::iter::once(format!("turn:{}?transport=udp", r.udp_address))
+                .chain(
+                    (!r.turn_tcp_address.is_empty())
+                        .then(|| format!("turn:{}?transport=tcp", r.turn_tcp_address)),
+                )
+                .chain(
+                    (!r.turn_tls_address.is_empty())
+                        .then(|| format!("turns:{}?transport=tcp", r.turn_tls_address)),
+                )
+                .collect(),
             username: creds.username.clone(),
             credential: creds.credential.clone(),
         })

@@ -87,7 +87,7 @@ impl Rig {
 
     /// The relay's counters: its UDP port (Veil's protocol and TURN on it), and QUIC.
     fn stats(&self) -> (Stats, Stats) {
-        let [(_, mut udp), (_, quic), (_, turn)] = self.metrics.totals();
+        let [(_, mut udp), (_, quic), (_, turn), ..] = self.metrics.totals();
         udp.merge(&turn);
         (udp, quic)
     }

@@ -40,8 +40,71 @@ const AUDIO_PACKETS: u64 = 25;
 /// The browser part of the test, from the first chromedriver to the last NetLog.
 const BUDGET: Duration = Duration::from_secs(50);
 
+/// TURN's three transports, as the `ice_servers` URLs name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// `turn:IP:PORT?transport=udp`
+    Udp,
+    /// `turn:IP:PORT?transport=tcp`
+    Tcp,
+    /// `turns:HOST:PORT?transport=tcp`
+    Tls,
+}
+
+impl Over {
+    /// Whether `url` is this transport's.
+    fn names(self, url: &str) -> bool {
+        match self {
+            Self::Udp => url.starts_with("turn:") && url.ends_with("?transport=udp"),
+            Self::Tcp => url.starts_with("turn:") && url.ends_with("?transport=tcp"),
+            Self::Tls => url.starts_with("turns:"),
+        }
+    }
+
+    /// The relay transport's metric label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Udp => "turn-udp",
+            Self::Tcp => "turn-tcp",
+            Self::Tls => "turn-tls",
+        }
+    }
+
+    /// `relayProtocol` of Chromium's local relay candidates.
+    fn relay_protocol(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// One call at a time: two browsers already keep both CPUs busy.
+static ONE_CALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
+    relay_only_call(Over::Udp).await;
+}
+
+/// The same call with each browser given only its leg's TURN over TCP URLs (as an app does on
+/// a network that blocks UDP): the browsers reach the relays over TCP only, and the relays
+/// relay between the two TCP allocations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_peers_make_a_relay_only_call_through_veil_turn_over_tcp() {
+    relay_only_call(Over::Tcp).await;
+}
+
+/// The same over TLS (`turns:`), with the relays' certificates: self-signed in the local
+/// cluster, so each browser trusts exactly their public keys
+/// (`--ignore-certificate-errors-spki-list`), and checks them as any TLS server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_peers_make_a_relay_only_call_through_veil_turn_over_tls() {
+    relay_only_call(Over::Tls).await;
+}
+
+async fn relay_only_call(over: Over) {
     for tool in [CHROMIUM, CHROMEDRIVER] {
         assert!(
             Path::new(tool).exists(),
@@ -49,6 +112,7 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
              (scripts/test.sh does, as root: apt-get install -y chromium chromium-driver)"
         );
     }
+    let _one = ONE_CALL.lock().await;
     let started = Instant::now();
     let c = Cluster::start(Options {
         relays: 2,
@@ -59,29 +123,64 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
     let mut api = client(&c.controller_url).await;
     let s = allocate(&mut api, request("chromium", 2)).await;
     let relays: Vec<SocketAddr> = c.relays.iter().map(|r| r.udp).collect();
+    // Where each browser may connect over TCP: the relays' TURN TCP and TLS ports.
+    let relay_streams: Vec<SocketAddr> = c
+        .relays
+        .iter()
+        .flat_map(|r| [r.turn_tcp, r.turn_tls.as_ref().map(|a| a.parse().unwrap())])
+        .flatten()
+        .collect();
     for leg in &s.legs {
         assert_eq!(leg.ice_servers.len(), 2, "{leg:?}");
         for (server, relay) in leg.ice_servers.iter().zip(&leg.relays) {
+            let by_id = c
+                .relays
+                .iter()
+                .find(|r| r.udp.to_string() == relay.udp_address)
+                .unwrap();
             assert_eq!(
                 server.urls,
-                vec![format!("turn:{}?transport=udp", relay.udp_address)]
+                vec![
+                    format!("turn:{}?transport=udp", relay.udp_address),
+                    format!("turn:{}?transport=tcp", by_id.turn_tcp.unwrap()),
+                    format!("turns:{}?transport=tcp", by_id.turn_tls.as_ref().unwrap()),
+                ]
             );
         }
     }
+    let spki: Vec<String> = c
+        .relays
+        .iter()
+        .filter_map(|r| r.turn_tls_spki.clone())
+        .collect();
+    let extra_args = match over {
+        Over::Tls => vec![format!(
+            "--ignore-certificate-errors-spki-list={}",
+            spki.join(",")
+        )],
+        Over::Udp | Over::Tcp => Vec::new(),
+    };
 
     let (page, server) = serve_page().await;
-    let servers = [ice_servers(&s.legs[0]), ice_servers(&s.legs[1])];
-    let outcome = tokio::task::spawn_blocking(move || drive(page, servers))
+    let servers = [ice_servers(&s.legs[0], over), ice_servers(&s.legs[1], over)];
+    let page_addr: SocketAddr = page
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let outcome = tokio::task::spawn_blocking(move || drive(page, servers, extra_args))
         .await
         .unwrap();
     server.abort();
     let counters = relay_counters(&c).await;
     let call = match outcome {
         Ok(call) => call,
-        Err(e) => panic!("the Chromium call failed: {e}\nrelay counters: {counters:#?}"),
+        Err(e) => {
+            panic!("the Chromium call over {over:?} failed: {e}\nrelay counters: {counters:#?}")
+        }
     };
     eprintln!(
-        "chromium call: connected {:?} after the offer, {:?} in all; relay counters: {counters:?}",
+        "chromium call over {over:?}: connected {:?} after the offer, {:?} in all; relay counters: {counters:?}",
         call.connected_after, call.browsers_took
     );
 
@@ -99,12 +198,18 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
                 "{name}'s selected pair: {t}"
             );
             assert_eq!(t["dtlsState"], "connected", "{name}: {t}");
+            assert_eq!(
+                t["local"]["relayProtocol"].as_str(),
+                Some(over.relay_protocol()),
+                "{name} reaches its relay over {over:?}: {t}"
+            );
             // Its local end is an allocation on one of its own leg's TURN servers, its remote
             // end one of the other browser's allocations.
             let own_urls: Vec<&str> = s.legs[side]
                 .ice_servers
                 .iter()
                 .flat_map(|x| x.urls.iter().map(String::as_str))
+                .filter(|u| over.names(u))
                 .collect();
             assert!(
                 t["local"]["url"]
@@ -154,7 +259,7 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
                 "{name} learned {addr}, not a relayed port"
             );
             assert!(
-                !call.udp[other].locals.contains(&addr),
+                !call.net[other].locals.contains(&addr),
                 "{name} learned {addr}, a socket of the {}",
                 SIDES[other]
             );
@@ -174,31 +279,53 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
         );
 
         // What the browser's network service itself saw: datagrams to and from the relays'
-        // media addresses only, and plenty of them.
-        let udp = &call.udp[side];
-        let strangers: Vec<_> = udp.peers.keys().filter(|a| !relays.contains(a)).collect();
+        // media addresses only, TCP connections to the page and the relays' TURN TCP and TLS
+        // ports only, and plenty of traffic over the transport the call uses.
+        let net = &call.net[side];
+        let strangers: Vec<_> = net.peers.keys().filter(|a| !relays.contains(a)).collect();
         assert!(
             strangers.is_empty(),
-            "{name} exchanged datagrams with {strangers:?}, not only relays {relays:?}: {udp:?}"
+            "{name} exchanged datagrams with {strangers:?}, not only relays {relays:?}: {net:?}"
         );
-        assert_eq!(udp.unaddressed, 0, "{name}: {udp:?}");
-        let (sent, got) = udp
-            .peers
-            .values()
-            .fold((0, 0), |(s, g), (a, b)| (s + a, g + b));
+        assert_eq!(net.unaddressed, 0, "{name}: {net:?}");
+        let tcp_strangers: Vec<_> = net
+            .tcp
+            .keys()
+            .filter(|a| **a != page_addr && !relay_streams.contains(a))
+            .collect();
+        assert!(
+            tcp_strangers.is_empty(),
+            "{name} connected to {tcp_strangers:?}, not only the page and the relays \
+             {relay_streams:?}: {net:?}"
+        );
+        let (sent, got) = match over {
+            Over::Udp => net
+                .peers
+                .values()
+                .fold((0, 0), |(s, g), (a, b)| (s + a, g + b)),
+            // Bytes over the relays' stream ports, in audio packets of at least 40 bytes.
+            Over::Tcp | Over::Tls => net
+                .tcp
+                .iter()
+                .filter(|(a, _)| relay_streams.contains(a))
+                .fold((0, 0), |(s, g), (_, (a, b))| (s + a / 40, g + b / 40)),
+        };
         assert!(
             sent >= AUDIO_PACKETS && got >= AUDIO_PACKETS,
-            "{name}'s NetLog holds {sent} datagrams sent and {got} received: {udp:?}"
+            "{name}'s NetLog holds {sent} and {got} (datagrams, or 40-byte units over TCP) \
+             sent and received: {net:?}"
         );
         eprintln!(
-            "{name}: selected {} -> {}; {received} audio packets in; NetLog: {:?}",
-            transports[0]["local"], transports[0]["remote"], udp.peers
+            "{name}: selected {} -> {}; {received} audio packets in; NetLog: {:?} {:?}",
+            transports[0]["local"], transports[0]["remote"], net.peers, net.tcp
         );
     }
     // The relays carried the call as TURN.
     let turn: u64 = counters
         .iter()
-        .filter(|(k, _)| k.starts_with("forwarded") && k.contains(r#"transport="turn-udp""#))
+        .filter(|(k, _)| {
+            k.starts_with("forwarded") && k.contains(&format!("transport=\"{}\"", over.label()))
+        })
         .map(|(_, v)| v)
         .sum();
     assert!(turn > 2 * AUDIO_PACKETS, "{counters:?}");
@@ -207,11 +334,15 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn() {
 
 const SIDES: [&str; 2] = ["caller", "callee"];
 
-/// A leg's `ice_servers` as the W3C `RTCIceServer` list the page passes to the browser.
-fn ice_servers(leg: &pb::Leg) -> Value {
+/// A leg's `ice_servers` as the W3C `RTCIceServer` list the page passes to the browser, with
+/// only the URLs of one transport (as an app that must avoid UDP would filter them).
+fn ice_servers(leg: &pb::Leg, over: Over) -> Value {
     leg.ice_servers
         .iter()
-        .map(|s| json!({"urls": s.urls, "username": s.username, "credential": s.credential}))
+        .map(|s| {
+            let urls: Vec<&String> = s.urls.iter().filter(|u| over.names(u)).collect();
+            json!({"urls": urls, "username": s.username, "credential": s.credential})
+        })
         .collect()
 }
 
@@ -262,8 +393,8 @@ async fn serve_page() -> (String, tokio::task::JoinHandle<()>) {
 struct Call {
     /// Each side's `veil.report()`: getStats, descriptions and the page's event log.
     reports: [Value; 2],
-    /// Each side's UDP traffic, from its NetLog.
-    udp: [UdpLog; 2],
+    /// Each side's UDP and TCP traffic, from its NetLog.
+    net: [NetLog; 2],
     echoed: u64,
     connected_after: Duration,
     browsers_took: Duration,
@@ -271,10 +402,13 @@ struct Call {
 
 /// Runs the call in two fresh browsers; returns what it showed, or why it failed (with both
 /// pages' event logs, and where the NetLogs were kept).
-fn drive(page: String, servers: [Value; 2]) -> Result<Call, String> {
+fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<Call, String> {
     let deadline = Instant::now() + BUDGET;
     let start = Instant::now();
-    let mut browsers = [Browser::launch(SIDES[0])?, Browser::launch(SIDES[1])?];
+    let mut browsers = [
+        Browser::launch(SIDES[0], &extra_args)?,
+        Browser::launch(SIDES[1], &extra_args)?,
+    ];
     let result = (|| -> Result<_, String> {
         for (b, s) in browsers.iter().zip(&servers) {
             b.open(&page)?;
@@ -317,8 +451,12 @@ fn drive(page: String, servers: [Value; 2]) -> Result<Call, String> {
                 });
                 msg += &format!("\n{}: {report:?}", b.name);
                 b.keep = true;
-                let udp = b.quit().and_then(|()| read_netlog(&b.netlog()));
-                msg += &format!("\n{} datagrams: {:?}", b.name, udp.map(|u| u.sizes));
+                let net = b.quit().and_then(|()| read_netlog(&b.netlog()));
+                msg += &format!(
+                    "\n{} datagrams: {:?}",
+                    b.name,
+                    net.map(|u| (u.sizes, u.tcp))
+                );
                 msg += &format!("\n{} NetLog kept at {}", b.name, b.netlog().display());
                 msg += &format!("\n{} chromedriver: {}", b.name, b.driver_log());
             }
@@ -327,14 +465,14 @@ fn drive(page: String, servers: [Value; 2]) -> Result<Call, String> {
     };
     // Quitting closes both peer connections (Chromium releases its allocations) and makes
     // each browser finish its NetLog.
-    let mut udp = Vec::new();
+    let mut net = Vec::new();
     for b in &mut browsers {
         b.quit()?;
-        udp.push(read_netlog(&b.netlog())?);
+        net.push(read_netlog(&b.netlog())?);
     }
     Ok(Call {
         reports,
-        udp: udp.try_into().unwrap(),
+        net: net.try_into().unwrap(),
         echoed,
         connected_after,
         browsers_took: start.elapsed(),
@@ -386,7 +524,7 @@ struct Browser {
 }
 
 impl Browser {
-    fn launch(name: &'static str) -> Result<Self, String> {
+    fn launch(name: &'static str, extra_args: &[String]) -> Result<Self, String> {
         let dir =
             std::env::temp_dir().join(format!("veil-turn-chromium-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -458,6 +596,11 @@ impl Browser {
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             &format!("--log-net-log={}", b.netlog().display()),
         ];
+        let args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(extra_args.iter().map(String::as_str))
+            .collect();
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "timeouts": {"script": 30000, "pageLoad": 10000},
@@ -655,9 +798,11 @@ fn webdriver(
     Ok(value)
 }
 
-/// A browser's UDP traffic as its NetLog recorded it.
+/// A browser's UDP and TCP traffic as its NetLog recorded it.
 #[derive(Debug, Default)]
-struct UdpLog {
+struct NetLog {
+    /// TCP bytes (sent, received), by the address each connection went to.
+    tcp: BTreeMap<SocketAddr, (u64, u64)>,
     /// Datagrams (sent, received), by the peer's address.
     peers: BTreeMap<SocketAddr, (u64, u64)>,
     /// Datagrams sent or received on a socket with no peer address known.
@@ -670,7 +815,7 @@ struct UdpLog {
 
 /// Reads a NetLog file: the constants on the first line, then one event a line (a NetLog cut
 /// short by a crash still reads up to its last whole line).
-fn read_netlog(path: &Path) -> Result<UdpLog, String> {
+fn read_netlog(path: &Path) -> Result<NetLog, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut lines = text.lines();
     let constants: Value = lines
@@ -685,8 +830,11 @@ fn read_netlog(path: &Path) -> Result<UdpLog, String> {
     };
     let (sent, received) = (kind("UDP_BYTES_SENT")?, kind("UDP_BYTES_RECEIVED")?);
     let (connect, local) = (kind("UDP_CONNECT")?, kind("UDP_LOCAL_ADDRESS")?);
-    let mut log = UdpLog::default();
+    let tcp_connect = kind("TCP_CONNECT_ATTEMPT")?;
+    let (tcp_sent, tcp_received) = (kind("SOCKET_BYTES_SENT")?, kind("SOCKET_BYTES_RECEIVED")?);
+    let mut log = NetLog::default();
     let mut connected: HashMap<u64, SocketAddr> = HashMap::new();
+    let mut tcp_connected: HashMap<u64, SocketAddr> = HashMap::new();
     for line in lines {
         let Ok(e) = serde_json::from_str::<Value>(line.trim_end_matches(',')) else {
             continue;
@@ -697,7 +845,25 @@ fn read_netlog(path: &Path) -> Result<UdpLog, String> {
         let addr = e["params"]["address"]
             .as_str()
             .and_then(|a| a.parse::<SocketAddr>().ok());
-        if t == connect {
+        if t == tcp_connect {
+            if let Some(a) = addr {
+                tcp_connected.insert(source, a);
+                log.tcp.entry(a).or_default();
+            }
+        } else if t == tcp_sent || t == tcp_received {
+            // A TCP socket's bytes, on the source its connect attempt was logged on.
+            let bytes = e["params"]["byte_count"].as_u64().unwrap_or(0);
+            let peer = tcp_connected.get(&source).copied();
+            let n = log
+                .tcp
+                .entry(peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))))
+                .or_default();
+            if t == tcp_sent {
+                n.0 += bytes;
+            } else {
+                n.1 += bytes;
+            }
+        } else if t == connect {
             if let Some(a) = addr {
                 connected.insert(source, a);
             }

@@ -948,6 +948,8 @@ impl Scenario {
         match ep {
             Endpoint::Udp(a) | Endpoint::TurnUdp(a) => Some(Door::Worker(worker_of(a))),
             Endpoint::Quic(id) => self.slot_of(id).map(Door::Conn),
+            // This model drives no TURN TCP or TLS connection.
+            Endpoint::TurnTcp(_) | Endpoint::TurnTls(_) => None,
         }
     }
 
@@ -968,6 +970,7 @@ impl Scenario {
             Endpoint::Quic(id) => self
                 .slot_of(id)
                 .is_some_and(|s| self.conn(s).addr == self.conn(s).proven),
+            Endpoint::TurnTcp(_) | Endpoint::TurnTls(_) => false,
         }
     }
 

@@ -133,6 +133,53 @@ pub struct Config {
     )]
     pub turn: bool,
 
+    /// TCP address to serve TURN over TCP on (`turn:IP:PORT?transport=tcp`, RFC 8656 §3.1), for
+    /// clients whose networks block UDP. Announced with the IP of the public UDP address and
+    /// this port. Unset: no TURN over TCP.
+    #[arg(long, env = "VEIL_RELAY_TURN_TCP_ADDR")]
+    pub turn_tcp_addr: Option<SocketAddr>,
+
+    /// TCP address to serve TURN over TLS on (`turns:HOST:PORT?transport=tcp`), for networks
+    /// that let only TLS on port 443 out; needs --turn-tls-cert-file and --turn-tls-key-file.
+    /// Unset: no TURN over TLS.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_TURN_TLS_ADDR",
+        requires = "turn_tls_cert_file"
+    )]
+    pub turn_tls_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain for TURN over TLS. WebRTC clients verify it like any TLS server's:
+    /// it must be valid for --turn-tls-name (or for the public IP without it).
+    #[arg(
+        long,
+        env = "VEIL_RELAY_TURN_TLS_CERT_FILE",
+        requires = "turn_tls_key_file",
+        requires = "turn_tls_addr"
+    )]
+    pub turn_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of the TURN over TLS certificate.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_TURN_TLS_KEY_FILE",
+        requires = "turn_tls_cert_file"
+    )]
+    pub turn_tls_key_file: Option<PathBuf>,
+
+    /// Host name in the `turns:` URLs the controller hands out (the name the TLS certificate is
+    /// for). Unset: the IP of the public UDP address.
+    #[arg(long, env = "VEIL_RELAY_TURN_TLS_NAME", requires = "turn_tls_addr")]
+    pub turn_tls_name: Option<String>,
+
+    /// The most TURN TCP and TLS connections open at once; further ones are closed at accept.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_TURN_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub turn_max_connections: usize,
+
     /// Validate the flags, the environment and the files they name (key ring, QUIC
     /// certificate), print the effective settings with secrets redacted, and exit: 0 if
     /// valid, 64 naming the field if not. Binds nothing and contacts no controller.
@@ -176,6 +223,33 @@ impl QuicSettings {
     }
 }
 
+/// TURN over TCP and TLS.
+#[derive(Debug, Clone, Default)]
+pub struct TurnStreamSettings {
+    /// Where TURN over TCP listens, if it is served.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Where TURN over TLS listens, if it is served, and its certificate.
+    pub tls: Option<(SocketAddr, Identity)>,
+    /// The host name of `turns:` URLs; `None`: the public IP.
+    pub tls_name: Option<String>,
+    /// The most connections open at once.
+    pub max_connections: usize,
+}
+
+impl TurnStreamSettings {
+    /// TURN over TCP and TLS on loopback (ephemeral ports, a self-signed certificate): for
+    /// `--dev` and tests.
+    pub fn local() -> anyhow::Result<Self> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ok(Self {
+            tcp_addr: Some(any),
+            tls: Some((any, Identity::self_signed()?)),
+            tls_name: None,
+            max_connections: 1000,
+        })
+    }
+}
+
 /// The relay's validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -207,6 +281,8 @@ pub struct Settings {
     pub core: veil_relay_core::Config,
     /// Whether TURN is served on the UDP media port.
     pub turn: bool,
+    /// TURN over TCP and TLS (served only with `turn`).
+    pub turn_streams: TurnStreamSettings,
     /// Most bound legs.
     pub max_legs: usize,
     /// Interval between load reports.
@@ -248,6 +324,7 @@ impl Settings {
             zone: String::new(),
             core: veil_relay_core::Config::default(),
             turn: true,
+            turn_streams: TurnStreamSettings::default(),
             max_legs: 200_000,
             report_interval: Duration::from_millis(1000),
             drain_deadline: Duration::ZERO,
@@ -314,6 +391,26 @@ impl Settings {
             .set("binds-per-ip", self.core.binds_per_ip)
             .set("binds-per-worker", self.core.binds_per_worker)
             .set("turn", self.turn)
+            .opt("turn-tcp-addr", self.turn_streams.tcp_addr)
+            .opt("turn-tls-addr", self.turn_streams.tls.as_ref().map(|t| t.0))
+            .opt(
+                "turn-tls-certificate",
+                match (
+                    &config.turn_tls_cert_file,
+                    &config.turn_tls_key_file,
+                    &self.turn_streams.tls,
+                ) {
+                    (Some(cert), Some(key), Some((_, id))) => Some(format!(
+                        "{} + {} (sha256 {})",
+                        cert.display(),
+                        key.display(),
+                        hex::encode(id.fingerprint())
+                    )),
+                    _ => None,
+                },
+            )
+            .opt("turn-tls-name", self.turn_streams.tls_name.as_ref())
+            .set("turn-max-connections", self.turn_streams.max_connections)
             .set("max-legs", self.max_legs)
             .set("report-interval-ms", self.report_interval.as_millis())
             .set("drain-deadline-secs", self.drain_deadline.as_secs())
@@ -323,6 +420,18 @@ impl Settings {
             )
             .set("log", &config.log_filter)
     }
+}
+
+/// True for a DNS host name: dot-separated labels of letters, digits and hyphens.
+fn valid_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Reads and parses a key ring file.
@@ -405,6 +514,46 @@ impl Config {
                 })
             }
         };
+        if !self.turn && (self.turn_tcp_addr.is_some() || self.turn_tls_addr.is_some()) {
+            bail!("--turn-tcp-addr and --turn-tls-addr need TURN on (--turn true)");
+        }
+        if self.turn_max_connections == 0 {
+            bail!("--turn-max-connections must be at least 1");
+        }
+        if let Some(name) = &self.turn_tls_name
+            && !valid_host_name(name)
+        {
+            bail!("--turn-tls-name {name:?} is not a DNS host name");
+        }
+        if let (Some(tcp), Some(tls)) = (self.turn_tcp_addr, self.turn_tls_addr)
+            && tcp.port() != 0
+            && tcp == tls
+        {
+            bail!("--turn-tcp-addr and --turn-tls-addr must differ");
+        }
+        let turn_streams = TurnStreamSettings {
+            tcp_addr: self.turn_tcp_addr,
+            tls: match (
+                self.turn_tls_addr,
+                &self.turn_tls_cert_file,
+                &self.turn_tls_key_file,
+            ) {
+                (Some(addr), Some(cert), Some(key)) => Some((
+                    addr,
+                    Identity::from_pem_files_of(
+                        cert,
+                        key,
+                        ("--turn-tls-cert-file", "--turn-tls-key-file"),
+                    )?,
+                )),
+                (Some(_), _, _) => {
+                    bail!("--turn-tls-addr needs --turn-tls-cert-file and --turn-tls-key-file")
+                }
+                _ => None,
+            },
+            tls_name: self.turn_tls_name.clone(),
+            max_connections: self.turn_max_connections,
+        };
         Ok(Settings {
             udp_addr: self.udp_addr,
             public_udp_addr: self.public_udp_addr,
@@ -425,6 +574,7 @@ impl Config {
                 ..Default::default()
             },
             turn: self.turn,
+            turn_streams,
             max_legs: self.max_legs,
             report_interval: Duration::from_millis(self.report_interval_ms),
             drain_deadline: Duration::from_secs(self.drain_deadline_secs),

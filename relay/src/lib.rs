@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod public_ip;
 pub mod quic;
 pub mod send;
+pub mod turn_stream;
 pub mod udp;
 
 use std::future::Future;
@@ -31,7 +32,8 @@ use veil_relay_core::{Node, SharedStats};
 use crate::config::Settings;
 use crate::metrics::{RelayMetrics, Transport};
 use crate::quic::QuicServer;
-use crate::send::QuicConns;
+use crate::send::{QuicConns, TurnStreams};
+use crate::turn_stream::{StreamContext, StreamServer};
 
 /// Unix milliseconds now.
 pub fn unix_ms() -> u64 {
@@ -50,6 +52,10 @@ pub struct RelayServer {
     quic: Option<QuicServer>,
     quic_addr: Option<SocketAddr>,
     quic_fingerprint: Option<[u8; 32]>,
+    turn_tcp: Option<StreamServer>,
+    turn_tcp_addr: Option<SocketAddr>,
+    turn_tls: Option<StreamServer>,
+    turn_tls_addr: Option<SocketAddr>,
     ops_addr: SocketAddr,
     metrics: Arc<RelayMetrics>,
     key_reloads: prometheus::IntCounterVec,
@@ -96,6 +102,17 @@ impl RelayServer {
         };
         let quic_addr = quic.as_ref().map(|q| q.local_addr()).transpose()?;
         let quic_fingerprint = quic.as_ref().map(|q| q.fingerprint());
+        let streams = &settings.turn_streams;
+        let turn_tcp = match streams.tcp_addr.filter(|_| settings.turn) {
+            Some(addr) => Some(StreamServer::bind_tcp(addr).await?),
+            None => None,
+        };
+        let turn_tls = match streams.tls.as_ref().filter(|_| settings.turn) {
+            Some((addr, identity)) => Some(StreamServer::bind_tls(*addr, identity).await?),
+            None => None,
+        };
+        let turn_tcp_addr = turn_tcp.as_ref().map(|s| s.local_addr()).transpose()?;
+        let turn_tls_addr = turn_tls.as_ref().map(|s| s.local_addr()).transpose()?;
         let registry = Registry::new();
         let metrics = Arc::new(RelayMetrics::register(&registry, node.clone())?);
         veil_ops::build::register(&registry, env!("CARGO_PKG_VERSION"))?;
@@ -136,6 +153,10 @@ impl RelayServer {
             quic,
             quic_addr,
             quic_fingerprint,
+            turn_tcp,
+            turn_tcp_addr,
+            turn_tls,
+            turn_tls_addr,
             ops_addr,
             metrics,
             key_reloads,
@@ -154,6 +175,23 @@ impl RelayServer {
     pub fn public_quic_addr(&self) -> Option<SocketAddr> {
         let q = self.settings.quic.as_ref()?;
         q.public_addr.or(self.quic_addr)
+    }
+
+    /// The TURN over TCP address announced to clients (the public UDP address's IP, the bound
+    /// port), if the relay serves it.
+    pub fn public_turn_tcp_addr(&self) -> Option<SocketAddr> {
+        let port = self.turn_tcp_addr?.port();
+        Some(SocketAddr::new(self.public_udp_addr().ip(), port))
+    }
+
+    /// The TURN over TLS address announced to clients, `host:port`: --turn-tls-name (or the
+    /// public UDP address's IP) and the bound port, if the relay serves it.
+    pub fn public_turn_tls_addr(&self) -> Option<String> {
+        let port = self.turn_tls_addr?.port();
+        Some(match &self.settings.turn_streams.tls_name {
+            Some(name) => format!("{name}:{port}"),
+            None => SocketAddr::new(self.public_udp_addr().ip(), port).to_string(),
+        })
     }
 
     /// SHA-256 of the QUIC certificate, if the relay serves QUIC.
@@ -188,6 +226,11 @@ impl RelayServer {
             zone: self.settings.zone.clone(),
             udp_address: self.public_udp_addr().to_string(),
             turn_udp: self.settings.turn,
+            turn_tcp_address: self
+                .public_turn_tcp_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            turn_tls_address: self.public_turn_tls_addr().unwrap_or_default(),
             quic_address: self
                 .public_quic_addr()
                 .map(|a| a.to_string())
@@ -227,6 +270,32 @@ impl RelayServer {
             None => None,
         };
 
+        // TURN over TCP and TLS: relayed datagrams to TURN UDP allocations leave from the media
+        // port, through a duplicate of the first worker's socket, as QUIC's do.
+        let streams: Option<Arc<TurnStreams>> =
+            if self.turn_tcp.is_some() || self.turn_tls.is_some() {
+                let streams = Arc::new(TurnStreams::default());
+                self.metrics.add_streams(streams.clone());
+                let ctx = Arc::new(StreamContext::new(
+                    self.node.clone(),
+                    streams.clone(),
+                    quic.clone(),
+                    Arc::new(self.sockets[0].try_clone()?),
+                    self.settings.turn_streams.max_connections,
+                    stop_rx.clone(),
+                ));
+                tasks.spawn(ctx.clone().sweep());
+                for server in [self.turn_tcp.take(), self.turn_tls.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    tasks.spawn(server.run(ctx.clone()));
+                }
+                Some(streams)
+            } else {
+                None
+            };
+
         let mut workers = Vec::new();
         let mut cpu_clocks = Vec::new();
         for (index, socket) in std::mem::take(&mut self.sockets).into_iter().enumerate() {
@@ -243,6 +312,7 @@ impl RelayServer {
                 turn_stats,
                 latency: self.metrics.forwarding_latency.clone(),
                 quic: quic.clone(),
+                streams: streams.clone(),
                 cpu_ns: {
                     let c = Arc::new(std::sync::atomic::AtomicU64::new(0));
                     cpu_clocks.push(c.clone());
@@ -310,6 +380,8 @@ impl RelayServer {
             node_id = %self.settings.node_id,
             udp = %self.udp_addr,
             quic = ?self.quic_addr,
+            turn_tcp = ?self.turn_tcp_addr,
+            turn_tls = ?self.turn_tls_addr,
             ops = %self.ops_addr,
             workers = workers.len(),
             controllers = self.settings.controllers.len(),
@@ -344,6 +416,8 @@ pub(crate) fn log_event(e: veil_relay_core::Event) {
         Endpoint::Udp(a) => Redacted(a).to_string(),
         Endpoint::Quic(c) => format!("quic#{}", c.0),
         Endpoint::TurnUdp(a) => Redacted(a).to_string(),
+        Endpoint::TurnTcp(c) => format!("turn-tcp#{}", c.0),
+        Endpoint::TurnTls(c) => format!("turn-tls#{}", c.0),
     };
     match e {
         Event::Bound {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use veil_relay_core::{BindResult, DropReason, Node, SharedStats, Stats};
 
-use crate::send::{QuicConns, QuicRefusal};
+use crate::send::{QuicConns, QuicRefusal, StreamRefusal, TurnStreams};
 
 /// A client transport, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +18,10 @@ pub enum Transport {
     Quic,
     /// TURN over UDP (on the UDP media port).
     TurnUdp,
+    /// TURN over TCP.
+    TurnTcp,
+    /// TURN over TLS.
+    TurnTls,
 }
 
 impl Transport {
@@ -27,10 +31,18 @@ impl Transport {
             Self::Udp => "udp",
             Self::Quic => "quic",
             Self::TurnUdp => "turn-udp",
+            Self::TurnTcp => "turn-tcp",
+            Self::TurnTls => "turn-tls",
         }
     }
 
-    const ALL: [Self; 3] = [Self::Udp, Self::Quic, Self::TurnUdp];
+    const ALL: [Self; 5] = [
+        Self::Udp,
+        Self::Quic,
+        Self::TurnUdp,
+        Self::TurnTcp,
+        Self::TurnTls,
+    ];
 }
 
 /// The relay's metrics, registered in a registry passed in.
@@ -62,10 +74,14 @@ pub struct RelayMetrics {
     quic_handshake_failures: IntCounterVec,
     quic_datagrams_rx: IntCounterVec,
     quic_datagrams_tx: IntCounterVec,
+    turn_connections: IntGaugeVec,
+    turn_accepted: IntCounterVec,
+    turn_refused: IntCounterVec,
     /// Time from receiving a batch of datagrams to having sent everything it caused.
     pub forwarding_latency: Histogram,
     sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
     quic: Mutex<Option<Arc<QuicConns>>>,
+    streams: Mutex<Option<Arc<TurnStreams>>>,
     refresh_lock: Mutex<()>,
     node: Arc<Node>,
 }
@@ -247,9 +263,33 @@ impl RelayMetrics {
                 "QUIC DATAGRAM frames sent (quinn's count, published about once a second per connection).",
                 &[],
             )?,
+            turn_connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "veil_relay_turn_connections",
+                        "TURN TCP and TLS connections open now (TLS: past the handshake).",
+                    ),
+                    t,
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            turn_accepted: counter(
+                registry,
+                "veil_relay_turn_connections_accepted_total",
+                "TURN TCP connections accepted, and TLS connections whose handshake completed.",
+                t,
+            )?,
+            turn_refused: counter(
+                registry,
+                "veil_relay_turn_connections_refused_total",
+                "TURN TCP and TLS connections the relay closed, by reason: full (--turn-max-connections), handshake (TLS failed or took over 5 s), no_allocation (none within 10 s), framing (bytes that are not TURN messages, or a message over 4 KiB).",
+                &["transport", "reason"],
+            )?,
             forwarding_latency,
             sources: Mutex::new(Vec::new()),
             quic: Mutex::new(None),
+            streams: Mutex::new(None),
             refresh_lock: Mutex::new(()),
             node,
         };
@@ -267,6 +307,13 @@ impl RelayMetrics {
         }
         for r in QuicRefusal::ALL {
             m.quic_refused.with_label_values(&[r.as_str()]);
+        }
+        for tr in STREAMS {
+            m.turn_connections.with_label_values(&[tr.as_str()]);
+            m.turn_accepted.with_label_values(&[tr.as_str()]);
+            for r in StreamRefusal::ALL {
+                m.turn_refused.with_label_values(&[tr.as_str(), r.as_str()]);
+            }
         }
         // Unlabelled counters (vectors only to share `set`): their one series, zero without QUIC.
         for c in [
@@ -296,8 +343,15 @@ impl RelayMetrics {
         *self.quic.lock().unwrap_or_else(|e| e.into_inner()) = Some(quic);
     }
 
+    /// Adds TURN over TCP and TLS: their counters and their connections.
+    pub fn add_streams(&self, streams: Arc<TurnStreams>) {
+        self.add_source(Transport::TurnTcp, streams.tcp.clone());
+        self.add_source(Transport::TurnTls, streams.tls.clone());
+        *self.streams.lock().unwrap_or_else(|e| e.into_inner()) = Some(streams);
+    }
+
     /// Totals per transport.
-    pub fn totals(&self) -> [(Transport, Stats); 3] {
+    pub fn totals(&self) -> [(Transport, Stats); 5] {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         Transport::ALL.map(|tr| {
             let mut total = Stats::default();
@@ -355,9 +409,31 @@ impl RelayMetrics {
                 set(&self.quic_refused, &[r.as_str()], c.refused(r));
             }
         }
+        let mut turn_streams = 0;
+        if let Some(st) = self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (tr, c) in STREAMS.into_iter().zip(&st.counters) {
+                let l = [tr.as_str()];
+                self.turn_connections
+                    .with_label_values(&l)
+                    .set(c.open.load(Relaxed) as i64);
+                set(&self.turn_accepted, &l, c.accepted.load(Relaxed));
+                for r in StreamRefusal::ALL {
+                    set(&self.turn_refused, &[tr.as_str(), r.as_str()], c.refused(r));
+                }
+                let allocated = c.allocated.load(Relaxed) as usize;
+                self.bound_legs.with_label_values(&l).set(allocated as i64);
+                turn_streams += allocated;
+            }
+        }
         self.bound_legs
             .with_label_values(&["turn-udp"])
-            .set(d.turn_legs() as i64);
+            .set(d.turn_legs().saturating_sub(turn_streams) as i64);
         self.bound_legs
             .with_label_values(&["udp"])
             .set(d.legs().saturating_sub(quic + d.turn_legs()) as i64);
@@ -367,6 +443,9 @@ impl RelayMetrics {
         self.revocations.set(d.revocations() as i64);
     }
 }
+
+/// The stream transports of TURN, in the order of [`TurnStreams::counters`].
+const STREAMS: [Transport; 2] = [Transport::TurnTcp, Transport::TurnTls];
 
 /// Outcomes of a controller host name resolution, as label values.
 const RESOLUTION_RESULTS: [&str; 2] = ["resolved", "failed"];

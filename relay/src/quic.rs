@@ -50,31 +50,39 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// Reads a PEM certificate chain and a PEM private key.
+    /// Reads a PEM certificate chain and a PEM private key (of the QUIC endpoint: errors name
+    /// `--quic-cert-file` and `--quic-key-file`).
     pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        Self::from_pem_files_of(cert, key, ("--quic-cert-file", "--quic-key-file"))
+    }
+
+    /// Reads a PEM certificate chain and a PEM private key; errors name `flags` (the
+    /// certificate's flag, then the key's).
+    pub fn from_pem_files_of(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        flags: (&str, &str),
+    ) -> anyhow::Result<Self> {
         use rustls_pki_types::pem::PemObject;
+        let (cert_flag, key_flag) = flags;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .with_context(|| format!("--quic-cert-file: cannot read {}", cert.display()))?
+            .with_context(|| format!("{cert_flag}: cannot read {}", cert.display()))?
             .collect::<Result<_, _>>()
-            .with_context(|| {
-                format!(
-                    "--quic-cert-file: {} is not PEM certificates",
-                    cert.display()
-                )
-            })?;
+            .with_context(|| format!("{cert_flag}: {} is not PEM certificates", cert.display()))?;
         if chain.is_empty() {
-            anyhow::bail!("--quic-cert-file: {} holds no certificate", cert.display());
+            anyhow::bail!("{cert_flag}: {} holds no certificate", cert.display());
         }
-        let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
-            format!(
-                "--quic-key-file: {} is not a PEM private key",
-                key.display()
-            )
-        })?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("{key_flag}: {} is not a PEM private key", key.display()))?;
         Ok(Self {
             chain,
             key: Arc::new(key),
         })
+    }
+
+    /// The private key.
+    pub(crate) fn key(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
     }
 
     /// A fresh self-signed certificate for `veil-relay` (clients pin its fingerprint).
@@ -92,6 +100,17 @@ impl Identity {
     /// SHA-256 of the leaf certificate (DER): what clients pin.
     pub fn fingerprint(&self) -> [u8; 32] {
         Sha256::digest(&self.chain[0]).into()
+    }
+
+    /// SHA-256 of the leaf certificate's SubjectPublicKeyInfo (DER), in base64: what Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes to trust a self-signed certificate (tests
+    /// of TURN over TLS with `--dev` certificates).
+    pub fn spki_sha256_base64(&self) -> anyhow::Result<String> {
+        let cert = webpki::EndEntityCert::try_from(&self.chain[0])
+            .map_err(|e| anyhow::anyhow!("leaf certificate: {e}"))?;
+        Ok(base64_encode(&Sha256::digest(
+            cert.subject_public_key_info().as_ref(),
+        )))
     }
 
     /// The leaf certificate in PEM, for clients that trust it directly.

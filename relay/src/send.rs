@@ -1,7 +1,8 @@
 //! Sending, for every shell: the one place that matches on the kind of endpoint a datagram goes
-//! to. A UDP worker and a QUIC connection both hand the core's verdicts to an [`Out`], which
-//! queues UDP datagrams for `sendmmsg` (GSO for coalesced bursts) and hands QUIC datagrams to the
-//! connection registry, [`QuicConns`]. No transport shell imports another.
+//! to. A UDP worker, a QUIC connection and a TURN TCP or TLS connection all hand the core's
+//! verdicts to an [`Out`], which queues UDP datagrams for `sendmmsg` (GSO for coalesced bursts),
+//! hands QUIC datagrams to the connection registry, [`QuicConns`], and TURN messages for TCP and
+//! TLS connections to theirs, [`TurnStreams`]. No transport shell imports another.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -169,6 +170,124 @@ impl QuicConns {
     }
 }
 
+/// The TURN TCP and TLS connections, by id: where every shell sends TURN messages for clients
+/// connected over a stream. Each connection's task writes what is queued here to its socket.
+pub struct TurnStreams {
+    conns: DashMap<ConnId, tokio::sync::mpsc::Sender<Bytes>>,
+    next_id: AtomicU64,
+    /// Counters of the turn-tcp transport (many writers: added, not published).
+    pub tcp: Arc<SharedStats>,
+    /// Counters of the turn-tls transport.
+    pub tls: Arc<SharedStats>,
+    /// Connection counters, TCP then TLS.
+    pub counters: [StreamCounters; 2],
+}
+
+/// Why a TURN TCP or TLS connection was closed by the relay, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefusal {
+    /// --turn-max-connections were open: closed at accept.
+    Full,
+    /// The TLS handshake failed or did not complete within 5 s.
+    Handshake,
+    /// No allocation within 10 s of connecting.
+    NoAllocation,
+    /// Bytes that are neither STUN nor ChannelData, or a message longer than 4 KiB: the stream
+    /// cannot be framed any more.
+    Framing,
+}
+
+impl StreamRefusal {
+    /// Every value, in order.
+    pub const ALL: [Self; 4] = [
+        Self::Full,
+        Self::Handshake,
+        Self::NoAllocation,
+        Self::Framing,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Handshake => "handshake",
+            Self::NoAllocation => "no_allocation",
+            Self::Framing => "framing",
+        }
+    }
+}
+
+/// What one stream transport (TCP or TLS) counts about its connections.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Connections open now (accepted, and for TLS past the handshake).
+    pub open: AtomicU64,
+    /// Connections accepted (for TLS: whose handshake completed).
+    pub accepted: AtomicU64,
+    /// Connections holding an allocation now.
+    pub allocated: AtomicU64,
+    refused: [AtomicU64; 4],
+}
+
+impl StreamCounters {
+    /// Counts a refusal.
+    pub fn refuse(&self, why: StreamRefusal) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals counted for `why`.
+    pub fn refused(&self, why: StreamRefusal) -> u64 {
+        self.refused[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for TurnStreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnStreams")
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Default for TurnStreams {
+    fn default() -> Self {
+        Self {
+            conns: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            tcp: Arc::new(SharedStats::default()),
+            tls: Arc::new(SharedStats::default()),
+            counters: Default::default(),
+        }
+    }
+}
+
+impl TurnStreams {
+    /// A fresh connection id.
+    pub fn next_id(&self) -> ConnId {
+        ConnId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Registers a connection's outgoing queue.
+    pub fn insert(&self, id: ConnId, queue: tokio::sync::mpsc::Sender<Bytes>) {
+        self.conns.insert(id, queue);
+    }
+
+    /// Forgets a connection.
+    pub fn remove(&self, id: ConnId) {
+        self.conns.remove(&id);
+    }
+
+    /// Queues one TURN message (framed, padded) for connection `id`, without waiting: false if
+    /// the connection is gone or its queue is full (a client that does not read; the message
+    /// is dropped, as a full socket buffer drops a UDP datagram).
+    pub fn send(&self, id: ConnId, msg: Bytes) -> bool {
+        let Some(q) = self.conns.get(&id).map(|q| q.clone()) else {
+            return false;
+        };
+        q.try_send(msg).is_ok()
+    }
+}
+
 /// Room for the largest relayed TURN datagram: a Data indication over IPv6 (48 bytes of
 /// header) around the largest payload a relay forwards, padded.
 const RELAYED_CAP: usize = MAX_DATAGRAM + 64;
@@ -240,6 +359,7 @@ impl<S: PeerAddr> Headers<S> {
 pub struct Out<'a, S: PeerAddr> {
     fd: RawFd,
     quic: Option<&'a QuicConns>,
+    streams: Option<&'a TurnStreams>,
     buf: &'a [u8],
     /// Batching state; without it (a QUIC connection, whose task cannot hold `sendmmsg`
     /// headers across an `.await`), each UDP datagram leaves at once with `sendto`.
@@ -260,6 +380,7 @@ impl<'a> Out<'a, SockaddrIn6> {
         Self {
             fd,
             quic,
+            streams: None,
             buf,
             batch: None,
             quic_copy: None,
@@ -301,6 +422,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
         Self {
             fd,
             quic,
+            streams: None,
             buf,
             batch: Some(Batch {
                 queue,
@@ -318,6 +440,19 @@ impl<'a, S: PeerAddr> Out<'a, S> {
     pub fn sharing(mut self, bytes: Bytes) -> Self {
         self.quic_copy = Some((0, bytes));
         self
+    }
+
+    /// Sends TURN messages for TCP and TLS connections through `streams`.
+    pub fn streams(mut self, streams: Option<&'a TurnStreams>) -> Self {
+        self.streams = streams;
+        self
+    }
+
+    /// Queues `msg` for TURN connection `id`; counts a failure.
+    fn stream(&mut self, id: ConnId, msg: Bytes) {
+        if !self.streams.is_some_and(|s| s.send(id, msg)) {
+            self.errors += 1;
+        }
     }
 
     /// The receive buffer the datagrams are taken from.
@@ -347,6 +482,11 @@ impl<'a, S: PeerAddr> Out<'a, S> {
                 }
                 true
             }
+            // STUN messages are a multiple of 4 bytes long: framed as they are.
+            Endpoint::TurnTcp(id) | Endpoint::TurnTls(id) => {
+                self.stream(id, Bytes::copy_from_slice(t.msg.as_bytes()));
+                true
+            }
         }
     }
 
@@ -354,15 +494,20 @@ impl<'a, S: PeerAddr> Out<'a, S> {
     /// receive buffer (`r.payload` is relative to the received datagram at `start`), framed
     /// for the receiver.
     pub fn relayed(&mut self, r: &Relayed, start: usize, len: usize) {
-        let Endpoint::TurnUdp(dst) = r.dst else {
-            // The core relays TURN only to TURN allocations.
-            self.errors += 1;
-            return;
-        };
         let mut scratch = [0u8; RELAYED_CAP];
         let txn = next_txn();
         let n = r.datagram(&self.buf[start..start + len], &mut scratch, &txn);
-        self.now(dst, &scratch[..n], None);
+        match r.dst {
+            Endpoint::TurnUdp(dst) => self.now(dst, &scratch[..n], None),
+            // Over a stream, ChannelData is padded to a multiple of 4 bytes (RFC 8656 §12.5);
+            // the padding bytes are zero.
+            Endpoint::TurnTcp(id) | Endpoint::TurnTls(id) => {
+                let padded = n.next_multiple_of(4);
+                self.stream(id, Bytes::copy_from_slice(&scratch[..padded]));
+            }
+            // The core relays TURN only to TURN allocations.
+            Endpoint::Udp(_) | Endpoint::Quic(_) => self.errors += 1,
+        }
     }
 
     /// Sends `contents` at once (control messages, GSO bursts), after whatever is queued:
@@ -433,6 +578,9 @@ impl<'a, S: PeerAddr> Out<'a, S> {
                 };
                 quic.send_datagram(conn, pkt);
             }
+            // The core forwards to TURN allocations only as addressed, framed `Relayed`
+            // datagrams, never as a native fan-out.
+            Endpoint::TurnTcp(_) | Endpoint::TurnTls(_) => self.errors += 1,
         }
     }
 

@@ -88,6 +88,8 @@ pub struct WorkerContext {
     pub latency: Histogram,
     /// Sends to QUIC legs (none if the relay serves no QUIC).
     pub quic: Option<Arc<QuicConns>>,
+    /// Sends to TURN TCP and TLS clients (none if the relay serves neither).
+    pub streams: Option<Arc<crate::send::TurnStreams>>,
     /// Where the worker publishes the CPU time its thread has used, in nanoseconds.
     pub cpu_ns: Arc<std::sync::atomic::AtomicU64>,
     /// Turns true to stop the worker.
@@ -142,6 +144,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         turn_stats,
         latency,
         quic,
+        streams,
         cpu_ns,
         shutdown,
     } = ctx;
@@ -253,7 +256,8 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
                 &mut send_headers,
                 &mut queue,
                 max_gso,
-            );
+            )
+            .streams(streams.as_deref());
             for (i, m) in meta.iter().enumerate() {
                 handle(
                     &mut relay,
@@ -285,7 +289,8 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
         if relay.poll_timeout().is_none_or(|t| now >= t) {
             cpu_ns.store(thread_cpu_ns(), std::sync::atomic::Ordering::Relaxed);
             relay.handle_timeout(now);
-            let mut out = Out::batched(fd, quic.as_deref(), &buf, &mut send_headers, &mut queue, 1);
+            let mut out = Out::batched(fd, quic.as_deref(), &buf, &mut send_headers, &mut queue, 1)
+                .streams(streams.as_deref());
             flush_control(&mut relay, &mut out);
             let errors = out.errors();
             relay.count_send_errors(errors);

@@ -67,6 +67,12 @@ fn help_documents_every_flag_and_its_environment_variable() {
         ("--drain-deadline-secs", "VEIL_RELAY_DRAIN_DEADLINE_SECS"),
         ("--log-format", "VEIL_LOG_FORMAT"),
         ("--log-filter", "VEIL_LOG"),
+        ("--turn-tcp-addr", "VEIL_RELAY_TURN_TCP_ADDR"),
+        ("--turn-tls-addr", "VEIL_RELAY_TURN_TLS_ADDR"),
+        ("--turn-tls-cert-file", "VEIL_RELAY_TURN_TLS_CERT_FILE"),
+        ("--turn-tls-key-file", "VEIL_RELAY_TURN_TLS_KEY_FILE"),
+        ("--turn-tls-name", "VEIL_RELAY_TURN_TLS_NAME"),
+        ("--turn-max-connections", "VEIL_RELAY_TURN_MAX_CONNECTIONS"),
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");
         assert!(out.contains(env), "--help lacks {env}");
@@ -129,6 +135,58 @@ fn bad_configuration_exits_64_naming_the_field() {
         (
             vec!["--key-file", good.as_str(), "--log-format", "xml"],
             "--log-format",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--turn-tls-addr",
+                "127.0.0.1:0",
+            ],
+            "--turn-tls-cert-file",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--turn-tls-addr",
+                "127.0.0.1:0",
+                "--turn-tls-cert-file",
+                "/nonexistent/cert.pem",
+                "--turn-tls-key-file",
+                "/nonexistent/key.pem",
+            ],
+            "--turn-tls-cert-file",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--turn",
+                "false",
+                "--turn-tcp-addr",
+                "127.0.0.1:0",
+            ],
+            "--turn-tcp-addr",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--turn-tcp-addr",
+                "127.0.0.1:0",
+                "--turn-max-connections",
+                "0",
+            ],
+            "--turn-max-connections",
         ),
     ];
     for (args, field) in cases {

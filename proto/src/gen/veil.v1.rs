@@ -970,6 +970,13 @@ pub struct RelayHello {
     /// True if the relay serves TURN (RFC 8656) on its UDP media address, for WebRTC clients.
     #[prost(bool, tag = "11")]
     pub turn_udp: bool,
+    /// TURN over TCP address, "ip:port"; empty if the relay serves no TURN over TCP.
+    #[prost(string, tag = "12")]
+    pub turn_tcp_address: ::prost::alloc::string::String,
+    /// TURN over TLS address, "host:port" (the host its certificate is for); empty if the relay
+    /// serves no TURN over TLS.
+    #[prost(string, tag = "13")]
+    pub turn_tls_address: ::prost::alloc::string::String,
 }
 /// A relay's load, measured over the interval since its previous report.
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]

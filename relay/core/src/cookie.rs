@@ -107,17 +107,28 @@ impl Cookies {
 /// the credentials are checked on their own.
 pub const NONCE_LEN: usize = 16;
 const NONCE_BYTES: usize = 12;
-const NONCE_CONTEXT: &[u8] = b"veil turn nonce";
+const NONCE_CONTEXT: &[u8] = b"veil turn nonce ";
+
+/// The MAC context of a nonce for `transport` ("turn-udp", "turn-tcp", "turn-tls"): a nonce
+/// proves its holder receives at an address on one transport only.
+fn nonce_context<'a>(transport: &str, buf: &'a mut [u8; 32]) -> &'a [u8] {
+    let t = &transport.as_bytes()[..transport.len().min(32 - NONCE_CONTEXT.len())];
+    buf[..NONCE_CONTEXT.len()].copy_from_slice(NONCE_CONTEXT);
+    buf[NONCE_CONTEXT.len()..NONCE_CONTEXT.len() + t.len()].copy_from_slice(t);
+    &buf[..NONCE_CONTEXT.len() + t.len()]
+}
 
 impl Cookies {
-    /// A TURN nonce (RFC 8656 NONCE) for a client at `from`: stateless, like a cookie, and
-    /// bound to the client's address, so that a request carrying it proves the client receives
-    /// there.
-    pub fn mint_nonce(&self, now_ms: u64, from: SocketAddr) -> [u8; NONCE_LEN] {
+    /// A TURN nonce (RFC 8656 NONCE) for a client at `from` on `transport` (the endpoint's
+    /// transport name): stateless, like a cookie, and bound to the client's address and
+    /// transport, so that a request carrying it proves the client receives there (a nonce a
+    /// TCP client got is no good over UDP from the same address and port, and the reverse).
+    pub fn mint_nonce(&self, now_ms: u64, from: SocketAddr, transport: &str) -> [u8; NONCE_LEN] {
         let secs = (now_ms / 1000) as u32;
         let mut raw = [0u8; NONCE_BYTES];
         raw[..4].copy_from_slice(&secs.to_be_bytes());
-        let mac = self.mac(u64::from(secs), from, NONCE_CONTEXT);
+        let mut ctx = [0u8; 32];
+        let mac = self.mac(u64::from(secs), from, nonce_context(transport, &mut ctx));
         raw[4..].copy_from_slice(&mac[..NONCE_BYTES - 4]);
         let mut out = [0u8; NONCE_LEN];
         let n = URL_SAFE_NO_PAD
@@ -127,12 +138,14 @@ impl Cookies {
         out
     }
 
-    /// Checks a TURN nonce from `from`: `Expired` once older than `lifetime` (answered 438 Stale
-    /// Nonce), `Mismatch` if it is not this relay's for this address.
+    /// Checks a TURN nonce from `from` on `transport`: `Expired` once older than `lifetime`
+    /// (answered 438 Stale Nonce), `Mismatch` if it is not this relay's for this address and
+    /// transport.
     pub fn check_nonce(
         &self,
         now_ms: u64,
         from: SocketAddr,
+        transport: &str,
         nonce: &[u8],
         lifetime: Duration,
     ) -> Result<(), CookieError> {
@@ -143,7 +156,8 @@ impl Cookies {
             return Err(CookieError::Mismatch);
         }
         let secs = u32::from_be_bytes(raw[..4].try_into().expect("4 bytes"));
-        let mac = self.mac(u64::from(secs), from, NONCE_CONTEXT);
+        let mut ctx = [0u8; 32];
+        let mac = self.mac(u64::from(secs), from, nonce_context(transport, &mut ctx));
         if !bool::from(mac[..NONCE_BYTES - 4].ct_eq(&raw[4..])) {
             return Err(CookieError::Mismatch);
         }
@@ -208,39 +222,44 @@ mod tests {
     }
 
     #[test]
-    fn a_nonce_is_bound_to_address_relay_and_time() {
+    fn a_nonce_is_bound_to_address_transport_relay_and_time() {
         let c = Cookies::new([1; 32], Duration::from_secs(10));
         let a: SocketAddr = "127.0.0.2:5000".parse().unwrap();
         let b: SocketAddr = "127.0.0.2:5001".parse().unwrap();
         let life = Duration::from_secs(600);
-        let n = c.mint_nonce(5_000, a);
+        let n = c.mint_nonce(5_000, a, "turn-udp");
         assert!(
             n.iter()
                 .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
         );
-        assert_eq!(c.check_nonce(5_000, a, &n, life), Ok(()));
-        assert_eq!(c.check_nonce(605_999, a, &n, life), Ok(()));
+        assert_eq!(c.check_nonce(5_000, a, "turn-udp", &n, life), Ok(()));
+        assert_eq!(c.check_nonce(605_999, a, "turn-udp", &n, life), Ok(()));
         assert_eq!(
-            c.check_nonce(606_000, a, &n, life),
+            c.check_nonce(606_000, a, "turn-udp", &n, life),
             Err(CookieError::Expired)
         );
         assert_eq!(
-            c.check_nonce(5_000, b, &n, life),
+            c.check_nonce(5_000, b, "turn-udp", &n, life),
             Err(CookieError::Mismatch)
+        );
+        assert_eq!(
+            c.check_nonce(5_000, a, "turn-tcp", &n, life),
+            Err(CookieError::Mismatch),
+            "a UDP client's nonce is no good over TCP from the same address"
         );
         let other = Cookies::new([2; 32], Duration::from_secs(10));
         assert_eq!(
-            other.check_nonce(5_000, a, &n, life),
+            other.check_nonce(5_000, a, "turn-udp", &n, life),
             Err(CookieError::Mismatch)
         );
         assert_eq!(
-            c.check_nonce(5_000, a, &n[..15], life),
+            c.check_nonce(5_000, a, "turn-udp", &n[..15], life),
             Err(CookieError::Mismatch)
         );
         let mut forged = n;
         forged[0] = if forged[0] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            c.check_nonce(5_000, a, &forged, life),
+            c.check_nonce(5_000, a, "turn-udp", &forged, life),
             Err(CookieError::Mismatch)
         );
     }

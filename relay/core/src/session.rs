@@ -33,6 +33,11 @@ pub enum Endpoint {
     /// A TURN allocation (RFC 8656) of a client at this address on the media port: the same
     /// UDP socket as [`Endpoint::Udp`], framed as TURN (ChannelData, Data indications).
     TurnUdp(SocketAddr),
+    /// A TURN allocation of a client on this TCP connection (`turn:…?transport=tcp`): TURN
+    /// messages framed on the stream (RFC 8656 §12.5). One connection holds one allocation.
+    TurnTcp(ConnId),
+    /// The same over TLS (`turns:…?transport=tcp`).
+    TurnTls(ConnId),
 }
 
 impl From<SocketAddr> for Endpoint {
@@ -56,12 +61,14 @@ impl Endpoint {
             Self::Udp(_) => "udp",
             Self::Quic(_) => "quic",
             Self::TurnUdp(_) => "turn-udp",
+            Self::TurnTcp(_) => "turn-tcp",
+            Self::TurnTls(_) => "turn-tls",
         }
     }
 
     /// True for TURN allocations, which receive media framed as TURN, addressed to them.
     pub fn is_turn(&self) -> bool {
-        matches!(self, Self::TurnUdp(_))
+        matches!(self, Self::TurnUdp(_) | Self::TurnTcp(_) | Self::TurnTls(_))
     }
 }
 

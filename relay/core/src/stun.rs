@@ -176,6 +176,42 @@ pub struct Message<'a> {
     raw: &'a [u8],
 }
 
+/// The most bytes a TURN message on a TCP or TLS stream may take: more than any WebRTC
+/// client sends (a Send indication carries at most a datagram), small enough that a
+/// connection's buffer stays small.
+pub const MAX_STREAM_FRAME: usize = 4096;
+
+/// Why a TCP or TLS stream cannot be framed: its connection is closed, as RFC 8656 §12.5 leaves
+/// no way to find the next message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A first byte that starts neither a STUN message (0-3) nor ChannelData (0x40-0x4F).
+    #[error("neither STUN nor ChannelData")]
+    UnknownType,
+    /// A message longer than [`MAX_STREAM_FRAME`].
+    #[error("message too long")]
+    TooLong,
+}
+
+/// The length of the TURN message at the start of a TCP or TLS stream (RFC 8656 §12.5): a STUN
+/// message's 20-byte header plus its length, or ChannelData's 4-byte header plus its length
+/// rounded up to a multiple of 4 (over a stream, ChannelData is padded). `None` until the
+/// 4 bytes that tell are there.
+pub fn frame_len(head: &[u8]) -> Option<Result<usize, FrameError>> {
+    let head: &[u8; 4] = head.get(..4)?.try_into().ok()?;
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    let total = match head[0] {
+        0..=3 => HEADER_LEN + len,
+        0x40..=0x4F => 4 + len.next_multiple_of(4),
+        _ => return Some(Err(FrameError::UnknownType)),
+    };
+    Some(if total > MAX_STREAM_FRAME {
+        Err(FrameError::TooLong)
+    } else {
+        Ok(total)
+    })
+}
+
 /// True if `pkt` looks like a STUN message (RFC 7983: first byte 0-3, and the magic cookie),
 /// without parsing it.
 #[inline]

@@ -156,6 +156,14 @@ impl std::hash::Hash for EndpointKey {
                 state.write_u8(0xfe);
                 a.hash(state);
             }
+            Endpoint::TurnTcp(c) => {
+                state.write_u8(0xfd);
+                state.write_u64(c.0);
+            }
+            Endpoint::TurnTls(c) => {
+                state.write_u8(0xfc);
+                state.write_u64(c.0);
+            }
         }
     }
 }
@@ -271,6 +279,12 @@ impl ForwardingTable {
     /// counters.
     pub fn take_stats(&mut self) -> Stats {
         std::mem::take(&mut self.stats)
+    }
+
+    /// Takes this table's TURN counters, leaving zeros (a TURN connection's shell adds them into
+    /// its transport's).
+    pub fn take_turn_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.turn_stats)
     }
 
     /// Counts datagrams the shell failed to send.
@@ -509,7 +523,10 @@ impl ForwardingTable {
                 // Over QUIC a BIND goes on the connection's stream, bound to its TLS session.
                 // (A TURN endpoint is never the source of a datagram: TURN clients are UDP
                 // ones, and the table names their allocations.)
-                Endpoint::Quic(_) | Endpoint::TurnUdp(_) => {
+                Endpoint::Quic(_)
+                | Endpoint::TurnUdp(_)
+                | Endpoint::TurnTcp(_)
+                | Endpoint::TurnTls(_) => {
                     self.stats.binds[BindResult::Refused as usize] += 1;
                     self.stats.count_drop(DropReason::BadBinding);
                     self.send(from, wire::error(bind.txn, ErrorCode::Unauthorized), false);

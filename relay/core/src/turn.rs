@@ -1,5 +1,6 @@
 //! TURN (RFC 8656 over STUN, RFC 8489) as one more kind of leg in the forwarding table: a TURN
-//! allocation is a leg bound to [`Endpoint::TurnUdp`], by the same ticket, the same directory,
+//! allocation is a leg bound to [`Endpoint::TurnUdp`] (or, over TCP and TLS, to its connection's
+//! [`Endpoint::TurnTcp`] or [`Endpoint::TurnTls`]), by the same ticket, the same directory,
 //! the same limits, expiry and revocation as a native leg. What is TURN's own lives here: the
 //! long-term credential check, the stateless nonce, the methods, and addressed forwarding.
 //!
@@ -213,17 +214,56 @@ impl ForwardingTable {
     /// Handles a datagram whose first byte is STUN's (0-3) or ChannelData's (0x40-0x4F), from
     /// a UDP client at `addr`.
     pub(crate) fn handle_turn(&mut self, now: Instant, addr: SocketAddr, pkt: &[u8]) -> Verdict {
-        let Some(ip) = self.node.config().turn_ip else {
+        if self.node.config().turn_ip.is_none() {
             self.stats.count_drop(DropReason::UnknownType);
             return Verdict::Drop(DropReason::UnknownType);
-        };
+        }
         // TURN has counters of its own (transport "turn-udp"): move the receive count there.
         self.stats.rx_packets -= 1;
         self.stats.rx_bytes -= pkt.len() as u64;
+        self.turn(now, Endpoint::TurnUdp(addr), addr, pkt)
+    }
+
+    /// Handles one TURN message a client sent on a TCP or TLS connection: `ep` is the
+    /// connection's [`Endpoint::TurnTcp`] or [`Endpoint::TurnTls`], `addr` its peer address.
+    /// `frame` is a whole STUN message, or a ChannelData message with its padding, as the shell
+    /// cut them from the stream (RFC 8656 §12.5, [`stun::frame_len`]). Counted in
+    /// [`Self::turn_stats`].
+    pub fn handle_turn_stream(
+        &mut self,
+        now: Instant,
+        ep: Endpoint,
+        addr: SocketAddr,
+        frame: &[u8],
+    ) -> Verdict {
+        debug_assert!(matches!(ep, Endpoint::TurnTcp(_) | Endpoint::TurnTls(_)));
+        let refused = if self.node.config().turn_ip.is_none()
+            || !matches!(frame.first(), Some(0..=3 | 0x40..=0x4F))
+        {
+            Some(DropReason::UnknownType)
+        } else if frame.len() > crate::wire::MAX_DATAGRAM {
+            // What arrives over UDP is at most this long, and relayed datagrams leave over UDP.
+            Some(DropReason::Oversized)
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            self.turn_stats.rx_packets += 1;
+            self.turn_stats.rx_bytes += frame.len() as u64;
+            return self.drop_reason(reason);
+        }
+        self.turn(now, ep, addr, frame)
+    }
+
+    /// A TURN message from the client at `addr`, whose allocation (if any) is at `ep`.
+    fn turn(&mut self, now: Instant, ep: Endpoint, addr: SocketAddr, pkt: &[u8]) -> Verdict {
+        let Some(ip) = self.node.config().turn_ip else {
+            return self.drop_reason(DropReason::UnknownType);
+        };
         self.turn_stats.rx_packets += 1;
         self.turn_stats.rx_bytes += pkt.len() as u64;
         if pkt[0] & 0xC0 == 0x40 {
-            return self.channel_data(now, addr, ip, pkt);
+            return self.channel_data(now, ep, ip, pkt);
         }
         // No answer to what does not parse: it may come from a spoofed source.
         let Ok(msg) = stun::parse(pkt) else {
@@ -231,14 +271,14 @@ impl ForwardingTable {
         };
         match (msg.kind, msg.method) {
             (Kind::Request, method::BINDING) => self.drop_reason(DropReason::StunBinding),
-            (Kind::Indication, method::SEND) => self.send_indication(now, addr, ip, &msg, pkt),
+            (Kind::Indication, method::SEND) => self.send_indication(now, ep, ip, &msg, pkt),
             (
                 Kind::Request,
                 method::ALLOCATE
                 | method::REFRESH
                 | method::CREATE_PERMISSION
                 | method::CHANNEL_BIND,
-            ) => self.turn_request(now, addr, ip, &msg),
+            ) => self.turn_request(now, ep, addr, ip, &msg),
             // Answers, other indications, methods a TURN server does not serve: no answer,
             // which could only go to an unverified source.
             _ => self.drop_reason(DropReason::UnknownType),
@@ -252,17 +292,16 @@ impl ForwardingTable {
 
     /// ChannelData: parses 4 bytes and looks up once.
     #[inline]
-    fn channel_data(&mut self, now: Instant, addr: SocketAddr, ip: IpAddr, pkt: &[u8]) -> Verdict {
+    fn channel_data(&mut self, now: Instant, ep: Endpoint, ip: IpAddr, pkt: &[u8]) -> Verdict {
         if pkt.len() < 4 {
             return self.drop_reason(DropReason::Malformed);
         }
         let ch = u16::from_be_bytes([pkt[0], pkt[1]]);
         let len = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
-        // Over UDP the payload may be followed by padding, never cut short.
+        // The payload may be followed by padding (over TCP it must be), never cut short.
         if 4 + len > pkt.len() || !(0x4000..=0x4FFF).contains(&ch) {
             return self.drop_reason(DropReason::Malformed);
         }
-        let ep = Endpoint::TurnUdp(addr);
         let now_unix = self.node.unix_ms(now);
         let Some(leg) = self.legs.get_mut(&EndpointKey(ep)) else {
             return self.drop_reason(DropReason::TurnNoAllocation);
@@ -282,12 +321,11 @@ impl ForwardingTable {
     fn send_indication(
         &mut self,
         now: Instant,
-        addr: SocketAddr,
+        ep: Endpoint,
         ip: IpAddr,
         msg: &Message<'_>,
         pkt: &[u8],
     ) -> Verdict {
-        let ep = Endpoint::TurnUdp(addr);
         let (Some(peer), Some(data)) = (msg.peers().next(), msg.data) else {
             return self.drop_reason(DropReason::Malformed);
         };
@@ -378,6 +416,7 @@ impl ForwardingTable {
     fn challenge(
         &mut self,
         now: Instant,
+        ep: Endpoint,
         addr: SocketAddr,
         req: &Message<'_>,
         stale: bool,
@@ -385,7 +424,10 @@ impl ForwardingTable {
         if !self.binds.admit(now, addr) {
             return self.drop_reason(DropReason::BindRateLimited);
         }
-        let nonce = self.node.cookies.mint_nonce(self.node.unix_ms(now), addr);
+        let nonce = self
+            .node
+            .cookies
+            .mint_nonce(self.node.unix_ms(now), addr, ep.transport());
         let (code, reason) = if stale { (438, "") } else { (401, "") };
         let mut b = Builder::new(req.method, Kind::Error, &req.txn)
             .error(code, reason)
@@ -403,40 +445,48 @@ impl ForwardingTable {
         if b.as_bytes().len() > limit {
             return self.drop_reason(DropReason::TurnUnauthorized);
         }
-        self.send_stun(Endpoint::TurnUdp(addr), b);
+        self.send_stun(ep, b);
         self.turn_stats.count_drop(DropReason::TurnUnauthorized);
         Verdict::Control
     }
 
     /// Checks the long-term credentials of a request: the nonce (this source's, and fresh),
     /// the realm, the username (a ticket the key ring verifies) and MESSAGE-INTEGRITY.
-    fn authenticate(&mut self, now: Instant, addr: SocketAddr, req: &Message<'_>) -> Auth {
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        ep: Endpoint,
+        addr: SocketAddr,
+        req: &Message<'_>,
+    ) -> Auth {
         let (Some(user), Some(realm), Some(nonce)) = (req.username, req.realm, req.nonce) else {
-            return Auth::Challenged(self.challenge(now, addr, req, false));
+            return Auth::Challenged(self.challenge(now, ep, addr, req, false));
         };
         if !req.has_integrity() || realm != REALM.as_bytes() {
-            return Auth::Challenged(self.challenge(now, addr, req, false));
+            return Auth::Challenged(self.challenge(now, ep, addr, req, false));
         }
-        match self
-            .node
-            .cookies
-            .check_nonce(self.node.unix_ms(now), addr, nonce, NONCE_LIFETIME)
-        {
+        match self.node.cookies.check_nonce(
+            self.node.unix_ms(now),
+            addr,
+            ep.transport(),
+            nonce,
+            NONCE_LIFETIME,
+        ) {
             Ok(()) => {}
             Err(CookieError::Expired) => {
-                return Auth::Challenged(self.challenge(now, addr, req, true));
+                return Auth::Challenged(self.challenge(now, ep, addr, req, true));
             }
             Err(CookieError::Mismatch) => {
-                return Auth::Challenged(self.challenge(now, addr, req, false));
+                return Auth::Challenged(self.challenge(now, ep, addr, req, false));
             }
         }
         let Some(ticket) = ticket_of(user) else {
-            return Auth::Challenged(self.challenge(now, addr, req, false));
+            return Auth::Challenged(self.challenge(now, ep, addr, req, false));
         };
         // The allocation's key, where this 5-tuple has one for this ticket: no derivation.
         let cached = self
             .legs
-            .get(&EndpointKey(Endpoint::TurnUdp(addr)))
+            .get(&EndpointKey(ep))
             .and_then(|l| l.turn.as_ref())
             .filter(|a| a.ticket == ticket)
             .map(|a| a.key);
@@ -447,11 +497,11 @@ impl ForwardingTable {
                     stun::long_term_key(user, realm, credential(&leg_key).as_bytes()),
                     Some(claims),
                 ),
-                Err(_) => return Auth::Challenged(self.challenge(now, addr, req, false)),
+                Err(_) => return Auth::Challenged(self.challenge(now, ep, addr, req, false)),
             },
         };
         if !req.verify_integrity(&key) {
-            return Auth::Challenged(self.challenge(now, addr, req, false));
+            return Auth::Challenged(self.challenge(now, ep, addr, req, false));
         }
         Auth::Verified(Verified {
             key,
@@ -463,11 +513,11 @@ impl ForwardingTable {
     fn turn_request(
         &mut self,
         now: Instant,
+        ep: Endpoint,
         addr: SocketAddr,
         ip: IpAddr,
         req: &Message<'_>,
     ) -> Verdict {
-        let ep = Endpoint::TurnUdp(addr);
         // A retransmission gets the answer the request got.
         if let Some(answer) = self
             .legs
@@ -478,7 +528,7 @@ impl ForwardingTable {
             self.send_stun(ep, answer);
             return Verdict::Control;
         }
-        let v = match self.authenticate(now, addr, req) {
+        let v = match self.authenticate(now, ep, addr, req) {
             Auth::Verified(v) => v,
             Auth::Challenged(verdict) => return verdict,
         };
@@ -494,7 +544,7 @@ impl ForwardingTable {
             return self.drop_reason(DropReason::Malformed);
         }
         if req.method == method::ALLOCATE {
-            return self.allocate(now, addr, ip, req, &v);
+            return self.allocate(now, ep, addr, ip, req, &v);
         }
         let held = self
             .legs
@@ -534,12 +584,12 @@ impl ForwardingTable {
     fn allocate(
         &mut self,
         now: Instant,
+        ep: Endpoint,
         addr: SocketAddr,
         ip: IpAddr,
         req: &Message<'_>,
         v: &Verified,
     ) -> Verdict {
-        let ep = Endpoint::TurnUdp(addr);
         let key = &v.key;
         if self
             .legs
@@ -612,7 +662,7 @@ impl ForwardingTable {
         if ticket.expires_unix_ms <= now_unix {
             // Fresh nonce and realm, as every 401 has them: the client may come back with a
             // new token.
-            return self.challenge(now, addr, req, false);
+            return self.challenge(now, ep, addr, req, false);
         }
         if node.directory.is_revoked(ticket.session) {
             return self.refuse(ep, req, 403, "Forbidden", key, DropReason::SessionClosed);
