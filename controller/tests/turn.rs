@@ -22,10 +22,13 @@ fn python() -> std::path::PathBuf {
     venv
 }
 
-fn ice_servers_json(leg: &pb::Leg) -> serde_json::Value {
+/// A leg's `ice_servers` with only the URLs whose transport query is `transport` (aiortc uses
+/// the first TURN URL it is given).
+fn ice_servers_json(leg: &pb::Leg, transport: &str) -> serde_json::Value {
+    let suffix = format!("?transport={transport}");
     serde_json::json!({
         "ice_servers": leg.ice_servers.iter().map(|s| serde_json::json!({
-            "urls": s.urls,
+            "urls": s.urls.iter().filter(|u| u.starts_with("turn:") && u.ends_with(&suffix)).collect::<Vec<_>>(),
             "username": s.username,
             "credential": s.credential,
         })).collect::<Vec<_>>(),
@@ -34,6 +37,17 @@ fn ice_servers_json(leg: &pb::Leg) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
+    aiortc_call("udp").await;
+}
+
+/// The same with each peer given only its leg's TURN over TCP URLs: aioice reaches the relays
+/// over TCP (RFC 8656 §12.5 framing), and the relays count the call as `turn-tcp`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiortc_peers_make_a_relay_only_call_through_veil_turn_over_tcp() {
+    aiortc_call("tcp").await;
+}
+
+async fn aiortc_call(transport: &str) {
     let c = Cluster::start(Options {
         relays: 2,
         ..Options::default()
@@ -48,9 +62,11 @@ async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
         assert_eq!(leg.ice_servers.len(), 2, "{leg:?}");
         for (server, relay) in leg.ice_servers.iter().zip(&leg.relays) {
             assert_eq!(
-                server.urls,
-                vec![format!("turn:{}?transport=udp", relay.udp_address)]
+                server.urls[0],
+                format!("turn:{}?transport=udp", relay.udp_address),
+                "UDP first"
             );
+            assert_eq!(server.urls.len(), 3, "UDP, TCP and TLS: {:?}", server.urls);
             assert!(relays.contains(&relay.udp_address));
         }
     }
@@ -61,7 +77,10 @@ async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
 
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/aiortc_call.py");
-    let legs = serde_json::json!([ice_servers_json(&s.legs[0]), ice_servers_json(&s.legs[1])]);
+    let legs = serde_json::json!([
+        ice_servers_json(&s.legs[0], transport),
+        ice_servers_json(&s.legs[1], transport)
+    ]);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python())
             .arg(script)
@@ -102,8 +121,10 @@ async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
             "audio reached the {side}: {r}"
         );
     }
-    // The relays counted the call as TURN: forwarded under transport "turn-udp", nothing
-    // forwarded as native UDP, and no label names a session or an address.
+    // The relays counted the call as TURN over its transport: forwarded under "turn-udp" or
+    // "turn-tcp", nothing forwarded as anything else, and no label names a session or an
+    // address.
+    let label = format!("transport=\"turn-{transport}\"");
     let mut turn = 0.0;
     for relay in &c.relays {
         let text = http_get(relay.metrics, "/metrics").await;
@@ -112,7 +133,7 @@ async fn aiortc_peers_make_a_relay_only_call_through_veil_turn() {
             .filter(|l| l.starts_with("veil_relay_forwarded_packets_total"))
         {
             let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-            if line.contains(r#"transport="turn-udp""#) {
+            if line.contains(&label) {
                 turn += v;
             } else {
                 assert_eq!(v, 0.0, "{line}");
