@@ -21,6 +21,10 @@ need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
+# coturn's turnutils_uclient runs 100 TURN clients through Veil (controller/tests/turn_uclient.rs).
+# Only the client is wanted: Debian enables and starts the package's turnserver under systemd
+# (/etc/default/coturn gates only the sysvinit script), so it is stopped and disabled below.
+command -v turnutils_uclient >/dev/null || need+=(coturn)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "error: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
@@ -28,6 +32,9 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  if [[ " ${need[*]} " == *" coturn "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now --quiet coturn.service
+  fi
 fi
 
 echo "== python test environment (.venv)"

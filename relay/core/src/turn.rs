@@ -44,10 +44,12 @@ pub fn relayed_port(slot: u8) -> u16 {
     RELAYED_PORT_BASE + 2 * u16::from(slot)
 }
 
-/// The slot a relayed port names, if it names one.
+/// The slot a relayed port names, if it names one. The odd port above a relayed port names the
+/// same allocation: RFC 8656 §9 has a permission ignore the port, and clients ask for the RTCP
+/// port next to the RTP one (coturn's `turnutils_uclient` does, and stops if that is refused).
 fn slot_of_port(port: u16) -> Option<u8> {
     let off = port.checked_sub(RELAYED_PORT_BASE)?;
-    (off % 2 == 0 && usize::from(off / 2) < MAX_SLOTS).then_some((off / 2) as u8)
+    (usize::from(off / 2) < MAX_SLOTS).then_some((off / 2) as u8)
 }
 
 /// A TURN allocation's own state, held by the table that serves its client's 5-tuple.

@@ -288,7 +288,7 @@ fn peers_outside_the_session_are_refused_with_403_and_nothing_is_forwarded() {
         SocketAddr::new(RELAY_IP, relayed_port(5)), // no allocation
         SocketAddr::new(RELAY_IP, 40000),           // the relay's own port
         SocketAddr::new(RELAY_IP, relayed_port(0)), // its own relayed address
-        SocketAddr::new(RELAY_IP, relayed_port(1) + 1), // an odd port
+        SocketAddr::new(RELAY_IP, relayed_port(5) + 1), // the odd port of no allocation
         "0.0.0.0:49154".parse().unwrap(),           // 0.0.0.0
         "127.0.0.1:49154".parse().unwrap(),         // loopback
         "[::ffff:203.0.113.1]:49154".parse().unwrap(), // IPv4-mapped IPv6
@@ -310,6 +310,16 @@ fn peers_outside_the_session_are_refused_with_403_and_nothing_is_forwarded() {
     let v = t.handle_datagram(net.now, a.addr, &a.send_to(relayed(1), &rtp(2, 100)));
     let (dst, _) = relayed_datagram(&v, &a.send_to(relayed(1), &rtp(2, 100)));
     assert_ne!(dst, Endpoint::TurnUdp(other.addr));
+    // The odd port above B's relayed port names B too (an RTCP port; permissions ignore the
+    // port, RFC 8656 §9), and nothing else: media sent there reaches B.
+    assert_eq!(
+        a.permit(&mut t, &net, SocketAddr::new(RELAY_IP, relayed_port(1) + 1)),
+        None
+    );
+    let odd = a.send_to(SocketAddr::new(RELAY_IP, relayed_port(1) + 1), &rtp(3, 100));
+    let v = t.handle_datagram(net.now, a.addr, &odd);
+    let (dst, _) = relayed_datagram(&v, &odd);
+    assert_eq!(dst, Endpoint::TurnUdp(addr(3, 5000)));
     // The other session's client cannot reach session 1 at all: its leg 0 is not allocated.
     assert_eq!(other.permit(&mut t, &net, relayed(0)), Some(403));
     assert!(t.turn_stats().drops_for(DropReason::TurnForbiddenPeer) >= 3 * forbidden.len() as u64);
