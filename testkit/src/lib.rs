@@ -6,6 +6,12 @@
 //! only [`Net::advance`] moves, and tables for UDP workers and QUIC connections. The helpers run
 //! each transport's bind exchange as a real client would (the two-round cookie bind over UDP,
 //! the channel-bound BIND on a QUIC connection's stream) and read what the core answers.
+//!
+//! With the feature `browser`, the `browser` module drives headless Chromium over W3C
+//! WebDriver, for the WebRTC tests.
+
+#[cfg(feature = "browser")]
+pub mod browser;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
