@@ -313,12 +313,38 @@ pub fn send_now(fd: RawFd, bytes: &[u8], dst: SocketAddr) -> bool {
     .is_ok()
 }
 
-/// One datagram waiting to leave: where to, and which bytes of the receive buffer.
+/// One datagram waiting to leave: where to, and which bytes of the receive buffer (or, for a
+/// datagram relayed to a TURN allocation, of the queue's own buffer of framed datagrams).
 #[derive(Debug, Clone, Copy)]
 pub struct Queued {
     dst: SocketAddr,
     start: usize,
     len: usize,
+    framed: bool,
+}
+
+/// What a batching sender queues between two `sendmmsg` calls, preallocated once per UDP
+/// worker: the datagrams (references into the receive buffer), and the TURN datagrams framed
+/// for their receivers (ChannelData on the receiver's channel, Data indications), which cannot
+/// be references. Queuing allocates nothing.
+#[derive(Debug)]
+pub struct SendQueue {
+    items: Vec<Queued>,
+    /// Room for a batch of framed datagrams (each is written over whatever the last batch
+    /// left, and sent for exactly the length written).
+    framed: Box<[u8]>,
+    /// Bytes of `framed` in use.
+    framed_len: usize,
+}
+
+impl Default for SendQueue {
+    fn default() -> Self {
+        Self {
+            items: Vec::with_capacity(SEND_BATCH),
+            framed: vec![0; SEND_BATCH * RELAYED_CAP].into_boxed_slice(),
+            framed_len: 0,
+        }
+    }
 }
 
 /// Datagrams per `sendmmsg`.
@@ -400,7 +426,7 @@ impl<S: PeerAddr> std::fmt::Debug for Out<'_, S> {
 }
 
 struct Batch<'a, S: PeerAddr> {
-    queue: &'a mut Vec<Queued>,
+    queue: &'a mut SendQueue,
     headers: &'a mut MultiHeaders<S>,
     /// One header with room for a `UDP_SEGMENT` control message: a GSO send through it
     /// allocates nothing (`sendmsg` with a control message allocates its buffer per call).
@@ -416,7 +442,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
         quic: Option<&'a QuicConns>,
         buf: &'a [u8],
         headers: &'a mut Headers<S>,
-        queue: &'a mut Vec<Queued>,
+        queue: &'a mut SendQueue,
         max_gso: usize,
     ) -> Self {
         Self {
@@ -494,19 +520,79 @@ impl<'a, S: PeerAddr> Out<'a, S> {
     /// receive buffer (`r.payload` is relative to the received datagram at `start`), framed
     /// for the receiver.
     pub fn relayed(&mut self, r: &Relayed, start: usize, len: usize) {
-        let mut scratch = [0u8; RELAYED_CAP];
-        let txn = next_txn();
-        let n = r.datagram(&self.buf[start..start + len], &mut scratch, &txn);
-        match r.dst {
-            Endpoint::TurnUdp(dst) => self.now(dst, &scratch[..n], None),
+        let pkt = &self.buf[start..start + len];
+        match (r.dst, &mut self.batch) {
+            // Batching: framed into the queue's own buffer, sent with the rest of the batch.
+            (Endpoint::TurnUdp(dst), Some(b)) => {
+                // A batch holds at most SEND_BATCH datagrams, each framed one in RELAYED_CAP.
+                let at = b.queue.framed_len;
+                let n = r.datagram(pkt, &mut b.queue.framed[at..at + RELAYED_CAP], &next_txn());
+                b.queue.framed_len = at + n;
+                b.queue.items.push(Queued {
+                    dst,
+                    start: at,
+                    len: n,
+                    framed: true,
+                });
+                if b.queue.items.len() >= SEND_BATCH {
+                    self.flush();
+                }
+            }
+            (Endpoint::TurnUdp(dst), None) => {
+                let mut scratch = [0u8; RELAYED_CAP];
+                let n = r.datagram(pkt, &mut scratch, &next_txn());
+                self.now(dst, &scratch[..n], None);
+            }
             // Over a stream, ChannelData is padded to a multiple of 4 bytes (RFC 8656 §12.5);
             // the padding bytes are zero.
-            Endpoint::TurnTcp(id) | Endpoint::TurnTls(id) => {
+            (Endpoint::TurnTcp(id) | Endpoint::TurnTls(id), _) => {
+                let mut scratch = [0u8; RELAYED_CAP];
+                let n = r.datagram(pkt, &mut scratch, &next_txn());
                 let padded = n.next_multiple_of(4);
                 self.stream(id, Bytes::copy_from_slice(&scratch[..padded]));
             }
             // The core relays TURN only to TURN allocations.
-            Endpoint::Udp(_) | Endpoint::Quic(_) => self.errors += 1,
+            (Endpoint::Udp(_) | Endpoint::Quic(_), _) => self.errors += 1,
+        }
+    }
+
+    /// Relays a GRO burst of ChannelData to one TURN allocation: the `stride`-sized datagrams
+    /// at `start..start + len` of the receive buffer, every one of which the core relayed to
+    /// `dst` on `channel` with its payload filling the datagram (no padding). ChannelData in is
+    /// ChannelData out with the channel number rewritten, so the burst is copied once, its
+    /// channel numbers rewritten, and sent as GSO sends of `max_gso` datagrams.
+    pub fn relayed_burst(
+        &mut self,
+        dst: SocketAddr,
+        channel: u16,
+        start: usize,
+        len: usize,
+        stride: usize,
+    ) {
+        if self.max_gso <= 1 || self.batch.is_none() || len > SEND_BATCH * RELAYED_CAP {
+            for off in (0..len).step_by(stride) {
+                let n = stride.min(len - off);
+                let mut frame = [0u8; RELAYED_CAP];
+                frame[..n].copy_from_slice(&self.buf[start + off..start + off + n]);
+                frame[..2].copy_from_slice(&channel.to_be_bytes());
+                self.now(dst, &frame[..n], None);
+            }
+            return;
+        }
+        // Whatever is queued leaves first (its framed datagrams free the buffer), in order.
+        self.flush();
+        let b = self.batch.as_mut().expect("checked above");
+        let mut framed = std::mem::take(&mut b.queue.framed);
+        framed[..len].copy_from_slice(&self.buf[start..start + len]);
+        for off in (0..len).step_by(stride) {
+            framed[off..off + 2].copy_from_slice(&channel.to_be_bytes());
+        }
+        for chunk in framed[..len].chunks(stride * self.max_gso) {
+            let seg = (chunk.len() > stride).then_some(stride);
+            self.now(dst, chunk, seg);
+        }
+        if let Some(b) = self.batch.as_mut() {
+            b.queue.framed = framed;
         }
     }
 
@@ -551,8 +637,13 @@ impl<'a, S: PeerAddr> Out<'a, S> {
         match ep {
             Endpoint::Udp(dst) | Endpoint::TurnUdp(dst) => match &mut self.batch {
                 Some(b) => {
-                    b.queue.push(Queued { dst, start, len });
-                    if b.queue.len() >= SEND_BATCH {
+                    b.queue.items.push(Queued {
+                        dst,
+                        start,
+                        len,
+                        framed: false,
+                    });
+                    if b.queue.items.len() >= SEND_BATCH {
                         self.flush();
                     }
                 }
@@ -608,21 +699,24 @@ impl<'a, S: PeerAddr> Out<'a, S> {
         let Some(b) = self.batch.as_mut() else {
             return;
         };
+        let Batch { queue, headers, .. } = b;
+        let (items, framed) = (&queue.items, &queue.framed);
         let mut done = 0;
-        while done < b.queue.len() {
-            let chunk = &b.queue[done..(done + SEND_BATCH).min(b.queue.len())];
+        while done < items.len() {
+            let chunk = &items[done..(done + SEND_BATCH).min(items.len())];
             // Only as many entries as datagrams: a socket address takes 128 bytes, and filling a
             // whole batch's worth for a wake-up that carries one datagram showed in profiles.
             let mut iovs: ArrayVec<[IoSlice<'_>; 1], SEND_BATCH> = ArrayVec::new();
             let mut addrs: ArrayVec<Option<S>, SEND_BATCH> = ArrayVec::new();
             for q in chunk {
-                iovs.push([IoSlice::new(&self.buf[q.start..q.start + q.len])]);
+                let from = if q.framed { &framed[..] } else { self.buf };
+                iovs.push([IoSlice::new(&from[q.start..q.start + q.len])]);
                 // Every destination is a client of this very socket, hence of its family.
                 addrs.push(S::from_std(q.dst));
             }
             let sent = sendmmsg(
                 self.fd,
-                b.headers,
+                headers,
                 &iovs,
                 &addrs,
                 &[] as &[ControlMessage<'_>],
@@ -632,7 +726,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
             match sent {
                 Ok(0) | Err(Errno::EAGAIN) => {
                     // The socket buffer is full: the rest of the queue would fail too.
-                    self.errors += (b.queue.len() - done) as u64;
+                    self.errors += (items.len() - done) as u64;
                     break;
                 }
                 Ok(k) => done += k,
@@ -644,7 +738,8 @@ impl<'a, S: PeerAddr> Out<'a, S> {
                 }
             }
         }
-        b.queue.clear();
+        queue.items.clear();
+        queue.framed_len = 0;
     }
 }
 

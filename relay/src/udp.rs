@@ -28,10 +28,11 @@ use nix::sys::socket::{
 };
 use prometheus::Histogram;
 use tokio::sync::watch;
+use veil_relay_core::turn::{Frame, Relayed};
 use veil_relay_core::wire::MAX_DATAGRAM;
 use veil_relay_core::{DropReason, Endpoint, ForwardingTable, Node, SharedStats, Verdict};
 
-use crate::send::{Headers, Out, PeerAddr, Queued, QuicConns, SEND_BATCH};
+use crate::send::{Headers, Out, PeerAddr, QuicConns, SEND_BATCH, SendQueue};
 
 /// Datagrams per `recvmmsg`.
 const BATCH: usize = 32;
@@ -176,9 +177,12 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
     let mut send_headers = Headers::<S>::new(SEND_BATCH);
     let mut meta: Vec<Meta> = Vec::with_capacity(BATCH);
     let mut relay = ForwardingTable::new(node, Instant::now());
-    let mut targets: Vec<Endpoint> = Vec::with_capacity(16);
-    let mut forwarded: Vec<bool> = Vec::with_capacity(64);
-    let mut queue: Vec<Queued> = Vec::with_capacity(SEND_BATCH);
+    let mut scratch = Scratch {
+        targets: Vec::with_capacity(16),
+        forwarded: Vec::with_capacity(64),
+        relays: Vec::with_capacity(64),
+    };
+    let mut queue = SendQueue::default();
     // Observed locally, merged into the shared histogram when the counters are published.
     let latency = latency.local();
     let mut published = Instant::now();
@@ -259,15 +263,7 @@ fn run_with<S: PeerAddr>(ctx: WorkerContext) -> anyhow::Result<()> {
             )
             .streams(streams.as_deref());
             for (i, m) in meta.iter().enumerate() {
-                handle(
-                    &mut relay,
-                    &mut out,
-                    now,
-                    m,
-                    i * slot,
-                    &mut targets,
-                    &mut forwarded,
-                );
+                handle(&mut relay, &mut out, now, m, i * slot, &mut scratch);
             }
             out.flush();
             flush_control(&mut relay, &mut out);
@@ -419,6 +415,16 @@ fn flush_control<S: PeerAddr>(relay: &mut ForwardingTable, out: &mut Out<'_, S>)
     }
 }
 
+/// What deciding a GRO run needs, allocated once per worker.
+struct Scratch {
+    /// The targets of the run's forwarded datagrams.
+    targets: Vec<Endpoint>,
+    /// Which datagrams of the run were forwarded.
+    forwarded: Vec<bool>,
+    /// The run's datagrams relayed to TURN allocations, by index.
+    relays: Vec<(usize, Relayed)>,
+}
+
 /// Handles one receive buffer, at `base` in the batch buffer: a single datagram, or several
 /// coalesced by GRO (same source, `stride` bytes each, the last possibly shorter).
 #[inline]
@@ -428,9 +434,13 @@ fn handle<S: PeerAddr>(
     now: Instant,
     m: &Meta,
     base: usize,
-    targets: &mut Vec<Endpoint>,
-    forwarded: &mut Vec<bool>,
+    scratch: &mut Scratch,
 ) {
+    let Scratch {
+        targets,
+        forwarded,
+        relays,
+    } = scratch;
     let data = &out.buf()[base..base + m.len];
     let stride = if m.stride == 0 {
         data.len().max(1)
@@ -456,21 +466,41 @@ fn handle<S: PeerAddr>(
         return;
     }
     // Coalesced datagrams share a source, hence a leg and its targets: decide each, and if all
-    // are forwarded, send the whole run to each target at once.
+    // are forwarded, send the whole run to each target at once. TURN is addressed: a run the
+    // core relays whole to one allocation on one channel leaves as one GSO burst too.
     targets.clear();
     forwarded.clear();
+    relays.clear();
+    let segments = data.len().div_ceil(stride);
     for (k, seg) in data.chunks(stride).enumerate() {
         let v = relay.handle_datagram(now, m.addr, seg);
-        match &v {
-            Verdict::Forward(t) => {
+        match v {
+            Verdict::Forward(ref t) => {
                 targets.clear();
                 targets.extend(t.iter());
             }
-            // TURN is addressed, one datagram at a time.
-            Verdict::Relay(r) => out.relayed(r, base + k * stride, seg.len()),
+            Verdict::Relay(ref r) => relays.push((k, r.clone())),
             Verdict::Control | Verdict::Drop(_) => {}
         }
         forwarded.push(matches!(v, Verdict::Forward(_)));
+    }
+    if let Some((_, first)) = relays.first() {
+        let whole = relays.len() == segments
+            && relays.iter().all(|(k, r)| {
+                let seg = stride.min(data.len() - k * stride);
+                r.dst == first.dst && r.frame == first.frame && r.payload == (4..seg)
+            });
+        match (whole, first.dst, first.frame) {
+            (true, Endpoint::TurnUdp(dst), Frame::Channel(ch)) => {
+                out.relayed_burst(dst, ch, base, data.len(), stride)
+            }
+            _ => {
+                for (k, r) in relays.iter() {
+                    let off = k * stride;
+                    out.relayed(r, base + off, stride.min(data.len() - off));
+                }
+            }
+        }
     }
     if forwarded.iter().all(|f| *f) {
         for ep in targets.iter() {

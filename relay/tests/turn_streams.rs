@@ -513,3 +513,62 @@ async fn turn_over_tcp_and_tls_relays_across_transports_and_refuses_what_an_outs
     drop((udp, tls, second, spoof));
     relay.stop().await;
 }
+
+/// A client that sends its ChannelData as one GSO send (UDP_SEGMENT): the relay receives the run
+/// coalesced (GRO) and relays it whole to the one allocation it names, as one GSO burst with the
+/// receiver's channel number in every datagram. Every datagram arrives, intact, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gso_burst_of_channel_data_arrives_whole_on_the_receivers_channel() {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+    use std::os::fd::AsRawFd;
+    let relay = Relay::start().await;
+    let relayed = |leg: u8| SocketAddr::new(LOOPBACK, relayed_port(leg));
+    let mut a = Client::new(Wire::udp(relay.udp).await, &relay.token(9, 0, 2));
+    let mut b = Client::new(Wire::udp(relay.udp).await, &relay.token(9, 1, 2));
+    a.allocate().await;
+    b.allocate().await;
+    assert_eq!(a.channel(0x4000, relayed(1)).await, None);
+    assert_eq!(b.channel(0x4123, relayed(0)).await, None);
+    const N: usize = 16;
+    const LEN: usize = 160;
+    // N ChannelData messages of 4 + LEN bytes back to back: one send, N datagrams on the wire.
+    let mut burst = Vec::new();
+    for i in 0..N {
+        burst.extend_from_slice(&channel_data(0x4000, &payload(LEN, i as u8)));
+    }
+    let Wire::Udp(sock, _) = &a.wire else {
+        unreachable!()
+    };
+    let SocketAddr::V4(to) = relay.udp else {
+        unreachable!()
+    };
+    let seg = (4 + LEN) as u16;
+    // The first burst arrives as separate datagrams and makes the worker turn GRO on (a run of
+    // equal datagrams from one source); the later ones arrive coalesced.
+    for round in 0..3 {
+        let sent = sendmsg(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(&burst)],
+            &[ControlMessage::UdpGsoSegments(&seg)],
+            MsgFlags::empty(),
+            Some(&SockaddrIn::from(to)),
+        )
+        .unwrap();
+        assert_eq!(sent, burst.len());
+        for i in 0..N {
+            let got = b.wire.recv().await.expect("every datagram of the burst");
+            assert_eq!(
+                got[..4],
+                [0x41, 0x23, 0, LEN as u8],
+                "round {round}, datagram {i}"
+            );
+            assert_eq!(
+                got[4..],
+                payload(LEN, i as u8)[..],
+                "round {round}, datagram {i}, in order"
+            );
+        }
+    }
+    assert_eq!(b.wire.recv_within(Duration::from_millis(200)).await, None);
+    relay.stop().await;
+}

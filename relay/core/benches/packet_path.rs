@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the sans-IO packet path: classification, the per-packet leg lookup at
-//! 10k / 100k / 1M bound legs, fan-out to 2, 4 and 16 legs, token verification and the whole
+//! 10k / 100k / 1M bound legs, fan-out to 2, 4 and 16 legs, TURN relaying between two
+//! allocations side by side with a native two-leg forward, token verification and the whole
 //! two-round bind.
 //!
 //! ```sh
@@ -179,6 +180,172 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
+/// A TURN allocation of leg `leg` of session 1 from `from`, as WebRTC clients make it (the
+/// unsigned Allocate, the 401, the signed one); returns its long-term key and nonce.
+fn turn_allocate(
+    t: &mut ForwardingTable,
+    now: Instant,
+    from: SocketAddr,
+    token: &Token,
+) -> ([u8; 16], Vec<u8>, String) {
+    use veil_relay_core::stun::{self, Builder, Kind, attr, method};
+    let c = veil_protocol::turn::credentials(token);
+    let realm = veil_protocol::turn::REALM.as_bytes();
+    let key = stun::long_term_key(c.username.as_bytes(), realm, c.credential.as_bytes());
+    let first = Builder::new(method::ALLOCATE, Kind::Request, &[1; 12])
+        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+    t.handle_datagram(now, from, first.as_bytes());
+    let challenge = t.poll_transmit().expect("a 401");
+    let nonce = stun::parse(challenge.msg.as_bytes())
+        .unwrap()
+        .nonce
+        .unwrap()
+        .to_vec();
+    let signed = |m: u16, txn: u8, f: &dyn Fn(Builder) -> Builder| {
+        f(Builder::new(m, Kind::Request, &[txn; 12]))
+            .attr(attr::USERNAME, c.username.as_bytes())
+            .attr(attr::REALM, realm)
+            .attr(attr::NONCE, &nonce)
+            .integrity(&key)
+            .as_bytes()
+            .to_vec()
+    };
+    let req = signed(method::ALLOCATE, 2, &|b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+    });
+    t.handle_datagram(now, from, &req);
+    let ok = t.poll_transmit().expect("an answer");
+    assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
+    veil_testkit::forget_events(t);
+    (key, nonce, c.username)
+}
+
+/// TURN relaying (ChannelData in, ChannelData out on the receiver's channel; and a Send
+/// indication in, a Data indication out) next to the native forward of a two-leg call, same
+/// payload: what being a TURN server costs the packet path. The relayed datagram is built as
+/// the shell builds it.
+fn turn(c: &mut Criterion) {
+    use veil_relay_core::Config;
+    use veil_relay_core::stun::{self, Builder, Kind, attr, method};
+    use veil_relay_core::turn::relayed_port;
+    let mut g = c.benchmark_group("turn");
+    g.throughput(Throughput::Elements(1));
+    let ip = std::net::IpAddr::from([203, 0, 113, 1]);
+    let net = Net::with_config(
+        Config {
+            turn_ip: Some(ip),
+            binds_per_ip: 1_000_000_000,
+            binds_per_worker: 1_000_000_000,
+            ..Config::default()
+        },
+        100,
+    );
+    let mut t = net.worker();
+    let now = net.t0 + Duration::from_millis(1);
+    let (a, b) = (addr(1), addr(2));
+    let tokens = [
+        net.token_with(1, 0, 2, veil_testkit::NO_LIMITS, 3_600_000),
+        net.token_with(1, 1, 2, veil_testkit::NO_LIMITS, 3_600_000),
+    ];
+    let peer = |leg: u8| SocketAddr::new(ip, relayed_port(leg));
+    let creds: Vec<_> = [(a, &tokens[0]), (b, &tokens[1])]
+        .into_iter()
+        .map(|(from, token)| turn_allocate(&mut t, net.t0, from, token))
+        .collect();
+    for (i, (from, other)) in [(a, 1u8), (b, 0u8)].into_iter().enumerate() {
+        let (key, nonce, user) = &creds[i];
+        let bind = Builder::new(method::CHANNEL_BIND, Kind::Request, &[20 + i as u8; 12])
+            .u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_addr(attr::XOR_PEER_ADDRESS, peer(other))
+            .attr(attr::USERNAME, user.as_bytes())
+            .attr(attr::REALM, veil_protocol::turn::REALM.as_bytes())
+            .attr(attr::NONCE, nonce)
+            .integrity(key);
+        t.handle_datagram(net.t0, from, bind.as_bytes());
+        let ok = t.poll_transmit().expect("an answer");
+        assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
+    }
+    let payload = rtp(200);
+    let mut cd = vec![0x40, 0x00, 0, 200];
+    cd.extend_from_slice(&payload);
+    let mut send = vec![0u8; 1600];
+    let n = stun::write_data_indication(&mut send, &[3; 12], peer(1), &payload);
+    send.truncate(n);
+    send[1] = 0x16;
+    let mut out = [0u8; 1700];
+    // Virtual time moves a microsecond a packet (1M packets/s), so that the rate limiter
+    // refills as it does under real load, in all three cases.
+    let mut tick = 0u64;
+    let mut relay = move |t: &mut ForwardingTable, pkt: &[u8]| {
+        tick += 1;
+        match t.handle_datagram(now + Duration::from_micros(tick), a, pkt) {
+            Verdict::Relay(r) => r.datagram(pkt, &mut out, &[0; 12]),
+            v => panic!("not relayed: {v:?}"),
+        }
+    };
+    g.bench_function("channel_data_200", |bch| {
+        bch.iter(|| relay(&mut t, black_box(&cd)))
+    });
+    // Without B's channel, A's data reaches B as a Data indication.
+    g.bench_function("send_indication_200", |bch| {
+        let mut t2 = net.worker();
+        let (c2, d2) = (addr(3), addr(4));
+        let tk = [
+            net.token_with(2, 0, 2, veil_testkit::NO_LIMITS, 3_600_000),
+            net.token_with(2, 1, 2, veil_testkit::NO_LIMITS, 3_600_000),
+        ];
+        let creds: Vec<_> = [(c2, &tk[0]), (d2, &tk[1])]
+            .into_iter()
+            .map(|(from, token)| turn_allocate(&mut t2, net.t0, from, token))
+            .collect();
+        for (i, (from, other)) in [(c2, 1u8), (d2, 0u8)].into_iter().enumerate() {
+            let (key, nonce, user) = &creds[i];
+            let perm = Builder::new(
+                method::CREATE_PERMISSION,
+                Kind::Request,
+                &[40 + i as u8; 12],
+            )
+            .xor_addr(attr::XOR_PEER_ADDRESS, peer(other))
+            .attr(attr::USERNAME, user.as_bytes())
+            .attr(attr::REALM, veil_protocol::turn::REALM.as_bytes())
+            .attr(attr::NONCE, nonce)
+            .integrity(key);
+            t2.handle_datagram(net.t0, from, perm.as_bytes());
+            let ok = t2.poll_transmit().expect("an answer");
+            assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
+        }
+        let mut out = [0u8; 1700];
+        let mut tick = 0u64;
+        bch.iter(|| {
+            tick += 1;
+            match t2.handle_datagram(now + Duration::from_micros(tick), c2, black_box(&send)) {
+                Verdict::Relay(r) => r.datagram(&send, &mut out, &[0; 12]),
+                v => panic!("not relayed: {v:?}"),
+            }
+        })
+    });
+    // The native two-leg call, for comparison.
+    let mut h = Harness::new(10);
+    for leg in 0..2 {
+        let token = h.token(1, leg, 2);
+        h.bind(addr(10 + u64::from(leg)), &token);
+    }
+    let hnow = h.t0 + Duration::from_millis(1);
+    g.bench_function("native_forward_200", |bch| {
+        let mut tick = 0u64;
+        bch.iter(|| {
+            tick += 1;
+            forward(
+                &mut h.relay,
+                hnow + Duration::from_micros(tick),
+                addr(10),
+                black_box(&payload),
+            )
+        })
+    });
+    g.finish();
+}
+
 fn tokens(c: &mut Criterion) {
     let mut g = c.benchmark_group("token");
     g.throughput(Throughput::Elements(1));
@@ -206,6 +373,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = classify, lookup, fanout, tokens
+    targets = classify, lookup, fanout, turn, tokens
 }
 criterion_main!(benches);

@@ -152,9 +152,14 @@ impl std::hash::Hash for EndpointKey {
                 state.write_u8(0xff);
                 state.write_u64(c.0);
             }
-            Endpoint::TurnUdp(a) => {
+            // As a UDP address, one bit apart (TURN's ChannelData path looks up once a packet).
+            Endpoint::TurnUdp(SocketAddr::V4(a)) => {
+                state.write_u64(u64::from(a.ip().to_bits()) << 16 | u64::from(a.port()) | 1 << 63)
+            }
+            Endpoint::TurnUdp(SocketAddr::V6(a)) => {
+                state.write_u128(a.ip().to_bits());
+                state.write_u32(u32::from(a.port()) | (a.scope_id() << 16));
                 state.write_u8(0xfe);
-                a.hash(state);
             }
             Endpoint::TurnTcp(c) => {
                 state.write_u8(0xfd);
