@@ -34,7 +34,7 @@ for tool in taskset; do
 done
 
 # coturn, the TURN yardstick: Debian's package, installed when missing and running as root.
-configs="direct,floor,veil-udp,veil-quic,coturn"
+configs="direct,floor,veil-udp,veil-quic,coturn,veil-turn,coturn-turn"
 video_configs="direct,floor,veil-udp,coturn"
 if [ ! -x /usr/bin/turnserver ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -45,7 +45,7 @@ if [ ! -x /usr/bin/turnserver ]; then
 fi
 if [ ! -x /usr/bin/turnserver ]; then
   echo "warning: coturn is not installed and cannot be installed here: measuring without it" >&2
-  configs="direct,floor,veil-udp,veil-quic"
+  configs="direct,floor,veil-udp,veil-quic,veil-turn"
   video_configs="direct,floor,veil-udp"
 fi
 

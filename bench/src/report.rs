@@ -36,7 +36,7 @@ fn rate(r: Option<u64>) -> String {
 /// The header of the per-step table.
 pub fn step_header() -> String {
     format!(
-        "{:<10} {:>5} {:>5} {:>7} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9}  note",
+        "{:<11} {:>5} {:>5} {:>7} {:>9} {:>9} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9}  note",
         "config",
         "size",
         "burst",
@@ -74,7 +74,7 @@ pub fn step_line(s: &Step) -> String {
         opt(m.gen_noise().map(|n| n * 100.0), 0)
     );
     format!(
-        "{:<10} {:>5} {:>5} {:>7} {:>8.1}k {:>8.1}k {:>8.3} {:>7} {:>7} {:>8} {:>8} {:>9}  {}",
+        "{:<11} {:>5} {:>5} {:>7} {:>8.1}k {:>8.1}k {:>8.3} {:>7} {:>7} {:>8} {:>8} {:>9}  {}",
         s.config,
         s.size,
         s.burst,
@@ -151,7 +151,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 /// The side-by-side table: per size, one line per configuration, and the ratios of each Veil
-/// configuration to the floor and to coturn.
+/// configuration to the floor and to coturn (`veil-turn` to `coturn-turn`).
 pub fn summary_table(
     steps: &[Step],
     configs: &[String],
@@ -162,7 +162,7 @@ pub fn summary_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:>5} {:>11} {:>11} {:>13} {:>13} {:>9} {:>9}",
+        "{:<11} {:>5} {:>11} {:>11} {:>13} {:>13} {:>9} {:>9}",
         "config",
         "size",
         format!("us/pkt@{}k", reference / 1000),
@@ -177,7 +177,7 @@ pub fn summary_table(
             let s = summarise(steps, c, size, burst, reference);
             let _ = writeln!(
                 out,
-                "{:<10} {:>5} {:>11} {:>11} {:>12}k {:>12}k {:>9} {:>9}",
+                "{:<11} {:>5} {:>11} {:>11} {:>12}k {:>12}k {:>9} {:>9}",
                 c,
                 size,
                 opt(s.us_per_pkt_ref, 2),
@@ -206,9 +206,16 @@ pub fn summary_table(
     );
     for &size in sizes {
         for veil in configs.iter().filter(|c| c.starts_with("veil")) {
+            // TURN to TURN is compared with coturn doing the same (ChannelData both ways);
+            // Veil's own protocol with coturn relaying to a plain UDP peer.
+            let coturn = if veil == "veil-turn" {
+                "coturn-turn"
+            } else {
+                "coturn"
+            };
             for base in configs
                 .iter()
-                .filter(|c| c.as_str() == "floor" || c.as_str() == "coturn")
+                .filter(|c| c.as_str() == "floor" || c.as_str() == coturn)
             {
                 let v = summarise(steps, veil, size, burst, reference);
                 let b = summarise(steps, base, size, burst, reference);

@@ -43,7 +43,7 @@ const SOCKET_BUFFER: usize = 16 << 20;
 pub enum Framing {
     /// As they are (Veil, the floor forwarder).
     Plain,
-    /// In TURN ChannelData on this channel (coturn).
+    /// In TURN ChannelData on this channel (coturn, Veil's TURN).
     ChannelData(u16),
 }
 
@@ -357,6 +357,11 @@ impl Rx {
                 let data = &self.bufs[i][..len];
                 let stride = if stride == 0 { len.max(1) } else { stride };
                 for seg in data.chunks(stride) {
+                    // A TURN receiver gets ChannelData: the packet follows the 4-byte header.
+                    let seg = match seg.first() {
+                        Some(0x40..=0x4F) => seg.get(turn::CHANNEL_DATA_HEADER..).unwrap_or(&[]),
+                        _ => seg,
+                    };
                     if let Some((seq, sent)) = packet::read(seg)
                         && seq >= self.s0
                     {

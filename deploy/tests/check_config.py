@@ -646,7 +646,8 @@ for pool in pools:
         c = t["containers"][0]
         c["envFrom"] = []
         c["env"] = [e for e in c["env"] if e["name"] not in (
-            "VEIL_RELAY_PUBLIC_UDP_ADDR", "VEIL_RELAY_PUBLIC_QUIC_ADDR")]
+            "VEIL_RELAY_PUBLIC_UDP_ADDR", "VEIL_RELAY_PUBLIC_QUIC_ADDR",
+            "VEIL_RELAY_PUBLIC_TURN_TCP_ADDR")]
         c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] in ("keys", "quic")]
     if a != b:
         diff = [k for k in set(a["spec"]["template"]["spec"]) | set(b["spec"]["template"]["spec"])

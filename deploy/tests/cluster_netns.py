@@ -27,7 +27,9 @@ For each container it computes what the kubelet (or compose) would give it:
 
 Then, for each cluster: `--check-config` with that environment must exit 0 (its redacted
 output is printed); the processes start; the kubelet's probes (startup, readiness) must pass;
-each controller must see every relay; and `veil-loadtest`, from a client namespace, must put
+each controller must see every relay; each relay's announced TURN over TCP address must
+answer a WebRTC client's first Allocate with 401 over the stream; and `veil-loadtest`, from a
+client namespace, must put
 calls over UDP and QUIC through every controller replica with media flowing and no failed
 call. Every namespace, process and file it creates is removed at the end, whatever happens.
 """
@@ -232,6 +234,44 @@ def http(host: Host, url: str, timeout: float = 3) -> tuple[int, str]:
     return int(code or 0), body
 
 
+TURN_TCP_PROBE = r"""
+import socket, struct, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=3)
+# Chromium's first Allocate: REQUESTED-TRANSPORT UDP, no credentials (28 bytes).
+s.sendall(struct.pack("!HHI12sHHI", 0x0003, 8, 0x2112A442, b"veil-netns-1", 0x0019, 4, 17 << 24))
+head = b""
+while len(head) < 20:
+    b = s.recv(20 - len(head))
+    if not b:
+        sys.exit("connection closed")
+    head += b
+ty, length = struct.unpack("!HH", head[:4])
+body = b""
+while len(body) < length:
+    b = s.recv(length - len(body))
+    if not b:
+        sys.exit("connection closed")
+    body += b
+at = 0
+while at + 4 <= len(body):
+    t, n = struct.unpack("!HH", body[at:at + 4])
+    if t == 0x0009:
+        print(ty, body[at + 6] * 100 + body[at + 7])
+        sys.exit(0)
+    at += 4 + (n + 3) // 4 * 4
+sys.exit(f"no ERROR-CODE in answer type {ty:#06x}")
+"""
+
+
+def turn_tcp_challenge(host: Host, addr: str) -> str:
+    """Opens TURN over TCP to `addr` from inside a namespace and sends an unauthenticated
+    Allocate, as a WebRTC client's first: the relay must answer 401 on the stream."""
+    r = subprocess.run(["ip", "netns", "exec", host.ns, sys.executable, "-c", TURN_TCP_PROBE, addr],
+                       capture_output=True, text=True, timeout=10)
+    return r.stdout.strip() if r.returncode == 0 else f"failed: {r.stderr.strip() or r.stdout.strip()}"
+
+
 def wait_until(what: str, cond, timeout: float, containers: list[Container]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -397,6 +437,15 @@ def kubernetes(workdir: Path, values: SecretValues) -> None:
                        lambda u=url: metric(http(client, u)[1], "veil_controller_relays", state="up") == len(nodes),
                        20, containers)
         log(f"  every controller replica sees {len(nodes)} relays up")
+        # TURN over TCP on the address each relay announces: a WebRTC client's first Allocate
+        # draws 401 (Allocate error response, 0x0113) over the stream.
+        for c in containers:
+            if c.binary == "veil-relay" and "VEIL_RELAY_PUBLIC_TURN_TCP_ADDR" in c.env:
+                addr = c.env["VEIL_RELAY_PUBLIC_TURN_TCP_ADDR"]
+                got = turn_tcp_challenge(client, addr)
+                if got != f"{0x0113} 401":
+                    die(f"{c.name}: TURN over TCP at {addr}: expected a 401 to an Allocate, got {got}")
+                log(f"  {c.name}: TURN over TCP at {addr} answers an Allocate with 401")
         relay_spec = ds["spec"]["template"]["spec"]["containers"][0]
         relay_ops = [probe_url(relay_spec, "readinessProbe", n).split("/")[2] for n in nodes]
         grpc_port = next(p["containerPort"] for p in ctl_spec["ports"] if p["name"] == "grpc")
@@ -540,10 +589,10 @@ def compose(workdir: Path, values: SecretValues) -> None:
             c = Container(f"compose-{name}", svc_hosts[name], s["image"].split(":")[0], env, files, uid, gid, hosts)
             containers.append(c)
             for p in s.get("ports", []):
-                m = re.fullmatch(r"127\.0\.0\.1:(\d+):(\d+)(/udp)?", p)
+                m = re.fullmatch(r"127\.0\.0\.1:(\d+):(\d+)(/udp|/tcp)?", p)
                 if not m:
                     die(f"{name}: port {p}: compose.yml publishes on 127.0.0.1 only")
-                (udp if m.group(3) else tcp)[int(m.group(1))] = (svc_hosts[name].ip, int(m.group(2)))
+                (udp if m.group(3) == "/udp" else tcp)[int(m.group(1))] = (svc_hosts[name].ip, int(m.group(2)))
         log("  --check-config with each service's environment:")
         for c in containers:
             c.check_config(workdir)
@@ -557,6 +606,14 @@ def compose(workdir: Path, values: SecretValues) -> None:
                    lambda: metric(http(client, ctl_ops + "/metrics")[1], "veil_controller_relays", state="up")
                    == len(relays), 40, containers)
         log(f"  {len(containers)} processes started; the controller sees {len(relays)} relays up")
+        # TURN over TCP through each relay's published port, from the host, as WebRTC apps on
+        # this machine reach it.
+        for c in relays:
+            addr = c.env["VEIL_RELAY_PUBLIC_TURN_TCP_ADDR"]
+            got = turn_tcp_challenge(client, addr)
+            if got != f"{0x0113} 401":
+                die(f"{c.name}: TURN over TCP at {addr}: expected a 401 to an Allocate, got {got}")
+        log(f"  TURN over TCP answers an Allocate with 401 on each relay's published port")
         # The compose header's own load-test command, from the host: 127.0.0.1 and the
         # published ports.
         header = COMPOSE.read_text()

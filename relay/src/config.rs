@@ -150,7 +150,7 @@ pub struct Config {
     pub turn_tls_addr: Option<SocketAddr>,
 
     /// PEM certificate chain for TURN over TLS. WebRTC clients verify it like any TLS server's:
-    /// it must be valid for --turn-tls-name (or for the public IP without it).
+    /// it must be valid for the host of --public-turn-tls-addr (or for the public IP).
     #[arg(
         long,
         env = "VEIL_RELAY_TURN_TLS_CERT_FILE",
@@ -167,10 +167,24 @@ pub struct Config {
     )]
     pub turn_tls_key_file: Option<PathBuf>,
 
-    /// Host name in the `turns:` URLs the controller hands out (the name the TLS certificate is
-    /// for). Unset: the IP of the public UDP address.
-    #[arg(long, env = "VEIL_RELAY_TURN_TLS_NAME", requires = "turn_tls_addr")]
-    pub turn_tls_name: Option<String>,
+    /// TURN over TCP address announced to clients (where it is published, if not on the bound
+    /// port). Unset: the IP of the public UDP address, with the port of --turn-tcp-addr.
+    #[arg(
+        long,
+        env = "VEIL_RELAY_PUBLIC_TURN_TCP_ADDR",
+        requires = "turn_tcp_addr"
+    )]
+    pub public_turn_tcp_addr: Option<SocketAddr>,
+
+    /// TURN over TLS address announced to clients, `HOST:PORT`: the host goes in the `turns:`
+    /// URLs, and is the DNS name the certificate is for. Unset: the IP of the public UDP
+    /// address, with the port of --turn-tls-addr (the certificate must then be for that IP).
+    #[arg(
+        long,
+        env = "VEIL_RELAY_PUBLIC_TURN_TLS_ADDR",
+        requires = "turn_tls_addr"
+    )]
+    pub public_turn_tls_addr: Option<String>,
 
     /// The most TURN TCP and TLS connections open at once; further ones are closed at accept.
     #[arg(
@@ -230,8 +244,11 @@ pub struct TurnStreamSettings {
     pub tcp_addr: Option<SocketAddr>,
     /// Where TURN over TLS listens, if it is served, and its certificate.
     pub tls: Option<(SocketAddr, Identity)>,
-    /// The host name of `turns:` URLs; `None`: the public IP.
-    pub tls_name: Option<String>,
+    /// The TURN over TCP address announced; `None`: the public UDP IP and the bound port.
+    pub tcp_public: Option<SocketAddr>,
+    /// The TURN over TLS address announced, `host:port`; `None`: the public UDP IP and the
+    /// bound port.
+    pub tls_public: Option<String>,
     /// The most connections open at once.
     pub max_connections: usize,
 }
@@ -244,7 +261,8 @@ impl TurnStreamSettings {
         Ok(Self {
             tcp_addr: Some(any),
             tls: Some((any, Identity::self_signed()?)),
-            tls_name: None,
+            tcp_public: None,
+            tls_public: None,
             max_connections: 1000,
         })
     }
@@ -409,7 +427,11 @@ impl Settings {
                     _ => None,
                 },
             )
-            .opt("turn-tls-name", self.turn_streams.tls_name.as_ref())
+            .opt("public-turn-tcp-addr", self.turn_streams.tcp_public)
+            .opt(
+                "public-turn-tls-addr",
+                self.turn_streams.tls_public.as_ref(),
+            )
             .set("turn-max-connections", self.turn_streams.max_connections)
             .set("max-legs", self.max_legs)
             .set("report-interval-ms", self.report_interval.as_millis())
@@ -420,6 +442,16 @@ impl Settings {
             )
             .set("log", &config.log_filter)
     }
+}
+
+/// True for `ip:port`, `[ipv6]:port` or `dns-name:port`, with a port that is not 0.
+fn valid_host_port(s: &str) -> bool {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return !a.ip().is_unspecified() && a.port() != 0;
+    }
+    s.rsplit_once(':').is_some_and(|(host, port)| {
+        port.parse::<u16>().is_ok_and(|p| p != 0) && valid_host_name(host)
+    })
 }
 
 /// True for a DNS host name: dot-separated labels of letters, digits and hyphens.
@@ -520,10 +552,15 @@ impl Config {
         if self.turn_max_connections == 0 {
             bail!("--turn-max-connections must be at least 1");
         }
-        if let Some(name) = &self.turn_tls_name
-            && !valid_host_name(name)
+        if let Some(p) = self.public_turn_tcp_addr
+            && (p.ip().is_unspecified() || p.port() == 0)
         {
-            bail!("--turn-tls-name {name:?} is not a DNS host name");
+            bail!("--public-turn-tcp-addr must be a concrete address and port");
+        }
+        if let Some(a) = &self.public_turn_tls_addr
+            && !valid_host_port(a)
+        {
+            bail!("--public-turn-tls-addr {a:?} must be HOST:PORT (a DNS name or an IP, a port)");
         }
         if let (Some(tcp), Some(tls)) = (self.turn_tcp_addr, self.turn_tls_addr)
             && tcp.port() != 0
@@ -551,7 +588,8 @@ impl Config {
                 }
                 _ => None,
             },
-            tls_name: self.turn_tls_name.clone(),
+            tcp_public: self.public_turn_tcp_addr,
+            tls_public: self.public_turn_tls_addr.clone(),
             max_connections: self.turn_max_connections,
         };
         Ok(Settings {

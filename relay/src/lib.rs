@@ -177,19 +177,24 @@ impl RelayServer {
         q.public_addr.or(self.quic_addr)
     }
 
-    /// The TURN over TCP address announced to clients (the public UDP address's IP, the bound
-    /// port), if the relay serves it.
+    /// The TURN over TCP address announced to clients (--public-turn-tcp-addr, or the public
+    /// UDP address's IP with the bound port), if the relay serves it.
     pub fn public_turn_tcp_addr(&self) -> Option<SocketAddr> {
         let port = self.turn_tcp_addr?.port();
-        Some(SocketAddr::new(self.public_udp_addr().ip(), port))
+        Some(
+            self.settings
+                .turn_streams
+                .tcp_public
+                .unwrap_or_else(|| SocketAddr::new(self.public_udp_addr().ip(), port)),
+        )
     }
 
-    /// The TURN over TLS address announced to clients, `host:port`: --turn-tls-name (or the
-    /// public UDP address's IP) and the bound port, if the relay serves it.
+    /// The TURN over TLS address announced to clients, `host:port` (--public-turn-tls-addr, or
+    /// the public UDP address's IP with the bound port), if the relay serves it.
     pub fn public_turn_tls_addr(&self) -> Option<String> {
         let port = self.turn_tls_addr?.port();
-        Some(match &self.settings.turn_streams.tls_name {
-            Some(name) => format!("{name}:{port}"),
+        Some(match &self.settings.turn_streams.tls_public {
+            Some(a) => a.clone(),
             None => SocketAddr::new(self.public_udp_addr().ip(), port).to_string(),
         })
     }

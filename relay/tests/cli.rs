@@ -71,7 +71,8 @@ fn help_documents_every_flag_and_its_environment_variable() {
         ("--turn-tls-addr", "VEIL_RELAY_TURN_TLS_ADDR"),
         ("--turn-tls-cert-file", "VEIL_RELAY_TURN_TLS_CERT_FILE"),
         ("--turn-tls-key-file", "VEIL_RELAY_TURN_TLS_KEY_FILE"),
-        ("--turn-tls-name", "VEIL_RELAY_TURN_TLS_NAME"),
+        ("--public-turn-tcp-addr", "VEIL_RELAY_PUBLIC_TURN_TCP_ADDR"),
+        ("--public-turn-tls-addr", "VEIL_RELAY_PUBLIC_TURN_TLS_ADDR"),
         ("--turn-max-connections", "VEIL_RELAY_TURN_MAX_CONNECTIONS"),
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");

@@ -46,7 +46,8 @@ struct ForwardArgs {
     #[arg(long)]
     quick: bool,
     /// Forwarders to measure: direct (no forwarder: the loopback baseline), floor, veil-udp,
-    /// veil-quic, coturn. Default: all (video: all but veil-quic).
+    /// veil-quic, coturn, veil-turn and coturn-turn (TURN client to TURN client, ChannelData in
+    /// both directions). Default: all (video: direct, floor, veil-udp, coturn).
     #[arg(long, value_delimiter = ',')]
     configs: Option<Vec<String>>,
     /// Datagram sizes, bytes. Default: 200,1200 (video: 1200).
@@ -361,8 +362,76 @@ fn setup(
                 _service: Some(svc),
             })
         }
+        // TURN client to TURN client, ChannelData in both directions: both ends allocate,
+        // each binds channel 0x4000 to the other's relayed address, and the receiver gets
+        // ChannelData. Veil relays from one allocation to the other in one step (a relayed
+        // address is only a key); coturn sends from the sender's relayed socket to the
+        // receiver's and reads it there (a relayed address is a socket).
+        "veil-turn" | "coturn-turn" => {
+            let (server, pid, mut svc, creds): (_, _, _, Box<dyn Fn(u64, u8) -> Credentials>) =
+                if config == "veil-turn" {
+                    let relay = veil::start_relay(dir, key_file, core, None, &[])?;
+                    let keys = keys.clone();
+                    let creds = move |session: u64, leg: u8| {
+                        let c =
+                            veil_protocol::turn::credentials(&veil::token(&keys, session, leg, 2));
+                        Credentials {
+                            key: veil_relay_core::stun::long_term_key(
+                                c.username.as_bytes(),
+                                veil_protocol::turn::REALM.as_bytes(),
+                                c.credential.as_bytes(),
+                            ),
+                            username: c.username,
+                        }
+                    };
+                    (
+                        relay.udp,
+                        relay.service.pid(),
+                        relay.service,
+                        Box::new(creds),
+                    )
+                } else {
+                    let (svc, server, creds) = start_coturn(dir, core)?;
+                    let pid = svc.pid();
+                    (server, pid, svc, Box::new(move |_, _| creds.clone()))
+                };
+            let mut flows = Vec::new();
+            for i in 0..n {
+                let (tx, rx) = socket_pair()?;
+                let session: u64 = rand::random();
+                let (tx_creds, rx_creds) = (creds(session, 0), creds(session, 1));
+                let mut a = if i == 0 {
+                    wait_until(&mut svc, Duration::from_secs(10), || {
+                        Allocation::allocate(&tx, server, &tx_creds)
+                    })?
+                } else {
+                    Allocation::allocate(&tx, server, &tx_creds)?
+                };
+                let mut b = Allocation::allocate(&rx, server, &rx_creds)?;
+                let channel = 0x4000;
+                a.bind_channel(&tx, channel, v4(b.relayed)?)?;
+                b.bind_channel(&rx, channel, v4(a.relayed)?)?;
+                udpgen::setup_tx(&tx)?;
+                udpgen::setup_rx(&rx, rx_gro)?;
+                flows.push(Flow {
+                    tx,
+                    dst: server,
+                    framing: Framing::ChannelData(channel),
+                    rx,
+                    keepalive_to: None,
+                });
+            }
+            Ok(Target::Udp {
+                flows,
+                pid: Some(pid),
+                _service: Some(svc),
+            })
+        }
         other => {
-            bail!("unknown configuration {other:?} (direct, floor, veil-udp, veil-quic, coturn)")
+            bail!(
+                "unknown configuration {other:?} (direct, floor, veil-udp, veil-quic, coturn, \
+                 veil-turn, coturn-turn)"
+            )
         }
     }
 }
@@ -407,7 +476,15 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
         let all: &[&str] = if video {
             &["direct", "floor", "veil-udp", "coturn"]
         } else {
-            &["direct", "floor", "veil-udp", "veil-quic", "coturn"]
+            &[
+                "direct",
+                "floor",
+                "veil-udp",
+                "veil-quic",
+                "coturn",
+                "veil-turn",
+                "coturn-turn",
+            ]
         };
         all.iter().map(|s| s.to_string()).collect()
     });
