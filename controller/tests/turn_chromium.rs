@@ -15,22 +15,17 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use veil_controller::dev::{Cluster, Options};
+use veil_controller::dev::Cluster;
 use veil_proto::v1 as pb;
 use veil_relay_core::turn::RELAYED_PORT_BASE;
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+use veil_testkit::browser::{self, Browser, Options};
 /// The page each browser loads; the test drives its `window.veil` functions.
 const PAGE: &str = include_str!("interop/turn_call.html");
 /// Data channel messages, each echoed before the next is sent.
@@ -105,18 +100,12 @@ async fn chromium_peers_make_a_relay_only_call_through_veil_turn_over_tls() {
 }
 
 async fn relay_only_call(over: Over) {
-    for tool in [CHROMIUM, CHROMEDRIVER] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} is missing: install Debian's chromium and chromium-driver \
-             (scripts/test.sh does, as root: apt-get install -y chromium chromium-driver)"
-        );
-    }
+    browser::require_installed();
     let _one = ONE_CALL.lock().await;
     let started = Instant::now();
-    let c = Cluster::start(Options {
+    let c = Cluster::start(veil_controller::dev::Options {
         relays: 2,
-        ..Options::default()
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -405,34 +394,38 @@ struct Call {
 fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<Call, String> {
     let deadline = Instant::now() + BUDGET;
     let start = Instant::now();
+    let options = Options {
+        net_log: true,
+        args: extra_args,
+    };
     let mut browsers = [
-        Browser::launch(SIDES[0], &extra_args)?,
-        Browser::launch(SIDES[1], &extra_args)?,
+        Browser::launch(SIDES[0], options.clone())?,
+        Browser::launch(SIDES[1], options)?,
     ];
     let result = (|| -> Result<_, String> {
         for (b, s) in browsers.iter().zip(&servers) {
             b.open(&page)?;
-            b.call("start", json!([s, b.name == SIDES[0]]), deadline)?;
+            call(b, "start", json!([s, b.name == SIDES[0]]), deadline)?;
         }
         let [caller, callee] = &browsers;
-        let offer = caller.call("offer", json!([]), deadline)?;
+        let offer = call(caller, "offer", json!([]), deadline)?;
         let offered = Instant::now();
-        let answer = callee.call("answer", json!([offer]), deadline)?;
-        caller.call("accept", json!([answer]), deadline)?;
+        let answer = call(callee, "answer", json!([offer]), deadline)?;
+        call(caller, "accept", json!([answer]), deadline)?;
         trickle(
             &browsers,
             deadline.min(Instant::now() + Duration::from_secs(15)),
         )?;
         let connected_after = offered.elapsed();
-        let echoed = caller.call("echo", json!([MESSAGES]), deadline)?["echoed"]
+        let echoed = call(caller, "echo", json!([MESSAGES]), deadline)?["echoed"]
             .as_u64()
             .unwrap_or(0);
         for b in &browsers {
-            b.call("audio", json!([AUDIO_PACKETS, 10000]), deadline)?;
+            call(b, "audio", json!([AUDIO_PACKETS, 10000]), deadline)?;
         }
         let reports = [
-            caller.call("report", json!([]), deadline)?,
-            callee.call("report", json!([]), deadline)?,
+            call(caller, "report", json!([]), deadline)?,
+            call(callee, "report", json!([]), deadline)?,
         ];
         Ok((reports, echoed, connected_after))
     })();
@@ -444,20 +437,20 @@ fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<C
             let mut msg = e;
             let until = Instant::now() + Duration::from_secs(5);
             for b in &mut browsers {
-                let report = b.call("report", json!([]), until);
+                let report = call(b, "report", json!([]), until);
                 let report = report.map(|r| {
                     json!({"connection": r["connectionState"], "pairs": r["pairs"],
                            "events": r["events"]})
                 });
                 msg += &format!("\n{}: {report:?}", b.name);
                 b.keep = true;
-                let net = b.quit().and_then(|()| read_netlog(&b.netlog()));
+                let net = b.quit().and_then(|()| read_netlog(&b.net_log()));
                 msg += &format!(
                     "\n{} datagrams: {:?}",
                     b.name,
                     net.map(|u| (u.sizes, u.tcp))
                 );
-                msg += &format!("\n{} NetLog kept at {}", b.name, b.netlog().display());
+                msg += &format!("\n{} NetLog kept at {}", b.name, b.net_log().display());
                 msg += &format!("\n{} chromedriver: {}", b.name, b.driver_log());
             }
             return Err(msg);
@@ -468,7 +461,7 @@ fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<C
     let mut net = Vec::new();
     for b in &mut browsers {
         b.quit()?;
-        net.push(read_netlog(&b.netlog())?);
+        net.push(read_netlog(&b.net_log())?);
     }
     Ok(Call {
         reports,
@@ -484,13 +477,13 @@ fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<C
 fn trickle(browsers: &[Browser; 2], until: Instant) -> Result<(), String> {
     loop {
         let states = [
-            browsers[0].call("take", json!([]), until)?,
-            browsers[1].call("take", json!([]), until)?,
+            call(&browsers[0], "take", json!([]), until)?,
+            call(&browsers[1], "take", json!([]), until)?,
         ];
         for (from, to) in [(0, 1), (1, 0)] {
             let candidates = &states[from]["candidates"];
             if candidates.as_array().is_some_and(|c| !c.is_empty()) {
-                browsers[to].call("add", json!([candidates]), until)?;
+                call(&browsers[to], "add", json!([candidates]), until)?;
             }
         }
         if states.iter().all(|s| s["connection"] == "connected") {
@@ -509,293 +502,21 @@ fn trickle(browsers: &[Browser; 2], until: Instant) -> Result<(), String> {
     }
 }
 
-/// One headless Chromium under its own chromedriver, with a fresh profile and its own NetLog.
-/// Dropping it ends the WebDriver session (Chromium quits), then stops chromedriver and anything
-/// it started that still runs, each by PID.
-struct Browser {
-    name: &'static str,
-    driver: Child,
-    port: u16,
-    session: Option<String>,
-    dir: PathBuf,
-    log: Arc<Mutex<Vec<u8>>>,
-    /// Keep the profile and NetLog directory (after a failure).
-    keep: bool,
-}
-
-impl Browser {
-    fn launch(name: &'static str, extra_args: &[String]) -> Result<Self, String> {
-        let dir =
-            std::env::temp_dir().join(format!("veil-turn-chromium-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("profile")).map_err(|e| format!("{dir:?}: {e}"))?;
-        let mut driver = Command::new(CHROMEDRIVER)
-            .args(["--port=0", "--log-level=WARNING"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start {CHROMEDRIVER}: {e}"))?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let (out, err) = (driver.stdout.take().unwrap(), driver.stderr.take().unwrap());
-        for (pipe, tx) in [
-            (Box::new(out) as Box<dyn Read + Send>, Some(tx)),
-            (Box::new(err), None),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    // "ChromeDriver was started successfully on port 37305."
-                    if let (Some(tx), Some(port)) =
-                        (&tx, line.split("started successfully on port ").nth(1))
-                    {
-                        let _ = tx.send(port.trim_end_matches('.').parse::<u16>());
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.extend_from_slice(line.as_bytes());
-                    log.push(b'\n');
-                }
-            });
-        }
-        let mut b = Self {
-            name,
-            driver,
-            port: 0,
-            session: None,
-            dir,
-            log,
-            keep: false,
-        };
-        b.port = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(port)) => port,
-            other => {
-                return Err(format!(
-                    "{name}: no chromedriver port ({other:?}): {}",
-                    b.driver_log()
-                ));
-            }
-        };
-        let args = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            &format!("--user-data-dir={}", b.dir.join("profile").display()),
-            "--use-fake-device-for-media-stream",
-            "--use-fake-ui-for-media-stream",
-            // Loopback is the only path to the relays here: without this Chromium gathers no
-            // candidate at all.
-            "--allow-loopback-in-peer-connection",
-            // No name resolution at all, so nothing but the call (and the page) touches the
-            // network.
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            &format!("--log-net-log={}", b.netlog().display()),
-        ];
-        let args: Vec<&str> = args
-            .iter()
-            .copied()
-            .chain(extra_args.iter().map(String::as_str))
-            .collect();
-        let caps = json!({"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "timeouts": {"script": 30000, "pageLoad": 10000},
-            "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
-        }}});
-        let v = webdriver(
-            b.port,
-            "POST",
-            "/session",
-            Some(&caps),
-            Duration::from_secs(30),
-        )
-        .map_err(|e| format!("{name}: new session: {e}\n{}", b.driver_log()))?;
-        b.session = Some(
-            v["sessionId"]
-                .as_str()
-                .ok_or_else(|| format!("{name}: no session id in {v}"))?
-                .to_string(),
-        );
-        Ok(b)
+/// Runs `veil.<func>(...args)` in `b`'s page and waits for its promise (at most until
+/// `deadline`, and the script timeout); returns what it resolved to.
+fn call(b: &Browser, func: &str, args: Value, deadline: Instant) -> Result<Value, String> {
+    const SCRIPT: &str = "const done = arguments[arguments.length - 1];
+        Promise.resolve()
+          .then(() => window.veil[arguments[0]](...arguments[1]))
+          .then((v) => done({ ok: v === undefined ? null : v }),
+                (e) => done({ err: String((e && e.stack) || e) }));";
+    let v = b
+        .execute_async(SCRIPT, json!([func, args]), deadline)
+        .map_err(|e| format!("veil.{func}: {e}"))?;
+    match v.get("ok") {
+        Some(ok) => Ok(ok.clone()),
+        None => Err(format!("{}: veil.{func} failed: {}", b.name, v["err"])),
     }
-
-    fn netlog(&self) -> PathBuf {
-        self.dir.join("netlog.json")
-    }
-
-    fn driver_log(&self) -> String {
-        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
-    }
-
-    fn session(&self) -> Result<&str, String> {
-        self.session
-            .as_deref()
-            .ok_or_else(|| format!("{}: no WebDriver session", self.name))
-    }
-
-    fn open(&self, url: &str) -> Result<(), String> {
-        let path = format!("/session/{}/url", self.session()?);
-        webdriver(
-            self.port,
-            "POST",
-            &path,
-            Some(&json!({"url": url})),
-            Duration::from_secs(15),
-        )
-        .map(drop)
-        .map_err(|e| format!("{}: open {url}: {e}", self.name))
-    }
-
-    /// Runs `veil.<func>(...args)` in the page and waits for its promise (at most until
-    /// `deadline`, and the script timeout); returns what it resolved to.
-    fn call(&self, func: &str, args: Value, deadline: Instant) -> Result<Value, String> {
-        const SCRIPT: &str = "const done = arguments[arguments.length - 1];
-            Promise.resolve()
-              .then(() => window.veil[arguments[0]](...arguments[1]))
-              .then((v) => done({ ok: v === undefined ? null : v }),
-                    (e) => done({ err: String((e && e.stack) || e) }));";
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{}: veil.{func}: out of time", self.name))?;
-        let path = format!("/session/{}/execute/async", self.session()?);
-        let body = json!({"script": SCRIPT, "args": [func, args]});
-        let v = webdriver(self.port, "POST", &path, Some(&body), left)
-            .map_err(|e| format!("{}: veil.{func}: {e}", self.name))?;
-        match v.get("ok") {
-            Some(ok) => Ok(ok.clone()),
-            None => Err(format!("{}: veil.{func} failed: {}", self.name, v["err"])),
-        }
-    }
-
-    /// Ends the WebDriver session: Chromium closes the page and quits.
-    fn quit(&mut self) -> Result<(), String> {
-        let Some(session) = self.session.take() else {
-            return Ok(());
-        };
-        let path = format!("/session/{session}");
-        webdriver(self.port, "DELETE", &path, None, Duration::from_secs(10))
-            .map(drop)
-            .map_err(|e| format!("{}: quit: {e}", self.name))
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.quit();
-        // Whatever chromedriver started that still runs (a browser that did not quit), then
-        // chromedriver itself: all ours, each by PID.
-        for pid in descendants(self.driver.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// The PIDs of every process below `pid`, from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parent: HashMap<u32, u32> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        if let Some(ppid) = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-        {
-            parent.insert(p, ppid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for (&child, _) in parent.iter().filter(|(_, pp)| **pp == p) {
-            out.push(child);
-            frontier.push(child);
-        }
-    }
-    out
-}
-
-/// One W3C WebDriver command over its own HTTP/1.1 connection; returns the answer's `value`,
-/// or the WebDriver error.
-fn webdriver(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    timeout: Duration,
-) -> Result<Value, String> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port))
-        .map_err(|e| format!("connect to chromedriver on port {port}: {e}"))?;
-    conn.set_read_timeout(Some(timeout)).unwrap();
-    conn.set_write_timeout(Some(timeout)).unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
-         Content-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(request.as_bytes())
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16384];
-    let (head_len, length) = loop {
-        let n = conn
-            .read(&mut buf)
-            .map_err(|e| format!("{method} {path}: {e}"))?;
-        if n == 0 {
-            return Err(format!("{method} {path}: connection closed mid-answer"));
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-            let length = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| format!("{method} {path}: no Content-Length in {head:?}"))?;
-            break (end + 4, length);
-        }
-    };
-    while raw.len() < head_len + length {
-        let n = conn
-            .read(&mut buf)
-            .map_err(|e| format!("{method} {path}: {e}"))?;
-        if n == 0 {
-            return Err(format!("{method} {path}: connection closed mid-answer"));
-        }
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let status = String::from_utf8_lossy(&raw[..head_len])
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(0);
-    let v: Value = serde_json::from_slice(&raw[head_len..head_len + length])
-        .map_err(|e| format!("{method} {path}: HTTP {status}, not JSON: {e}"))?;
-    let value = v.get("value").cloned().unwrap_or(Value::Null);
-    if status != 200 {
-        return Err(format!("{method} {path}: HTTP {status}: {value}"));
-    }
-    Ok(value)
 }
 
 /// A browser's UDP and TCP traffic as its NetLog recorded it.

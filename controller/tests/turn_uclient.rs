@@ -57,6 +57,7 @@ use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 use veil_protocol::turn::REALM;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
+use veil_testkit::stun::{error_code, xor_addr as xor_attr};
 
 const UCLIENT: &str = "/usr/bin/turnutils_uclient";
 /// The line of uclient's final report with the round trip figures.
@@ -573,38 +574,6 @@ impl TurnClient {
             .extend(pending.values().map(|n| format!("{n} unanswered")));
         r
     }
-}
-
-/// The value of the first attribute of type `ty`.
-fn find_attr(msg: &[u8], ty: u16) -> Option<&[u8]> {
-    let mut at = stun::HEADER_LEN;
-    while at + 4 <= msg.len() {
-        let t = u16::from_be_bytes([msg[at], msg[at + 1]]);
-        let len = usize::from(u16::from_be_bytes([msg[at + 2], msg[at + 3]]));
-        let value = msg.get(at + 4..at + 4 + len)?;
-        if t == ty {
-            return Some(value);
-        }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
-}
-
-fn error_code(msg: &[u8]) -> Option<u16> {
-    let v = find_attr(msg, attr::ERROR_CODE)?;
-    Some(u16::from(v[2] & 7) * 100 + u16::from(v[3]))
-}
-
-/// An IPv4 XOR-*-ADDRESS attribute, decoded (the cluster runs on 127.0.0.1).
-fn xor_attr(msg: &[u8], ty: u16) -> Option<SocketAddr> {
-    let v = find_attr(msg, ty)?;
-    let magic = stun::MAGIC.to_be_bytes();
-    if v.len() != 8 || v[1] != 1 {
-        return None;
-    }
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ (stun::MAGIC >> 16) as u16;
-    let ip: [u8; 4] = std::array::from_fn(|i| v[4 + i] ^ magic[i]);
-    Some(SocketAddr::new(IpAddr::from(ip), port))
 }
 
 /// The relay's `turn-udp` counters.

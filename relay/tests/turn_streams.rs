@@ -21,6 +21,7 @@ use veil_relay_core::KeyRing;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
+use veil_testkit::stun::{channel_data, error_code, xor_addr as xor_attr};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(5);
@@ -306,44 +307,6 @@ impl Client {
     }
 }
 
-/// ChannelData, padded to 4 bytes as on a stream (a UDP receiver ignores the padding).
-fn channel_data(ch: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = ch.to_be_bytes().to_vec();
-    v.extend((payload.len() as u16).to_be_bytes());
-    v.extend(payload);
-    v.resize(v.len().next_multiple_of(4), 0);
-    v
-}
-
-fn error_code(b: &[u8]) -> Option<u16> {
-    let m = stun::parse(b).ok()?;
-    if m.kind != Kind::Error {
-        return None;
-    }
-    let v = find_attr(b, attr::ERROR_CODE)?;
-    Some(u16::from(v[2]) * 100 + u16::from(v[3]))
-}
-
-fn find_attr(b: &[u8], ty: u16) -> Option<Vec<u8>> {
-    let mut at = 20;
-    while at + 4 <= b.len() {
-        let t = u16::from_be_bytes([b[at], b[at + 1]]);
-        let len = usize::from(u16::from_be_bytes([b[at + 2], b[at + 3]]));
-        if t == ty {
-            return Some(b[at + 4..at + 4 + len].to_vec());
-        }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
-}
-
-fn xor_attr(b: &[u8], ty: u16) -> Option<SocketAddr> {
-    let v = find_attr(b, ty)?;
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-    let ip = Ipv4Addr::new(v[4] ^ 0x21, v[5] ^ 0x12, v[6] ^ 0xA4, v[7] ^ 0x42);
-    Some(SocketAddr::new(IpAddr::V4(ip), port))
-}
-
 /// A DTLS-looking payload of `len` bytes (first byte 22, as a DTLS record's).
 fn payload(len: usize, tag: u8) -> Vec<u8> {
     let mut p = vec![tag; len];
@@ -376,16 +339,18 @@ async fn turn_over_tcp_and_tls_relays_across_transports_and_refuses_what_an_outs
     assert_eq!(tcp.channel(0x4000, relayed(1)).await, None);
     assert_eq!(udp.channel(0x4abc, relayed(0)).await, None);
     let media = payload(101, 1);
-    tcp.wire.send(&channel_data(0x4000, &media)).await;
+    tcp.wire.send(&channel_data(0x4000, &media, true)).await;
     let got = udp.wire.recv().await.expect("relayed to UDP");
     assert_eq!(got[..4], [0x4a, 0xbc, 0, 101]);
     assert_eq!(got[4..105], media[..]);
     let back = payload(57, 2);
-    udp.wire.send(&channel_data(0x4abc, &back)[..4 + 57]).await;
+    udp.wire
+        .send(&channel_data(0x4abc, &back, true)[..4 + 57])
+        .await;
     let got = tcp.wire.recv().await.expect("relayed to TCP");
     assert_eq!(
         got,
-        channel_data(0x4000, &back),
+        channel_data(0x4000, &back, true),
         "padded to 4 bytes on the stream"
     );
 
@@ -402,7 +367,7 @@ async fn turn_over_tcp_and_tls_relays_across_transports_and_refuses_what_an_outs
     assert_eq!(m.peers().next(), Some(relayed(2)));
     assert_eq!(m.data, Some(&hello[..]));
     assert_eq!(tcp.channel(0x4001, relayed(2)).await, None);
-    tcp.wire.send(&channel_data(0x4001, &back)).await;
+    tcp.wire.send(&channel_data(0x4001, &back, true)).await;
     let got = tls.wire.recv().await.expect("relayed to TLS");
     let m = stun::parse(&got).unwrap();
     assert_eq!(
@@ -470,7 +435,9 @@ async fn turn_over_tcp_and_tls_relays_across_transports_and_refuses_what_an_outs
         "the closed connection's allocation is gone"
     );
     // Nothing reaches a closed connection's relayed address.
-    udp.wire.send(&channel_data(0x4abc, &back)[..4 + 57]).await;
+    udp.wire
+        .send(&channel_data(0x4abc, &back, true)[..4 + 57])
+        .await;
 
     // Connections add their counters into their transport's every 50 ms while busy, and at
     // every sweep while quiet: wait for the TLS connection's last ones.
@@ -534,7 +501,7 @@ async fn a_gso_burst_of_channel_data_arrives_whole_on_the_receivers_channel() {
     // N ChannelData messages of 4 + LEN bytes back to back: one send, N datagrams on the wire.
     let mut burst = Vec::new();
     for i in 0..N {
-        burst.extend_from_slice(&channel_data(0x4000, &payload(LEN, i as u8)));
+        burst.extend_from_slice(&channel_data(0x4000, &payload(LEN, i as u8), true));
     }
     let Wire::Udp(sock, _) = &a.wire else {
         unreachable!()

@@ -8,10 +8,11 @@
 //! the channel-bound BIND on a QUIC connection's stream) and read what the core answers.
 //!
 //! With the feature `browser`, the `browser` module drives headless Chromium over W3C
-//! WebDriver, for the WebRTC tests.
+//! WebDriver, for the WebRTC tests. The `stun` module reads TURN answers as a test client does.
 
 #[cfg(feature = "browser")]
 pub mod browser;
+pub mod stun;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};

@@ -11,6 +11,7 @@ use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{Limits, Token};
 use veil_relay_core::turn::relayed_port;
 use veil_relay_core::{Config, DropReason, Endpoint, ForwardingTable, Verdict};
+use veil_testkit::stun::{channel_data, error_code, find_attr, xor_addr as xor_attr};
 use veil_testkit::{Net, addr, replies, rtp};
 
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
@@ -157,42 +158,6 @@ impl Client {
     }
 }
 
-fn channel_data(ch: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = ch.to_be_bytes().to_vec();
-    v.extend((payload.len() as u16).to_be_bytes());
-    v.extend(payload);
-    v
-}
-
-fn error_code(b: &[u8]) -> Option<u16> {
-    let m = stun::parse(b).ok()?;
-    if m.kind != Kind::Error {
-        return None;
-    }
-    let v = find_attr(b, attr::ERROR_CODE)?;
-    Some(u16::from(v[2]) * 100 + u16::from(v[3]))
-}
-
-fn find_attr(b: &[u8], ty: u16) -> Option<Vec<u8>> {
-    let mut at = 20;
-    while at + 4 <= b.len() {
-        let t = u16::from_be_bytes([b[at], b[at + 1]]);
-        let len = usize::from(u16::from_be_bytes([b[at + 2], b[at + 3]]));
-        if t == ty {
-            return Some(b[at + 4..at + 4 + len].to_vec());
-        }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
-}
-
-fn xor_attr(b: &[u8], ty: u16) -> Option<SocketAddr> {
-    let v = find_attr(b, ty)?;
-    let port = u16::from_be_bytes([v[2], v[3]]) ^ 0x2112;
-    let ip = Ipv4Addr::new(v[4] ^ 0x21, v[5] ^ 0x12, v[6] ^ 0xA4, v[7] ^ 0x42);
-    Some(SocketAddr::new(IpAddr::V4(ip), port))
-}
-
 /// The datagram a relayed verdict sends, and where.
 fn relayed_datagram(v: &Verdict, pkt: &[u8]) -> (Endpoint, Vec<u8>) {
     let Verdict::Relay(r) = v else {
@@ -235,20 +200,23 @@ fn send_indications_then_channels_carry_media_between_two_allocations() {
     assert_eq!(b.channel(&mut t, &net, 0x4001, relayed(0)), None);
     let v = t.handle_datagram(net.now, a.addr, &a.send_to(relayed(1), &media));
     let (_, out) = relayed_datagram(&v, &a.send_to(relayed(1), &media));
-    assert_eq!(out, channel_data(0x4001, &media));
-    let cd = channel_data(0x4001, &media);
+    assert_eq!(out, channel_data(0x4001, &media, false));
+    let cd = channel_data(0x4001, &media, false);
     let v = t.handle_datagram(net.now, b.addr, &cd);
     let (dst, out) = relayed_datagram(&v, &cd);
     assert_eq!(dst, Endpoint::TurnUdp(a.addr));
     assert_eq!(stun::parse(&out).unwrap().data, Some(&media[..]));
     // Both on channels (A uses 0x4ABC): ChannelData in, ChannelData out, the number rewritten.
     assert_eq!(a.channel(&mut t, &net, 0x4ABC, relayed(1)), None);
-    let cd = channel_data(0x4ABC, &media);
+    let cd = channel_data(0x4ABC, &media, false);
     let v = t.handle_datagram(net.now, a.addr, &cd);
     let (dst, out) = relayed_datagram(&v, &cd);
     assert_eq!(
         (dst, out),
-        (Endpoint::TurnUdp(b.addr), channel_data(0x4001, &media))
+        (
+            Endpoint::TurnUdp(b.addr),
+            channel_data(0x4001, &media, false)
+        )
     );
     assert_eq!(t.turn_stats().forwarded_packets, 4);
     assert_eq!(
@@ -348,7 +316,7 @@ fn data_needs_a_permission_on_both_allocations() {
         "{v:?}"
     );
     // ChannelData on a channel A never bound.
-    let v = t.handle_datagram(net.now, a.addr, &channel_data(0x4000, &media));
+    let v = t.handle_datagram(net.now, a.addr, &channel_data(0x4000, &media, false));
     assert!(
         matches!(v, Verdict::Drop(DropReason::TurnNoPermission)),
         "{v:?}"
@@ -494,7 +462,11 @@ fn binding_requests_and_unsigned_garbage_get_no_answer_and_401s_stay_small() {
     }
     assert!(answered <= 100, "{answered} answers to a flood");
     // Raw media and ChannelData from a source with no allocation: dropped, counted.
-    let v = t.handle_datagram(net.now, addr(8, 5000), &channel_data(0x4000, &rtp(1, 50)));
+    let v = t.handle_datagram(
+        net.now,
+        addr(8, 5000),
+        &channel_data(0x4000, &rtp(1, 50), false),
+    );
     assert!(matches!(v, Verdict::Drop(DropReason::TurnNoAllocation)));
 }
 
@@ -508,12 +480,12 @@ fn unknown_comprehension_required_attributes_get_420_and_refresh_zero_releases()
     assert_eq!(error_code(&ans), Some(420));
     assert_eq!(
         find_attr(&ans, attr::UNKNOWN_ATTRIBUTES),
-        Some(vec![0x00, 0x31])
+        Some(&[0x00, 0x31][..])
     );
     // Refresh with LIFETIME 0: released; the peer's data to it goes nowhere.
     let req = b.request(method::REFRESH, |x| x.u32(attr::LIFETIME, 0));
     let ans = b.exchange(&mut t, &net, &req);
-    assert_eq!(find_attr(&ans, attr::LIFETIME), Some(vec![0, 0, 0, 0]));
+    assert_eq!(find_attr(&ans, attr::LIFETIME), Some(&[0, 0, 0, 0][..]));
     // B's relayed address names no allocation any more.
     let v = t.handle_datagram(net.now, a.addr, &a.send_to(relayed(1), &rtp(1, 100)));
     assert!(
