@@ -55,9 +55,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
-use veil_protocol::turn::REALM;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
-use veil_testkit::stun::{error_code, xor_addr as xor_attr};
+use veil_testkit::stun::{Credentials, error_code, xor_addr as xor_attr};
 
 const UCLIENT: &str = "/usr/bin/turnutils_uclient";
 /// The line of uclient's final report with the round trip figures.
@@ -425,12 +424,7 @@ impl Echo {
         let mut turn = TurnClient {
             sock: UdpSocket::bind((IpAddr::from(local), 0)).await.unwrap(),
             relay,
-            username: server.username.clone(),
-            key: stun::long_term_key(
-                server.username.as_bytes(),
-                REALM.as_bytes(),
-                server.credential.as_bytes(),
-            ),
+            creds: Credentials::new(&server.username, &server.credential),
             nonce: Vec::new(),
             txn: 0,
         };
@@ -455,8 +449,7 @@ impl Echo {
 struct TurnClient {
     sock: UdpSocket,
     relay: SocketAddr,
-    username: String,
-    key: [u8; 16],
+    creds: Credentials,
     nonce: Vec<u8>,
     txn: u64,
 }
@@ -476,12 +469,11 @@ impl TurnClient {
         attrs: impl FnOnce(Builder) -> Builder,
     ) -> ([u8; 12], Vec<u8>) {
         let txn = self.next_txn();
-        let b = attrs(Builder::new(method, Kind::Request, &txn))
-            .attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key);
-        (txn, b.as_bytes().to_vec())
+        let req = self.creds.sign(
+            attrs(Builder::new(method, Kind::Request, &txn)),
+            &self.nonce,
+        );
+        (txn, req)
     }
 
     async fn exchange(&self, req: &[u8], txn: &[u8; 12]) -> Vec<u8> {
@@ -514,7 +506,7 @@ impl TurnClient {
         let answer = self.exchange(&req, &txn).await;
         let m = stun::parse(&answer).unwrap();
         assert_eq!(m.kind, Kind::Success, "{:?}", error_code(&answer));
-        assert!(m.verify_integrity(&self.key));
+        assert!(m.verify_integrity(&self.creds.key));
         xor_attr(&answer, attr::XOR_RELAYED_ADDRESS).expect("XOR-RELAYED-ADDRESS")
     }
 
@@ -559,7 +551,7 @@ impl TurnClient {
                         self.sock.send_to(&out[..len], self.relay).await.unwrap();
                         r.echoed += 1;
                     } else if let Some(peers) = pending.remove(&m.txn) {
-                        if m.kind == Kind::Success && m.verify_integrity(&self.key) {
+                        if m.kind == Kind::Success && m.verify_integrity(&self.creds.key) {
                             r.permitted += peers;
                         } else {
                             r.refused.push(format!("{:?} {:?}", m.kind, error_code(&buf[..n])));

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::Reader;
-use veil_protocol::turn::{REALM, credentials};
+use veil_testkit::stun::Credentials;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
@@ -33,8 +33,7 @@ const T0_UNIX_MS: u64 = 1_800_000_000_000;
 struct Client {
     addr: SocketAddr,
     session: u64,
-    username: String,
-    key: [u8; 16],
+    creds: Credentials,
     nonce: Vec<u8>,
     txn: u32,
 }
@@ -52,12 +51,10 @@ fn token(ring: &veil_relay_core::KeyRing, session: u64, leg: u8) -> Token {
 
 impl Client {
     fn new(addr: SocketAddr, session: u64, token: &Token) -> Self {
-        let c = credentials(token);
         Self {
             addr,
             session,
-            key: stun::long_term_key(c.username.as_bytes(), REALM.as_bytes(), c.credential.as_bytes()),
-            username: c.username,
+            creds: Credentials::of(token),
             nonce: Vec::new(),
             txn: 0,
         }
@@ -68,13 +65,7 @@ impl Client {
         let mut txn = [0x11; 12];
         txn[8..].copy_from_slice(&self.txn.to_be_bytes());
         txn[0] = self.addr.ip().to_string().len() as u8;
-        attrs(Builder::new(method, Kind::Request, &txn))
-            .attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key)
-            .as_bytes()
-            .to_vec()
+        self.creds.sign(attrs(Builder::new(method, Kind::Request, &txn)), &self.nonce)
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::Reader;
-use veil_protocol::turn::{REALM, credentials};
+use veil_testkit::stun::Credentials;
 use veil_relay_core::stun::{self, Builder, Kind, MAX_STREAM_FRAME, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
@@ -47,8 +47,7 @@ struct Door {
     addr: SocketAddr,
     session: u64,
     table: ForwardingTable,
-    username: String,
-    key: [u8; 16],
+    creds: Credentials,
     nonce: Vec<u8>,
     txn: u32,
     pending: Vec<u8>,
@@ -60,13 +59,7 @@ impl Door {
         self.txn += 1;
         let mut txn = [0x22; 12];
         txn[8..].copy_from_slice(&self.txn.to_be_bytes());
-        attrs(Builder::new(method, Kind::Request, &txn))
-            .attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key)
-            .as_bytes()
-            .to_vec()
+        self.creds.sign(attrs(Builder::new(method, Kind::Request, &txn)), &self.nonce)
     }
 
     fn is_stream(&self) -> bool {
@@ -109,14 +102,12 @@ impl World {
             doors: doors
                 .into_iter()
                 .map(|(ep, addr, session, leg)| {
-                    let c = credentials(&token(&ring, session, leg));
                     Door {
                         ep,
                         addr,
                         session,
                         table: ForwardingTable::new(node.clone(), now),
-                        key: stun::long_term_key(c.username.as_bytes(), REALM.as_bytes(), c.credential.as_bytes()),
-                        username: c.username,
+                        creds: Credentials::of(&token(&ring, session, leg)),
                         nonce: Vec::new(),
                         txn: 0,
                         pending: Vec::new(),

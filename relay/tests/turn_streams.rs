@@ -14,14 +14,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
-use veil_protocol::turn::{REALM, credentials};
 use veil_relay::RelayServer;
 use veil_relay::config::{Settings, TurnStreamSettings};
 use veil_relay_core::KeyRing;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
-use veil_testkit::stun::{channel_data, error_code, xor_addr as xor_attr};
+use veil_testkit::stun::{Credentials, channel_data, error_code, xor_addr as xor_attr};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const WAIT: Duration = Duration::from_secs(5);
@@ -211,23 +210,16 @@ impl Wire {
 /// A TURN client signing with its leg's long-term credentials, as WebRTC stacks do.
 struct Client {
     wire: Wire,
-    username: String,
-    key: [u8; 16],
+    creds: Credentials,
     nonce: Vec<u8>,
     txn: u32,
 }
 
 impl Client {
     fn new(wire: Wire, token: &Token) -> Self {
-        let c = credentials(token);
         Self {
             wire,
-            key: stun::long_term_key(
-                c.username.as_bytes(),
-                REALM.as_bytes(),
-                c.credential.as_bytes(),
-            ),
-            username: c.username,
+            creds: Credentials::of(token),
             nonce: Vec::new(),
             txn: 0,
         }
@@ -242,13 +234,10 @@ impl Client {
 
     fn request(&mut self, method: u16, attrs: impl FnOnce(Builder) -> Builder) -> Vec<u8> {
         let txn = self.next_txn();
-        attrs(Builder::new(method, Kind::Request, &txn))
-            .attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key)
-            .as_bytes()
-            .to_vec()
+        self.creds.sign(
+            attrs(Builder::new(method, Kind::Request, &txn)),
+            &self.nonce,
+        )
     }
 
     /// Sends a request and returns its answer's error code (`None` for a success).
@@ -258,7 +247,7 @@ impl Client {
         let m = stun::parse(&answer).expect("a STUN answer");
         assert_eq!(m.txn[..], req[8..20], "the answer to this request");
         if m.kind == Kind::Success {
-            assert!(m.verify_integrity(&self.key), "signed answer");
+            assert!(m.verify_integrity(&self.creds.key), "signed answer");
         }
         (error_code(&answer), answer)
     }

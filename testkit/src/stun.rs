@@ -1,9 +1,52 @@
-//! Reading what a TURN server answers, as a test client does: attributes by type, ERROR-CODE,
-//! XOR-*-ADDRESS, and ChannelData to send. Deliberately independent of the relay's own parser
+//! A TURN test client's side of STUN: a leg's long-term credentials and signed requests, and
+//! reading what the server answers (attributes by type, ERROR-CODE, XOR-*-ADDRESS) and
+//! ChannelData to send. Reading is deliberately independent of the relay's own parser
 //! (`veil_relay_core::stun`), so that a test reads the bytes on the wire, not the relay's idea
 //! of them.
 
 use std::net::{IpAddr, SocketAddr};
+
+use veil_protocol::turn::REALM;
+use veil_relay_core::stun::{Builder, attr, long_term_key};
+use veil_relay_core::token::Token;
+
+/// A leg's TURN credentials as its client holds them (an `ice_servers` entry's username and
+/// credential), with their long-term key (RFC 8489 §9.2: MD5 of username, realm, password).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The username: the leg's ticket.
+    pub username: String,
+    /// The key every request is signed with.
+    pub key: [u8; 16],
+}
+
+impl Credentials {
+    /// The credentials of an `ice_servers` entry.
+    pub fn new(username: &str, credential: &str) -> Self {
+        Self {
+            username: username.to_owned(),
+            key: long_term_key(username.as_bytes(), REALM.as_bytes(), credential.as_bytes()),
+        }
+    }
+
+    /// The credentials the controller hands out for `token`'s leg.
+    pub fn of(token: &Token) -> Self {
+        let c = veil_protocol::turn::credentials(token);
+        Self::new(&c.username, &c.credential)
+    }
+
+    /// `request` signed with the long-term credential mechanism: USERNAME, REALM, the server's
+    /// `nonce`, MESSAGE-INTEGRITY.
+    pub fn sign(&self, request: Builder, nonce: &[u8]) -> Vec<u8> {
+        request
+            .attr(attr::USERNAME, self.username.as_bytes())
+            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::NONCE, nonce)
+            .integrity(&self.key)
+            .as_bytes()
+            .to_vec()
+    }
+}
 
 /// STUN's magic cookie (RFC 8489 §5).
 const MAGIC: u32 = 0x2112_A442;

@@ -26,6 +26,7 @@ use veil_relay_core::token::Token;
 use veil_relay_core::wire;
 use veil_relay_core::{ForwardingTable, KeyRing, Node, Verdict};
 use veil_testkit::Net;
+use veil_testkit::stun::Credentials;
 
 /// A node and one worker, bind limits raised (the benchmarks bind from few addresses, fast).
 struct Harness {
@@ -181,17 +182,15 @@ fn fanout(c: &mut Criterion) {
 }
 
 /// A TURN allocation of leg `leg` of session 1 from `from`, as WebRTC clients make it (the
-/// unsigned Allocate, the 401, the signed one); returns its long-term key and nonce.
+/// unsigned Allocate, the 401, the signed one); returns its credentials and the nonce.
 fn turn_allocate(
     t: &mut ForwardingTable,
     now: Instant,
     from: SocketAddr,
     token: &Token,
-) -> ([u8; 16], Vec<u8>, String) {
+) -> (Credentials, Vec<u8>) {
     use veil_relay_core::stun::{self, Builder, Kind, attr, method};
-    let c = veil_protocol::turn::credentials(token);
-    let realm = veil_protocol::turn::REALM.as_bytes();
-    let key = stun::long_term_key(c.username.as_bytes(), realm, c.credential.as_bytes());
+    let creds = Credentials::of(token);
     let first = Builder::new(method::ALLOCATE, Kind::Request, &[1; 12])
         .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
     t.handle_datagram(now, from, first.as_bytes());
@@ -201,23 +200,16 @@ fn turn_allocate(
         .nonce
         .unwrap()
         .to_vec();
-    let signed = |m: u16, txn: u8, f: &dyn Fn(Builder) -> Builder| {
-        f(Builder::new(m, Kind::Request, &[txn; 12]))
-            .attr(attr::USERNAME, c.username.as_bytes())
-            .attr(attr::REALM, realm)
-            .attr(attr::NONCE, &nonce)
-            .integrity(&key)
-            .as_bytes()
-            .to_vec()
-    };
-    let req = signed(method::ALLOCATE, 2, &|b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-    });
+    let req = creds.sign(
+        Builder::new(method::ALLOCATE, Kind::Request, &[2; 12])
+            .u32(attr::REQUESTED_TRANSPORT, 17 << 24),
+        &nonce,
+    );
     t.handle_datagram(now, from, &req);
     let ok = t.poll_transmit().expect("an answer");
     assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
     veil_testkit::forget_events(t);
-    (key, nonce, c.username)
+    (creds, nonce)
 }
 
 /// TURN relaying (ChannelData in, ChannelData out on the receiver's channel; and a Send
@@ -253,15 +245,14 @@ fn turn(c: &mut Criterion) {
         .map(|(from, token)| turn_allocate(&mut t, net.t0, from, token))
         .collect();
     for (i, (from, other)) in [(a, 1u8), (b, 0u8)].into_iter().enumerate() {
-        let (key, nonce, user) = &creds[i];
-        let bind = Builder::new(method::CHANNEL_BIND, Kind::Request, &[20 + i as u8; 12])
-            .u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
-            .xor_addr(attr::XOR_PEER_ADDRESS, peer(other))
-            .attr(attr::USERNAME, user.as_bytes())
-            .attr(attr::REALM, veil_protocol::turn::REALM.as_bytes())
-            .attr(attr::NONCE, nonce)
-            .integrity(key);
-        t.handle_datagram(net.t0, from, bind.as_bytes());
+        let (c, nonce) = &creds[i];
+        let bind = c.sign(
+            Builder::new(method::CHANNEL_BIND, Kind::Request, &[20 + i as u8; 12])
+                .u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+                .xor_addr(attr::XOR_PEER_ADDRESS, peer(other)),
+            nonce,
+        );
+        t.handle_datagram(net.t0, from, &bind);
         let ok = t.poll_transmit().expect("an answer");
         assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
     }
@@ -299,18 +290,17 @@ fn turn(c: &mut Criterion) {
             .map(|(from, token)| turn_allocate(&mut t2, net.t0, from, token))
             .collect();
         for (i, (from, other)) in [(c2, 1u8), (d2, 0u8)].into_iter().enumerate() {
-            let (key, nonce, user) = &creds[i];
-            let perm = Builder::new(
-                method::CREATE_PERMISSION,
-                Kind::Request,
-                &[40 + i as u8; 12],
-            )
-            .xor_addr(attr::XOR_PEER_ADDRESS, peer(other))
-            .attr(attr::USERNAME, user.as_bytes())
-            .attr(attr::REALM, veil_protocol::turn::REALM.as_bytes())
-            .attr(attr::NONCE, nonce)
-            .integrity(key);
-            t2.handle_datagram(net.t0, from, perm.as_bytes());
+            let (c, nonce) = &creds[i];
+            let perm = c.sign(
+                Builder::new(
+                    method::CREATE_PERMISSION,
+                    Kind::Request,
+                    &[40 + i as u8; 12],
+                )
+                .xor_addr(attr::XOR_PEER_ADDRESS, peer(other)),
+                nonce,
+            );
+            t2.handle_datagram(net.t0, from, &perm);
             let ok = t2.poll_transmit().expect("an answer");
             assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
         }

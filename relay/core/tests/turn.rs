@@ -6,12 +6,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use veil_protocol::turn::{REALM, credentials};
+use veil_protocol::turn::REALM;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{Limits, Token};
 use veil_relay_core::turn::relayed_port;
 use veil_relay_core::{Config, DropReason, Endpoint, ForwardingTable, Verdict};
-use veil_testkit::stun::{channel_data, error_code, find_attr, xor_addr as xor_attr};
+use veil_testkit::stun::{Credentials, channel_data, error_code, find_attr, xor_addr as xor_attr};
 use veil_testkit::{Net, addr, replies, rtp};
 
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
@@ -34,23 +34,16 @@ fn relayed(leg: u8) -> SocketAddr {
 /// every request with the long-term key of its leg's credentials.
 struct Client {
     addr: SocketAddr,
-    username: String,
-    key: [u8; 16],
+    creds: Credentials,
     nonce: Vec<u8>,
     txn: u32,
 }
 
 impl Client {
     fn new(at: SocketAddr, token: &Token) -> Self {
-        let c = credentials(token);
         Self {
             addr: at,
-            key: stun::long_term_key(
-                c.username.as_bytes(),
-                REALM.as_bytes(),
-                c.credential.as_bytes(),
-            ),
-            username: c.username,
+            creds: Credentials::of(token),
             nonce: Vec::new(),
             txn: 0,
         }
@@ -76,13 +69,8 @@ impl Client {
         txn: &[u8; 12],
         attrs: impl FnOnce(Builder) -> Builder,
     ) -> Vec<u8> {
-        attrs(Builder::new(method, Kind::Request, txn))
-            .attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonce)
-            .integrity(&self.key)
-            .as_bytes()
-            .to_vec()
+        self.creds
+            .sign(attrs(Builder::new(method, Kind::Request, txn)), &self.nonce)
     }
 
     /// Allocates, as Chromium does: an unsigned Allocate (28 bytes), a 401, the signed one.
@@ -111,7 +99,7 @@ impl Client {
         let m = stun::parse(&ok).unwrap();
         assert_eq!(m.kind, Kind::Success, "{:?}", error_code(&ok));
         assert!(
-            m.verify_integrity(&self.key),
+            m.verify_integrity(&self.creds.key),
             "the answer carries MESSAGE-INTEGRITY"
         );
         xor_attr(&ok, attr::XOR_RELAYED_ADDRESS).unwrap()
@@ -367,7 +355,7 @@ fn wrong_credentials_stale_nonces_expired_and_revoked_legs_get_their_codes() {
     a.allocate(&mut t, &net);
     // Wrong credential: 401, a fresh nonce, nothing changes.
     let mut wrong = Client::new(addr(4, 5000), &net.token(1, 1, 2));
-    wrong.key = stun::long_term_key(wrong.username.as_bytes(), b"veil", b"guessed");
+    wrong.creds = Credentials::new(&wrong.creds.username.clone(), "guessed");
     wrong.nonce = a.nonce.clone();
     let req = wrong.request(method::ALLOCATE, |b| {
         b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
