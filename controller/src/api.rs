@@ -6,6 +6,10 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use veil_proto::v1 as pb;
 
+pub use crate::errors::Violation;
+use crate::errors::{self, Reason};
+use crate::quota::Exceeded;
+
 /// Longest `call_id` and `participant_id`, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 /// Longest region hint, in bytes.
@@ -53,25 +57,54 @@ pub struct AllocateRequest {
 }
 
 /// A request field out of its documented range. The message names the field and never echoes
-/// the value (which may be hostile or sensitive).
+/// the value (which may be hostile or sensitive); the status carries the field's path and what
+/// is wrong with it as a `google.rpc.BadRequest` too.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidArgument(pub String);
+#[error("{message}")]
+pub struct InvalidArgument {
+    /// The field's path, as `google.rpc.BadRequest` spells it: `participants[2].region`.
+    pub field: String,
+    /// What is wrong with it.
+    pub violation: Violation,
+    /// The whole message, naming the field.
+    pub message: String,
+}
+
+impl InvalidArgument {
+    /// `field` is wrong as `violation` says; `message` names it.
+    pub fn new(field: impl Into<String>, violation: Violation, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            violation,
+            message: message.into(),
+        }
+    }
+}
 
 fn check_id(field: &str, value: &str) -> Result<(), InvalidArgument> {
     if value.is_empty() {
-        return Err(InvalidArgument(format!("{field} must not be empty")));
+        return Err(InvalidArgument::new(
+            field,
+            Violation::Empty,
+            format!("{field} must not be empty"),
+        ));
     }
     if value.len() > MAX_ID_LEN {
-        return Err(InvalidArgument(format!(
-            "{field} must be at most {MAX_ID_LEN} bytes, got {}",
-            value.len()
-        )));
+        return Err(InvalidArgument::new(
+            field,
+            Violation::TooLong,
+            format!(
+                "{field} must be at most {MAX_ID_LEN} bytes, got {}",
+                value.len()
+            ),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(InvalidArgument(format!(
-            "{field} must not contain control characters"
-        )));
+        return Err(InvalidArgument::new(
+            field,
+            Violation::ControlCharacters,
+            format!("{field} must not contain control characters"),
+        ));
     }
     Ok(())
 }
@@ -88,14 +121,20 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
         check_id("call_id", &call_id)?;
         let n = participants.len();
         if n < MIN_PARTICIPANTS {
-            return Err(InvalidArgument(format!(
-                "participants: a session needs {MIN_PARTICIPANTS} to {MAX_PARTICIPANTS}, got {n}"
-            )));
+            return Err(InvalidArgument::new(
+                "participants",
+                Violation::Count,
+                format!(
+                    "participants: a session needs {MIN_PARTICIPANTS} to {MAX_PARTICIPANTS}, got {n}"
+                ),
+            ));
         }
         if n > MAX_PARTICIPANTS {
-            return Err(InvalidArgument(format!(
-                "participants: at most {MAX_PARTICIPANTS} per session, got {n}"
-            )));
+            return Err(InvalidArgument::new(
+                "participants",
+                Violation::Count,
+                format!("participants: at most {MAX_PARTICIPANTS} per session, got {n}"),
+            ));
         }
         let mut out: Vec<Participant> = Vec::with_capacity(n);
         for (i, p) in participants.into_iter().enumerate() {
@@ -109,23 +148,39 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
                 &participant_id,
             )?;
             if let Some(j) = out.iter().position(|q| q.id == participant_id) {
-                return Err(InvalidArgument(format!(
-                    "participants[{i}].participant_id duplicates participants[{j}].participant_id"
-                )));
+                return Err(InvalidArgument::new(
+                    format!("participants[{i}].participant_id"),
+                    Violation::Duplicate,
+                    format!(
+                        "participants[{i}].participant_id duplicates participants[{j}].participant_id"
+                    ),
+                ));
             }
             if region.len() > MAX_REGION_LEN || region.chars().any(char::is_control) {
-                return Err(InvalidArgument(format!(
-                    "participants[{i}].region must be at most {MAX_REGION_LEN} bytes without control characters"
-                )));
+                return Err(InvalidArgument::new(
+                    format!("participants[{i}].region"),
+                    if region.len() > MAX_REGION_LEN {
+                        Violation::TooLong
+                    } else {
+                        Violation::ControlCharacters
+                    },
+                    format!(
+                        "participants[{i}].region must be at most {MAX_REGION_LEN} bytes without control characters"
+                    ),
+                ));
             }
             let transport = match pb::Transport::try_from(preferred_transport) {
                 Ok(pb::Transport::Unspecified) => None,
                 Ok(pb::Transport::Udp) => Some(Transport::Udp),
                 Ok(pb::Transport::Quic) => Some(Transport::Quic),
                 Err(_) => {
-                    return Err(InvalidArgument(format!(
-                        "participants[{i}].preferred_transport: unknown value {preferred_transport}"
-                    )));
+                    return Err(InvalidArgument::new(
+                        format!("participants[{i}].preferred_transport"),
+                        Violation::UnknownValue,
+                        format!(
+                            "participants[{i}].preferred_transport: unknown value {preferred_transport}"
+                        ),
+                    ));
                 }
             };
             out.push(Participant {
@@ -139,12 +194,16 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
             s => {
                 let ttl = Duration::from_secs(u64::from(s));
                 if ttl < MIN_TTL || ttl > MAX_TTL {
-                    return Err(InvalidArgument(format!(
-                        "ttl_seconds must be 0 (default {}) or from {} to {}, got {s}",
-                        DEFAULT_TTL.as_secs(),
-                        MIN_TTL.as_secs(),
-                        MAX_TTL.as_secs()
-                    )));
+                    return Err(InvalidArgument::new(
+                        "ttl_seconds",
+                        Violation::OutOfRange,
+                        format!(
+                            "ttl_seconds must be 0 (default {}) or from {} to {}, got {s}",
+                            DEFAULT_TTL.as_secs(),
+                            MIN_TTL.as_secs(),
+                            MAX_TTL.as_secs()
+                        ),
+                    ));
                 }
                 ttl
             }
@@ -159,13 +218,18 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
 
 /// Parses the `session_id` field of a request.
 pub fn parse_session_id(s: &str) -> Result<u64, InvalidArgument> {
-    veil_proto::parse_session_id(s)
-        .ok_or_else(|| InvalidArgument("session_id must be 16 lowercase hex digits".into()))
+    veil_proto::parse_session_id(s).ok_or_else(|| {
+        InvalidArgument::new(
+            "session_id",
+            Violation::Format,
+            "session_id must be 16 lowercase hex digits",
+        )
+    })
 }
 
 impl From<InvalidArgument> for Status {
     fn from(e: InvalidArgument) -> Self {
-        Self::new(Code::InvalidArgument, e.0)
+        errors::invalid_field(&e.field, e.violation, e.message)
     }
 }
 
@@ -184,16 +248,25 @@ pub enum AllocateError {
     /// No relay can take the session.
     #[error("no relay available: {0}")]
     NoRelay(String),
+    /// The caller's credential is past one of its quotas.
+    #[error(transparent)]
+    Quota(#[from] Exceeded),
 }
 
 impl From<AllocateError> for Status {
     fn from(e: AllocateError) -> Self {
         match e {
             AllocateError::Invalid(i) => i.into(),
-            AllocateError::Conflict | AllocateError::Released => {
-                Self::already_exists(e.to_string())
+            AllocateError::Conflict => {
+                errors::simple(Code::AlreadyExists, e.to_string(), Reason::CallIdConflict)
             }
-            AllocateError::NoRelay(_) => Self::unavailable(e.to_string()),
+            AllocateError::Released => {
+                errors::simple(Code::AlreadyExists, e.to_string(), Reason::CallIdReleased)
+            }
+            AllocateError::NoRelay(_) => {
+                errors::simple(Code::Unavailable, e.to_string(), Reason::NoRelayAvailable)
+            }
+            AllocateError::Quota(q) => q.into(),
         }
     }
 }
@@ -205,7 +278,22 @@ pub struct NotFound;
 
 impl From<NotFound> for Status {
     fn from(e: NotFound) -> Self {
-        Self::not_found(e.to_string())
+        errors::status(
+            Code::NotFound,
+            e.to_string(),
+            Reason::SessionNotFound,
+            &[],
+            vec![
+                tonic_types::ResourceInfo::new(
+                    "veil.v1.Session",
+                    "",
+                    "",
+                    "no session with this session_id on this controller replica (never \
+                     allocated here, or expired)",
+                )
+                .into(),
+            ],
+        )
     }
 }
 
@@ -227,7 +315,7 @@ mod tests {
     }
 
     fn err(r: pb::AllocateSessionRequest) -> String {
-        AllocateRequest::try_from(r).unwrap_err().0
+        AllocateRequest::try_from(r).unwrap_err().message
     }
 
     #[test]

@@ -9,6 +9,7 @@ use veil_ops::logging::LogFormat;
 use veil_protocol::{KeyRing, Limits};
 
 use crate::placement::RegionMap;
+use crate::quota;
 
 /// veil-controller: allocates relay sessions for signaling services, mints per-participant leg
 /// tokens, and steers calls across the relays attached to it. Every flag can also be set
@@ -78,9 +79,28 @@ pub struct Config {
     #[arg(long, env = "VEIL_CONTROLLER_LEG_MAX_KBPS", default_value_t = 50_000)]
     pub leg_max_kbps: u32,
 
+    /// Quota: live sessions (neither released nor expired) one signaling credential may hold on
+    /// this replica; past it AllocateSession answers RESOURCE_EXHAUSTED (QUOTA_LIVE_SESSIONS).
+    /// 0 = unlimited.
+    #[arg(long, env = "VEIL_CONTROLLER_QUOTA_LIVE_SESSIONS", default_value_t = quota::Limits::DEFAULT.live_sessions)]
+    pub quota_live_sessions: u32,
+
+    /// Quota: WatchSession streams one signaling credential may keep open at once on this
+    /// replica; past it WatchSession answers RESOURCE_EXHAUSTED (QUOTA_WATCH_STREAMS). 0 =
+    /// unlimited.
+    #[arg(long, env = "VEIL_CONTROLLER_QUOTA_WATCH_STREAMS", default_value_t = quota::Limits::DEFAULT.watch_streams)]
+    pub quota_watch_streams: u32,
+
+    /// Quota: AllocateSession calls per second one signaling credential may make on this
+    /// replica, in bursts of as many (a token bucket); past it RESOURCE_EXHAUSTED
+    /// (QUOTA_ALLOCATION_RATE) with a RetryInfo. 0 = unlimited.
+    #[arg(long, env = "VEIL_CONTROLLER_QUOTA_ALLOCATIONS_PER_SEC", default_value_t = quota::Limits::DEFAULT.allocations_per_sec)]
+    pub quota_allocations_per_sec: u32,
+
     /// Run a whole local cluster in this process on loopback: this controller plus
     /// --dev-relays relays, with generated keys; print `READY {json}` and serve until
-    /// interrupted. --grpc-addr and --ops-addr are ignored (ports are picked on 127.0.0.1).
+    /// interrupted. --grpc-addr and --ops-addr are ignored (ports are picked on 127.0.0.1), and
+    /// no quota applies.
     #[arg(long)]
     pub dev: bool,
 
@@ -181,6 +201,8 @@ pub struct Settings {
     pub relay_timeout: Duration,
     /// Limits for each leg.
     pub leg_limits: Limits,
+    /// Each signaling credential's quotas.
+    pub quotas: quota::Limits,
 }
 
 impl Settings {
@@ -220,6 +242,12 @@ impl Settings {
             .set("relay-timeout-ms", self.relay_timeout.as_millis())
             .set("leg-max-pps", self.leg_limits.max_pps)
             .set("leg-max-kbps", self.leg_limits.max_kbps)
+            .set("quota-live-sessions", quota_text(self.quotas.live_sessions))
+            .set("quota-watch-streams", quota_text(self.quotas.watch_streams))
+            .set(
+                "quota-allocations-per-sec",
+                quota_text(self.quotas.allocations_per_sec),
+            )
             .set(
                 "log-format",
                 format!("{:?}", config.log_format).to_lowercase(),
@@ -245,7 +273,18 @@ impl Settings {
                 max_pps: 5000,
                 max_kbps: 50_000,
             },
+            // A local cluster serves one developer, and load tests that allocate as fast as
+            // they can: no quotas.
+            quotas: quota::Limits::UNLIMITED,
         }
+    }
+}
+
+/// A quota as `--check-config` prints it.
+fn quota_text(limit: u32) -> String {
+    match limit {
+        0 => "0 (unlimited)".to_string(),
+        n => n.to_string(),
     }
 }
 
@@ -330,6 +369,11 @@ impl Config {
             leg_limits: Limits {
                 max_pps: self.leg_max_pps,
                 max_kbps: self.leg_max_kbps,
+            },
+            quotas: quota::Limits {
+                live_sessions: self.quota_live_sessions,
+                watch_streams: self.quota_watch_streams,
+                allocations_per_sec: self.quota_allocations_per_sec,
             },
         })
     }

@@ -67,7 +67,7 @@ where
             Some(None) | None => self.max,
         };
         if budget < SPENT {
-            return Box::pin(std::future::ready(Ok(Status::deadline_exceeded(
+            return Box::pin(std::future::ready(Ok(exceeded(
                 "the request's deadline had passed when it arrived",
             )
             .into_http())));
@@ -78,10 +78,18 @@ where
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(r) => r,
-                Err(_) => Ok(Status::deadline_exceeded("deadline exceeded").into_http()),
+                Err(_) => Ok(exceeded("deadline exceeded").into_http()),
             }
         })
     }
+}
+
+fn exceeded(message: &str) -> Status {
+    crate::errors::simple(
+        tonic::Code::DeadlineExceeded,
+        message,
+        crate::errors::Reason::DeadlineExceeded,
+    )
 }
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).

@@ -15,9 +15,12 @@ pub mod config;
 pub mod deadline;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod errors;
 pub mod health;
+pub mod malformed;
 pub mod metrics;
 pub mod placement;
+pub mod quota;
 pub mod registry;
 pub mod rpc;
 pub mod service;
@@ -87,11 +90,14 @@ impl ControllerServer {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let key_reloads = veil_ops::keys::reload_counter(&registry, "veil_controller")?;
+        let quotas = quota::Quotas::new(settings.quotas, settings.signaling_tokens.len());
+        metrics.init_quotas(&quotas);
         let controller = Arc::new(Controller::new(
             settings.keys.clone(),
             settings.regions.clone(),
             settings.leg_limits,
             metrics,
+            quotas,
         ));
         let listener = tokio::net::TcpListener::bind(settings.grpc_addr)
             .await
@@ -105,6 +111,7 @@ impl ControllerServer {
                 Arc::new(move || {
                     c.metrics.sessions.set(c.sessions() as i64);
                     c.metrics.set_relays(&c.registry.views());
+                    c.metrics.set_quota_usage(&c.quotas);
                 })
             },
             // The same readiness as the gRPC health status of SessionService (crate::health).
@@ -216,6 +223,8 @@ impl ControllerServer {
             .layer(rpc::RpcMetricsLayer {
                 metrics: self.controller.metrics.clone(),
             })
+            // Inside the metrics, so that they count the codes clients get.
+            .layer(malformed::MalformedLayer)
             .layer(deadline::DeadlineLayer { max: RPC_TIMEOUT })
             .concurrency_limit_per_connection(1024)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

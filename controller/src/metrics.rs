@@ -31,6 +31,14 @@ pub struct ControllerMetrics {
     rpc_requests: IntCounterVec,
     /// gRPC latency of unary methods, by method.
     rpc_latency: HistogramVec,
+    /// Calls refused for a quota, by quota and credential.
+    quota_refusals: IntCounterVec,
+    /// Each quota's limit (0: unlimited).
+    quota_limits: IntGaugeVec,
+    /// Live sessions, by credential.
+    credential_sessions: IntGaugeVec,
+    /// Open `WatchSession` streams, by credential.
+    credential_watches: IntGaugeVec,
 }
 
 impl std::fmt::Debug for ControllerMetrics {
@@ -76,6 +84,8 @@ labels! {
         Conflict => "conflict",
         /// No relay could take it.
         Unavailable => "unavailable",
+        /// The caller's credential was past a quota (its allocation rate or live sessions).
+        Quota => "quota",
     }
 }
 
@@ -342,6 +352,40 @@ impl ControllerMetrics {
         ] {
             registry.register(Box::new(c.clone()))?;
         }
+        let quota_refusals = IntCounterVec::new(
+            Opts::new(
+                "veil_controller_quota_refusals_total",
+                "Signaling calls refused with RESOURCE_EXHAUSTED for a quota, by quota and \
+                 credential (its position in --signaling-tokens, or `open`; never the token).",
+            ),
+            &["quota", "credential"],
+        )?;
+        let quota_limits = IntGaugeVec::new(
+            Opts::new(
+                "veil_controller_quota_limit",
+                "Each signaling credential's quota (0: unlimited).",
+            ),
+            &["quota"],
+        )?;
+        let credential_sessions = IntGaugeVec::new(
+            Opts::new(
+                "veil_controller_credential_sessions",
+                "Live sessions (neither released nor expired) by the signaling credential that \
+                 allocated them.",
+            ),
+            &["credential"],
+        )?;
+        let credential_watches = IntGaugeVec::new(
+            Opts::new(
+                "veil_controller_credential_watch_streams",
+                "WatchSession streams open, by signaling credential.",
+            ),
+            &["credential"],
+        )?;
+        registry.register(Box::new(quota_refusals.clone()))?;
+        registry.register(Box::new(quota_limits.clone()))?;
+        registry.register(Box::new(credential_sessions.clone()))?;
+        registry.register(Box::new(credential_watches.clone()))?;
         registry.register(Box::new(open_roles.clone()))?;
         registry.register(Box::new(rpc_latency.clone()))?;
         // Every method's OK series and every unary method's histogram exist from the start (not
@@ -382,7 +426,52 @@ impl ControllerMetrics {
             open_roles,
             rpc_requests,
             rpc_latency,
+            quota_refusals,
+            quota_limits,
+            credential_sessions,
+            credential_watches,
         })
+    }
+
+    /// Exports `quotas`' limits, and creates every series of its credentials (a bounded set: one
+    /// per configured token), so that they exist from start-up.
+    pub fn init_quotas(&self, quotas: &crate::quota::Quotas) {
+        use crate::quota::Quota;
+        for q in Quota::ALL {
+            self.quota_limits
+                .with_label_values(&[q.as_str()])
+                .set(i64::from(quotas.limits().of(q)));
+            for c in quotas.labels() {
+                self.quota_refusals.with_label_values(&[q.as_str(), c]);
+            }
+        }
+        self.set_quota_usage(quotas);
+    }
+
+    /// Recomputes the per-credential usage gauges.
+    pub fn set_quota_usage(&self, quotas: &crate::quota::Quotas) {
+        for (c, live, watches) in quotas.usage() {
+            self.credential_sessions
+                .with_label_values(&[c])
+                .set(i64::from(live));
+            self.credential_watches
+                .with_label_values(&[c])
+                .set(i64::from(watches));
+        }
+    }
+
+    /// Counts a call refused for `quota`; `credential` is the credential's label.
+    pub fn count_quota_refusal(&self, quota: crate::quota::Quota, credential: &str) {
+        self.quota_refusals
+            .with_label_values(&[quota.as_str(), credential])
+            .inc();
+    }
+
+    /// Refusals counted for `quota` and `credential`.
+    pub fn quota_refusals(&self, quota: crate::quota::Quota, credential: &str) -> u64 {
+        self.quota_refusals
+            .with_label_values(&[quota.as_str(), credential])
+            .get()
     }
 
     /// Records whether `role` is open (served without tokens).

@@ -10,8 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use veil_proto::v1 as pb;
 
+use tonic::Code;
+
 use crate::api::{self, AllocateError, AllocateRequest};
+use crate::errors::{self, Reason, Violation};
 use crate::metrics::{AllocationResult, AuthService, ReleaseResult};
+use crate::quota::{Credential, Exceeded};
 use crate::registry::{Change, LINK_QUEUE, RelayEvent};
 use crate::state::{Controller, Role};
 
@@ -56,49 +60,67 @@ impl Auth {
         }
     }
 
-    fn role_of(&self, token: &str) -> Option<Caller> {
-        use subtle::ConstantTimeEq;
-        let matches = |set: &[String]| {
-            set.iter().fold(false, |acc, t| {
-                acc | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
-            })
+    /// The role `token` belongs to, and its position in that role's list.
+    fn role_of(&self, token: &str) -> Option<(Caller, u32)> {
+        use subtle::{ConditionallySelectable, ConstantTimeEq};
+        // Every token of the set is compared, whichever matches: the time taken says nothing
+        // about which one did, or how much of it.
+        let find = |set: &[String]| {
+            let (mut found, mut at) = (subtle::Choice::from(0), 0u32);
+            for (i, t) in set.iter().enumerate() {
+                let eq = t.as_bytes().ct_eq(token.as_bytes());
+                found |= eq;
+                at.conditional_assign(&(i as u32), eq);
+            }
+            bool::from(found).then_some(at)
         };
-        if matches(&self.signaling) {
-            Some(Caller::Signaling)
-        } else if matches(&self.relay) {
-            Some(Caller::Relay)
-        } else if matches(&self.admin) {
-            Some(Caller::Admin)
-        } else {
-            None
-        }
+        [
+            (Caller::Signaling, &self.signaling),
+            (Caller::Relay, &self.relay),
+            (Caller::Admin, &self.admin),
+        ]
+        .into_iter()
+        .find_map(|(role, set)| find(set).map(|i| (role, i)))
     }
 
-    /// Checks that `metadata` authenticates a caller allowed to act as `needed`.
+    /// Checks that `metadata` authenticates a caller allowed to act as `needed`; returns which
+    /// of the role's credentials it presented ([`Credential::Open`] for a role without tokens).
     pub fn check(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         needed: Caller,
-    ) -> Result<(), Status> {
+    ) -> Result<Credential, Status> {
         let required = match needed {
             Caller::Signaling => &self.signaling,
             Caller::Relay => &self.relay,
             Caller::Admin => &self.admin,
         };
         if required.is_empty() {
-            return Ok(());
+            return Ok(Credential::Open);
         }
         let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+            .ok_or_else(|| {
+                errors::simple(
+                    Code::Unauthenticated,
+                    "missing bearer token",
+                    Reason::CredentialMissing,
+                )
+            })?;
         match self.role_of(token) {
-            Some(role) if role == needed => Ok(()),
-            Some(_) => Err(Status::permission_denied(
+            Some((role, i)) if role == needed => Ok(Credential::Token(i)),
+            Some(_) => Err(errors::simple(
+                Code::PermissionDenied,
                 "this credential may not call this service",
+                Reason::CredentialWrongRole,
             )),
-            None => Err(Status::unauthenticated("invalid bearer token")),
+            None => Err(errors::simple(
+                Code::Unauthenticated,
+                "invalid bearer token",
+                Reason::CredentialInvalid,
+            )),
         }
     }
 }
@@ -111,7 +133,7 @@ pub struct SessionApi {
 }
 
 impl SessionApi {
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Credential, Status> {
         self.auth
             .check(req.metadata(), Caller::Signaling)
             .inspect_err(|_| {
@@ -119,6 +141,18 @@ impl SessionApi {
                     .metrics
                     .count_auth_failure(AuthService::Session);
             })
+    }
+
+    /// Counts a quota refusal for `who`, and passes it on.
+    fn refused(&self, who: Credential, e: Exceeded) -> Exceeded {
+        let c = &self.controller;
+        c.metrics.count_quota_refusal(e.quota, c.quotas.label(who));
+        tracing::debug!(
+            quota = e.quota.as_str(),
+            credential = c.quotas.label(who),
+            "quota refusal"
+        );
+        e
     }
 }
 
@@ -140,8 +174,10 @@ fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
     }
 }
 
-/// Feeds one WatchSession stream until the session ends or the watcher goes.
+/// Feeds one WatchSession stream until the session ends or the watcher goes; the stream counts
+/// against its credential's quota until then (`_permit`).
 async fn watch(
+    _permit: crate::quota::WatchPermit,
     controller: Arc<Controller>,
     session: Arc<crate::state::Session>,
     mut relays: tokio::sync::broadcast::Receiver<RelayEvent>,
@@ -227,14 +263,20 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        self.authorize(&request)?;
+        let who = self.authorize(&request)?;
         let id = api::parse_session_id(&request.get_ref().session_id)?;
         // Subscribe before reading the session, so that nothing happens unseen in between.
         let relays = self.controller.registry.subscribe();
         let releases = self.controller.subscribe_releases();
         let session = self.controller.get(id)?;
+        let permit = self
+            .controller
+            .quotas
+            .watch(who)
+            .map_err(|e| self.refused(who, e))?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(watch(
+            permit,
             self.controller.clone(),
             session,
             relays,
@@ -250,12 +292,20 @@ impl pb::session_service_server::SessionService for SessionApi {
         &self,
         request: Request<pb::AllocateSessionRequest>,
     ) -> Result<Response<pb::AllocateSessionResponse>, Status> {
-        self.authorize(&request)?;
+        let who = self.authorize(&request)?;
         let started = Instant::now();
         let m = &self.controller.metrics;
-        let result = AllocateRequest::try_from(request.into_inner())
+        // The rate first: a caller past it costs no validation, and every call counts, valid or
+        // not, new or a retry.
+        let result = self
+            .controller
+            .quotas
+            .allocation(who, started)
             .map_err(AllocateError::from)
-            .and_then(|req| self.controller.allocate(req));
+            .and_then(|()| {
+                AllocateRequest::try_from(request.into_inner()).map_err(AllocateError::from)
+            })
+            .and_then(|req| self.controller.allocate(req, who));
         m.allocation_latency
             .observe(started.elapsed().as_secs_f64());
         m.count_allocation(match &result {
@@ -264,6 +314,11 @@ impl pb::session_service_server::SessionService for SessionApi {
             Err(AllocateError::Invalid(_)) => AllocationResult::Invalid,
             Err(AllocateError::Conflict | AllocateError::Released) => AllocationResult::Conflict,
             Err(AllocateError::NoRelay(_)) => AllocationResult::Unavailable,
+            Err(AllocateError::Quota(_)) => AllocationResult::Quota,
+        });
+        let result = result.map_err(|e| match e {
+            AllocateError::Quota(q) => AllocateError::Quota(self.refused(who, q)),
+            e => e,
         });
         let (session, created) = result?;
         Ok(Response::new(pb::AllocateSessionResponse {
@@ -314,40 +369,69 @@ type OutStream =
     Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send + 'static>>;
 
 fn check_hello(h: &pb::RelayHello) -> Result<(), Status> {
+    use std::net::SocketAddr;
+    let bad = |field, violation, message| Err(errors::invalid_field(field, violation, message));
     if h.node_id.is_empty()
         || h.node_id.len() > api::MAX_ID_LEN
         || h.node_id.chars().any(char::is_control)
     {
-        return Err(Status::invalid_argument(
+        let violation = if h.node_id.is_empty() {
+            Violation::Empty
+        } else if h.node_id.len() > api::MAX_ID_LEN {
+            Violation::TooLong
+        } else {
+            Violation::ControlCharacters
+        };
+        return bad(
+            "hello.node_id",
+            violation,
             "hello.node_id must be 1 to 128 bytes without control characters",
-        ));
+        );
     }
-    if h.udp_address.parse::<std::net::SocketAddr>().is_err() {
-        return Err(Status::invalid_argument(
+    if h.udp_address.parse::<SocketAddr>().is_err() {
+        return bad(
+            "hello.udp_address",
+            Violation::Format,
             "hello.udp_address must be ip:port",
-        ));
+        );
     }
-    if !h.quic_address.is_empty() && h.quic_address.parse::<std::net::SocketAddr>().is_err() {
-        return Err(Status::invalid_argument(
+    if !h.quic_address.is_empty() && h.quic_address.parse::<SocketAddr>().is_err() {
+        return bad(
+            "hello.quic_address",
+            Violation::Format,
             "hello.quic_address must be empty or ip:port",
-        ));
+        );
     }
     if !h.turn_tcp_address.is_empty()
-        && (!h.turn_udp || h.turn_tcp_address.parse::<std::net::SocketAddr>().is_err())
+        && (!h.turn_udp || h.turn_tcp_address.parse::<SocketAddr>().is_err())
     {
-        return Err(Status::invalid_argument(
+        return bad(
+            "hello.turn_tcp_address",
+            if h.turn_udp {
+                Violation::Format
+            } else {
+                Violation::Requires
+            },
             "hello.turn_tcp_address must be empty or ip:port, and needs hello.turn_udp",
-        ));
+        );
     }
     if !h.turn_tls_address.is_empty() && (!h.turn_udp || !valid_host_port(&h.turn_tls_address)) {
-        return Err(Status::invalid_argument(
+        return bad(
+            "hello.turn_tls_address",
+            if h.turn_udp {
+                Violation::Format
+            } else {
+                Violation::Requires
+            },
             "hello.turn_tls_address must be empty or host:port, and needs hello.turn_udp",
-        ));
+        );
     }
     if h.capacity_legs == 0 {
-        return Err(Status::invalid_argument(
+        return bad(
+            "hello.capacity_legs",
+            Violation::OutOfRange,
             "hello.capacity_legs must be at least 1",
-        ));
+        );
     }
     Ok(())
 }
@@ -391,8 +475,10 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
             kind: Some(pb::relay_message::Kind::Hello(hello)),
         }) = inbound.message().await?
         else {
-            return Err(Status::invalid_argument(
+            return Err(errors::simple(
+                Code::InvalidArgument,
                 "the first message must be a RelayHello",
+                Reason::HelloRequired,
             ));
         };
         check_hello(&hello)?;
@@ -410,6 +496,9 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
                 .map_err(|_| Status::internal("fresh link queue full"))?;
         }
         let node_id = hello.node_id.clone();
+        // Weak: the link's sender is the registry's, whose dropping ends the stream (a detach,
+        // shutdown); this one only tells the relay why its own stream failed.
+        let reply = tx.downgrade();
         let link = self.controller.registry.attach(&hello, tx);
         tracing::info!(node_id = %node_id, region = %hello.region, "relay attached");
         let controller = self.controller.clone();
@@ -427,6 +516,12 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::info!(node_id = %node_id, error = %e, "relay stream failed");
+                        // A message the relay sent that did not decode, or was too large: the
+                        // relay hears why (crate::malformed gives it the right code) before
+                        // its stream ends. Anything else (it went away) has nobody to tell.
+                        if let Some(tx) = reply.upgrade() {
+                            let _ = tx.try_send(Err(e));
+                        }
                         break;
                     }
                 }
@@ -446,7 +541,7 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Credential, Status> {
         self.auth
             .check(req.metadata(), Caller::Admin)
             .inspect_err(|_| {
@@ -498,19 +593,41 @@ impl pb::admin_service_server::AdminService for AdminApi {
             deadline_seconds,
         } = request.into_inner();
         if node_id.is_empty() {
-            return Err(Status::invalid_argument("node_id must not be empty"));
+            return Err(errors::invalid_field(
+                "node_id",
+                Violation::Empty,
+                "node_id must not be empty",
+            ));
         }
         if deadline_seconds > MAX_DRAIN_DEADLINE_SECS {
-            return Err(Status::invalid_argument(format!(
-                "deadline_seconds must be at most {MAX_DRAIN_DEADLINE_SECS}"
-            )));
+            return Err(errors::invalid_field(
+                "deadline_seconds",
+                Violation::OutOfRange,
+                format!("deadline_seconds must be at most {MAX_DRAIN_DEADLINE_SECS}"),
+            ));
         }
         let order = draining.then_some(deadline_seconds);
         let view = self
             .controller
             .registry
             .order_drain(&node_id, order)
-            .ok_or_else(|| Status::not_found("no relay with this node_id"))?;
+            .ok_or_else(|| {
+                errors::status(
+                    Code::NotFound,
+                    "no relay with this node_id",
+                    Reason::RelayNotFound,
+                    &[],
+                    vec![
+                        tonic_types::ResourceInfo::new(
+                            "veil.v1.Relay",
+                            "",
+                            "",
+                            "no relay with this node_id is attached to this controller replica",
+                        )
+                        .into(),
+                    ],
+                )
+            })?;
         tracing::info!(node_id = %node_id, draining, deadline_seconds, "drain ordered");
         Ok(Response::new(pb::DrainRelayResponse {
             relay: Some(relay_status(&view)),

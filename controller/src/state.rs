@@ -13,6 +13,7 @@ use veil_protocol::{KeyRing, Limits, SessionId, Ticket};
 use crate::api::{AllocateError, AllocateRequest, NotFound, Participant, Transport};
 use crate::metrics::{ControllerMetrics, PlacementRole};
 use crate::placement::{self, RegionMap};
+use crate::quota::{Credential, Quotas};
 use crate::registry::{Registry, RelayInfo};
 
 /// A relay's part in a session.
@@ -52,7 +53,11 @@ pub struct Session {
     pub relays: Vec<(RelayInfo, Role)>,
     /// Expiry, Unix milliseconds.
     pub expires_unix_ms: u64,
+    /// The signaling credential that allocated it, whose live-sessions quota it counts against.
+    pub owner: Credential,
     released: AtomicBool,
+    /// Counted against its owner's quota: until released or expired, cleared exactly once.
+    live: AtomicBool,
 }
 
 impl Session {
@@ -148,6 +153,8 @@ pub struct Controller {
     limits: Limits,
     /// The controller's metrics.
     pub metrics: ControllerMetrics,
+    /// Each signaling credential's quotas and usage.
+    pub quotas: Quotas,
     released: tokio::sync::broadcast::Sender<u64>,
     stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -161,12 +168,14 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
-    /// A controller signing with `keys`, placing by `regions`, giving each leg `limits`.
+    /// A controller signing with `keys`, placing by `regions`, giving each leg `limits`, holding
+    /// signaling callers to `quotas`.
     pub fn new(
         keys: KeyRing,
         regions: RegionMap,
         limits: Limits,
         metrics: ControllerMetrics,
+        quotas: Quotas,
     ) -> Self {
         Self {
             registry: Registry::default(),
@@ -177,6 +186,7 @@ impl Controller {
             regions,
             limits,
             metrics,
+            quotas,
             released: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
         }
@@ -191,9 +201,14 @@ impl Controller {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Allocates a session, or returns the live one already allocated for the same `call_id`
-    /// and participants. Returns whether it was created.
-    pub fn allocate(&self, req: AllocateRequest) -> Result<(Arc<Session>, bool), AllocateError> {
+    /// Allocates a session for `owner`, or returns the live one already allocated for the same
+    /// `call_id` and participants (whoever allocated it: a retry never counts against a quota).
+    /// Returns whether it was created.
+    pub fn allocate(
+        &self,
+        req: AllocateRequest,
+        owner: Credential,
+    ) -> Result<(Arc<Session>, bool), AllocateError> {
         let now = unix_ms();
         // The entry holds this call_id's shard lock while the session is placed and minted (no
         // await inside), so concurrent retries of one call cannot create two sessions.
@@ -210,19 +225,43 @@ impl Controller {
                     }
                     return Ok((existing, false));
                 }
-                let session = self.create(&req, now)?;
+                let session = self.create_counted(&req, now, owner)?;
                 e.insert(session.id);
                 Ok((session, true))
             }
             Entry::Vacant(e) => {
-                let session = self.create(&req, now)?;
+                let session = self.create_counted(&req, now, owner)?;
                 e.insert(session.id);
                 Ok((session, true))
             }
         }
     }
 
-    fn create(&self, req: &AllocateRequest, now: u64) -> Result<Arc<Session>, AllocateError> {
+    /// Creates a session if `owner` has room for one more live session.
+    fn create_counted(
+        &self,
+        req: &AllocateRequest,
+        now: u64,
+        owner: Credential,
+    ) -> Result<Arc<Session>, AllocateError> {
+        self.quotas.begin_session(owner)?;
+        self.create(req, now, owner)
+            .inspect_err(|_| self.quotas.end_session(owner))
+    }
+
+    /// The session no longer counts against its owner's live-sessions quota (once only).
+    fn end_live(&self, s: &Session) {
+        if s.live.swap(false, Ordering::AcqRel) {
+            self.quotas.end_session(s.owner);
+        }
+    }
+
+    fn create(
+        &self,
+        req: &AllocateRequest,
+        now: u64,
+        owner: Credential,
+    ) -> Result<Arc<Session>, AllocateError> {
         let views = self.registry.views();
         let candidates: Vec<_> = views.iter().map(|v| v.candidate()).collect();
         let legs = req.participants.len() as u64;
@@ -283,7 +322,9 @@ impl Controller {
             legs,
             relays,
             expires_unix_ms,
+            owner,
             released: AtomicBool::new(false),
+            live: AtomicBool::new(true),
         });
         self.by_id.insert(id, session.clone());
         tracing::debug!(session = %SessionId(id), relay = %primary.info.node_id, legs = req.participants.len(), "session allocated");
@@ -305,6 +346,7 @@ impl Controller {
     pub fn release(&self, id: u64) -> Result<Arc<Session>, NotFound> {
         let s = self.get(id)?;
         if !s.released.swap(true, Ordering::Relaxed) {
+            self.end_live(&s);
             let revoke = pb::ControllerMessage {
                 kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
                     sessions: vec![pb::RevokedSession {
@@ -378,7 +420,14 @@ impl Controller {
     /// Forgets expired sessions.
     pub fn expire(&self) {
         let now = unix_ms();
-        self.by_id.retain(|_, s| !s.expired(now));
+        self.by_id.retain(|_, s| {
+            if s.expired(now) {
+                self.end_live(s);
+                false
+            } else {
+                true
+            }
+        });
         self.by_call.retain(|_, id| self.by_id.contains_key(id));
     }
 

@@ -121,7 +121,7 @@ async fn bad_requests_get_precise_codes_and_change_nothing() {
     let mut r = request("big", 2);
     r.participants[0].region = "r".repeat(100_000);
     let e = api.allocate_session(r).await.unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 
     // None of that created anything.
     assert_eq!(c.controller.sessions(), 0);
@@ -328,7 +328,7 @@ async fn hostile_and_oversized_input_gets_clear_errors() {
             ..Default::default()
         })
         .collect();
-    assert_eq!(code_of(&mut api, r).await.0, Code::OutOfRange);
+    assert_eq!(code_of(&mut api, r).await.0, Code::ResourceExhausted);
     // A huge session id in GetSession and ReleaseSession: over the limit, refused unparsed.
     let e = api
         .get_session(pb::GetSessionRequest {
@@ -336,7 +336,7 @@ async fn hostile_and_oversized_input_gets_clear_errors() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange);
+    assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().len() < 200, "a short message: {}", e.message());
 
     // Control characters, C0 and C1, anywhere: refused, and named without the value.

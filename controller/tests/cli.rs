@@ -45,6 +45,18 @@ fn help_documents_every_flag() {
         ),
         ("--leg-max-pps", Some("VEIL_CONTROLLER_LEG_MAX_PPS")),
         ("--leg-max-kbps", Some("VEIL_CONTROLLER_LEG_MAX_KBPS")),
+        (
+            "--quota-live-sessions",
+            Some("VEIL_CONTROLLER_QUOTA_LIVE_SESSIONS"),
+        ),
+        (
+            "--quota-watch-streams",
+            Some("VEIL_CONTROLLER_QUOTA_WATCH_STREAMS"),
+        ),
+        (
+            "--quota-allocations-per-sec",
+            Some("VEIL_CONTROLLER_QUOTA_ALLOCATIONS_PER_SEC"),
+        ),
         ("--dev", None),
         ("--dev-relays", None),
         ("--log-format", Some("VEIL_LOG_FORMAT")),

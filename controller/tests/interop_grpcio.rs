@@ -1,7 +1,7 @@
 //! Interop with a gRPC stack Veil did not write: a Python signaling service built with grpcio and
 //! grpcio-tools from `proto/` allocates, reads, watches and releases a session, checks health and
-//! lists the services through grpcio-reflection (reflection v1alpha), against a running
-//! controller. The Python environment is set up by the test command
+//! lists the services through grpcio-reflection (reflection v1alpha), and decodes an error's
+//! `google.rpc` details, against a running controller. The Python environment is set up by the test command
 //! (scripts/test.sh installs the packages into .venv); without it this test fails, never skips.
 
 use std::process::Command;
@@ -51,6 +51,17 @@ async fn grpcio_signaling_service_drives_the_api() {
         serde_json::json!(["KIND_SNAPSHOT", "KIND_RELEASED"])
     );
     assert_eq!(summary["bad_request_message"], "call_id must not be empty");
+    // The details decode in another language's protobuf runtime, from the standard trailer.
+    assert_eq!(
+        summary["bad_request_details"],
+        serde_json::json!({
+            "status_code": 3,
+            "status_message": "call_id must not be empty",
+            "reason": "INVALID_FIELD",
+            "domain": "veil.v1",
+            "fields": [["call_id", "EMPTY"]],
+        })
+    );
     // grpcio-reflection's client asks grpc.reflection.v1alpha: every service is listed.
     assert_eq!(
         summary["reflection_services"],

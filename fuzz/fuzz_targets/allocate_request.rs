@@ -76,8 +76,16 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             // Every message is a fixed sentence with field names and numbers, never the value:
             // ids are up to 128 bytes and unbounded when refused, so an echo would be longer.
-            assert!(e.0.len() <= 100, "{}-byte error message", e.0.len());
-            assert!(!e.0.chars().any(char::is_control));
+            assert!(
+                e.message.len() <= 100,
+                "{}-byte error message",
+                e.message.len()
+            );
+            assert!(!e.message.chars().any(char::is_control));
+            assert!(
+                e.message.starts_with(&e.field),
+                "the message names the field first"
+            );
         }
     }
 });

@@ -691,7 +691,14 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             "--ops-addr",
             &ops.to_string(),
         ])
-        .args(["--log-filter", "warn"]);
+        .args(["--log-filter", "warn"])
+        // The benchmark is one caller measuring the controller's own capacity: no quotas.
+        .args([
+            "--quota-live-sessions",
+            "0",
+            "--quota-allocations-per-sec",
+            "0",
+        ]);
     let mut ctl = Service::spawn("veil-controller", cmd, &dir.path().join("controller.log"))?;
     wait_until(&mut ctl, Duration::from_secs(10), || {
         std::net::TcpStream::connect(grpc)?;

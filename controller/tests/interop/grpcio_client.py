@@ -5,7 +5,9 @@ Builds its stubs from proto/veil/v1/*.proto with grpcio-tools (as a third party 
 checks grpc.health.v1, lists the services through server reflection with grpcio-reflection's
 client (which speaks grpc.reflection.v1alpha only), allocates a session, reads it back, watches it from another thread,
 releases it and sees the watch end with RELEASED, and checks that a bad request gets
-INVALID_ARGUMENT. Prints a JSON summary; exit status 0 means every step succeeded.
+INVALID_ARGUMENT with machine-readable details (google.rpc.Status in grpc-status-details-bin, its
+ErrorInfo and BadRequest decoded from a minimal copy of google/rpc's messages, as a client without
+googleapis-common-protos would). Prints a JSON summary; exit status 0 means every step succeeded.
 """
 
 import argparse
@@ -23,14 +25,56 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from grpc_tools import protoc
 
 
+# The fields of google/rpc/status.proto and error_details.proto this client reads: wire-compatible
+# with the originals.
+GOOGLE_RPC = """
+syntax = "proto3";
+package google.rpc;
+import "google/protobuf/any.proto";
+message Status { int32 code = 1; string message = 2; repeated google.protobuf.Any details = 3; }
+message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
+message BadRequest {
+  message FieldViolation { string field = 1; string description = 2; string reason = 3; }
+  repeated FieldViolation field_violations = 1;
+}
+"""
+
+
 def build_stubs(proto_root: str, out: str):
     files = [os.path.join("veil", "v1", f) for f in ("session.proto", "registry.proto", "admin.proto")]
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     rc = protoc.main(["protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *files])
     if rc != 0:
         raise RuntimeError(f"protoc failed: {rc}")
+    rpc_dir = os.path.join(out, "rpc_src")
+    os.makedirs(os.path.join(rpc_dir, "google", "rpc"), exist_ok=True)
+    with open(os.path.join(rpc_dir, "google", "rpc", "minimal.proto"), "w") as f:
+        f.write(GOOGLE_RPC)
+    rc = protoc.main(["protoc", f"-I{rpc_dir}", f"-I{include}", f"--python_out={out}",
+                      os.path.join("google", "rpc", "minimal.proto")])
+    if rc != 0:
+        raise RuntimeError(f"protoc failed on google.rpc: {rc}")
     sys.path.insert(0, out)
     return importlib.import_module("veil.v1.session_pb2"), importlib.import_module("veil.v1.session_pb2_grpc")
+
+
+def error_details(e: grpc.RpcError, rpc_pb) -> dict:
+    """ErrorInfo and BadRequest of a failed call, from its grpc-status-details-bin trailer."""
+    raw = dict(e.trailing_metadata() or ()).get("grpc-status-details-bin")
+    if raw is None:
+        return {}
+    status = rpc_pb.Status.FromString(raw)
+    out = {"status_code": status.code, "status_message": status.message}
+    for any_ in status.details:
+        if any_.Is(rpc_pb.ErrorInfo.DESCRIPTOR):
+            info = rpc_pb.ErrorInfo()
+            any_.Unpack(info)
+            out["reason"], out["domain"] = info.reason, info.domain
+        elif any_.Is(rpc_pb.BadRequest.DESCRIPTOR):
+            br = rpc_pb.BadRequest()
+            any_.Unpack(br)
+            out["fields"] = [(v.field, v.reason) for v in br.field_violations]
+    return out
 
 
 def main() -> int:
@@ -102,6 +146,8 @@ def main() -> int:
         except grpc.RpcError as e:
             summary["bad_request"] = e.code().name
             summary["bad_request_message"] = e.details()
+            summary["bad_request_details"] = error_details(
+                e, importlib.import_module("google.rpc.minimal_pb2"))
 
     print(json.dumps(summary))
     ok = (
@@ -114,6 +160,8 @@ def main() -> int:
         and summary["released_state"] == "SESSION_STATE_RELEASED"
         and summary["watch"] == ["KIND_SNAPSHOT", "KIND_RELEASED"]
         and summary["bad_request"] == "INVALID_ARGUMENT"
+        and summary["bad_request_details"].get("reason") == "INVALID_FIELD"
+        and summary["bad_request_details"].get("domain") == "veil.v1"
         and summary["health"] == "SERVING"
         and "veil.v1.SessionService" in summary["reflection_services"]
         and "AllocateSession" in summary["reflection_session_methods"]

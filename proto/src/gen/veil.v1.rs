@@ -355,11 +355,23 @@ pub mod session_service_client {
     ///
     /// Errors use the standard gRPC codes:
     ///
-    /// * INVALID_ARGUMENT: a request field is out of its documented range; the message names the field.
+    /// * INVALID_ARGUMENT: a request field is out of its documented range (the message names the
+    ///  field), or the request is not a well-formed message of the method's type.
+    /// * RESOURCE_EXHAUSTED: the request message is over the size limit (64 KiB), or the caller's
+    ///  credential is past one of its quotas (live sessions, open watches, allocations per second).
     /// * NOT_FOUND: no session with that id (never allocated here, or past its expiry).
     /// * ALREADY_EXISTS: the `call_id` is taken: by a session with different participants, or by a
     ///  session that was released (a new call needs a new `call_id`).
     /// * UNAVAILABLE: no relay can take the session right now; retry with backoff.
+    /// * UNAUTHENTICATED, PERMISSION_DENIED: a missing or unknown credential, or another role's.
+    ///  Every error also carries, in the standard `grpc-status-details-bin` trailer, a
+    ///  `google.rpc.ErrorInfo` (domain "veil.v1") whose `reason` is stable (INVALID_FIELD,
+    ///  MALFORMED_REQUEST, REQUEST_TOO_LARGE, QUOTA_LIVE_SESSIONS, QUOTA_WATCH_STREAMS,
+    ///  QUOTA_ALLOCATION_RATE, CALL_ID_CONFLICT, CALL_ID_RELEASED, SESSION_NOT_FOUND,
+    ///  NO_RELAY_AVAILABLE, CREDENTIAL_MISSING, CREDENTIAL_INVALID, CREDENTIAL_WRONG_ROLE,
+    ///  DEADLINE_EXCEEDED), and the detail that says what to fix: `google.rpc.BadRequest` (the field),
+    ///  `google.rpc.QuotaFailure` and `google.rpc.RetryInfo` (the quota, when to retry),
+    ///  `google.rpc.ResourceInfo`. See docs/ERRORS.md. No error names an address or a credential.
     #[derive(Debug, Clone)]
     pub struct SessionServiceClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -612,11 +624,23 @@ pub mod session_service_server {
     ///
     /// Errors use the standard gRPC codes:
     ///
-    /// * INVALID_ARGUMENT: a request field is out of its documented range; the message names the field.
+    /// * INVALID_ARGUMENT: a request field is out of its documented range (the message names the
+    ///  field), or the request is not a well-formed message of the method's type.
+    /// * RESOURCE_EXHAUSTED: the request message is over the size limit (64 KiB), or the caller's
+    ///  credential is past one of its quotas (live sessions, open watches, allocations per second).
     /// * NOT_FOUND: no session with that id (never allocated here, or past its expiry).
     /// * ALREADY_EXISTS: the `call_id` is taken: by a session with different participants, or by a
     ///  session that was released (a new call needs a new `call_id`).
     /// * UNAVAILABLE: no relay can take the session right now; retry with backoff.
+    /// * UNAUTHENTICATED, PERMISSION_DENIED: a missing or unknown credential, or another role's.
+    ///  Every error also carries, in the standard `grpc-status-details-bin` trailer, a
+    ///  `google.rpc.ErrorInfo` (domain "veil.v1") whose `reason` is stable (INVALID_FIELD,
+    ///  MALFORMED_REQUEST, REQUEST_TOO_LARGE, QUOTA_LIVE_SESSIONS, QUOTA_WATCH_STREAMS,
+    ///  QUOTA_ALLOCATION_RATE, CALL_ID_CONFLICT, CALL_ID_RELEASED, SESSION_NOT_FOUND,
+    ///  NO_RELAY_AVAILABLE, CREDENTIAL_MISSING, CREDENTIAL_INVALID, CREDENTIAL_WRONG_ROLE,
+    ///  DEADLINE_EXCEEDED), and the detail that says what to fix: `google.rpc.BadRequest` (the field),
+    ///  `google.rpc.QuotaFailure` and `google.rpc.RetryInfo` (the quota, when to retry),
+    ///  `google.rpc.ResourceInfo`. See docs/ERRORS.md. No error names an address or a credential.
     #[derive(Debug)]
     pub struct SessionServiceServer<T> {
         inner: Arc<T>,
