@@ -19,30 +19,7 @@ use tonic_types::{ErrorDetail, ErrorInfo, FieldViolation, StatusExt};
 /// The `ErrorInfo.domain` of every Veil error.
 pub const DOMAIN: &str = "veil.v1";
 
-/// Defines a closed set of stable names: an enum, every value in order, and each one's text.
-macro_rules! names {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $v:ident => $text:literal,)+ }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vdoc])* $v,)+
-        }
-
-        impl $name {
-            /// Every value, in order.
-            pub const ALL: &'static [Self] = &[$(Self::$v,)+];
-
-            /// The stable name.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$v => $text,)+
-                }
-            }
-        }
-    };
-}
-
-names! {
+closed_set! {
     /// Why a call failed: `google.rpc.ErrorInfo.reason`. Stable: see docs/ERRORS.md.
     Reason {
         /// `INVALID_ARGUMENT`: a request field is out of its documented range
@@ -85,7 +62,7 @@ names! {
     }
 }
 
-names! {
+closed_set! {
     /// What is wrong with one field: `google.rpc.BadRequest.FieldViolation.reason`. Stable.
     Violation {
         /// Empty, where a value is required.

@@ -10,6 +10,30 @@
 //! # }
 //! ```
 
+/// Defines a closed set of stable names (metric label values, error reasons): an enum, every
+/// value in order, and the text of each. Nothing else can become such a name.
+macro_rules! closed_set {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $v:ident => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $v,)+
+        }
+
+        impl $name {
+            /// Every value, in order.
+            pub const ALL: &'static [Self] = &[$(Self::$v,)+];
+
+            /// The stable name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$v => $text,)+
+                }
+            }
+        }
+    };
+}
+
 pub mod api;
 pub mod config;
 pub mod deadline;

@@ -47,31 +47,7 @@ impl std::fmt::Debug for ControllerMetrics {
     }
 }
 
-/// Defines a closed set of metric label values: an enum, every value in order, and the label
-/// text of each. Nothing else can become a label value.
-macro_rules! labels {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $v:ident => $text:literal,)+ }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vdoc])* $v,)+
-        }
-
-        impl $name {
-            /// Every value, in order.
-            pub const ALL: &'static [Self] = &[$(Self::$v,)+];
-
-            /// The label value.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$v => $text,)+
-                }
-            }
-        }
-    };
-}
-
-labels! {
+closed_set! {
     /// How an `AllocateSession` call ended.
     AllocationResult {
         /// A new session.
@@ -89,7 +65,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// How a `ReleaseSession` call ended.
     ReleaseResult {
         /// Released.
@@ -101,7 +77,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// The role a placed relay plays in a session.
     PlacementRole {
         /// Serves the session.
@@ -111,7 +87,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// The gRPC service a refused credential was presented to.
     AuthService {
         /// `SessionService` (signaling services).
@@ -123,7 +99,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// A relay's state as the registry sees it.
     RelayState {
         /// Reporting, taking sessions.
@@ -135,7 +111,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// A caller role, as `veil_controller_open_role` names it.
     Role {
         /// Signaling services (`SessionService`, `--signaling-tokens`).
@@ -147,7 +123,7 @@ labels! {
     }
 }
 
-labels! {
+closed_set! {
     /// A gRPC method this server serves; anything else (an unknown path) is `Other`.
     RpcMethod {
         /// `SessionService.AllocateSession`.
@@ -202,7 +178,7 @@ impl RpcMethod {
     }
 }
 
-labels! {
+closed_set! {
     /// A gRPC status code, as its canonical name.
     RpcCode {
         /// 0.

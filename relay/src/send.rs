@@ -19,6 +19,7 @@ use nix::sys::socket::{
     sendmmsg, sendmsg, sendto,
 };
 use veil_relay_core::table::Relayed;
+use veil_relay_core::turn::Frame;
 use veil_relay_core::wire::MAX_DATAGRAM;
 use veil_relay_core::{ConnId, DropReason, Endpoint, SharedStats, Stats, Transmit};
 
@@ -302,6 +303,15 @@ fn next_txn() -> [u8; 12] {
     t
 }
 
+/// The transaction id a relayed datagram needs: a fresh one for a Data indication, none (zeros,
+/// unused) for ChannelData, the per-packet common case.
+fn txn_for(r: &Relayed) -> [u8; 12] {
+    match r.frame {
+        Frame::Data(_) => next_txn(),
+        Frame::Channel(_) => [0; 12],
+    }
+}
+
 /// Sends `bytes` to `dst` without ever blocking: a full socket buffer drops the datagram.
 pub fn send_now(fd: RawFd, bytes: &[u8], dst: SocketAddr) -> bool {
     sendto(
@@ -526,7 +536,7 @@ impl<'a, S: PeerAddr> Out<'a, S> {
             (Endpoint::TurnUdp(dst), Some(b)) => {
                 // A batch holds at most SEND_BATCH datagrams, each framed one in RELAYED_CAP.
                 let at = b.queue.framed_len;
-                let n = r.datagram(pkt, &mut b.queue.framed[at..at + RELAYED_CAP], &next_txn());
+                let n = r.datagram(pkt, &mut b.queue.framed[at..at + RELAYED_CAP], &txn_for(r));
                 b.queue.framed_len = at + n;
                 b.queue.items.push(Queued {
                     dst,
@@ -540,14 +550,14 @@ impl<'a, S: PeerAddr> Out<'a, S> {
             }
             (Endpoint::TurnUdp(dst), None) => {
                 let mut scratch = [0u8; RELAYED_CAP];
-                let n = r.datagram(pkt, &mut scratch, &next_txn());
+                let n = r.datagram(pkt, &mut scratch, &txn_for(r));
                 self.now(dst, &scratch[..n], None);
             }
             // Over a stream, ChannelData is padded to a multiple of 4 bytes (RFC 8656 §12.5);
             // the padding bytes are zero.
             (Endpoint::TurnTcp(id) | Endpoint::TurnTls(id), _) => {
                 let mut scratch = [0u8; RELAYED_CAP];
-                let n = r.datagram(pkt, &mut scratch, &next_txn());
+                let n = r.datagram(pkt, &mut scratch, &txn_for(r));
                 let padded = n.next_multiple_of(4);
                 self.stream(id, Bytes::copy_from_slice(&scratch[..padded]));
             }
