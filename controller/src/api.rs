@@ -138,16 +138,8 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
         }
         let mut out: Vec<Participant> = Vec::with_capacity(n);
         for (i, p) in participants.into_iter().enumerate() {
-            let pb::Participant {
-                participant_id,
-                region,
-                preferred_transport,
-            } = p;
-            check_id(
-                &format!("participants[{i}].participant_id"),
-                &participant_id,
-            )?;
-            if let Some(j) = out.iter().position(|q| q.id == participant_id) {
+            let p = Participant::parse(&format!("participants[{i}]"), p)?;
+            if let Some(j) = out.iter().position(|q| q.id == p.id) {
                 return Err(InvalidArgument::new(
                     format!("participants[{i}].participant_id"),
                     Violation::Duplicate,
@@ -156,38 +148,7 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
                     ),
                 ));
             }
-            if region.len() > MAX_REGION_LEN || region.chars().any(char::is_control) {
-                return Err(InvalidArgument::new(
-                    format!("participants[{i}].region"),
-                    if region.len() > MAX_REGION_LEN {
-                        Violation::TooLong
-                    } else {
-                        Violation::ControlCharacters
-                    },
-                    format!(
-                        "participants[{i}].region must be at most {MAX_REGION_LEN} bytes without control characters"
-                    ),
-                ));
-            }
-            let transport = match pb::Transport::try_from(preferred_transport) {
-                Ok(pb::Transport::Unspecified) => None,
-                Ok(pb::Transport::Udp) => Some(Transport::Udp),
-                Ok(pb::Transport::Quic) => Some(Transport::Quic),
-                Err(_) => {
-                    return Err(InvalidArgument::new(
-                        format!("participants[{i}].preferred_transport"),
-                        Violation::UnknownValue,
-                        format!(
-                            "participants[{i}].preferred_transport: unknown value {preferred_transport}"
-                        ),
-                    ));
-                }
-            };
-            out.push(Participant {
-                id: participant_id,
-                region,
-                transport,
-            });
+            out.push(p);
         }
         let ttl = match ttl_seconds {
             0 => DEFAULT_TTL,
@@ -213,6 +174,157 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
             participants: out,
             ttl,
         })
+    }
+}
+
+impl Participant {
+    /// Validates a participant; `at` is its field path (`participants[2]`, `participant`).
+    fn parse(at: &str, p: pb::Participant) -> Result<Self, InvalidArgument> {
+        let pb::Participant {
+            participant_id,
+            region,
+            preferred_transport,
+        } = p;
+        check_id(&format!("{at}.participant_id"), &participant_id)?;
+        if region.len() > MAX_REGION_LEN || region.chars().any(char::is_control) {
+            return Err(InvalidArgument::new(
+                format!("{at}.region"),
+                if region.len() > MAX_REGION_LEN {
+                    Violation::TooLong
+                } else {
+                    Violation::ControlCharacters
+                },
+                format!(
+                    "{at}.region must be at most {MAX_REGION_LEN} bytes without control characters"
+                ),
+            ));
+        }
+        let transport = match pb::Transport::try_from(preferred_transport) {
+            Ok(pb::Transport::Unspecified) => None,
+            Ok(pb::Transport::Udp) => Some(Transport::Udp),
+            Ok(pb::Transport::Quic) => Some(Transport::Quic),
+            Err(_) => {
+                return Err(InvalidArgument::new(
+                    format!("{at}.preferred_transport"),
+                    Violation::UnknownValue,
+                    format!("{at}.preferred_transport: unknown value {preferred_transport}"),
+                ));
+            }
+        };
+        Ok(Self {
+            id: participant_id,
+            region,
+            transport,
+        })
+    }
+}
+
+/// A validated `AddParticipant` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddRequest {
+    /// The session.
+    pub session_id: u64,
+    /// Who joins.
+    pub participant: Participant,
+}
+
+impl TryFrom<pb::AddParticipantRequest> for AddRequest {
+    type Error = InvalidArgument;
+
+    fn try_from(pb: pb::AddParticipantRequest) -> Result<Self, Self::Error> {
+        let session_id = parse_session_id(&pb.session_id)?;
+        let Some(p) = pb.participant else {
+            return Err(InvalidArgument::new(
+                "participant",
+                Violation::Empty,
+                "participant must be set",
+            ));
+        };
+        Ok(Self {
+            session_id,
+            participant: Participant::parse("participant", p)?,
+        })
+    }
+}
+
+/// A validated `RemoveParticipant` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoveRequest {
+    /// The session.
+    pub session_id: u64,
+    /// Who leaves.
+    pub participant_id: String,
+}
+
+impl TryFrom<pb::RemoveParticipantRequest> for RemoveRequest {
+    type Error = InvalidArgument;
+
+    fn try_from(pb: pb::RemoveParticipantRequest) -> Result<Self, Self::Error> {
+        let session_id = parse_session_id(&pb.session_id)?;
+        check_id("participant_id", &pb.participant_id)?;
+        Ok(Self {
+            session_id,
+            participant_id: pb.participant_id,
+        })
+    }
+}
+
+/// Why adding or removing a participant failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParticipantError {
+    /// A bad request field.
+    #[error(transparent)]
+    Invalid(#[from] InvalidArgument),
+    /// No live session with this id.
+    #[error(transparent)]
+    NoSession(#[from] NotFound),
+    /// The session was released.
+    #[error("the session was released; a new call needs a new session")]
+    Released,
+    /// The session has minted all its legs.
+    #[error(
+        "the session has minted all of its {MAX_PARTICIPANTS} legs (removed ones count); allocate a new session"
+    )]
+    Full,
+    /// The participant is in the call already, added otherwise (another region or transport).
+    #[error("participant_id is in the session already, with another region or transport")]
+    Conflict,
+    /// No participant of the session has this id.
+    #[error("no participant with this participant_id in the session")]
+    NotFound,
+}
+
+impl From<ParticipantError> for Status {
+    fn from(e: ParticipantError) -> Self {
+        let message = e.to_string();
+        match e {
+            ParticipantError::Invalid(i) => i.into(),
+            ParticipantError::NoSession(n) => n.into(),
+            ParticipantError::Released => {
+                errors::simple(Code::FailedPrecondition, message, Reason::SessionReleased)
+            }
+            ParticipantError::Full => {
+                errors::simple(Code::FailedPrecondition, message, Reason::SessionFull)
+            }
+            ParticipantError::Conflict => {
+                errors::simple(Code::AlreadyExists, message, Reason::ParticipantConflict)
+            }
+            ParticipantError::NotFound => errors::status(
+                Code::NotFound,
+                message,
+                Reason::ParticipantNotFound,
+                &[],
+                vec![
+                    tonic_types::ResourceInfo::new(
+                        "veil.v1.Participant",
+                        "",
+                        "",
+                        "no participant with this participant_id was ever in the session",
+                    )
+                    .into(),
+                ],
+            ),
+        }
     }
 }
 

@@ -47,6 +47,16 @@ closed_set! {
         CallIdReleased => "CALL_ID_RELEASED",
         /// `NOT_FOUND`: no session with this `session_id` on this controller replica.
         SessionNotFound => "SESSION_NOT_FOUND",
+        /// `NOT_FOUND`: no participant of the session has this `participant_id`.
+        ParticipantNotFound => "PARTICIPANT_NOT_FOUND",
+        /// `ALREADY_EXISTS`: `AddParticipant` named a participant in the session already, with
+        /// another region or transport.
+        ParticipantConflict => "PARTICIPANT_CONFLICT",
+        /// `FAILED_PRECONDITION`: the session has minted all 16 of its legs (removed ones
+        /// count); a call that grows further needs a new session.
+        SessionFull => "SESSION_FULL",
+        /// `FAILED_PRECONDITION`: the session was released; nobody joins it any more.
+        SessionReleased => "SESSION_RELEASED",
         /// `NOT_FOUND`: no relay with this `node_id` is known to this controller replica.
         RelayNotFound => "RELAY_NOT_FOUND",
         /// `UNAVAILABLE`: no relay can take the session now; retry with backoff.

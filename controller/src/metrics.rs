@@ -130,6 +130,10 @@ closed_set! {
         AllocateSession => "veil.v1.SessionService/AllocateSession",
         /// `SessionService.GetSession`.
         GetSession => "veil.v1.SessionService/GetSession",
+        /// `SessionService.AddParticipant`.
+        AddParticipant => "veil.v1.SessionService/AddParticipant",
+        /// `SessionService.RemoveParticipant`.
+        RemoveParticipant => "veil.v1.SessionService/RemoveParticipant",
         /// `SessionService.ReleaseSession`.
         ReleaseSession => "veil.v1.SessionService/ReleaseSession",
         /// `SessionService.WatchSession` (server streaming).

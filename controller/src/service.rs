@@ -182,6 +182,7 @@ async fn watch(
     session: Arc<crate::state::Session>,
     mut relays: tokio::sync::broadcast::Receiver<RelayEvent>,
     mut releases: tokio::sync::broadcast::Receiver<u64>,
+    mut changes: tokio::sync::broadcast::Receiver<u64>,
     tx: mpsc::Sender<Result<pb::SessionEvent, Status>>,
 ) {
     use pb::session_event::Kind;
@@ -242,6 +243,21 @@ async fn watch(
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             },
+            c = changes.recv() => match c {
+                Ok(id) if id == session.id => {
+                    let mut ev = event(Kind::ParticipantsChanged);
+                    ev.session = Some(session.to_pb());
+                    ev
+                }
+                Ok(_) => continue,
+                // Missed changes: the session as it is now says all of them.
+                Err(RecvError::Lagged(_)) => {
+                    let mut ev = event(Kind::ParticipantsChanged);
+                    ev.session = Some(session.to_pb());
+                    ev
+                }
+                Err(RecvError::Closed) => return,
+            },
             _ = &mut expiry => {
                 let _ = tx.send(Ok(event(Kind::Expired))).await;
                 return;
@@ -268,6 +284,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         // Subscribe before reading the session, so that nothing happens unseen in between.
         let relays = self.controller.registry.subscribe();
         let releases = self.controller.subscribe_releases();
+        let changes = self.controller.subscribe_changes();
         let session = self.controller.get(id)?;
         let permit = self
             .controller
@@ -281,6 +298,7 @@ impl pb::session_service_server::SessionService for SessionApi {
             session,
             relays,
             releases,
+            changes,
             tx,
         ));
         Ok(Response::new(
@@ -336,6 +354,36 @@ impl pb::session_service_server::SessionService for SessionApi {
         let session = self.controller.get(id)?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some(session.to_pb()),
+        }))
+    }
+
+    async fn add_participant(
+        &self,
+        request: Request<pb::AddParticipantRequest>,
+    ) -> Result<Response<pb::AddParticipantResponse>, Status> {
+        self.authorize(&request)?;
+        let req = api::AddRequest::try_from(request.into_inner())?;
+        let out = self
+            .controller
+            .add_participant(req.session_id, req.participant)?;
+        Ok(Response::new(pb::AddParticipantResponse {
+            session: Some(out.session),
+            leg: Some(out.leg),
+            created: out.changed,
+        }))
+    }
+
+    async fn remove_participant(
+        &self,
+        request: Request<pb::RemoveParticipantRequest>,
+    ) -> Result<Response<pb::RemoveParticipantResponse>, Status> {
+        self.authorize(&request)?;
+        let req = api::RemoveRequest::try_from(request.into_inner())?;
+        let out = self
+            .controller
+            .remove_participant(req.session_id, &req.participant_id)?;
+        Ok(Response::new(pb::RemoveParticipantResponse {
+            session: Some(out.session),
         }))
     }
 
@@ -486,11 +534,9 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
         // Everything revoked so far goes first, so a relay that missed revocations (restarted,
         // or cut off) catches up before anything else.
         let revoked = self.controller.revocations();
-        if !revoked.is_empty() {
+        if !revoked.sessions.is_empty() || !revoked.legs.is_empty() {
             let msg = pb::ControllerMessage {
-                kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
-                    sessions: revoked,
-                })),
+                kind: Some(pb::controller_message::Kind::Revoke(revoked)),
             };
             tx.try_send(Ok(msg))
                 .map_err(|_| Status::internal("fresh link queue full"))?;

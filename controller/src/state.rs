@@ -2,7 +2,7 @@
 //! idempotency), placement on relays, token minting, release and revocation.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -10,7 +10,9 @@ use dashmap::mapref::entry::Entry;
 use veil_proto::v1 as pb;
 use veil_protocol::{KeyRing, Limits, SessionId, Ticket};
 
-use crate::api::{AllocateError, AllocateRequest, NotFound, Participant, Transport};
+use crate::api::{
+    AllocateError, AllocateRequest, NotFound, Participant, ParticipantError, Transport,
+};
 use crate::metrics::{ControllerMetrics, PlacementRole};
 use crate::placement::{self, RegionMap};
 use crate::quota::{Credential, Quotas};
@@ -36,6 +38,39 @@ pub struct Leg {
     pub token: Vec<u8>,
     /// Transport the participant should use.
     pub transport: Transport,
+    /// The participant as added (for `AddParticipant` idempotency).
+    pub participant: Participant,
+    /// Removed by `RemoveParticipant`: revoked on every relay, not listed any more.
+    pub removed: bool,
+}
+
+impl Leg {
+    fn to_pb(&self, s: &Session, relays: &[pb::RelayEndpoint]) -> pb::Leg {
+        pb::Leg {
+            participant_id: self.participant_id.clone(),
+            leg_index: u32::from(self.index),
+            token: self.token.clone(),
+            expires_at: Some(s.expires_at()),
+            transport: match self.transport {
+                Transport::Udp => pb::Transport::Udp,
+                Transport::Quic => pb::Transport::Quic,
+            } as i32,
+            relays: relays.to_vec(),
+            ice_servers: ice_servers(&self.token, &s.relays),
+        }
+    }
+}
+
+/// What a participant change did: the leg, and whether this call made the change (false for
+/// a retry that found it made).
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The session as it is now.
+    pub session: pb::Session,
+    /// The participant's leg.
+    pub leg: pb::Leg,
+    /// True when this call changed the session.
+    pub changed: bool,
 }
 
 /// A session as the controller stores it.
@@ -47,8 +82,9 @@ pub struct Session {
     pub call_id: String,
     /// Participants as requested (for idempotency checks).
     pub participants: Vec<Participant>,
-    /// One leg per participant.
-    pub legs: Vec<Leg>,
+    /// Every leg minted for the session, in index order: the allocation's, then those added,
+    /// removed ones included (an index is never minted twice).
+    legs: Mutex<Vec<Leg>>,
     /// Primary, then backup.
     pub relays: Vec<(RelayInfo, Role)>,
     /// Expiry, Unix milliseconds.
@@ -70,14 +106,35 @@ impl Session {
         self.expires_unix_ms <= now_unix_ms
     }
 
-    /// The public API's view of the session.
-    pub fn to_pb(&self) -> pb::Session {
-        let expires_at = prost_types::Timestamp {
+    fn expires_at(&self) -> prost_types::Timestamp {
+        prost_types::Timestamp {
             seconds: (self.expires_unix_ms / 1000) as i64,
             nanos: ((self.expires_unix_ms % 1000) * 1_000_000) as i32,
-        };
-        let relays: Vec<pb::RelayEndpoint> = self
-            .relays
+        }
+    }
+
+    /// The legs, held briefly (no await while held).
+    fn legs(&self) -> MutexGuard<'_, Vec<Leg>> {
+        // Every change is one push or one flag: a panic leaves the list consistent.
+        self.legs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The legs in the call now (not removed), for tests and the API's view.
+    pub fn current_legs(&self) -> Vec<Leg> {
+        self.legs().iter().filter(|l| !l.removed).cloned().collect()
+    }
+
+    /// The indices of the legs removed so far, for revocations.
+    fn removed_legs(&self) -> Vec<u8> {
+        self.legs()
+            .iter()
+            .filter(|l| l.removed)
+            .map(|l| l.index)
+            .collect()
+    }
+
+    fn relays_pb(&self) -> Vec<pb::RelayEndpoint> {
+        self.relays
             .iter()
             .map(|(r, role)| pb::RelayEndpoint {
                 node_id: r.node_id.clone(),
@@ -90,27 +147,23 @@ impl Session {
                     Role::Backup => pb::RelayRole::Backup,
                 } as i32,
             })
+            .collect()
+    }
+
+    /// The public API's view of the session.
+    pub fn to_pb(&self) -> pb::Session {
+        let relays = self.relays_pb();
+        let legs = self
+            .legs()
+            .iter()
+            .filter(|l| !l.removed)
+            .map(|l| l.to_pb(self, &relays))
             .collect();
         pb::Session {
             session_id: veil_proto::format_session_id(self.id),
             call_id: self.call_id.clone(),
-            expires_at: Some(expires_at),
-            legs: self
-                .legs
-                .iter()
-                .map(|l| pb::Leg {
-                    participant_id: l.participant_id.clone(),
-                    leg_index: u32::from(l.index),
-                    token: l.token.clone(),
-                    expires_at: Some(expires_at),
-                    transport: match l.transport {
-                        Transport::Udp => pb::Transport::Udp,
-                        Transport::Quic => pb::Transport::Quic,
-                    } as i32,
-                    relays: relays.clone(),
-                    ice_servers: ice_servers(&l.token, &self.relays),
-                })
-                .collect(),
+            expires_at: Some(self.expires_at()),
+            legs,
             state: if self.is_released() {
                 pb::SessionState::Released
             } else {
@@ -156,6 +209,8 @@ pub struct Controller {
     /// Each signaling credential's quotas and usage.
     pub quotas: Quotas,
     released: tokio::sync::broadcast::Sender<u64>,
+    /// Sessions whose participants changed.
+    changes: tokio::sync::broadcast::Sender<u64>,
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
@@ -188,6 +243,7 @@ impl Controller {
             metrics,
             quotas,
             released: tokio::sync::broadcast::channel(1024).0,
+            changes: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
         }
     }
@@ -310,6 +366,8 @@ impl Controller {
                     index: i as u8,
                     token: token.to_bytes().to_vec(),
                     transport,
+                    participant: p.clone(),
+                    removed: false,
                 }
             })
             .collect();
@@ -319,7 +377,7 @@ impl Controller {
             id,
             call_id: req.call_id.clone(),
             participants: req.participants.clone(),
-            legs,
+            legs: Mutex::new(legs),
             relays,
             expires_unix_ms,
             owner,
@@ -341,6 +399,131 @@ impl Controller {
         }
     }
 
+    /// Adds `participant` to live session `id`: mints the next leg index, or returns the leg of
+    /// that participant if they are in the call already (a retry). A participant removed before
+    /// gets a new leg.
+    pub fn add_participant(
+        &self,
+        id: u64,
+        participant: Participant,
+    ) -> Result<Changed, ParticipantError> {
+        let s = self.get(id)?;
+        if s.is_released() {
+            return Err(ParticipantError::Released);
+        }
+        let relays = s.relays_pb();
+        let mut legs = s.legs();
+        if let Some(leg) = legs
+            .iter()
+            .find(|l| !l.removed && l.participant_id == participant.id)
+        {
+            if leg.participant != participant {
+                return Err(ParticipantError::Conflict);
+            }
+            let leg = leg.to_pb(&s, &relays);
+            drop(legs);
+            return Ok(Changed {
+                session: s.to_pb(),
+                leg,
+                changed: false,
+            });
+        }
+        let index = legs.len();
+        if index >= crate::api::MAX_PARTICIPANTS {
+            return Err(ParticipantError::Full);
+        }
+        let index = index as u8;
+        let keys = self.keys();
+        let token = keys.mint(Ticket {
+            key_id: keys.signing_key_id(),
+            session: SessionId(id),
+            leg: index,
+            legs: index + 1,
+            expires_unix_ms: s.expires_unix_ms,
+            limits: self.limits,
+        });
+        let quic_everywhere = s.relays.iter().all(|(r, _)| !r.quic_address.is_empty());
+        let transport = match participant.transport {
+            Some(Transport::Quic) if quic_everywhere => Transport::Quic,
+            _ => Transport::Udp,
+        };
+        let leg = Leg {
+            participant_id: participant.id.clone(),
+            index,
+            token: token.to_bytes().to_vec(),
+            transport,
+            participant,
+            removed: false,
+        };
+        let out = leg.to_pb(&s, &relays);
+        legs.push(leg);
+        drop(legs);
+        if let Some((primary, _)) = s.relays.first() {
+            self.registry.note_placed(&primary.node_id, 1);
+        }
+        let _ = self.changes.send(s.id);
+        tracing::debug!(session = %SessionId(id), leg = index, "participant added");
+        Ok(Changed {
+            session: s.to_pb(),
+            leg: out,
+            changed: true,
+        })
+    }
+
+    /// Removes participant `participant_id` from live session `id`: revokes their leg on every
+    /// relay. Removing a removed participant succeeds again.
+    pub fn remove_participant(
+        &self,
+        id: u64,
+        participant_id: &str,
+    ) -> Result<Changed, ParticipantError> {
+        let s = self.get(id)?;
+        let relays = s.relays_pb();
+        let mut legs = s.legs();
+        // Their leg in the call now, else the last one removed (a retry).
+        let at = legs
+            .iter()
+            .position(|l| !l.removed && l.participant_id == participant_id)
+            .or_else(|| {
+                legs.iter()
+                    .rposition(|l| l.participant_id == participant_id)
+            })
+            .ok_or(ParticipantError::NotFound)?;
+        let changed = !legs[at].removed;
+        legs[at].removed = true;
+        let leg = legs[at].to_pb(&s, &relays);
+        let index = legs[at].index;
+        drop(legs);
+        if changed {
+            // A released session's relays revoked it whole already.
+            if !s.is_released() {
+                let revoke = pb::ControllerMessage {
+                    kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
+                        sessions: Vec::new(),
+                        legs: vec![pb::RevokedLeg {
+                            session_id: s.id,
+                            leg_index: u32::from(index),
+                            expires_unix_ms: s.expires_unix_ms,
+                        }],
+                    })),
+                };
+                self.registry.broadcast(&revoke);
+            }
+            let _ = self.changes.send(s.id);
+            tracing::debug!(session = %SessionId(id), leg = index, "participant removed");
+        }
+        Ok(Changed {
+            session: s.to_pb(),
+            leg,
+            changed,
+        })
+    }
+
+    /// Subscribes to participant changes (session ids).
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Releases a session and tells every relay to stop serving it. Releasing a released
     /// session succeeds again.
     pub fn release(&self, id: u64) -> Result<Arc<Session>, NotFound> {
@@ -353,6 +536,7 @@ impl Controller {
                         session_id: s.id,
                         expires_unix_ms: s.expires_unix_ms,
                     }],
+                    legs: Vec::new(),
                 })),
             };
             self.registry.broadcast(&revoke);
@@ -404,17 +588,27 @@ impl Controller {
         self.released.subscribe()
     }
 
-    /// Every revocation still in force, for a relay that just attached.
-    pub fn revocations(&self) -> Vec<pb::RevokedSession> {
+    /// Every revocation still in force, for a relay that just attached: released sessions,
+    /// and the removed legs of sessions that go on.
+    pub fn revocations(&self) -> pb::Revoke {
         let now = unix_ms();
-        self.by_id
-            .iter()
-            .filter(|s| s.is_released() && !s.expired(now))
-            .map(|s| pb::RevokedSession {
-                session_id: s.id,
-                expires_unix_ms: s.expires_unix_ms,
-            })
-            .collect()
+        let mut out = pb::Revoke::default();
+        for s in self.by_id.iter().filter(|s| !s.expired(now)) {
+            if s.is_released() {
+                out.sessions.push(pb::RevokedSession {
+                    session_id: s.id,
+                    expires_unix_ms: s.expires_unix_ms,
+                });
+            } else {
+                out.legs
+                    .extend(s.removed_legs().into_iter().map(|leg| pb::RevokedLeg {
+                        session_id: s.id,
+                        leg_index: u32::from(leg),
+                        expires_unix_ms: s.expires_unix_ms,
+                    }));
+            }
+        }
+        out
     }
 
     /// Forgets expired sessions.

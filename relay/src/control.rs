@@ -384,6 +384,17 @@ fn apply(node: &Node, drainer: &Drainer, msg: veil_proto::v1::ControllerMessage)
                 let unbound = node.revoke(SessionId(s.session_id), s.expires_unix_ms);
                 tracing::debug!(session = %SessionId(s.session_id), legs = unbound.len(), "session revoked");
             }
+            for l in r.legs {
+                // A leg index the API never mints names no leg: nothing to revoke.
+                let Ok(leg) = u8::try_from(l.leg_index) else {
+                    continue;
+                };
+                if leg >= veil_relay_core::token::MAX_LEGS {
+                    continue;
+                }
+                let unbound = node.revoke_leg(SessionId(l.session_id), leg, l.expires_unix_ms);
+                tracing::debug!(session = %SessionId(l.session_id), leg, bound = unbound.len(), "leg revoked");
+            }
         }
         None => tracing::debug!("empty controller message ignored"),
     }

@@ -61,6 +61,7 @@ pub struct RelayMetrics {
     capacity: IntGauge,
     draining: IntGauge,
     revocations: IntGauge,
+    leg_revocations: IntGauge,
     /// Controllers this relay is attached to right now.
     pub controllers_attached: IntGauge,
     /// Controller addresses the relay keeps a link to (every address of every --controller
@@ -204,7 +205,12 @@ impl RelayMetrics {
             revocations: gauge(
                 registry,
                 "veil_relay_revoked_sessions",
-                "Revocations in force.",
+                "Session revocations in force.",
+            )?,
+            leg_revocations: gauge(
+                registry,
+                "veil_relay_revoked_legs",
+                "Single-leg revocations (participants removed from a session that goes on) in force.",
             )?,
             controllers_attached: gauge(
                 registry,
@@ -441,6 +447,7 @@ impl RelayMetrics {
         self.capacity.set(d.max_legs() as i64);
         self.draining.set(i64::from(d.is_draining()));
         self.revocations.set(d.revocations() as i64);
+        self.leg_revocations.set(d.leg_revocations() as i64);
     }
 }
 

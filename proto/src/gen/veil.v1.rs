@@ -20,7 +20,7 @@ pub struct SessionEvent {
     /// When the controller saw it.
     #[prost(message, optional, tag = "4")]
     pub at: ::core::option::Option<::prost_types::Timestamp>,
-    /// The session (SNAPSHOT only).
+    /// The session (SNAPSHOT and PARTICIPANTS_CHANGED only).
     #[prost(message, optional, tag = "5")]
     pub session: ::core::option::Option<Session>,
 }
@@ -56,6 +56,9 @@ pub mod session_event {
         Released = 6,
         /// The session expired; the last event.
         Expired = 7,
+        /// A participant was added or removed (AddParticipant, RemoveParticipant): `session` holds
+        /// the session as it is now.
+        ParticipantsChanged = 8,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -72,6 +75,7 @@ pub mod session_event {
                 Self::RelayUndrained => "KIND_RELAY_UNDRAINED",
                 Self::Released => "KIND_RELEASED",
                 Self::Expired => "KIND_EXPIRED",
+                Self::ParticipantsChanged => "KIND_PARTICIPANTS_CHANGED",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -85,6 +89,7 @@ pub mod session_event {
                 "KIND_RELAY_UNDRAINED" => Some(Self::RelayUndrained),
                 "KIND_RELEASED" => Some(Self::Released),
                 "KIND_EXPIRED" => Some(Self::Expired),
+                "KIND_PARTICIPANTS_CHANGED" => Some(Self::ParticipantsChanged),
                 _ => None,
             }
         }
@@ -141,6 +146,43 @@ pub struct GetSessionResponse {
     pub session: ::core::option::Option<Session>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddParticipantRequest {
+    /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// The participant to add, as in AllocateSession: `participant_id` must not name another
+    /// participant of the session who is still in it (a retry for the same one returns their leg).
+    #[prost(message, optional, tag = "2")]
+    pub participant: ::core::option::Option<Participant>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AddParticipantResponse {
+    /// The session as it is now, the new leg included.
+    #[prost(message, optional, tag = "1")]
+    pub session: ::core::option::Option<Session>,
+    /// The participant's leg: hand it to that participant only.
+    #[prost(message, optional, tag = "2")]
+    pub leg: ::core::option::Option<Leg>,
+    /// True when this call minted the leg, false when it returned the existing one (a retry).
+    #[prost(bool, tag = "3")]
+    pub created: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveParticipantRequest {
+    /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// The participant to remove.
+    #[prost(string, tag = "2")]
+    pub participant_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RemoveParticipantResponse {
+    /// The session as it is now, without the removed participant's leg.
+    #[prost(message, optional, tag = "1")]
+    pub session: ::core::option::Option<Session>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReleaseSessionRequest {
     /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
     #[prost(string, tag = "1")]
@@ -164,7 +206,9 @@ pub struct Session {
     /// When the session and all of its tokens expire.
     #[prost(message, optional, tag = "3")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
-    /// One leg per participant, in the order of the allocation request.
+    /// One leg per participant in the call now: those of the allocation request in its order,
+    /// then those added by AddParticipant in the order they were added. A removed participant's
+    /// leg is not listed.
     #[prost(message, repeated, tag = "4")]
     pub legs: ::prost::alloc::vec::Vec<Leg>,
     /// Whether the session is active or released.
@@ -503,6 +547,66 @@ pub mod session_service_client {
                 .insert(GrpcMethod::new("veil.v1.SessionService", "GetSession"));
             self.inner.unary(req, path, codec).await
         }
+        /// Adds a participant to a live session: mints a leg for them (the next unused leg index) and
+        /// returns it, shaped as AllocateSession's legs are (token, relays, ice_servers); its token is
+        /// valid on each of the session's relays. Idempotent on `participant_id`: while that
+        /// participant's leg lives, a retry returns the same leg. A participant removed before gets a
+        /// new leg (a new index and token; the old token stays revoked). A session mints at most 16
+        /// legs in its life, removed ones included: past that, FAILED_PRECONDITION (SESSION_FULL).
+        /// A released session: FAILED_PRECONDITION (SESSION_RELEASED).
+        pub async fn add_participant(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AddParticipantRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AddParticipantResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/veil.v1.SessionService/AddParticipant",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("veil.v1.SessionService", "AddParticipant"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes one participant from a live session (a hang-up, a kick, a callee who declined):
+        /// every relay of the session stops forwarding to and from that leg within a second, and its
+        /// token binds nowhere again, while the other participants keep flowing. Idempotent: removing
+        /// a removed participant succeeds. An unknown `participant_id`: NOT_FOUND
+        /// (PARTICIPANT_NOT_FOUND).
+        pub async fn remove_participant(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveParticipantRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveParticipantResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/veil.v1.SessionService/RemoveParticipant",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("veil.v1.SessionService", "RemoveParticipant"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Ends a session: every relay stops forwarding its media within a second, and its tokens
         /// can no longer bind. Idempotent: releasing a released session succeeds.
         pub async fn release_session(
@@ -530,7 +634,8 @@ pub mod session_service_client {
             self.inner.unary(req, path, codec).await
         }
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
-        /// each time one of its relays goes down, comes back, or starts or stops draining, and finally
+        /// each time one of its relays goes down, comes back, or starts or stops draining, or its
+        /// participants change, and finally
         /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
@@ -590,6 +695,32 @@ pub mod session_service_server {
             tonic::Response<super::GetSessionResponse>,
             tonic::Status,
         >;
+        /// Adds a participant to a live session: mints a leg for them (the next unused leg index) and
+        /// returns it, shaped as AllocateSession's legs are (token, relays, ice_servers); its token is
+        /// valid on each of the session's relays. Idempotent on `participant_id`: while that
+        /// participant's leg lives, a retry returns the same leg. A participant removed before gets a
+        /// new leg (a new index and token; the old token stays revoked). A session mints at most 16
+        /// legs in its life, removed ones included: past that, FAILED_PRECONDITION (SESSION_FULL).
+        /// A released session: FAILED_PRECONDITION (SESSION_RELEASED).
+        async fn add_participant(
+            &self,
+            request: tonic::Request<super::AddParticipantRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AddParticipantResponse>,
+            tonic::Status,
+        >;
+        /// Removes one participant from a live session (a hang-up, a kick, a callee who declined):
+        /// every relay of the session stops forwarding to and from that leg within a second, and its
+        /// token binds nowhere again, while the other participants keep flowing. Idempotent: removing
+        /// a removed participant succeeds. An unknown `participant_id`: NOT_FOUND
+        /// (PARTICIPANT_NOT_FOUND).
+        async fn remove_participant(
+            &self,
+            request: tonic::Request<super::RemoveParticipantRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveParticipantResponse>,
+            tonic::Status,
+        >;
         /// Ends a session: every relay stops forwarding its media within a second, and its tokens
         /// can no longer bind. Idempotent: releasing a released session succeeds.
         async fn release_session(
@@ -606,7 +737,8 @@ pub mod session_service_server {
             + std::marker::Send
             + 'static;
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
-        /// each time one of its relays goes down, comes back, or starts or stops draining, and finally
+        /// each time one of its relays goes down, comes back, or starts or stops draining, or its
+        /// participants change, and finally
         /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
@@ -793,6 +925,98 @@ pub mod session_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetSessionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/veil.v1.SessionService/AddParticipant" => {
+                    #[allow(non_camel_case_types)]
+                    struct AddParticipantSvc<T: SessionService>(pub Arc<T>);
+                    impl<
+                        T: SessionService,
+                    > tonic::server::UnaryService<super::AddParticipantRequest>
+                    for AddParticipantSvc<T> {
+                        type Response = super::AddParticipantResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AddParticipantRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SessionService>::add_participant(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AddParticipantSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/veil.v1.SessionService/RemoveParticipant" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveParticipantSvc<T: SessionService>(pub Arc<T>);
+                    impl<
+                        T: SessionService,
+                    > tonic::server::UnaryService<super::RemoveParticipantRequest>
+                    for RemoveParticipantSvc<T> {
+                        type Response = super::RemoveParticipantResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveParticipantRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SessionService>::remove_participant(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveParticipantSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -1058,6 +1282,22 @@ pub struct Drain {
 pub struct Revoke {
     #[prost(message, repeated, tag = "1")]
     pub sessions: ::prost::alloc::vec::Vec<RevokedSession>,
+    /// Single legs to stop serving (participants removed from a session that goes on).
+    #[prost(message, repeated, tag = "2")]
+    pub legs: ::prost::alloc::vec::Vec<RevokedLeg>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokedLeg {
+    /// The session id (the 64-bit value behind the 16 hex digits of the public API).
+    #[prost(fixed64, tag = "1")]
+    pub session_id: u64,
+    /// The leg's index within the session, 0 to 15.
+    #[prost(uint32, tag = "2")]
+    pub leg_index: u32,
+    /// When the session's tokens expire, in Unix milliseconds: the relay may forget the revocation
+    /// after this.
+    #[prost(uint64, tag = "3")]
+    pub expires_unix_ms: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RevokedSession {

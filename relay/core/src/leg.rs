@@ -119,11 +119,11 @@ impl LegState {
         self.endpoint
     }
 
-    /// Whether the leg is still bound at its endpoint: `Closed` if its session was revoked,
-    /// `Moved` if it was bound elsewhere since, else `Serving`. Expiry and idleness are left to
-    /// [`LegState::check`], which the sweep runs.
+    /// Whether the leg is still bound at its endpoint: `Closed` if its session (or it alone) was
+    /// revoked, `Moved` if it was bound elsewhere since, else `Serving`. Expiry and idleness are
+    /// left to [`LegState::check`], which the sweep runs.
     pub fn binding(&self) -> LegStatus {
-        if self.session.is_closed() {
+        if self.session.is_closed_for(self.leg) {
             LegStatus::Closed
         } else if self.session.legs().get(self.leg) != Some(self.endpoint) {
             LegStatus::Moved
@@ -159,7 +159,7 @@ impl LegState {
     /// `pkt` must already be classified as media and long enough.
     #[inline]
     pub(crate) fn forward(&mut self, now: Instant, pkt: &[u8], stats: &mut Stats) -> Verdict {
-        if self.session.is_closed() {
+        if self.session.is_closed_for(self.leg) {
             return dropped(stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {

@@ -140,6 +140,11 @@ impl Node {
         self.directory.revoke(id, expires_unix_ms)
     }
 
+    /// Revokes one leg of a session: see [`Directory::revoke_leg`].
+    pub fn revoke_leg(&self, id: SessionId, leg: u8, expires_unix_ms: u64) -> Vec<Endpoint> {
+        self.directory.revoke_leg(id, leg, expires_unix_ms)
+    }
+
     /// Starts (or stops) evicting: at their next sweep, forwarding tables send every bound
     /// leg a CLOSE `DRAINING` (move to your backup relay) and unbind it. The end of a drain.
     pub fn set_evicting(&self, evicting: bool) {
@@ -180,7 +185,7 @@ impl Node {
         if ticket.expires_unix_ms <= self.unix_ms(now) {
             return Err(Refusal::new(DropReason::Expired, ErrorCode::Expired));
         }
-        if self.directory.is_revoked(ticket.session) {
+        if self.directory.refuses(&ticket) {
             return Err(Refusal::new(
                 DropReason::SessionClosed,
                 ErrorCode::SessionClosed,

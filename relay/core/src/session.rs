@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -244,6 +244,17 @@ impl LegSet {
         Self::rebuilt(slots)
     }
 
+    /// The set without any slot of leg `leg` (its native slot and its extra TURN allocations),
+    /// and the endpoints those slots held.
+    fn without_leg(&self, leg: u8) -> (Self, Vec<Slot>) {
+        let (gone, kept): (Vec<Slot>, Vec<Slot>) = self
+            .slots
+            .iter()
+            .cloned()
+            .partition(|s| s.leg % MAX_LEGS == leg);
+        (Self::rebuilt(kept), gone)
+    }
+
     fn without(&self, leg: u8) -> Self {
         Self::rebuilt(
             self.slots
@@ -280,7 +291,17 @@ pub struct Session {
     id: SessionId,
     expires_unix_ms: u64,
     legs: ArcSwap<LegSet>,
-    closed: AtomicBool,
+    /// Bit `i` set: leg `i` was revoked (its participant removed); all set: the session was.
+    closed: AtomicU16,
+}
+
+/// Every leg of a session, as a [`Session::closed`] mask.
+const ALL_LEGS: u16 = u16::MAX;
+
+/// Leg `slot`'s bit in a [`Session::closed`] mask (a slot `leg + 16k` is leg `leg`'s).
+#[inline]
+fn leg_bit(slot: u8) -> u16 {
+    1 << (slot % MAX_LEGS)
 }
 
 impl Session {
@@ -303,7 +324,15 @@ impl Session {
     /// True once the session was revoked: forward nothing more.
     #[inline]
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.closed.load(Ordering::Relaxed) == ALL_LEGS
+    }
+
+    /// True once the session, or leg `slot` of it alone, was revoked: forward nothing more from
+    /// or to that leg. One load, as [`Session::is_closed`] was: the media path pays nothing for
+    /// single-leg revocation.
+    #[inline]
+    pub fn is_closed_for(&self, slot: u8) -> bool {
+        self.closed.load(Ordering::Relaxed) & leg_bit(slot) != 0
     }
 }
 
@@ -341,6 +370,19 @@ struct Inner {
     sessions: HashMap<SessionId, Arc<Session>>,
     /// Revoked sessions and their token expiry: refused until then.
     revoked: HashMap<SessionId, u64>,
+    /// Revoked single legs (removed participants) of sessions that go on: a mask of leg
+    /// indices, and the tokens' expiry.
+    revoked_legs: HashMap<SessionId, (u16, u64)>,
+}
+
+impl Inner {
+    fn refuses(&self, ticket: &Ticket) -> bool {
+        self.revoked.contains_key(&ticket.session)
+            || self
+                .revoked_legs
+                .get(&ticket.session)
+                .is_some_and(|(mask, _)| mask & leg_bit(ticket.leg) != 0)
+    }
 }
 
 /// The table of sessions and their bound legs, shared by a relay's workers and adapters.
@@ -406,7 +448,7 @@ impl Directory {
         slot: u8,
         ep: Endpoint,
     ) -> Result<Bound, BindError> {
-        if inner.revoked.contains_key(&ticket.session) {
+        if inner.refuses(ticket) {
             return Err(BindError::SessionClosed);
         }
         let existing = inner.sessions.get(&ticket.session).cloned();
@@ -434,7 +476,7 @@ impl Directory {
                 id: ticket.session,
                 expires_unix_ms: ticket.expires_unix_ms,
                 legs: ArcSwap::from_pointee(LegSet::default()),
-                closed: AtomicBool::new(false),
+                closed: AtomicU16::new(0),
             });
             inner.sessions.insert(ticket.session, s.clone());
             s
@@ -514,7 +556,7 @@ impl Directory {
         let Some(session) = inner.sessions.remove(&id) else {
             return Vec::new();
         };
-        session.closed.store(true, Ordering::Relaxed);
+        session.closed.store(ALL_LEGS, Ordering::Relaxed);
         let legs = session.legs.swap(Arc::new(LegSet::default()));
         self.legs.fetch_sub(legs.len(), Ordering::Relaxed);
         self.turn_legs
@@ -522,19 +564,62 @@ impl Directory {
         legs.slots.iter().map(|s| s.ep).collect()
     }
 
+    /// Revokes leg `leg` of session `id` alone until `expires_unix_ms` (its participant was
+    /// removed; the others go on): its slots are unbound at once (its extra TURN allocations
+    /// too), no other leg forwards to it from its next packet, its own packets are dropped and
+    /// answered as a revoked session's are, and its token no longer binds. Returns the
+    /// endpoints it was bound to, so the caller can tell them.
+    pub fn revoke_leg(&self, id: SessionId, leg: u8, expires_unix_ms: u64) -> Vec<Endpoint> {
+        let leg = leg % MAX_LEGS;
+        let mut inner = self.lock();
+        let entry = inner.revoked_legs.entry(id).or_insert((0, expires_unix_ms));
+        entry.0 |= leg_bit(leg);
+        entry.1 = entry.1.max(expires_unix_ms);
+        let Some(session) = inner.sessions.get(&id).cloned() else {
+            return Vec::new();
+        };
+        session.closed.fetch_or(leg_bit(leg), Ordering::Relaxed);
+        let (next, gone) = session.legs.load().without_leg(leg);
+        let empty = next.is_empty();
+        session.legs.store(Arc::new(next));
+        self.legs.fetch_sub(gone.len(), Ordering::Relaxed);
+        let turn = gone.iter().filter(|s| s.ep.is_turn()).count();
+        self.turn_legs.fetch_sub(turn, Ordering::Relaxed);
+        if empty {
+            inner.sessions.remove(&id);
+        }
+        gone.into_iter().map(|s| s.ep).collect()
+    }
+
     /// True if `id` is revoked.
     pub fn is_revoked(&self, id: SessionId) -> bool {
         self.lock().revoked.contains_key(&id)
     }
 
-    /// Forgets revocations whose tokens have expired by `now_unix_ms`.
-    pub fn forget_expired_revocations(&self, now_unix_ms: u64) {
-        self.lock().revoked.retain(|_, exp| *exp > now_unix_ms);
+    /// True if `ticket` may not bind: its session, or its leg alone, is revoked.
+    pub fn refuses(&self, ticket: &Ticket) -> bool {
+        self.lock().refuses(ticket)
     }
 
-    /// Number of revocations in force.
+    /// Forgets revocations whose tokens have expired by `now_unix_ms`.
+    pub fn forget_expired_revocations(&self, now_unix_ms: u64) {
+        let mut inner = self.lock();
+        inner.revoked.retain(|_, exp| *exp > now_unix_ms);
+        inner.revoked_legs.retain(|_, (_, exp)| *exp > now_unix_ms);
+    }
+
+    /// Number of session revocations in force.
     pub fn revocations(&self) -> usize {
         self.lock().revoked.len()
+    }
+
+    /// Number of single-leg revocations in force.
+    pub fn leg_revocations(&self) -> usize {
+        self.lock()
+            .revoked_legs
+            .values()
+            .map(|(mask, _)| mask.count_ones() as usize)
+            .sum()
     }
 
     /// Number of sessions with at least one bound leg.
@@ -654,6 +739,59 @@ mod tests {
         assert!(d.is_revoked(SessionId(1)));
         d.forget_expired_revocations(500);
         assert!(!d.is_revoked(SessionId(1)));
+    }
+
+    #[test]
+    fn revoking_one_leg_leaves_the_others() {
+        let d = Directory::new(10);
+        let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        d.bind(&ticket(1, 1), udp(2)).unwrap();
+        d.bind(&ticket(1, 2), udp(3)).unwrap();
+        let (b, slot) = d
+            .bind_turn(
+                &ticket(1, 1),
+                Endpoint::TurnUdp(SocketAddr::from(([127, 0, 0, 9], 1))),
+            )
+            .unwrap();
+        assert_eq!(slot, 1 + MAX_LEGS, "leg 1's second allocation");
+        assert!(Arc::ptr_eq(&a.session, &b.session));
+        assert_eq!((d.legs(), d.turn_legs()), (4, 1));
+
+        let mut eps = d.revoke_leg(SessionId(1), 1, 500);
+        eps.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            eps.len(),
+            2,
+            "the leg's native slot and its TURN allocation: {eps:?}"
+        );
+        assert!(eps.contains(&udp(2)));
+        assert_eq!((d.legs(), d.turn_legs(), d.sessions()), (2, 0, 1));
+        assert!(!a.session.is_closed(), "the session goes on");
+        assert!(a.session.is_closed_for(1) && a.session.is_closed_for(1 + MAX_LEGS));
+        assert!(!a.session.is_closed_for(0) && !a.session.is_closed_for(2));
+        assert_eq!(a.session.legs().others(0).collect::<Vec<_>>(), vec![udp(3)]);
+
+        // Its token binds nowhere again, on this session object or a new one; others do.
+        assert_eq!(
+            d.bind(&ticket(1, 1), udp(4)).unwrap_err(),
+            BindError::SessionClosed
+        );
+        assert!(d.refuses(&ticket(1, 1)) && !d.refuses(&ticket(1, 0)));
+        assert!(
+            d.bind(&ticket(1, 0), udp(5)).is_ok(),
+            "another leg may move"
+        );
+        assert_eq!(d.leg_revocations(), 1);
+        // A leg revoked before the session reaches this relay is refused too.
+        assert!(d.revoke_leg(SessionId(2), 3, 500).is_empty());
+        assert_eq!(
+            d.bind(&ticket(2, 3), udp(6)).unwrap_err(),
+            BindError::SessionClosed
+        );
+        assert!(d.bind(&ticket(2, 0), udp(6)).is_ok());
+        d.forget_expired_revocations(500);
+        assert_eq!(d.leg_revocations(), 0);
+        assert!(!d.refuses(&ticket(2, 3)));
     }
 
     #[test]

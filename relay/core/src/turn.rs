@@ -146,7 +146,7 @@ impl LegState {
         payload: Range<usize>,
         stats: &mut Stats,
     ) -> Verdict {
-        if self.session.is_closed() {
+        if self.session.is_closed_for(self.leg) {
             return dropped(stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
@@ -334,7 +334,7 @@ impl ForwardingTable {
         let Some(leg) = self.legs.get(&EndpointKey(ep)) else {
             return self.drop_reason(DropReason::TurnNoAllocation);
         };
-        if leg.session.is_closed() {
+        if leg.session.is_closed_for(leg.leg) {
             let verdict = self.drop_reason(DropReason::SessionClosed);
             self.after_relay(ep, &verdict);
             return verdict;
@@ -666,7 +666,7 @@ impl ForwardingTable {
             // new token.
             return self.challenge(now, ep, addr, req, false);
         }
-        if node.directory.is_revoked(ticket.session) {
+        if node.directory.refuses(&ticket) {
             return self.refuse(ep, req, 403, "Forbidden", key, DropReason::SessionClosed);
         }
         let (mut leg, previous) = match node.bind_leg(now, &ticket, ep) {
