@@ -209,6 +209,63 @@ fn every_transport_answers_a_keepalive_after_revocation_with_close_not_ack() {
     }
 }
 
+/// A participant removed from a call that goes on (`RemoveParticipant`, one leg revoked): on
+/// every transport mix, its media is dropped and its KEEPALIVE answered with CLOSE, nobody
+/// forwards to it any more, the two others still reach each other, and its token no longer
+/// binds, over its own transport or the other one.
+#[test]
+fn every_transport_drops_a_removed_leg_and_keeps_the_others() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 3_600_000);
+        let unbound = r
+            .net
+            .node
+            .revoke_leg(SessionId(7), 1, T0_UNIX_MS + 3_600_000);
+        assert_eq!(unbound, vec![clients[1].ep], "{kinds:?}");
+        let removed = clients[1];
+        assert!(matches!(
+            r.send(&removed, &rtp(1, 120)),
+            Verdict::Drop(DropReason::SessionClosed)
+        ));
+        let out = replies(r.table(&removed));
+        assert_eq!(out.len(), 1, "{kinds:?}");
+        assert_eq!(
+            out[0].msg.as_bytes(),
+            wire::close(ErrorCode::SessionClosed, 7).as_bytes(),
+            "{kinds:?}"
+        );
+        assert!(!r.table(&removed).serves(removed.ep));
+        for (i, j) in [(0, 2), (2, 0)] {
+            let v = r.send(&clients[i], &rtp(1, 120));
+            assert_eq!(
+                targets(&v),
+                vec![clients[j].ep],
+                "{kinds:?}: {i} reaches {j} only"
+            );
+            drop(v);
+            assert!(matches!(
+                r.send(&clients[i], &wire::keepalive([5; 8])),
+                Verdict::Control
+            ));
+            let out = replies(r.table(&clients[i]));
+            assert_eq!(
+                out[0].msg.as_bytes(),
+                wire::keepalive_ack([5; 8]).as_bytes()
+            );
+        }
+        let token = r.net.token_with(7, 1, 3, Limits::default(), 3_600_000);
+        for kind in [Kind::Udp, Kind::Quic] {
+            let again = r.client(kind, 40 + kind as u8);
+            let answer = r.bind(&again, &token);
+            assert_eq!(
+                error_code(&answer),
+                Some(ErrorCode::SessionClosed as u16),
+                "{kinds:?}, again over {kind:?}"
+            );
+        }
+    }
+}
+
 /// Regression: the QUIC shell ended a leg whose token expired only at its next sweep. Now the
 /// first packet after expiry ends it, with CLOSE `EXPIRED`, on every transport.
 #[test]

@@ -561,3 +561,75 @@ fn an_allocation_lives_by_its_lifetime_not_the_idle_timeout() {
     assert_eq!(net.node.directory.turn_legs(), 1);
     assert_eq!(b.permit(&mut t, &net, relayed(0)), Some(403));
 }
+
+#[test]
+fn a_removed_participants_allocations_end_and_the_others_go_on() {
+    // RemoveParticipant revokes one leg: every allocation of it ends (a leg may hold several),
+    // nobody relays to it, and it cannot allocate again; the others keep talking.
+    let net = net();
+    let mut t = net.worker();
+    let mut a = Client::new(addr(2, 5000), &net.token(1, 0, 3));
+    let b_token = net.token(1, 1, 3);
+    let mut b = Client::new(addr(3, 5000), &b_token);
+    let mut b2 = Client::new(addr(3, 5001), &b_token);
+    let mut c = Client::new(addr(4, 5000), &net.token(1, 2, 3));
+    assert_eq!(a.allocate(&mut t, &net), relayed(0));
+    assert_eq!(b.allocate(&mut t, &net), relayed(1));
+    assert_eq!(b2.allocate(&mut t, &net), relayed(17));
+    assert_eq!(c.allocate(&mut t, &net), relayed(2));
+    for peer in [relayed(1), relayed(17), relayed(2)] {
+        assert_eq!(a.permit(&mut t, &net, peer), None);
+    }
+    assert_eq!(b.permit(&mut t, &net, relayed(0)), None);
+    assert_eq!(c.permit(&mut t, &net, relayed(0)), None);
+    let send = a.send_to(relayed(1), &rtp(1, 100));
+    let (dst, _) = relayed_datagram(&t.handle_datagram(net.now, a.addr, &send), &send);
+    assert_eq!(dst, Endpoint::TurnUdp(b.addr), "B is in the call");
+
+    let mut gone = net.node.revoke_leg(
+        veil_relay_core::SessionId(1),
+        1,
+        veil_testkit::T0_UNIX_MS + 3_600_000,
+    );
+    gone.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        gone,
+        vec![Endpoint::TurnUdp(b.addr), Endpoint::TurnUdp(b2.addr)]
+    );
+    // B's media goes nowhere, and B gets no answer that says more.
+    let v = t.handle_datagram(net.now, b.addr, &b.send_to(relayed(0), &rtp(1, 100)));
+    assert!(
+        matches!(v, Verdict::Drop(DropReason::SessionClosed)),
+        "{v:?}"
+    );
+    assert!(replies(&mut t).is_empty());
+    // Nobody reaches B at either relayed address; A still reaches C.
+    for peer in [relayed(1), relayed(17)] {
+        let send = a.send_to(peer, &rtp(1, 100));
+        let v = t.handle_datagram(net.now, a.addr, &send);
+        assert!(
+            !matches!(v, Verdict::Relay(_)),
+            "relayed to a removed leg: {v:?}"
+        );
+    }
+    let send = a.send_to(relayed(2), &rtp(1, 100));
+    let (dst, _) = relayed_datagram(&t.handle_datagram(net.now, a.addr, &send), &send);
+    assert_eq!(dst, Endpoint::TurnUdp(c.addr));
+    let send = c.send_to(relayed(0), &rtp(1, 100));
+    let (dst, _) = relayed_datagram(&t.handle_datagram(net.now, c.addr, &send), &send);
+    assert_eq!(dst, Endpoint::TurnUdp(a.addr));
+    // B's credentials allocate nothing again, from any address: 403.
+    let mut again = Client::new(addr(7, 5000), &b_token);
+    let req = Builder::new(method::ALLOCATE, Kind::Request, &[7; 12])
+        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+    t.handle_datagram(net.now, again.addr, req.as_bytes());
+    again.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
+        .unwrap()
+        .nonce
+        .unwrap()
+        .to_vec();
+    let req = again.request(method::ALLOCATE, |x| {
+        x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+    });
+    assert_eq!(error_code(&again.exchange(&mut t, &net, &req)), Some(403));
+}
