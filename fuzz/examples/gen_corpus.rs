@@ -263,6 +263,35 @@ fn datagram_seeds(c: &mut Corpus) {
             ],
         ),
         (
+            "remove-participant",
+            vec![
+                Bind { token: 2, src: 3 },
+                media(3, 0, 200),
+                // Leg 1 of session 7 (at source 1) is removed; the call goes on.
+                RevokeLeg { session: 0, leg: 1 },
+                media(1, 0, 200),
+                media(1, 3, 0),
+                media(0, 0, 200),
+                media(3, 0, 200),
+                // Its token binds nowhere again, from anywhere.
+                Bind { token: 1, src: 5 },
+                QuicMedia {
+                    conn: 0,
+                    kind: 0,
+                    len: 0,
+                },
+                Connect { conn: 1, src: 5 },
+                StreamBind {
+                    conn: 1,
+                    token: 1,
+                    kind: 0,
+                },
+                Advance { ms: 300 },
+                media(0, 3, 0),
+                Tick,
+            ],
+        ),
+        (
             "nat-rebinding",
             vec![
                 media(0, 0, 100),

@@ -4,7 +4,8 @@
 //! bind limiter) of one `Node`, fed a fuzzer-chosen sequence of datagrams from chosen sources,
 //! binds by legitimate clients, stream BINDs (channel-bound to the right or the wrong TLS session,
 //! or in UDP's format), migrations to real and forged addresses, PROBE_ACKs, disconnects,
-//! replays, time steps, revocations, drain, eviction and shutdown, with `poll_transmit` and
+//! replays, time steps, revocations (of sessions, and of single legs: removed participants),
+//! drain, eviction and shutdown, with `poll_transmit` and
 //! `poll_event` drained after each.
 //!
 //! The input format, the model and the invariants are documented in `fuzz/src/datagram.rs`: in

@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(stun::is_stun(data));
-    assert_eq!(usize::from(u16::from_be_bytes([data[2], data[3]])) + 20, data.len());
+    assert_eq!(
+        usize::from(u16::from_be_bytes([data[2], data[3]])) + 20,
+        data.len()
+    );
     for v in [m.username, m.realm, m.nonce, m.data].into_iter().flatten() {
         assert!(within(data, v));
     }
@@ -49,7 +52,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let b = b.integrity(&key).fingerprint();
     let back = stun::parse(b.as_bytes()).expect("the builder's output parses");
-    assert_eq!((back.method, back.kind, back.txn), (m.method, m.kind, m.txn));
+    assert_eq!(
+        (back.method, back.kind, back.txn),
+        (m.method, m.kind, m.txn)
+    );
     assert_eq!(back.lifetime, m.lifetime);
     assert_eq!(back.channel, m.channel);
     assert!(back.peers().eq(m.peers().take(4)));

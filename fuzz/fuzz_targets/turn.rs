@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::Reader;
-use veil_testkit::stun::Credentials;
 use veil_relay_core::stun::{self, Builder, Kind, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
 use veil_relay_core::{Config, Endpoint, ForwardingTable, Node, Verdict};
+use veil_testkit::stun::Credentials;
 
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
@@ -65,7 +65,10 @@ impl Client {
         let mut txn = [0x11; 12];
         txn[8..].copy_from_slice(&self.txn.to_be_bytes());
         txn[0] = self.addr.ip().to_string().len() as u8;
-        self.creds.sign(attrs(Builder::new(method, Kind::Request, &txn)), &self.nonce)
+        self.creds.sign(
+            attrs(Builder::new(method, Kind::Request, &txn)),
+            &self.nonce,
+        )
     }
 }
 
@@ -85,7 +88,14 @@ impl World {
             turn_ip: Some(RELAY_IP),
             ..Config::default()
         };
-        let node = Arc::new(Node::new(config, ring.clone(), 100, *veil_fuzz::COOKIE_SECRET, now, T0_UNIX_MS));
+        let node = Arc::new(Node::new(
+            config,
+            ring.clone(),
+            100,
+            *veil_fuzz::COOKIE_SECRET,
+            now,
+            T0_UNIX_MS,
+        ));
         let table = ForwardingTable::new(node, now);
         let at = |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)), 5000);
         let clients = vec![
@@ -93,15 +103,25 @@ impl World {
             Client::new(at(2), 1, &token(&ring, 1, 1)),
             Client::new(at(3), 2, &token(&ring, 2, 0)),
         ];
-        let mut w = Self { now, table, clients };
+        let mut w = Self {
+            now,
+            table,
+            clients,
+        };
         for i in 0..w.clients.len() {
             let first = Builder::new(method::ALLOCATE, Kind::Request, &[i as u8; 12])
                 .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
             let addr = w.clients[i].addr;
             w.table.handle_datagram(w.now, addr, first.as_bytes());
             let t = w.table.poll_transmit().expect("a 401");
-            w.clients[i].nonce = stun::parse(t.msg.as_bytes()).unwrap().nonce.unwrap().to_vec();
-            let req = w.clients[i].signed(method::ALLOCATE, |b| b.u32(attr::REQUESTED_TRANSPORT, 17 << 24));
+            w.clients[i].nonce = stun::parse(t.msg.as_bytes())
+                .unwrap()
+                .nonce
+                .unwrap()
+                .to_vec();
+            let req = w.clients[i].signed(method::ALLOCATE, |b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+            });
             w.table.handle_datagram(w.now, addr, &req);
             let ok = w.table.poll_transmit().expect("an answer");
             assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
@@ -122,20 +142,34 @@ impl World {
                 .position(|c| Endpoint::TurnUdp(c.addr) == r.dst)
                 .unwrap_or_else(|| panic!("relayed to {:?}, no allocation", r.dst));
             assert_ne!(dst, s, "relayed back to the sender");
-            assert_eq!(self.clients[dst].session, self.clients[s].session, "across sessions");
+            assert_eq!(
+                self.clients[dst].session, self.clients[s].session,
+                "across sessions"
+            );
             assert!(r.payload.end <= pkt.len() && r.payload.start <= r.payload.end);
             let mut out = [0u8; 1700];
             r.datagram(pkt, &mut out, &[0; 12]);
         }
         if let Verdict::Forward(t) = &verdict {
-            assert!(t.is_empty() || sender.is_some(), "a stranger's datagram forwarded");
+            assert!(
+                t.is_empty() || sender.is_some(),
+                "a stranger's datagram forwarded"
+            );
         }
         let is_allocate = stun::parse(pkt).is_ok_and(|m| m.method == method::ALLOCATE);
         while let Some(t) = self.table.poll_transmit() {
-            assert!(t.dst == Endpoint::TurnUdp(from) || t.dst == Endpoint::Udp(from), "answer to {:?}", t.dst);
+            assert!(
+                t.dst == Endpoint::TurnUdp(from) || t.dst == Endpoint::Udp(from),
+                "answer to {:?}",
+                t.dst
+            );
             if sender.is_none() {
                 let n = t.msg.as_bytes().len();
-                let limit = if is_allocate { 2 * pkt.len() } else { pkt.len() };
+                let limit = if is_allocate {
+                    2 * pkt.len()
+                } else {
+                    pkt.len()
+                };
                 assert!(n <= limit, "{n} bytes to a stranger for {}", pkt.len());
             }
         }
@@ -177,7 +211,12 @@ fuzz_target!(|data: &[u8]| {
             }
             // A signed request with fuzzed fields.
             1 => {
-                let m = [method::CREATE_PERMISSION, method::CHANNEL_BIND, method::REFRESH, method::ALLOCATE][usize::from(r.u8()) % 4];
+                let m = [
+                    method::CREATE_PERMISSION,
+                    method::CHANNEL_BIND,
+                    method::REFRESH,
+                    method::ALLOCATE,
+                ][usize::from(r.u8()) % 4];
                 let peer = peer_addr(&mut r);
                 let ch = r.u16();
                 let life = u32::from(r.u16());
@@ -232,7 +271,10 @@ fuzz_target!(|data: &[u8]| {
             // A genuine client's signed request replayed from a stranger's address.
             _ => {
                 let pkt = w.clients[who].signed(method::CREATE_PERMISSION, |b| {
-                    b.xor_addr(attr::XOR_PEER_ADDRESS, SocketAddr::new(RELAY_IP, relayed_port(1)))
+                    b.xor_addr(
+                        attr::XOR_PEER_ADDRESS,
+                        SocketAddr::new(RELAY_IP, relayed_port(1)),
+                    )
                 });
                 let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 6000);
                 w.feed(from, &pkt);

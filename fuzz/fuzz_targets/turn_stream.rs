@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use veil_fuzz::Reader;
-use veil_testkit::stun::Credentials;
 use veil_relay_core::stun::{self, Builder, Kind, MAX_STREAM_FRAME, attr, method};
 use veil_relay_core::token::{KeyId, Limits, SessionId, Ticket, Token};
 use veil_relay_core::turn::relayed_port;
 use veil_relay_core::{Config, ConnId, Endpoint, ForwardingTable, Node, Verdict};
+use veil_testkit::stun::Credentials;
 
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
 const T0_UNIX_MS: u64 = 1_800_000_000_000;
@@ -59,7 +59,10 @@ impl Door {
         self.txn += 1;
         let mut txn = [0x22; 12];
         txn[8..].copy_from_slice(&self.txn.to_be_bytes());
-        self.creds.sign(attrs(Builder::new(method, Kind::Request, &txn)), &self.nonce)
+        self.creds.sign(
+            attrs(Builder::new(method, Kind::Request, &txn)),
+            &self.nonce,
+        )
     }
 
     fn is_stream(&self) -> bool {
@@ -90,7 +93,14 @@ impl World {
             turn_ip: Some(RELAY_IP),
             ..Config::default()
         };
-        let node = Arc::new(Node::new(config, ring.clone(), 100, *veil_fuzz::COOKIE_SECRET, now, T0_UNIX_MS));
+        let node = Arc::new(Node::new(
+            config,
+            ring.clone(),
+            100,
+            *veil_fuzz::COOKIE_SECRET,
+            now,
+            T0_UNIX_MS,
+        ));
         let at = |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)), 5000);
         let doors = [
             (Endpoint::TurnUdp(at(1)), at(1), 1, 0),
@@ -101,27 +111,32 @@ impl World {
             now,
             doors: doors
                 .into_iter()
-                .map(|(ep, addr, session, leg)| {
-                    Door {
-                        ep,
-                        addr,
-                        session,
-                        table: ForwardingTable::new(node.clone(), now),
-                        creds: Credentials::of(&token(&ring, session, leg)),
-                        nonce: Vec::new(),
-                        txn: 0,
-                        pending: Vec::new(),
-                        closed: false,
-                    }
+                .map(|(ep, addr, session, leg)| Door {
+                    ep,
+                    addr,
+                    session,
+                    table: ForwardingTable::new(node.clone(), now),
+                    creds: Credentials::of(&token(&ring, session, leg)),
+                    nonce: Vec::new(),
+                    txn: 0,
+                    pending: Vec::new(),
+                    closed: false,
                 })
                 .collect(),
         };
         for d in &mut w.doors {
-            let first = Builder::new(method::ALLOCATE, Kind::Request, &[9; 12]).u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+            let first = Builder::new(method::ALLOCATE, Kind::Request, &[9; 12])
+                .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
             d.handle(now, first.as_bytes());
             let t = d.table.poll_transmit().expect("a 401");
-            d.nonce = stun::parse(t.msg.as_bytes()).unwrap().nonce.unwrap().to_vec();
-            let req = d.signed(method::ALLOCATE, |b| b.u32(attr::REQUESTED_TRANSPORT, 17 << 24));
+            d.nonce = stun::parse(t.msg.as_bytes())
+                .unwrap()
+                .nonce
+                .unwrap()
+                .to_vec();
+            let req = d.signed(method::ALLOCATE, |b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+            });
             d.handle(now, &req);
             let ok = d.table.poll_transmit().expect("an answer");
             assert_eq!(stun::parse(ok.msg.as_bytes()).unwrap().kind, Kind::Success);
@@ -172,7 +187,10 @@ impl World {
                 .position(|d| d.ep == r.dst)
                 .unwrap_or_else(|| panic!("relayed to {:?}, no allocation", r.dst));
             assert_ne!(dst, i, "relayed back to the sender");
-            assert_eq!(self.doors[dst].session, self.doors[i].session, "across sessions");
+            assert_eq!(
+                self.doors[dst].session, self.doors[i].session,
+                "across sessions"
+            );
             assert!(r.payload.start <= r.payload.end && r.payload.end <= msg.len());
             let mut out = [0u8; 1700];
             r.datagram(msg, &mut out, &[0; 12]);
@@ -182,8 +200,13 @@ impl World {
             // The UDP door is the media port: a Veil control packet on it is answered as
             // `Endpoint::Udp`, a TURN one as `Endpoint::TurnUdp`, out of the one socket, to the
             // one address.
-            let same = t.dst == d.ep || matches!((t.dst, d.ep), (Endpoint::Udp(a), Endpoint::TurnUdp(b)) if a == b);
-            assert!(same, "an answer to another door: {:?} for {:?}", t.dst, d.ep);
+            let same = t.dst == d.ep
+                || matches!((t.dst, d.ep), (Endpoint::Udp(a), Endpoint::TurnUdp(b)) if a == b);
+            assert!(
+                same,
+                "an answer to another door: {:?} for {:?}",
+                t.dst, d.ep
+            );
         }
         while d.table.poll_event().is_some() {}
     }
@@ -206,7 +229,12 @@ fuzz_target!(|data: &[u8]| {
             }
             // A signed request with fuzzed fields, toward any peer.
             1 => {
-                let m = [method::CREATE_PERMISSION, method::CHANNEL_BIND, method::REFRESH, method::ALLOCATE][usize::from(r.u8()) % 4];
+                let m = [
+                    method::CREATE_PERMISSION,
+                    method::CHANNEL_BIND,
+                    method::REFRESH,
+                    method::ALLOCATE,
+                ][usize::from(r.u8()) % 4];
                 let port = relayed_port(r.u8() % 40);
                 let ch = 0x4000 | (r.u16() & 0x0fff);
                 let extra = r.u8();

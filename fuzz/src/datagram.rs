@@ -274,8 +274,15 @@ pub enum Op {
     },
     /// The controller releases a session.
     Revoke {
-        /// Index into the sessions.
+        /// Index into the sessions (0 to 127).
         session: u8,
+    },
+    /// The controller removes one participant of a session that goes on (one leg revoked).
+    RevokeLeg {
+        /// Index into the sessions (0 to 127).
+        session: u8,
+        /// The leg index (modulo 16).
+        leg: u8,
     },
     /// The node's housekeeping tick (forgets revocations of expired tokens).
     Tick,
@@ -386,7 +393,10 @@ impl Op {
                 out.push(3);
                 out.extend_from_slice(&ms.to_be_bytes());
             }
-            Self::Revoke { session } => out.extend_from_slice(&[4, *session]),
+            Self::Revoke { session } => out.extend_from_slice(&[4, *session & 0x7f]),
+            Self::RevokeLeg { session, leg } => {
+                out.extend_from_slice(&[4, 0x80 | (*session & 0x7f), *leg])
+            }
             Self::Tick => out.push(5),
             Self::Drain { on } => out.extend_from_slice(&[6, u8::from(*on)]),
             Self::Media { src, kind, len } => {
@@ -458,7 +468,14 @@ pub fn decode(data: &[u8]) -> Vec<Op> {
                 src: r.u8(),
             },
             3 => Op::Advance { ms: r.u16() },
-            4 => Op::Revoke { session: r.u8() },
+            // The top bit of the session byte picks one leg rather than the whole session.
+            4 => match r.u8() {
+                s if s & 0x80 != 0 => Op::RevokeLeg {
+                    session: s & 0x7f,
+                    leg: r.u8(),
+                },
+                s => Op::Revoke { session: s },
+            },
             5 => Op::Tick,
             6 => Op::Drain {
                 on: r.u8() & 1 == 1,
@@ -540,9 +557,25 @@ struct Model {
     revoked: HashMap<SessionId, u64>,
     /// Every session ever revoked.
     ever_revoked: HashSet<SessionId>,
+    /// Single revoked legs (removed participants), and when their tokens expire.
+    revoked_legs: HashMap<(SessionId, u8), u64>,
+    /// Every leg ever revoked alone.
+    ever_revoked_legs: HashSet<(SessionId, u8)>,
     /// BINDs each bind limiter (a worker's, or [`QUIC_LIMITER`]) admitted from each source IP
     /// address.
     binds_admitted: HashMap<(usize, IpAddr), u32>,
+}
+
+impl Model {
+    /// True while leg `leg` of `session` may not bind: its session or it alone is revoked.
+    fn closed(&self, session: SessionId, leg: u8) -> bool {
+        self.revoked.contains_key(&session) || self.revoked_legs.contains_key(&(session, leg))
+    }
+
+    /// True if leg `leg` of `session` was ever revoked, with its session or alone.
+    fn ever_closed(&self, session: SessionId, leg: u8) -> bool {
+        self.ever_revoked.contains(&session) || self.ever_revoked_legs.contains(&(session, leg))
+    }
 }
 
 /// A PROBE the relay sent to a QUIC connection.
@@ -731,10 +764,33 @@ impl Scenario {
                 self.model.revoked.insert(id, expires);
                 self.model.ever_revoked.insert(id);
             }
+            Op::RevokeLeg { session, leg } => {
+                let id = SessionId(SESSIONS[usize::from(*session) % SESSIONS.len()]);
+                let leg = *leg % veil_relay_core::token::MAX_LEGS;
+                let expires = self.session_expiry(id);
+                for ep in self.node.revoke_leg(id, leg, expires) {
+                    let held = self.model.holds.get(&ep);
+                    assert!(
+                        held.is_none_or(|h| (h.session, h.leg) == (id, leg)),
+                        "revoking leg {leg} of {id} unbound {ep:?}, which holds another leg"
+                    );
+                    assert!(
+                        self.model.ever_bound.contains(&ep),
+                        "revocation unbound {ep:?}, which never held a leg"
+                    );
+                }
+                self.model
+                    .holds
+                    .retain(|_, h| (h.session, h.leg) != (id, leg));
+                let e = self.model.revoked_legs.entry((id, leg)).or_insert(expires);
+                *e = (*e).max(expires);
+                self.model.ever_revoked_legs.insert((id, leg));
+            }
             Op::Tick => {
                 self.node.tick(self.now);
                 let now_unix = self.node.unix_ms(self.now);
                 self.model.revoked.retain(|_, exp| *exp > now_unix);
+                self.model.revoked_legs.retain(|_, exp| *exp > now_unix);
             }
             Op::Drain { on } => self.node.directory.set_draining(*on),
             Op::Media { src, kind, len } => {
@@ -1326,9 +1382,9 @@ impl Scenario {
         for e in &events {
             let Event::Unbound {
                 session,
+                leg,
                 endpoint,
                 why,
-                ..
             } = *e
             else {
                 panic!("a sweep reported {e:?}");
@@ -1343,7 +1399,7 @@ impl Scenario {
                 "a sweep ended the live leg of {endpoint:?} ({why:?})"
             );
             match why {
-                LegStatus::Closed => assert!(self.model.ever_revoked.contains(&session)),
+                LegStatus::Closed => assert!(self.model.ever_closed(session, leg)),
                 LegStatus::Expired => assert!(self.session_expiry(session) <= now_unix),
                 LegStatus::Evicted => assert!(evicting),
                 LegStatus::Moved | LegStatus::Idle => {}
@@ -1380,9 +1436,14 @@ impl Scenario {
                     };
                     told.swap_remove(i);
                     match ErrorCode::from_u16(code) {
-                        Some(ErrorCode::SessionClosed) => {
-                            assert!(self.model.ever_revoked.contains(&session))
-                        }
+                        Some(ErrorCode::SessionClosed) => assert!(
+                            self.model.ever_revoked.contains(&session)
+                                || self
+                                    .model
+                                    .ever_revoked_legs
+                                    .iter()
+                                    .any(|(s, _)| *s == session)
+                        ),
                         Some(ErrorCode::Expired) => {
                             assert!(self.session_expiry(session) <= now_unix)
                         }
@@ -1916,8 +1977,8 @@ impl Scenario {
                     "BIND_OK for an expired ticket"
                 );
                 assert!(
-                    !self.model.revoked.contains_key(&ticket.session),
-                    "BIND_OK for a revoked session"
+                    !self.model.closed(ticket.session, ticket.leg),
+                    "BIND_OK for a revoked session or leg"
                 );
                 // The leg is at `from` now, and only there; `from` holds only this leg.
                 self.model
@@ -1989,8 +2050,8 @@ impl Scenario {
                                 "a BIND refused as expired, for a ticket that is not"
                             ),
                             ErrorCode::SessionClosed => assert!(
-                                ticket.is_some_and(|t| self.model.revoked.contains_key(&t.session)),
-                                "a BIND refused as closed, for a session that is not revoked"
+                                ticket.is_some_and(|t| self.model.closed(t.session, t.leg)),
+                                "a BIND refused as closed, for a session or leg that is not revoked"
                             ),
                             ErrorCode::RelayFull => assert!(
                                 self.node.directory.legs() >= MAX_LEGS,
