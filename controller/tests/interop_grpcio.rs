@@ -1,5 +1,6 @@
 //! Interop with a gRPC stack Veil did not write: a Python signaling service built with grpcio and
-//! grpcio-tools from `proto/` allocates, reads, watches and releases a session, checks health and
+//! grpcio-tools from `proto/` allocates, reads, watches, adds and removes a participant of, and
+//! releases a session, checks health and
 //! lists the services through grpcio-reflection (reflection v1alpha), and decodes an error's
 //! `google.rpc` details, against a running controller. The Python environment is set up by the test command
 //! (scripts/test.sh installs the packages into .venv); without it this test fails, never skips.
@@ -48,7 +49,18 @@ async fn grpcio_signaling_service_drives_the_api() {
         serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     assert_eq!(
         summary["watch"],
-        serde_json::json!(["KIND_SNAPSHOT", "KIND_RELEASED"])
+        serde_json::json!([
+            "KIND_SNAPSHOT",
+            "KIND_PARTICIPANTS_CHANGED",
+            "KIND_PARTICIPANTS_CHANGED",
+            "KIND_RELEASED"
+        ])
+    );
+    assert_eq!(summary["added"], serde_json::json!([true, 2, 3]));
+    assert_eq!(summary["after_remove"], serde_json::json!(["alice", "bob"]));
+    assert_eq!(
+        summary["unknown_participant"],
+        serde_json::json!(["NOT_FOUND", "PARTICIPANT_NOT_FOUND"])
     );
     assert_eq!(summary["bad_request_message"], "call_id must not be empty");
     // The details decode in another language's protobuf runtime, from the standard trailer.
@@ -76,9 +88,11 @@ async fn grpcio_signaling_service_drives_the_api() {
     assert_eq!(
         summary["reflection_session_methods"],
         serde_json::json!([
+            "AddParticipant",
             "AllocateSession",
             "GetSession",
             "ReleaseSession",
+            "RemoveParticipant",
             "WatchSession"
         ])
     );

@@ -135,6 +135,20 @@ def main() -> int:
         t.start()
         if not first.wait(10):
             raise RuntimeError("no SNAPSHOT from WatchSession")
+        # A third participant joins, then leaves; the watch sees both changes.
+        joined = api.AddParticipant(pb.AddParticipantRequest(
+            session_id=s.session_id, participant=pb.Participant(participant_id="carol")), timeout=5)
+        summary["added"] = [joined.created, joined.leg.leg_index, len(joined.session.legs)]
+        left = api.RemoveParticipant(pb.RemoveParticipantRequest(
+            session_id=s.session_id, participant_id="carol"), timeout=5).session
+        summary["after_remove"] = [leg.participant_id for leg in left.legs]
+        try:
+            api.RemoveParticipant(pb.RemoveParticipantRequest(
+                session_id=s.session_id, participant_id="nobody"), timeout=5)
+            summary["unknown_participant"] = "accepted"
+        except grpc.RpcError as e:
+            summary["unknown_participant"] = [e.code().name, error_details(
+                e, importlib.import_module("google.rpc.minimal_pb2")).get("reason")]
         released = api.ReleaseSession(pb.ReleaseSessionRequest(session_id=s.session_id), timeout=5).session
         summary["released_state"] = pb.SessionState.Name(released.state)
         t.join(10)
@@ -158,7 +172,11 @@ def main() -> int:
         and summary["idempotent"]
         and summary["get_matches"]
         and summary["released_state"] == "SESSION_STATE_RELEASED"
-        and summary["watch"] == ["KIND_SNAPSHOT", "KIND_RELEASED"]
+        and summary["watch"] == ["KIND_SNAPSHOT", "KIND_PARTICIPANTS_CHANGED",
+                                 "KIND_PARTICIPANTS_CHANGED", "KIND_RELEASED"]
+        and summary["added"] == [True, 2, 3]
+        and summary["after_remove"] == ["alice", "bob"]
+        and summary["unknown_participant"] == ["NOT_FOUND", "PARTICIPANT_NOT_FOUND"]
         and summary["bad_request"] == "INVALID_ARGUMENT"
         and summary["bad_request_details"].get("reason") == "INVALID_FIELD"
         and summary["bad_request_details"].get("domain") == "veil.v1"
