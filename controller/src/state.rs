@@ -119,11 +119,6 @@ impl Session {
         self.legs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The legs in the call now (not removed), for tests and the API's view.
-    pub fn current_legs(&self) -> Vec<Leg> {
-        self.legs().iter().filter(|l| !l.removed).cloned().collect()
-    }
-
     /// The indices of the legs removed so far, for revocations.
     fn removed_legs(&self) -> Vec<u8> {
         self.legs()
