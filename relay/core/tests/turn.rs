@@ -105,6 +105,23 @@ impl Client {
         xor_attr(&ok, attr::XOR_RELAYED_ADDRESS).unwrap()
     }
 
+    /// Allocates where the relay is expected to refuse: the unsigned Allocate's 401 gives the
+    /// nonce, and the signed one's error code is returned.
+    fn allocate_refused(&mut self, t: &mut ForwardingTable, net: &Net) -> Option<u16> {
+        let first = Builder::new(method::ALLOCATE, Kind::Request, &self.next_txn())
+            .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+        t.handle_datagram(net.now, self.addr, first.as_bytes());
+        self.nonce = stun::parse(replies(t)[0].msg.as_bytes())
+            .unwrap()
+            .nonce
+            .unwrap()
+            .to_vec();
+        let req = self.request(method::ALLOCATE, |x| {
+            x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+        });
+        error_code(&self.exchange(t, net, &req))
+    }
+
     /// Sends a request, returns the one answer.
     fn exchange(&self, t: &mut ForwardingTable, net: &Net, req: &[u8]) -> Vec<u8> {
         t.handle_datagram(net.now, self.addr, req);
@@ -379,18 +396,7 @@ fn wrong_credentials_stale_nonces_expired_and_revoked_legs_get_their_codes() {
     // An expired token: 401.
     let old = net.token_with(3, 0, 2, Limits::default(), 1_000);
     let mut late = Client::new(addr(5, 5000), &old);
-    let req = Builder::new(method::ALLOCATE, Kind::Request, &[5; 12])
-        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
-    t.handle_datagram(net.now, late.addr, req.as_bytes());
-    late.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
-        .unwrap()
-        .nonce
-        .unwrap()
-        .to_vec();
-    let req = late.request(method::ALLOCATE, |x| {
-        x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-    });
-    assert_eq!(error_code(&late.exchange(&mut t, &net, &req)), Some(401));
+    assert_eq!(late.allocate_refused(&mut t, &net), Some(401));
     // A revoked session: its allocation forwards nothing more, and a new Allocate gets 403.
     b.nonce.clear();
     let mut b = Client::new(addr(3, 5000), &net.token(1, 1, 2));
@@ -407,18 +413,7 @@ fn wrong_credentials_stale_nonces_expired_and_revoked_legs_get_their_codes() {
     );
     assert!(replies(&mut t).is_empty(), "no Veil CLOSE to a TURN client");
     let mut again = Client::new(addr(6, 5000), &net.token(1, 0, 2));
-    let req = Builder::new(method::ALLOCATE, Kind::Request, &[6; 12])
-        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
-    t.handle_datagram(net.now, again.addr, req.as_bytes());
-    again.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
-        .unwrap()
-        .nonce
-        .unwrap()
-        .to_vec();
-    let req = again.request(method::ALLOCATE, |x| {
-        x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-    });
-    assert_eq!(error_code(&again.exchange(&mut t, &net, &req)), Some(403));
+    assert_eq!(again.allocate_refused(&mut t, &net), Some(403));
 }
 
 #[test]
@@ -520,18 +515,7 @@ fn a_leg_may_hold_several_allocations_and_releasing_one_keeps_the_others() {
         Client::new(addr(2, port), &token).allocate(&mut t, &net);
     }
     let mut ninth = Client::new(addr(2, 5009), &token);
-    let first_try = Builder::new(method::ALLOCATE, Kind::Request, &[9; 12])
-        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
-    t.handle_datagram(net.now, ninth.addr, first_try.as_bytes());
-    ninth.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
-        .unwrap()
-        .nonce
-        .unwrap()
-        .to_vec();
-    let req = ninth.request(method::ALLOCATE, |x| {
-        x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-    });
-    assert_eq!(error_code(&ninth.exchange(&mut t, &net, &req)), Some(486));
+    assert_eq!(ninth.allocate_refused(&mut t, &net), Some(486));
 }
 
 #[test]
@@ -620,16 +604,5 @@ fn a_removed_participants_allocations_end_and_the_others_go_on() {
     assert_eq!(dst, Endpoint::TurnUdp(a.addr));
     // B's credentials allocate nothing again, from any address: 403.
     let mut again = Client::new(addr(7, 5000), &b_token);
-    let req = Builder::new(method::ALLOCATE, Kind::Request, &[7; 12])
-        .u32(attr::REQUESTED_TRANSPORT, 17 << 24);
-    t.handle_datagram(net.now, again.addr, req.as_bytes());
-    again.nonce = stun::parse(replies(&mut t)[0].msg.as_bytes())
-        .unwrap()
-        .nonce
-        .unwrap()
-        .to_vec();
-    let req = again.request(method::ALLOCATE, |x| {
-        x.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-    });
-    assert_eq!(error_code(&again.exchange(&mut t, &net, &req)), Some(403));
+    assert_eq!(again.allocate_refused(&mut t, &net), Some(403));
 }
