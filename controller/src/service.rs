@@ -244,14 +244,10 @@ async fn watch(
                 Err(RecvError::Closed) => return,
             },
             c = changes.recv() => match c {
-                Ok(id) if id == session.id => {
-                    let mut ev = event(Kind::ParticipantsChanged);
-                    ev.session = Some(session.to_pb());
-                    ev
-                }
-                Ok(_) => continue,
-                // Missed changes: the session as it is now says all of them.
-                Err(RecvError::Lagged(_)) => {
+                Ok(id) if id != session.id => continue,
+                // A change of this session, or missed changes (the session as it is now says
+                // all of them).
+                Ok(_) | Err(RecvError::Lagged(_)) => {
                     let mut ev = event(Kind::ParticipantsChanged);
                     ev.session = Some(session.to_pb());
                     ev

@@ -30,15 +30,13 @@ pub enum Role {
 /// One leg of a session.
 #[derive(Debug, Clone)]
 pub struct Leg {
-    /// The participant.
-    pub participant_id: String,
     /// Leg index.
     pub index: u8,
     /// The leg token.
     pub token: Vec<u8>,
     /// Transport the participant should use.
     pub transport: Transport,
-    /// The participant as added (for `AddParticipant` idempotency).
+    /// The participant, as allocated or added (compared for `AddParticipant` idempotency).
     pub participant: Participant,
     /// Removed by `RemoveParticipant`: revoked on every relay, not listed any more.
     pub removed: bool,
@@ -47,7 +45,7 @@ pub struct Leg {
 impl Leg {
     fn to_pb(&self, s: &Session, relays: &[pb::RelayEndpoint]) -> pb::Leg {
         pb::Leg {
-            participant_id: self.participant_id.clone(),
+            participant_id: self.participant.id.clone(),
             leg_index: u32::from(self.index),
             token: self.token.clone(),
             expires_at: Some(s.expires_at()),
@@ -339,31 +337,14 @@ impl Controller {
                 break id;
             }
         };
+        let n = req.participants.len() as u8;
         let legs = req
             .participants
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let token = keys.mint(Ticket {
-                    key_id: keys.signing_key_id(),
-                    session: SessionId(id),
-                    leg: i as u8,
-                    legs: req.participants.len() as u8,
-                    expires_unix_ms,
-                    limits: self.limits,
-                });
-                let transport = match p.transport {
-                    Some(Transport::Quic) if quic_everywhere => Transport::Quic,
-                    _ => Transport::Udp,
-                };
-                Leg {
-                    participant_id: p.id.clone(),
-                    index: i as u8,
-                    token: token.to_bytes().to_vec(),
-                    transport,
-                    participant: p.clone(),
-                    removed: false,
-                }
+                let at = (id, i as u8, n, expires_unix_ms);
+                self.mint_leg(&keys, at, p.clone(), quic_everywhere)
             })
             .collect();
         let mut relays = vec![(primary.info.clone(), Role::Primary)];
@@ -394,6 +375,36 @@ impl Controller {
         }
     }
 
+    /// Mints leg `index` of `legs` of session `id` (expiring at `expires_unix_ms`) for `p`: its
+    /// token, and its transport (QUIC only where every relay of the session serves it).
+    fn mint_leg(
+        &self,
+        keys: &KeyRing,
+        (id, index, legs, expires_unix_ms): (u64, u8, u8, u64),
+        p: Participant,
+        quic_everywhere: bool,
+    ) -> Leg {
+        let token = keys.mint(Ticket {
+            key_id: keys.signing_key_id(),
+            session: SessionId(id),
+            leg: index,
+            legs,
+            expires_unix_ms,
+            limits: self.limits,
+        });
+        let transport = match p.transport {
+            Some(Transport::Quic) if quic_everywhere => Transport::Quic,
+            _ => Transport::Udp,
+        };
+        Leg {
+            index,
+            token: token.to_bytes().to_vec(),
+            transport,
+            participant: p,
+            removed: false,
+        }
+    }
+
     /// Adds `participant` to live session `id`: mints the next leg index, or returns the leg of
     /// that participant if they are in the call already (a retry). A participant removed before
     /// gets a new leg.
@@ -410,7 +421,7 @@ impl Controller {
         let mut legs = s.legs();
         if let Some(leg) = legs
             .iter()
-            .find(|l| !l.removed && l.participant_id == participant.id)
+            .find(|l| !l.removed && l.participant.id == participant.id)
         {
             if leg.participant != participant {
                 return Err(ParticipantError::Conflict);
@@ -428,28 +439,9 @@ impl Controller {
             return Err(ParticipantError::Full);
         }
         let index = index as u8;
-        let keys = self.keys();
-        let token = keys.mint(Ticket {
-            key_id: keys.signing_key_id(),
-            session: SessionId(id),
-            leg: index,
-            legs: index + 1,
-            expires_unix_ms: s.expires_unix_ms,
-            limits: self.limits,
-        });
         let quic_everywhere = s.relays.iter().all(|(r, _)| !r.quic_address.is_empty());
-        let transport = match participant.transport {
-            Some(Transport::Quic) if quic_everywhere => Transport::Quic,
-            _ => Transport::Udp,
-        };
-        let leg = Leg {
-            participant_id: participant.id.clone(),
-            index,
-            token: token.to_bytes().to_vec(),
-            transport,
-            participant,
-            removed: false,
-        };
+        let at = (id, index, index + 1, s.expires_unix_ms);
+        let leg = self.mint_leg(&self.keys(), at, participant, quic_everywhere);
         let out = leg.to_pb(&s, &relays);
         legs.push(leg);
         drop(legs);
@@ -478,10 +470,10 @@ impl Controller {
         // Their leg in the call now, else the last one removed (a retry).
         let at = legs
             .iter()
-            .position(|l| !l.removed && l.participant_id == participant_id)
+            .position(|l| !l.removed && l.participant.id == participant_id)
             .or_else(|| {
                 legs.iter()
-                    .rposition(|l| l.participant_id == participant_id)
+                    .rposition(|l| l.participant.id == participant_id)
             })
             .ok_or(ParticipantError::NotFound)?;
         let changed = !legs[at].removed;

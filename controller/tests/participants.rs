@@ -43,6 +43,16 @@ fn reason(s: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
+/// The field a `BadRequest` names.
+fn field_of(s: &tonic::Status) -> String {
+    s.get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations[0]
+        .field
+        .clone()
+}
+
 /// Sends every 5 ms until `stop` (at most 2000 packets), counting what it sends.
 fn talk(
     mut p: Peer,
@@ -383,27 +393,13 @@ async fn participant_changes_get_precise_errors_and_events() {
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        e.get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "participant"
-    );
+    assert_eq!(field_of(&e), "participant");
     check(e, Code::InvalidArgument, "INVALID_FIELD");
     let e = api
         .add_participant(add(&s.session_id, ""))
         .await
         .unwrap_err();
-    assert_eq!(
-        e.get_error_details()
-            .bad_request()
-            .unwrap()
-            .field_violations[0]
-            .field,
-        "participant.participant_id"
-    );
+    assert_eq!(field_of(&e), "participant.participant_id");
     check(e, Code::InvalidArgument, "INVALID_FIELD");
     let e = api
         .remove_participant(remove(&s.session_id, ""))
