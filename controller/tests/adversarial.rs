@@ -62,6 +62,10 @@ impl Rig {
         );
         s.workers = 2;
         s.core.cookie_lifetime = COOKIE_LIFETIME;
+        // The victim is silent from its bind to its last KEEPALIVE, through the whole flood,
+        // which on a loaded CI machine has taken over the default 30 s: its leg must not idle
+        // out, or the check that no replay moved it reads an idle unbind as a takeover.
+        s.core.leg_idle = Duration::from_secs(600);
         s.quic = Some(veil_relay::config::QuicSettings::local().unwrap());
         let relay = RelayServer::load(s).await.unwrap();
         let udp = relay.public_udp_addr();
