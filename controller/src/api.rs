@@ -269,6 +269,60 @@ impl TryFrom<pb::RemoveParticipantRequest> for RemoveRequest {
     }
 }
 
+/// A validated `ExtendSession` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtendRequest {
+    /// The session.
+    pub session_id: u64,
+    /// Its new lifetime, from now.
+    pub ttl: Duration,
+}
+
+impl TryFrom<pb::ExtendSessionRequest> for ExtendRequest {
+    type Error = InvalidArgument;
+
+    fn try_from(pb: pb::ExtendSessionRequest) -> Result<Self, Self::Error> {
+        let session_id = parse_session_id(&pb.session_id)?;
+        let ttl = Duration::from_secs(u64::from(pb.ttl_seconds));
+        if ttl < MIN_TTL || ttl > MAX_TTL {
+            return Err(InvalidArgument::new(
+                "ttl_seconds",
+                Violation::OutOfRange,
+                format!(
+                    "ttl_seconds must be from {} to {}, got {}",
+                    MIN_TTL.as_secs(),
+                    MAX_TTL.as_secs(),
+                    pb.ttl_seconds
+                ),
+            ));
+        }
+        Ok(Self { session_id, ttl })
+    }
+}
+
+/// Why extending a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtendError {
+    /// No live session with this id.
+    #[error(transparent)]
+    NoSession(#[from] NotFound),
+    /// The session was released.
+    #[error("the session was released; a new call needs a new session")]
+    Released,
+}
+
+impl From<ExtendError> for Status {
+    fn from(e: ExtendError) -> Self {
+        let message = e.to_string();
+        match e {
+            ExtendError::NoSession(n) => n.into(),
+            ExtendError::Released => {
+                errors::simple(Code::FailedPrecondition, message, Reason::SessionReleased)
+            }
+        }
+    }
+}
+
 /// Why adding or removing a participant failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParticipantError {

@@ -134,6 +134,8 @@ closed_set! {
         AddParticipant => "veil.v1.SessionService/AddParticipant",
         /// `SessionService.RemoveParticipant`.
         RemoveParticipant => "veil.v1.SessionService/RemoveParticipant",
+        /// `SessionService.ExtendSession`.
+        ExtendSession => "veil.v1.SessionService/ExtendSession",
         /// `SessionService.ReleaseSession`.
         ReleaseSession => "veil.v1.SessionService/ReleaseSession",
         /// `SessionService.WatchSession` (server streaming).

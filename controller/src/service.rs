@@ -17,7 +17,7 @@ use crate::errors::{self, Reason, Violation};
 use crate::metrics::{AllocationResult, AuthService, ReleaseResult};
 use crate::quota::{Credential, Exceeded};
 use crate::registry::{Change, LINK_QUEUE, RelayEvent};
-use crate::state::{Controller, Role};
+use crate::state::{Controller, Role, SessionChange};
 
 /// Who a caller is, by the bearer token it presents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,17 +182,17 @@ async fn watch(
     session: Arc<crate::state::Session>,
     mut relays: tokio::sync::broadcast::Receiver<RelayEvent>,
     mut releases: tokio::sync::broadcast::Receiver<u64>,
-    mut changes: tokio::sync::broadcast::Receiver<u64>,
+    mut changes: tokio::sync::broadcast::Receiver<(u64, SessionChange)>,
     tx: mpsc::Sender<Result<pb::SessionEvent, Status>>,
 ) {
     use pb::session_event::Kind;
     use tokio::sync::broadcast::error::RecvError;
-    let expires = std::time::Duration::from_millis(
-        session
-            .expires_unix_ms
-            .saturating_sub(crate::state::unix_ms()),
-    );
-    let expiry = tokio::time::sleep(expires);
+    let left = |s: &crate::state::Session| {
+        std::time::Duration::from_millis(
+            s.expires_unix_ms().saturating_sub(crate::state::unix_ms()),
+        )
+    };
+    let expiry = tokio::time::sleep(left(&session));
     tokio::pin!(expiry);
     let mut snapshot = event(Kind::Snapshot);
     snapshot.session = Some(session.to_pb());
@@ -243,18 +243,28 @@ async fn watch(
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             },
-            c = changes.recv() => match c {
-                Ok(id) if id != session.id => continue,
-                // A change of this session, or missed changes (the session as it is now says
-                // all of them).
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    let mut ev = event(Kind::ParticipantsChanged);
-                    ev.session = Some(session.to_pb());
-                    ev
-                }
-                Err(RecvError::Closed) => return,
-            },
+            c = changes.recv() => {
+                let kind = match c {
+                    Ok((id, _)) if id != session.id => continue,
+                    Ok((_, SessionChange::Extended)) => Kind::Extended,
+                    // A participant change of this session, or missed changes (the session as
+                    // it is now says all of them, its expiry included).
+                    Ok((_, SessionChange::Participants)) | Err(RecvError::Lagged(_)) => {
+                        Kind::ParticipantsChanged
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                expiry.as_mut().reset(tokio::time::Instant::now() + left(&session));
+                let mut ev = event(kind);
+                ev.session = Some(session.to_pb());
+                ev
+            }
             _ = &mut expiry => {
+                // Extended since the timer was set, with the change missed: not over yet.
+                if !left(&session).is_zero() {
+                    expiry.as_mut().reset(tokio::time::Instant::now() + left(&session));
+                    continue;
+                }
                 let _ = tx.send(Ok(event(Kind::Expired))).await;
                 return;
             }
@@ -380,6 +390,18 @@ impl pb::session_service_server::SessionService for SessionApi {
             .remove_participant(req.session_id, &req.participant_id)?;
         Ok(Response::new(pb::RemoveParticipantResponse {
             session: Some(out.session),
+        }))
+    }
+
+    async fn extend_session(
+        &self,
+        request: Request<pb::ExtendSessionRequest>,
+    ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
+        self.authorize(&request)?;
+        let req = api::ExtendRequest::try_from(request.into_inner())?;
+        let (session, _) = self.controller.extend(req.session_id, req.ttl)?;
+        Ok(Response::new(pb::ExtendSessionResponse {
+            session: Some(session.to_pb()),
         }))
     }
 
@@ -527,21 +549,32 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
         };
         check_hello(&hello)?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        // Everything revoked so far goes first, so a relay that missed revocations (restarted,
-        // or cut off) catches up before anything else.
-        let revoked = self.controller.revocations();
-        if !revoked.sessions.is_empty() || !revoked.legs.is_empty() {
-            let msg = pb::ControllerMessage {
-                kind: Some(pb::controller_message::Kind::Revoke(revoked)),
-            };
-            tx.try_send(Ok(msg))
-                .map_err(|_| Status::internal("fresh link queue full"))?;
-        }
         let node_id = hello.node_id.clone();
         // Weak: the link's sender is the registry's, whose dropping ends the stream (a detach,
         // shutdown); this one only tells the relay why its own stream failed.
         let reply = tx.downgrade();
+        let catch_up = tx.clone();
         let link = self.controller.registry.attach(&hello, tx);
+        // Then everything revoked or extended so far, so that a relay that missed some
+        // (restarted, or cut off) catches up. Read after the link is in the registry, so that
+        // nothing revoked or extended in between is missed: both are idempotent, and a relay
+        // applies them in any order to the same end.
+        let revoked = self.controller.revocations();
+        let extended = self.controller.extensions();
+        let catch_up_msgs = [
+            (!revoked.sessions.is_empty() || !revoked.legs.is_empty())
+                .then_some(pb::controller_message::Kind::Revoke(revoked)),
+            (!extended.sessions.is_empty())
+                .then_some(pb::controller_message::Kind::Extend(extended)),
+        ];
+        for kind in catch_up_msgs.into_iter().flatten() {
+            let msg = pb::ControllerMessage { kind: Some(kind) };
+            if catch_up.try_send(Ok(msg)).is_err() {
+                self.controller.registry.detach(&node_id, link);
+                return Err(Status::internal("fresh link queue full"));
+            }
+        }
+        drop(catch_up);
         tracing::info!(node_id = %node_id, region = %hello.region, "relay attached");
         let controller = self.controller.clone();
         tokio::spawn(async move {

@@ -1,7 +1,7 @@
 //! The controller's state and operations, apart from gRPC: sessions (with `call_id`
 //! idempotency), placement on relays, token minting, release and revocation.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +11,7 @@ use veil_proto::v1 as pb;
 use veil_protocol::{KeyRing, Limits, SessionId, Ticket};
 
 use crate::api::{
-    AllocateError, AllocateRequest, NotFound, Participant, ParticipantError, Transport,
+    AllocateError, AllocateRequest, ExtendError, NotFound, Participant, ParticipantError, Transport,
 };
 use crate::metrics::{ControllerMetrics, PlacementRole};
 use crate::placement::{self, RegionMap};
@@ -59,6 +59,15 @@ impl Leg {
     }
 }
 
+/// What changed in a session, as its watchers hear it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionChange {
+    /// A participant was added or removed.
+    Participants,
+    /// Its expiry moved later (ExtendSession).
+    Extended,
+}
+
 /// What a participant change did: the leg, and whether this call made the change (false for
 /// a retry that found it made).
 #[derive(Debug, Clone)]
@@ -85,8 +94,10 @@ pub struct Session {
     legs: Mutex<Vec<Leg>>,
     /// Primary, then backup.
     pub relays: Vec<(RelayInfo, Role)>,
-    /// Expiry, Unix milliseconds.
-    pub expires_unix_ms: u64,
+    /// Expiry, Unix milliseconds: the tokens', or later once extended (never earlier).
+    expires_unix_ms: AtomicU64,
+    /// The expiry the session was allocated with, as its first tokens carry it.
+    allocated_expiry_unix_ms: u64,
     /// The signaling credential that allocated it, whose live-sessions quota it counts against.
     pub owner: Credential,
     released: AtomicBool,
@@ -100,14 +111,25 @@ impl Session {
         self.released.load(Ordering::Relaxed)
     }
 
+    /// When the session expires, Unix milliseconds (ExtendSession moves it later).
+    pub fn expires_unix_ms(&self) -> u64 {
+        self.expires_unix_ms.load(Ordering::Relaxed)
+    }
+
+    /// True once ExtendSession moved the expiry past the allocation's.
+    fn extended(&self) -> bool {
+        self.expires_unix_ms() > self.allocated_expiry_unix_ms
+    }
+
     fn expired(&self, now_unix_ms: u64) -> bool {
-        self.expires_unix_ms <= now_unix_ms
+        self.expires_unix_ms() <= now_unix_ms
     }
 
     fn expires_at(&self) -> prost_types::Timestamp {
+        let ms = self.expires_unix_ms();
         prost_types::Timestamp {
-            seconds: (self.expires_unix_ms / 1000) as i64,
-            nanos: ((self.expires_unix_ms % 1000) * 1_000_000) as i32,
+            seconds: (ms / 1000) as i64,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
         }
     }
 
@@ -203,7 +225,7 @@ pub struct Controller {
     pub quotas: Quotas,
     released: tokio::sync::broadcast::Sender<u64>,
     /// Sessions whose participants changed.
-    changes: tokio::sync::broadcast::Sender<u64>,
+    changes: tokio::sync::broadcast::Sender<(u64, SessionChange)>,
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
@@ -355,7 +377,8 @@ impl Controller {
             participants: req.participants.clone(),
             legs: Mutex::new(legs),
             relays,
-            expires_unix_ms,
+            expires_unix_ms: AtomicU64::new(expires_unix_ms),
+            allocated_expiry_unix_ms: expires_unix_ms,
             owner,
             released: AtomicBool::new(false),
             live: AtomicBool::new(true),
@@ -440,7 +463,7 @@ impl Controller {
         }
         let index = index as u8;
         let quic_everywhere = s.relays.iter().all(|(r, _)| !r.quic_address.is_empty());
-        let at = (id, index, index + 1, s.expires_unix_ms);
+        let at = (id, index, index + 1, s.expires_unix_ms());
         let leg = self.mint_leg(&self.keys(), at, participant, quic_everywhere);
         let out = leg.to_pb(&s, &relays);
         legs.push(leg);
@@ -448,7 +471,7 @@ impl Controller {
         if let Some((primary, _)) = s.relays.first() {
             self.registry.note_placed(&primary.node_id, 1);
         }
-        let _ = self.changes.send(s.id);
+        let _ = self.changes.send((s.id, SessionChange::Participants));
         tracing::debug!(session = %SessionId(id), leg = index, "participant added");
         Ok(Changed {
             session: s.to_pb(),
@@ -490,13 +513,13 @@ impl Controller {
                         legs: vec![pb::RevokedLeg {
                             session_id: s.id,
                             leg_index: u32::from(index),
-                            expires_unix_ms: s.expires_unix_ms,
+                            expires_unix_ms: s.expires_unix_ms(),
                         }],
                     })),
                 };
                 self.registry.broadcast(&revoke);
             }
-            let _ = self.changes.send(s.id);
+            let _ = self.changes.send((s.id, SessionChange::Participants));
             tracing::debug!(session = %SessionId(id), leg = index, "participant removed");
         }
         Ok(Changed {
@@ -506,9 +529,53 @@ impl Controller {
         })
     }
 
-    /// Subscribes to participant changes (session ids).
-    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<u64> {
+    /// Subscribes to participant changes and extensions (session ids).
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<(u64, SessionChange)> {
         self.changes.subscribe()
+    }
+
+    /// Moves live session `id`'s expiry to `ttl` from now, never earlier than it was, and tells
+    /// every relay: they honour the session's tokens (which stay the same) until then. Returns
+    /// the session and whether its expiry moved.
+    pub fn extend(&self, id: u64, ttl: Duration) -> Result<(Arc<Session>, bool), ExtendError> {
+        let s = self.get(id)?;
+        if s.is_released() {
+            return Err(ExtendError::Released);
+        }
+        let until = unix_ms() + ttl.as_millis() as u64;
+        let before = s.expires_unix_ms.fetch_max(until, Ordering::Relaxed);
+        if until <= before {
+            return Ok((s, false));
+        }
+        let extend = pb::ControllerMessage {
+            kind: Some(pb::controller_message::Kind::Extend(pb::Extend {
+                sessions: vec![pb::ExtendedSession {
+                    session_id: s.id,
+                    expires_unix_ms: until,
+                }],
+            })),
+        };
+        self.registry.broadcast(&extend);
+        let _ = self.changes.send((s.id, SessionChange::Extended));
+        tracing::debug!(session = %SessionId(id), ttl_secs = ttl.as_secs(), "session extended");
+        Ok((s, true))
+    }
+
+    /// Every extension in force, for a relay that just attached: the expiry of each live
+    /// session that is not released (a released one's revocation carries its expiry).
+    pub fn extensions(&self) -> pb::Extend {
+        let now = unix_ms();
+        pb::Extend {
+            sessions: self
+                .by_id
+                .iter()
+                .filter(|s| !s.expired(now) && !s.is_released() && s.extended())
+                .map(|s| pb::ExtendedSession {
+                    session_id: s.id,
+                    expires_unix_ms: s.expires_unix_ms(),
+                })
+                .collect(),
+        }
     }
 
     /// Releases a session and tells every relay to stop serving it. Releasing a released
@@ -521,7 +588,7 @@ impl Controller {
                 kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
                     sessions: vec![pb::RevokedSession {
                         session_id: s.id,
-                        expires_unix_ms: s.expires_unix_ms,
+                        expires_unix_ms: s.expires_unix_ms(),
                     }],
                     legs: Vec::new(),
                 })),
@@ -584,14 +651,14 @@ impl Controller {
             if s.is_released() {
                 out.sessions.push(pb::RevokedSession {
                     session_id: s.id,
-                    expires_unix_ms: s.expires_unix_ms,
+                    expires_unix_ms: s.expires_unix_ms(),
                 });
             } else {
                 out.legs
                     .extend(s.removed_legs().into_iter().map(|leg| pb::RevokedLeg {
                         session_id: s.id,
                         leg_index: u32::from(leg),
-                        expires_unix_ms: s.expires_unix_ms,
+                        expires_unix_ms: s.expires_unix_ms(),
                     }));
             }
         }

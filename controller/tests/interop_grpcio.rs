@@ -53,9 +53,14 @@ async fn grpcio_signaling_service_drives_the_api() {
             "KIND_SNAPSHOT",
             "KIND_PARTICIPANTS_CHANGED",
             "KIND_PARTICIPANTS_CHANGED",
+            "KIND_EXTENDED",
             "KIND_RELEASED"
         ])
     );
+    // 7200 s from a few seconds later than the 600 s were counted from.
+    let by = summary["extended_by_s"].as_i64().unwrap();
+    assert!((6600..=6660).contains(&by), "extended by {by} s");
+    assert_eq!(summary["extended_tokens_same"], true);
     assert_eq!(summary["added"], serde_json::json!([true, 2, 3]));
     assert_eq!(summary["after_remove"], serde_json::json!(["alice", "bob"]));
     assert_eq!(
@@ -90,6 +95,7 @@ async fn grpcio_signaling_service_drives_the_api() {
         serde_json::json!([
             "AddParticipant",
             "AllocateSession",
+            "ExtendSession",
             "GetSession",
             "ReleaseSession",
             "RemoveParticipant",

@@ -396,6 +396,12 @@ fn apply(node: &Node, drainer: &Drainer, msg: veil_proto::v1::ControllerMessage)
                 tracing::debug!(session = %SessionId(l.session_id), leg, bound = unbound.len(), "leg revoked");
             }
         }
+        Some(controller_message::Kind::Extend(e)) => {
+            for s in e.sessions {
+                node.extend(SessionId(s.session_id), s.expires_unix_ms);
+                tracing::debug!(session = %SessionId(s.session_id), "session extended");
+            }
+        }
         None => tracing::debug!("empty controller message ignored"),
     }
 }

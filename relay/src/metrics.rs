@@ -62,6 +62,7 @@ pub struct RelayMetrics {
     draining: IntGauge,
     revocations: IntGauge,
     leg_revocations: IntGauge,
+    extensions: IntGauge,
     /// Controllers this relay is attached to right now.
     pub controllers_attached: IntGauge,
     /// Controller addresses the relay keeps a link to (every address of every --controller
@@ -211,6 +212,11 @@ impl RelayMetrics {
                 registry,
                 "veil_relay_revoked_legs",
                 "Single-leg revocations (participants removed from a session that goes on) in force.",
+            )?,
+            extensions: gauge(
+                registry,
+                "veil_relay_extended_sessions",
+                "Sessions extended (ExtendSession) past their tokens' expiry, in force.",
             )?,
             controllers_attached: gauge(
                 registry,
@@ -448,6 +454,7 @@ impl RelayMetrics {
         self.draining.set(i64::from(d.is_draining()));
         self.revocations.set(d.revocations() as i64);
         self.leg_revocations.set(d.leg_revocations() as i64);
+        self.extensions.set(d.extensions() as i64);
     }
 }
 

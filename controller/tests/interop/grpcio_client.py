@@ -149,6 +149,11 @@ def main() -> int:
         except grpc.RpcError as e:
             summary["unknown_participant"] = [e.code().name, error_details(
                 e, importlib.import_module("google.rpc.minimal_pb2")).get("reason")]
+        # The call outlives its TTL: extended to 2 hours from now, past the 600 s it had.
+        extended = api.ExtendSession(pb.ExtendSessionRequest(
+            session_id=s.session_id, ttl_seconds=7200), timeout=5).session
+        summary["extended_by_s"] = extended.expires_at.seconds - s.expires_at.seconds
+        summary["extended_tokens_same"] = [l.token for l in extended.legs] == [l.token for l in s.legs]
         released = api.ReleaseSession(pb.ReleaseSessionRequest(session_id=s.session_id), timeout=5).session
         summary["released_state"] = pb.SessionState.Name(released.state)
         t.join(10)
@@ -173,7 +178,9 @@ def main() -> int:
         and summary["get_matches"]
         and summary["released_state"] == "SESSION_STATE_RELEASED"
         and summary["watch"] == ["KIND_SNAPSHOT", "KIND_PARTICIPANTS_CHANGED",
-                                 "KIND_PARTICIPANTS_CHANGED", "KIND_RELEASED"]
+                                 "KIND_PARTICIPANTS_CHANGED", "KIND_EXTENDED", "KIND_RELEASED"]
+        and 6600 <= summary["extended_by_s"] <= 6660
+        and summary["extended_tokens_same"]
         and summary["added"] == [True, 2, 3]
         and summary["after_remove"] == ["alice", "bob"]
         and summary["unknown_participant"] == ["NOT_FOUND", "PARTICIPANT_NOT_FOUND"]

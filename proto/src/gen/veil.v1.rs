@@ -20,7 +20,7 @@ pub struct SessionEvent {
     /// When the controller saw it.
     #[prost(message, optional, tag = "4")]
     pub at: ::core::option::Option<::prost_types::Timestamp>,
-    /// The session (SNAPSHOT and PARTICIPANTS_CHANGED only).
+    /// The session (SNAPSHOT, PARTICIPANTS_CHANGED and EXTENDED only).
     #[prost(message, optional, tag = "5")]
     pub session: ::core::option::Option<Session>,
 }
@@ -59,6 +59,8 @@ pub mod session_event {
         /// A participant was added or removed (AddParticipant, RemoveParticipant): `session` holds
         /// the session as it is now.
         ParticipantsChanged = 8,
+        /// The session was extended (ExtendSession): `session` holds it with its new expiry.
+        Extended = 9,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -76,6 +78,7 @@ pub mod session_event {
                 Self::Released => "KIND_RELEASED",
                 Self::Expired => "KIND_EXPIRED",
                 Self::ParticipantsChanged => "KIND_PARTICIPANTS_CHANGED",
+                Self::Extended => "KIND_EXTENDED",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -90,6 +93,7 @@ pub mod session_event {
                 "KIND_RELEASED" => Some(Self::Released),
                 "KIND_EXPIRED" => Some(Self::Expired),
                 "KIND_PARTICIPANTS_CHANGED" => Some(Self::ParticipantsChanged),
+                "KIND_EXTENDED" => Some(Self::Extended),
                 _ => None,
             }
         }
@@ -183,6 +187,21 @@ pub struct RemoveParticipantResponse {
     pub session: ::core::option::Option<Session>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExtendSessionRequest {
+    /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
+    #[prost(string, tag = "1")]
+    pub session_id: ::prost::alloc::string::String,
+    /// The session's new lifetime, counted from now, in seconds: 60 to 86400.
+    #[prost(uint32, tag = "2")]
+    pub ttl_seconds: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ExtendSessionResponse {
+    /// The session as it is now, with its new `expires_at`.
+    #[prost(message, optional, tag = "1")]
+    pub session: ::core::option::Option<Session>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReleaseSessionRequest {
     /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
     #[prost(string, tag = "1")]
@@ -203,7 +222,7 @@ pub struct Session {
     /// The `call_id` it was allocated for.
     #[prost(string, tag = "2")]
     pub call_id: ::prost::alloc::string::String,
-    /// When the session and all of its tokens expire.
+    /// When the session and all of its tokens expire (ExtendSession moves it).
     #[prost(message, optional, tag = "3")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
     /// One leg per participant in the call now: those of the allocation request in its order,
@@ -233,7 +252,8 @@ pub struct Leg {
     /// (docs/PROTOCOL.md describes its layout). Secret to the participant; never logged by Veil.
     #[prost(bytes = "vec", tag = "3")]
     pub token: ::prost::alloc::vec::Vec<u8>,
-    /// When the token expires (the same as the session's expiry).
+    /// Until when relays honour the token: the session's expiry, which ExtendSession moves
+    /// without minting the token again.
     #[prost(message, optional, tag = "4")]
     pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
     /// The transport the participant should use: its preference, or UDP when it had none.
@@ -607,6 +627,37 @@ pub mod session_service_client {
                 .insert(GrpcMethod::new("veil.v1.SessionService", "RemoveParticipant"));
             self.inner.unary(req, path, codec).await
         }
+        /// Moves a live session's expiry to `ttl_seconds` from now, for a call that outlives its TTL.
+        /// The tokens stay the same: every relay of the session honours them until the new expiry
+        /// (each relay hears of it within a second, and a relay that attaches later hears it when it
+        /// attaches), so participants' clients and TURN allocations go on with no gap and nothing to
+        /// do. Never shortens a session (to end one sooner, ReleaseSession it): a `ttl_seconds` that
+        /// would leaves the expiry as it is. Idempotent. A released session: FAILED_PRECONDITION
+        /// (SESSION_RELEASED); an expired or unknown one: NOT_FOUND (SESSION_NOT_FOUND).
+        pub async fn extend_session(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ExtendSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExtendSessionResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/veil.v1.SessionService/ExtendSession",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("veil.v1.SessionService", "ExtendSession"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Ends a session: every relay stops forwarding its media within a second, and its tokens
         /// can no longer bind. Idempotent: releasing a released session succeeds.
         pub async fn release_session(
@@ -635,7 +686,7 @@ pub mod session_service_client {
         }
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
         /// each time one of its relays goes down, comes back, or starts or stops draining, or its
-        /// participants change, and finally
+        /// participants change, or it is extended, and finally
         /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
@@ -721,6 +772,20 @@ pub mod session_service_server {
             tonic::Response<super::RemoveParticipantResponse>,
             tonic::Status,
         >;
+        /// Moves a live session's expiry to `ttl_seconds` from now, for a call that outlives its TTL.
+        /// The tokens stay the same: every relay of the session honours them until the new expiry
+        /// (each relay hears of it within a second, and a relay that attaches later hears it when it
+        /// attaches), so participants' clients and TURN allocations go on with no gap and nothing to
+        /// do. Never shortens a session (to end one sooner, ReleaseSession it): a `ttl_seconds` that
+        /// would leaves the expiry as it is. Idempotent. A released session: FAILED_PRECONDITION
+        /// (SESSION_RELEASED); an expired or unknown one: NOT_FOUND (SESSION_NOT_FOUND).
+        async fn extend_session(
+            &self,
+            request: tonic::Request<super::ExtendSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ExtendSessionResponse>,
+            tonic::Status,
+        >;
         /// Ends a session: every relay stops forwarding its media within a second, and its tokens
         /// can no longer bind. Idempotent: releasing a released session succeeds.
         async fn release_session(
@@ -738,7 +803,7 @@ pub mod session_service_server {
             + 'static;
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
         /// each time one of its relays goes down, comes back, or starts or stops draining, or its
-        /// participants change, and finally
+        /// participants change, or it is extended, and finally
         /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
@@ -1032,6 +1097,51 @@ pub mod session_service_server {
                     };
                     Box::pin(fut)
                 }
+                "/veil.v1.SessionService/ExtendSession" => {
+                    #[allow(non_camel_case_types)]
+                    struct ExtendSessionSvc<T: SessionService>(pub Arc<T>);
+                    impl<
+                        T: SessionService,
+                    > tonic::server::UnaryService<super::ExtendSessionRequest>
+                    for ExtendSessionSvc<T> {
+                        type Response = super::ExtendSessionResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ExtendSessionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as SessionService>::extend_session(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ExtendSessionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 "/veil.v1.SessionService/ReleaseSession" => {
                     #[allow(non_camel_case_types)]
                     struct ReleaseSessionSvc<T: SessionService>(pub Arc<T>);
@@ -1251,7 +1361,7 @@ pub struct LoadReport {
 /// A message from a controller to a relay.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControllerMessage {
-    #[prost(oneof = "controller_message::Kind", tags = "1, 2")]
+    #[prost(oneof = "controller_message::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<controller_message::Kind>,
 }
 /// Nested message and enum types in `ControllerMessage`.
@@ -1264,7 +1374,28 @@ pub mod controller_message {
         /// Start or stop draining.
         #[prost(message, tag = "2")]
         Drain(super::Drain),
+        /// Honour these sessions' tokens past their own expiry.
+        #[prost(message, tag = "3")]
+        Extend(super::Extend),
     }
+}
+/// Sessions extended (through SessionService.ExtendSession) past their tokens' expiry. The
+/// controller sends each extension as it happens, and every extension in force when a relay
+/// attaches. A relay honours a session's tokens, and keeps its legs and TURN allocations, until
+/// the latest expiry it was told; revocations of the session and of its legs last as long.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Extend {
+    #[prost(message, repeated, tag = "1")]
+    pub sessions: ::prost::alloc::vec::Vec<ExtendedSession>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ExtendedSession {
+    /// The session id (the 64-bit value behind the 16 hex digits of the public API).
+    #[prost(fixed64, tag = "1")]
+    pub session_id: u64,
+    /// The session's new expiry, Unix milliseconds: never earlier than its tokens'.
+    #[prost(uint64, tag = "2")]
+    pub expires_unix_ms: u64,
 }
 /// Drain orders from an operator (through AdminService.DrainRelay).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1403,7 +1534,8 @@ pub mod relay_registry_client {
         }
         /// A relay's control channel to one controller. The relay's first message must be a
         /// `RelayHello`; then it sends a `LoadReport` about once a second. The controller answers with
-        /// `ControllerMessage`s: first the revocations still in force, then each new one as it happens.
+        /// `ControllerMessage`s: first the revocations and extensions still in force, then each new one
+        /// as it happens.
         /// The relay reconnects with backoff whenever the stream ends; forwarding never waits on it.
         pub async fn attach(
             &mut self,
@@ -1452,7 +1584,8 @@ pub mod relay_registry_server {
             + 'static;
         /// A relay's control channel to one controller. The relay's first message must be a
         /// `RelayHello`; then it sends a `LoadReport` about once a second. The controller answers with
-        /// `ControllerMessage`s: first the revocations still in force, then each new one as it happens.
+        /// `ControllerMessage`s: first the revocations and extensions still in force, then each new one
+        /// as it happens.
         /// The relay reconnects with backoff whenever the stream ends; forwarding never waits on it.
         async fn attach(
             &self,

@@ -43,8 +43,12 @@ pub struct LegState {
     pub(crate) leg: u8,
     pub(crate) endpoint: Endpoint,
     pub(crate) last_seen: Instant,
-    /// The ticket's expiry on the monotonic clock: checked on every packet, cheaply.
+    /// The session's expiry on the monotonic clock: checked on every packet, cheaply. For a
+    /// TURN allocation, the end of its lifetime (never past the session's expiry).
     pub(crate) expires_at: Instant,
+    /// The session expiry (Unix ms) `expires_at` was computed from: when the session was
+    /// extended since, a native leg moves `expires_at` by as much ([`LegState::renew`]).
+    pub(crate) expiry_unix_ms: u64,
     pub(crate) limiter: Limiter,
     /// QUIC legs only; boxed, so that a UDP leg pays one pointer for it (legs are the relay's
     /// memory: `bench/` measures bytes per leg).
@@ -79,7 +83,7 @@ impl LegState {
         leg: u8,
         endpoint: Endpoint,
         now: Instant,
-        expires_at: Instant,
+        (expires_at, expiry_unix_ms): (Instant, u64),
         limiter: Limiter,
     ) -> Self {
         Self {
@@ -88,6 +92,7 @@ impl LegState {
             endpoint,
             last_seen: now,
             expires_at,
+            expiry_unix_ms,
             limiter,
             path: None,
             turn: None,
@@ -150,6 +155,20 @@ impl LegState {
         }
     }
 
+    /// Moves a native leg's `expires_at` by as much as its session was extended since it was
+    /// computed (ExtendSession); returns whether it moved. Runs only once `expires_at` has
+    /// passed, so the media path pays nothing for extensions until then. A TURN allocation's
+    /// `expires_at` is its lifetime, which only a Refresh moves (RFC 8656 §7).
+    pub(crate) fn renew(&mut self) -> bool {
+        let until = self.session.expires_unix_ms();
+        if self.turn.is_some() || until <= self.expiry_unix_ms {
+            return false;
+        }
+        self.expires_at += Duration::from_millis(until - self.expiry_unix_ms);
+        self.expiry_unix_ms = until;
+        true
+    }
+
     /// Notes a KEEPALIVE.
     pub(crate) fn touch(&mut self, now: Instant) {
         self.last_seen = now;
@@ -163,7 +182,11 @@ impl LegState {
             return dropped(stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
-            return dropped(stats, DropReason::Expired);
+            // Past the expiry it was bound with: its session may have been extended since.
+            self.renew();
+            if now >= self.expires_at {
+                return dropped(stats, DropReason::Expired);
+            }
         }
         let legs = self.session.legs();
         if legs.get(self.leg) != Some(self.endpoint) {

@@ -140,6 +140,11 @@ impl Node {
         self.directory.revoke(id, expires_unix_ms)
     }
 
+    /// Extends a session: see [`Directory::extend`].
+    pub fn extend(&self, id: SessionId, expires_unix_ms: u64) {
+        self.directory.extend(id, expires_unix_ms)
+    }
+
     /// Revokes one leg of a session: see [`Directory::revoke_leg`].
     pub fn revoke_leg(&self, id: SessionId, leg: u8, expires_unix_ms: u64) -> Vec<Endpoint> {
         self.directory.revoke_leg(id, leg, expires_unix_ms)
@@ -182,7 +187,7 @@ impl Node {
                 Refusal::new(DropReason::BadToken, ErrorCode::Unauthorized)
             }
         })?;
-        if ticket.expires_unix_ms <= self.unix_ms(now) {
+        if self.directory.expiry(&ticket) <= self.unix_ms(now) {
             return Err(Refusal::new(DropReason::Expired, ErrorCode::Expired));
         }
         if self.directory.refuses(&ticket) {
@@ -218,7 +223,8 @@ impl Node {
             }
             BindError::Draining => Refusal::new(DropReason::Draining, ErrorCode::Draining),
         })?;
-        let left = ticket.expires_unix_ms.saturating_sub(self.unix_ms(now));
+        let expiry = bound.session.expires_unix_ms();
+        let left = expiry.saturating_sub(self.unix_ms(now));
         // A leg that moves (rebinds) starts with empty rate buckets, so that binding again cannot
         // refill a burst; a new leg starts with a full second of burst.
         let limiter = if bound.previous.is_some() {
@@ -231,7 +237,7 @@ impl Node {
             slot,
             ep,
             now,
-            now + Duration::from_millis(left),
+            (now + Duration::from_millis(left), expiry),
             limiter,
         );
         Ok((leg, bound.previous))

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -289,7 +289,8 @@ impl LegSet {
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
-    expires_unix_ms: u64,
+    /// Its tokens' expiry, or later once the controller extended it (only ever moves later).
+    expires_unix_ms: AtomicU64,
     legs: ArcSwap<LegSet>,
     /// Bit `i` set: leg `i` was revoked (its participant removed); all set: the session was.
     closed: AtomicU16,
@@ -310,9 +311,10 @@ impl Session {
         self.id
     }
 
-    /// When the session's tokens expire, Unix milliseconds.
+    /// When the session expires, Unix milliseconds: its tokens' expiry, or the later one the
+    /// controller extended it to.
     pub fn expires_unix_ms(&self) -> u64 {
-        self.expires_unix_ms
+        self.expires_unix_ms.load(Ordering::Relaxed)
     }
 
     /// The current bound legs. Lock-free; hold the guard only briefly (one packet).
@@ -373,9 +375,24 @@ struct Inner {
     /// Revoked single legs (removed participants) of sessions that go on: a mask of leg
     /// indices, and the tokens' expiry.
     revoked_legs: HashMap<SessionId, (u16, u64)>,
+    /// Sessions the controller extended past their tokens' expiry, and until when. Soft state
+    /// like the revocations: replayed by the controller when the relay attaches.
+    extended: HashMap<SessionId, u64>,
 }
 
 impl Inner {
+    /// `expires_unix_ms`, or the later expiry session `id` was extended to.
+    fn extended_until(&self, id: SessionId, expires_unix_ms: u64) -> u64 {
+        self.extended
+            .get(&id)
+            .map_or(expires_unix_ms, |&e| e.max(expires_unix_ms))
+    }
+
+    /// When `ticket`'s session expires: its own expiry, or the later one it was extended to.
+    fn expiry(&self, ticket: &Ticket) -> u64 {
+        self.extended_until(ticket.session, ticket.expires_unix_ms)
+    }
+
     fn refuses(&self, ticket: &Ticket) -> bool {
         self.revoked.contains_key(&ticket.session)
             || self
@@ -471,10 +488,16 @@ impl Directory {
             }
             _ => {}
         }
+        // A ticket minted after an extension names the later expiry itself, signed: it may
+        // reach this relay before the controller's word of the extension does.
+        let expiry = inner.expiry(ticket);
+        if let Some(s) = &existing {
+            s.expires_unix_ms.fetch_max(expiry, Ordering::Relaxed);
+        }
         let session = existing.unwrap_or_else(|| {
             let s = Arc::new(Session {
                 id: ticket.session,
-                expires_unix_ms: ticket.expires_unix_ms,
+                expires_unix_ms: AtomicU64::new(expiry),
                 legs: ArcSwap::from_pointee(LegSet::default()),
                 closed: AtomicU16::new(0),
             });
@@ -552,7 +575,8 @@ impl Directory {
     /// session's endpoints that were bound, so the caller can tell them.
     pub fn revoke(&self, id: SessionId, expires_unix_ms: u64) -> Vec<Endpoint> {
         let mut inner = self.lock();
-        inner.revoked.insert(id, expires_unix_ms);
+        let until = inner.extended_until(id, expires_unix_ms);
+        inner.revoked.insert(id, until);
         let Some(session) = inner.sessions.remove(&id) else {
             return Vec::new();
         };
@@ -572,9 +596,10 @@ impl Directory {
     pub fn revoke_leg(&self, id: SessionId, leg: u8, expires_unix_ms: u64) -> Vec<Endpoint> {
         let leg = leg % MAX_LEGS;
         let mut inner = self.lock();
-        let entry = inner.revoked_legs.entry(id).or_insert((0, expires_unix_ms));
+        let until = inner.extended_until(id, expires_unix_ms);
+        let entry = inner.revoked_legs.entry(id).or_insert((0, until));
         entry.0 |= leg_bit(leg);
-        entry.1 = entry.1.max(expires_unix_ms);
+        entry.1 = entry.1.max(until);
         let Some(session) = inner.sessions.get(&id).cloned() else {
             return Vec::new();
         };
@@ -591,6 +616,38 @@ impl Directory {
         gone.into_iter().map(|s| s.ep).collect()
     }
 
+    /// Extends session `id` to `expires_unix_ms` (never earlier than it was): its tokens bind
+    /// until then, its bound legs are served until then (each notices at its next packet or
+    /// sweep), and its TURN allocations may be refreshed until then. Its revocations, of the
+    /// session or of single legs, last as long, so that no removed participant's token binds
+    /// again in the extra time.
+    pub fn extend(&self, id: SessionId, expires_unix_ms: u64) {
+        let mut inner = self.lock();
+        let e = inner.extended.entry(id).or_insert(expires_unix_ms);
+        *e = (*e).max(expires_unix_ms);
+        let until = *e;
+        if let Some(exp) = inner.revoked.get_mut(&id) {
+            *exp = (*exp).max(until);
+        }
+        if let Some((_, exp)) = inner.revoked_legs.get_mut(&id) {
+            *exp = (*exp).max(until);
+        }
+        if let Some(session) = inner.sessions.get(&id) {
+            session.expires_unix_ms.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    /// When `ticket`'s session expires, Unix milliseconds: the ticket's own expiry, or the later
+    /// one the controller extended the session to.
+    pub fn expiry(&self, ticket: &Ticket) -> u64 {
+        self.lock().expiry(ticket)
+    }
+
+    /// Number of session extensions in force.
+    pub fn extensions(&self) -> usize {
+        self.lock().extended.len()
+    }
+
     /// True if `id` is revoked.
     pub fn is_revoked(&self, id: SessionId) -> bool {
         self.lock().revoked.contains_key(&id)
@@ -601,11 +658,12 @@ impl Directory {
         self.lock().refuses(ticket)
     }
 
-    /// Forgets revocations whose tokens have expired by `now_unix_ms`.
+    /// Forgets revocations and extensions that have expired by `now_unix_ms`.
     pub fn forget_expired_revocations(&self, now_unix_ms: u64) {
         let mut inner = self.lock();
         inner.revoked.retain(|_, exp| *exp > now_unix_ms);
         inner.revoked_legs.retain(|_, (_, exp)| *exp > now_unix_ms);
+        inner.extended.retain(|_, exp| *exp > now_unix_ms);
     }
 
     /// Number of session revocations in force.
@@ -792,6 +850,45 @@ mod tests {
         d.forget_expired_revocations(500);
         assert_eq!(d.leg_revocations(), 0);
         assert!(!d.refuses(&ticket(2, 3)));
+    }
+
+    #[test]
+    fn an_extension_moves_the_expiry_and_keeps_the_revocations() {
+        let d = Directory::new(10);
+        let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        d.bind(&ticket(1, 1), udp(2)).unwrap();
+        d.revoke_leg(SessionId(1), 1, 1_000);
+        assert_eq!(a.session.expires_unix_ms(), 1_000);
+
+        d.extend(SessionId(1), 5_000);
+        assert_eq!(a.session.expires_unix_ms(), 5_000, "the bound session");
+        assert_eq!(d.expiry(&ticket(1, 2)), 5_000, "its tokens");
+        assert_eq!(d.expiry(&ticket(2, 0)), 1_000, "another session's are not");
+        d.extend(SessionId(1), 3_000);
+        assert_eq!(
+            d.expiry(&ticket(1, 0)),
+            5_000,
+            "an extension never shortens"
+        );
+
+        // Past the tokens' own expiry, the removed participant stays removed.
+        d.forget_expired_revocations(4_999);
+        assert!(d.refuses(&ticket(1, 1)) && !d.refuses(&ticket(1, 0)));
+        assert_eq!(d.extensions(), 1);
+        // A revocation that arrives after the extension (with the tokens' expiry) lasts as long.
+        d.revoke(SessionId(1), 1_000);
+        d.forget_expired_revocations(4_999);
+        assert!(d.is_revoked(SessionId(1)));
+
+        // A session extended before its first leg binds here starts extended.
+        d.extend(SessionId(3), 7_000);
+        let c = d.bind(&ticket(3, 0), udp(3)).unwrap();
+        assert_eq!(c.session.expires_unix_ms(), 7_000);
+
+        d.forget_expired_revocations(5_000);
+        assert!(!d.is_revoked(SessionId(1)) && !d.refuses(&ticket(1, 1)));
+        assert_eq!(d.expiry(&ticket(1, 0)), 1_000, "the extension is forgotten");
+        assert_eq!(d.extensions(), 1);
     }
 
     #[test]

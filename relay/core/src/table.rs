@@ -712,6 +712,8 @@ impl ForwardingTable {
         let mut ended = Vec::new();
         let mut probing = Vec::new();
         self.legs.retain(|key, leg| {
+            // An extended session's native legs go on past their tokens' expiry.
+            leg.renew();
             let why = match leg.check(now, now_unix, idle) {
                 LegStatus::Serving if evicting => LegStatus::Evicted,
                 why => why,

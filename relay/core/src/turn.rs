@@ -661,7 +661,8 @@ impl ForwardingTable {
             );
         };
         let now_unix = node.unix_ms(now);
-        if ticket.expires_unix_ms <= now_unix {
+        // The ticket's own expiry, or the later one its session was extended to.
+        if node.directory.expiry(&ticket) <= now_unix {
             // Fresh nonce and realm, as every 401 has them: the client may come back with a
             // new token.
             return self.challenge(now, ep, addr, req, false);
@@ -682,7 +683,7 @@ impl ForwardingTable {
             }
         };
         let slot = leg.slot();
-        let left = Duration::from_millis(ticket.expires_unix_ms - now_unix);
+        let left = Duration::from_millis(leg.session.expires_unix_ms().saturating_sub(now_unix));
         let lifetime = lifetime(req.lifetime).min(left);
         leg.expires_at = now + lifetime;
         leg.turn = Some(Box::new(Allocation {

@@ -293,6 +293,78 @@ fn every_transport_ends_a_leg_the_moment_its_token_expires() {
     }
 }
 
+/// ExtendSession: the tokens stay the same and every transport's legs are served past their
+/// expiry, with no packet dropped at the old expiry (the first packet after it finds the new
+/// one), not ended by the sweep, and the same tokens bind again (a client moving, or failing
+/// over to this relay); a removed participant stays removed in the extra time; at the new
+/// expiry the legs end as they would have.
+#[test]
+fn every_transport_serves_an_extended_session_past_its_tokens_expiry() {
+    for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {
+        let (mut r, clients) = call(&kinds, 1_000);
+        r.net.node.revoke_leg(SessionId(7), 2, T0_UNIX_MS + 1_000);
+        let extended = T0_UNIX_MS + 60_000;
+        r.net.node.extend(SessionId(7), extended);
+        r.net.advance(Duration::from_millis(1_001));
+        for (i, j) in [(0, 1), (1, 0)] {
+            let v = r.send(&clients[i], &rtp(1, 120));
+            assert_eq!(
+                targets(&v),
+                vec![clients[j].ep],
+                "{kinds:?}: {i} past the token's expiry"
+            );
+        }
+        r.net.advance(Duration::from_secs(20));
+        r.net.node.tick(r.net.now);
+        r.timeout();
+        for t in &mut r.tables {
+            // The removed leg's CLOSE, from the sweep.
+            replies(t);
+        }
+        for c in &clients[..2] {
+            assert!(r.table(c).serves(c.ep), "{kinds:?}: the sweep keeps {c:?}");
+            assert!(matches!(
+                r.send(c, &wire::keepalive([6; 8])),
+                Verdict::Control
+            ));
+            assert_eq!(
+                replies(r.table(c))[0].msg.as_bytes(),
+                wire::keepalive_ack([6; 8]).as_bytes()
+            );
+        }
+        for kind in [Kind::Udp, Kind::Quic] {
+            let token = r.net.token_with(7, 0, 3, Limits::default(), 1_000);
+            let moved = r.client(kind, 50 + kind as u8);
+            assert!(
+                bind_ok(&r.bind(&moved, &token)),
+                "{kinds:?}: moved over {kind:?}"
+            );
+            let removed = r.net.token_with(7, 2, 3, Limits::default(), 1_000);
+            let again = r.client(kind, 60 + kind as u8);
+            assert_eq!(
+                error_code(&r.bind(&again, &removed)),
+                Some(ErrorCode::SessionClosed as u16),
+                "{kinds:?}: the removed leg over {kind:?}"
+            );
+        }
+        // Another session's tokens with the same expiry are not extended.
+        let stranger = r.net.token_with(8, 0, 2, Limits::default(), 1_000);
+        let c = r.client(Kind::Udp, 70);
+        assert_eq!(
+            error_code(&r.bind(&c, &stranger)),
+            Some(ErrorCode::Expired as u16)
+        );
+
+        r.net
+            .advance(Duration::from_millis(extended - T0_UNIX_MS - 21_000));
+        let v = r.send(&clients[1], &rtp(2, 120));
+        assert!(
+            matches!(v, Verdict::Drop(DropReason::Expired)),
+            "{kinds:?}: at the new expiry: {v:?}"
+        );
+    }
+}
+
 #[test]
 fn every_transport_unbinds_idle_legs_and_evicts_on_drain() {
     for kinds in [UDP_ONLY, QUIC_ONLY, MIXED] {

@@ -606,3 +606,61 @@ fn a_removed_participants_allocations_end_and_the_others_go_on() {
     let mut again = Client::new(addr(7, 5000), &b_token);
     assert_eq!(again.allocate_refused(&mut t, &net), Some(403));
 }
+
+#[test]
+fn an_extended_sessions_allocations_refresh_and_allocate_past_their_tokens_expiry() {
+    // ExtendSession: the credentials stay the same, and the relay honours them until the new
+    // expiry. Before it, an allocation's lifetime stops at the token's expiry; after it, a
+    // Refresh grants the full lifetime, media goes on past the token's expiry, and the same
+    // credentials allocate again. Another session's expired credentials still allocate nothing.
+    let mut net = net();
+    let mut t = net.worker();
+    let a_token = net.token_with(1, 0, 2, Limits::default(), 120_000);
+    let mut a = Client::new(addr(2, 5000), &a_token);
+    let mut b = Client::new(
+        addr(3, 5000),
+        &net.token_with(1, 1, 2, Limits::default(), 120_000),
+    );
+    assert_eq!(a.allocate(&mut t, &net), relayed(0));
+    assert_eq!(b.allocate(&mut t, &net), relayed(1));
+    assert_eq!(a.permit(&mut t, &net, relayed(1)), None);
+    assert_eq!(b.permit(&mut t, &net, relayed(0)), None);
+    let lifetime = |a: &mut Client, t: &mut ForwardingTable, net: &Net| {
+        let req = a.request(method::REFRESH, |x| x.u32(attr::LIFETIME, 600));
+        let ans = a.exchange(t, net, &req);
+        assert_eq!(error_code(&ans), None);
+        u32::from_be_bytes(find_attr(&ans, attr::LIFETIME).unwrap().try_into().unwrap())
+    };
+    assert!(
+        lifetime(&mut a, &mut t, &net) <= 120,
+        "capped at the token's expiry"
+    );
+
+    net.node.extend(
+        veil_relay_core::SessionId(1),
+        veil_testkit::T0_UNIX_MS + 7_200_000,
+    );
+    assert_eq!(lifetime(&mut a, &mut t, &net), 600);
+    assert_eq!(lifetime(&mut b, &mut t, &net), 600);
+    net.advance(Duration::from_secs(121));
+    t.handle_timeout(net.now);
+    let send = a.send_to(relayed(1), &rtp(1, 100));
+    let (dst, _) = relayed_datagram(&t.handle_datagram(net.now, a.addr, &send), &send);
+    assert_eq!(dst, Endpoint::TurnUdp(b.addr), "past the token's expiry");
+    let send = b.send_to(relayed(0), &rtp(1, 100));
+    let (dst, _) = relayed_datagram(&t.handle_datagram(net.now, b.addr, &send), &send);
+    assert_eq!(dst, Endpoint::TurnUdp(a.addr));
+    // The same credentials, from a new address (another WebRTC candidate): allocated.
+    let mut a2 = Client::new(addr(5, 5000), &a_token);
+    assert_eq!(a2.allocate(&mut t, &net), relayed(16));
+
+    let mut other = Client::new(
+        addr(6, 5000),
+        &net.token_with(2, 0, 2, Limits::default(), 120_000),
+    );
+    assert_eq!(
+        other.allocate_refused(&mut t, &net),
+        Some(401),
+        "not extended"
+    );
+}
