@@ -42,8 +42,10 @@ pub struct Config {
     )]
     pub signaling_tokens: Vec<String>,
 
-    /// Bearer tokens accepted from relays (comma-separated). Empty: RelayRegistry is open, for
-    /// local development only.
+    /// Bearer tokens accepted from relays (comma-separated), shared: a relay presenting one may
+    /// register as any node id that --relay-identities does not name. Prefer
+    /// --relay-identities. Empty (and no --relay-identities): RelayRegistry is open, for local
+    /// development only.
     #[arg(
         long,
         env = "VEIL_CONTROLLER_RELAY_TOKENS",
@@ -51,6 +53,17 @@ pub struct Config {
         hide_env_values = true
     )]
     pub relay_tokens: Vec<String>,
+
+    /// Per-relay credentials (comma-separated `NODE_ID:TOKEN`): a relay presenting TOKEN may
+    /// register as NODE_ID only, and no other credential may register NODE_ID. Each relay
+    /// gets its own token (its --controller-token).
+    #[arg(
+        long,
+        env = "VEIL_CONTROLLER_RELAY_IDENTITIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub relay_identities: Vec<String>,
 
     /// Bearer tokens accepted from operators for AdminService (comma-separated). Empty:
     /// AdminService is open, for local development only.
@@ -191,8 +204,10 @@ pub struct Settings {
     pub key_file: Option<PathBuf>,
     /// Signaling service tokens.
     pub signaling_tokens: Vec<String>,
-    /// Relay tokens.
+    /// Shared relay tokens (any node id that `relay_identities` does not name).
     pub relay_tokens: Vec<String>,
+    /// Per-relay credentials: each admits its node id only.
+    pub relay_identities: Vec<RelayIdentity>,
     /// Admin tokens.
     pub admin_tokens: Vec<String>,
     /// Region distances.
@@ -205,13 +220,54 @@ pub struct Settings {
     pub quotas: quota::Limits,
 }
 
+/// A relay's own credential: its node id and the token that proves it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayIdentity {
+    /// The one node id the token may register.
+    pub node_id: String,
+    /// The bearer token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for RelayIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayIdentity")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayIdentity {
+    /// Parses a `--relay-identities` entry, `NODE_ID:TOKEN`.
+    pub fn parse(entry: &str) -> anyhow::Result<Self> {
+        let Some((node_id, token)) = entry.split_once(':') else {
+            bail!("--relay-identities: each entry must be NODE_ID:TOKEN");
+        };
+        if node_id.is_empty()
+            || node_id.len() > crate::api::MAX_ID_LEN
+            || node_id.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            bail!("--relay-identities: each NODE_ID must be 1 to 128 bytes without spaces");
+        }
+        Ok(Self {
+            node_id: node_id.to_string(),
+            token: token.to_string(),
+        })
+    }
+}
+
 impl Settings {
-    /// The tokens of `role`.
-    pub fn tokens(&self, role: Role) -> &[String] {
+    /// The tokens of `role` (for relays, the shared ones and the per-relay ones).
+    pub fn tokens(&self, role: Role) -> Vec<&str> {
         match role {
-            Role::Signaling => &self.signaling_tokens,
-            Role::Relay => &self.relay_tokens,
-            Role::Admin => &self.admin_tokens,
+            Role::Signaling => self.signaling_tokens.iter().map(String::as_str).collect(),
+            Role::Relay => self
+                .relay_tokens
+                .iter()
+                .map(String::as_str)
+                .chain(self.relay_identities.iter().map(|i| i.token.as_str()))
+                .collect(),
+            Role::Admin => self.admin_tokens.iter().map(String::as_str).collect(),
         }
     }
 
@@ -236,6 +292,7 @@ impl Settings {
             .key_ring(key_source, &self.keys)
             .secret("signaling-tokens", self.signaling_tokens.len())
             .secret("relay-tokens", self.relay_tokens.len())
+            .secret("relay-identities", self.relay_identities.len())
             .secret("admin-tokens", self.admin_tokens.len())
             .list("open-roles", &open)
             .list("region-distance", &config.region_distance)
@@ -266,6 +323,7 @@ impl Settings {
             key_file: None,
             signaling_tokens: Vec::new(),
             relay_tokens: Vec::new(),
+            relay_identities: Vec::new(),
             admin_tokens: Vec::new(),
             regions: RegionMap::default(),
             relay_timeout: Duration::from_secs(3),
@@ -289,12 +347,17 @@ fn quota_text(limit: u32) -> String {
 }
 
 impl Config {
-    /// The tokens of `role`, as given.
-    fn tokens(&self, role: Role) -> &[String] {
+    /// The tokens of `role`, as given (for relays, the shared ones and the per-relay ones).
+    fn tokens(&self, role: Role, identities: &[RelayIdentity]) -> Vec<String> {
         match role {
-            Role::Signaling => &self.signaling_tokens,
-            Role::Relay => &self.relay_tokens,
-            Role::Admin => &self.admin_tokens,
+            Role::Signaling => self.signaling_tokens.clone(),
+            Role::Relay => self
+                .relay_tokens
+                .iter()
+                .cloned()
+                .chain(identities.iter().map(|i| i.token.clone()))
+                .collect(),
+            Role::Admin => self.admin_tokens.clone(),
         }
     }
 
@@ -309,9 +372,24 @@ impl Config {
         if !(500..=60_000).contains(&self.relay_timeout_ms) {
             bail!("--relay-timeout-ms must be from 500 to 60000");
         }
+        let identities = self
+            .relay_identities
+            .iter()
+            .map(|e| RelayIdentity::parse(e))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (i, a) in identities.iter().enumerate() {
+            if identities[i + 1..].iter().any(|b| b.node_id == a.node_id) {
+                bail!("--relay-identities: each NODE_ID once: one credential per relay");
+            }
+            if identities[i + 1..].iter().any(|b| b.token == a.token) {
+                bail!("--relay-identities: each relay needs a token of its own");
+            }
+        }
+        let identity_tokens: Vec<String> = identities.iter().map(|i| i.token.clone()).collect();
         let roles = [
             ("--signaling-tokens", &self.signaling_tokens),
             ("--relay-tokens", &self.relay_tokens),
+            ("--relay-identities", &identity_tokens),
             ("--admin-tokens", &self.admin_tokens),
         ];
         for (flag, tokens) in roles {
@@ -330,7 +408,7 @@ impl Config {
             }
         }
         for role in Role::ALL {
-            let tokens = self.tokens(role);
+            let tokens = self.tokens(role, &identities);
             let allowed = self.allow_open_roles.contains(&role);
             if allowed && !tokens.is_empty() {
                 bail!(
@@ -363,6 +441,7 @@ impl Config {
             key_file: self.key_file.clone(),
             signaling_tokens: self.signaling_tokens.clone(),
             relay_tokens: self.relay_tokens.clone(),
+            relay_identities: identities,
             admin_tokens: self.admin_tokens.clone(),
             regions,
             relay_timeout: Duration::from_millis(self.relay_timeout_ms),

@@ -67,6 +67,9 @@ closed_set! {
         CredentialInvalid => "CREDENTIAL_INVALID",
         /// `PERMISSION_DENIED`: the credential belongs to another role than the service needs.
         CredentialWrongRole => "CREDENTIAL_WRONG_ROLE",
+        /// `PERMISSION_DENIED`: a relay's credential may not register the `node_id` its hello
+        /// names (bound to another node id, or the node id has a credential of its own).
+        RelayIdentityMismatch => "RELAY_IDENTITY_MISMATCH",
         /// `DEADLINE_EXCEEDED`: the call's deadline (or the server's longest) passed.
         DeadlineExceeded => "DEADLINE_EXCEEDED",
     }

@@ -103,12 +103,20 @@ impl ControllerServer {
         // A role with no tokens is open to anyone who reaches the gRPC port (the controller
         // refuses that on a reachable address unless allowed on purpose): exported, so that an
         // open role in production shows, and can be alerted on.
-        for (role, tokens) in [
-            (Role::Signaling, &settings.signaling_tokens),
-            (Role::Relay, &settings.relay_tokens),
-            (Role::Admin, &settings.admin_tokens),
+        for (role, of) in [
+            (Role::Signaling, config::Role::Signaling),
+            (Role::Relay, config::Role::Relay),
+            (Role::Admin, config::Role::Admin),
         ] {
-            metrics.set_open_role(role, tokens.is_empty());
+            metrics.set_open_role(role, settings.tokens(of).is_empty());
+        }
+        if !settings.relay_tokens.is_empty() {
+            tracing::warn!(
+                shared = settings.relay_tokens.len(),
+                "shared relay tokens (--relay-tokens): a relay presenting one may register as any \
+                 node id that --relay-identities does not name; give each relay its own with \
+                 --relay-identities"
+            );
         }
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -179,7 +187,10 @@ impl ControllerServer {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let auth = Auth::new(
             self.settings.signaling_tokens.clone(),
-            self.settings.relay_tokens.clone(),
+            (
+                self.settings.relay_tokens.clone(),
+                self.settings.relay_identities.clone(),
+            ),
             self.settings.admin_tokens.clone(),
         );
         let sessions = SessionServiceServer::new(SessionApi {

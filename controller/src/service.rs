@@ -36,7 +36,10 @@ pub enum Caller {
 #[derive(Clone, Default)]
 pub struct Auth {
     signaling: Vec<String>,
+    /// The shared relay tokens, then the per-relay ones.
     relay: Vec<String>,
+    /// For each of `relay`, the node id it is bound to (`None`: a shared token).
+    relay_nodes: Vec<Option<String>>,
     admin: Vec<String>,
 }
 
@@ -51,12 +54,54 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    /// Tokens accepted from signaling services, relays and operators.
-    pub fn new(signaling: Vec<String>, relay: Vec<String>, admin: Vec<String>) -> Self {
+    /// Tokens accepted from signaling services, relays (shared ones, and per-relay ones bound
+    /// to a node id) and operators.
+    pub fn new(
+        signaling: Vec<String>,
+        (shared, identities): (Vec<String>, Vec<crate::config::RelayIdentity>),
+        admin: Vec<String>,
+    ) -> Self {
+        let relay_nodes = std::iter::repeat_n(None, shared.len())
+            .chain(identities.iter().map(|i| Some(i.node_id.clone())))
+            .collect();
+        let relay = shared
+            .into_iter()
+            .chain(identities.into_iter().map(|i| i.token))
+            .collect();
         Self {
             signaling,
             relay,
+            relay_nodes,
             admin,
+        }
+    }
+
+    /// Checks that relay credential `who` may register as `node_id`: a per-relay credential
+    /// its own node id only, a shared one any node id that no per-relay credential names.
+    pub fn admits_node(&self, who: Credential, node_id: &str) -> Result<(), Status> {
+        let Credential::Token(i) = who else {
+            return Ok(());
+        };
+        let refused = |message| {
+            Err(errors::simple(
+                Code::PermissionDenied,
+                message,
+                Reason::RelayIdentityMismatch,
+            ))
+        };
+        match self.relay_nodes.get(i as usize) {
+            Some(Some(own)) if own != node_id => {
+                refused("this relay credential is bound to another node_id")
+            }
+            Some(None)
+                if self
+                    .relay_nodes
+                    .iter()
+                    .any(|n| n.as_deref() == Some(node_id)) =>
+            {
+                refused("this node_id has a credential of its own; a shared one cannot take it")
+            }
+            _ => Ok(()),
         }
     }
 
@@ -529,7 +574,8 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
         &self,
         request: Request<Streaming<pb::RelayMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        self.auth
+        let who = self
+            .auth
             .check(request.metadata(), Caller::Relay)
             .inspect_err(|_| {
                 self.controller
@@ -548,6 +594,18 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
             ));
         };
         check_hello(&hello)?;
+        // Before anything of the hello is believed: an impostor gets no sessions, no
+        // revocations, and its addresses go nowhere.
+        self.auth
+            .admits_node(who, &hello.node_id)
+            .inspect_err(|_| {
+                self.controller
+                    .metrics
+                    .count_auth_failure(AuthService::Registry);
+                tracing::warn!(
+                    "relay refused: its credential may not register the node_id it names"
+                );
+            })?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let node_id = hello.node_id.clone();
         // Weak: the link's sender is the registry's, whose dropping ends the stream (a detach,

@@ -130,3 +130,147 @@ async fn each_role_has_its_own_credentials() {
     good_task.await.unwrap().unwrap();
     controller.stop().await;
 }
+
+const RELAY_0: &str = "relay-0-own-token-0123456789";
+const RELAY_1: &str = "relay-1-own-token-0123456789";
+
+/// Attaches as an impostor would, with a raw stream: a hello naming `node_id` and an address
+/// of its own, presenting `token`. Returns the status the controller answered.
+async fn impostor_attach(url: &str, token: &str, node_id: &str) -> tonic::Status {
+    let mut registry = pb::relay_registry_client::RelayRegistryClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let hello = pb::RelayMessage {
+        kind: Some(pb::relay_message::Kind::Hello(pb::RelayHello {
+            node_id: node_id.into(),
+            udp_address: "127.0.0.99:4000".into(),
+            capacity_legs: 1_000_000,
+            key_ids: vec![1, 2],
+            instance_id: 7,
+            ..Default::default()
+        })),
+    };
+    use tokio_stream::StreamExt as _;
+    let out = tokio_stream::iter(vec![hello]).chain(tokio_stream::pending());
+    match registry.attach(with_token(out, Some(token))).await {
+        Ok(_) => panic!("{node_id} attached with another's credential"),
+        Err(e) => e,
+    }
+}
+
+/// Relays prove who they are: with per-relay credentials (`--relay-identities`), a relay's
+/// token registers its own node id only. An impostor holding another relay's credential, or a
+/// shared one, cannot take `relay-0`'s node id, while `relay-0` is up or after it left: its
+/// address is never handed out, and `relay-0`'s view keeps its own address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_relay_credential_cannot_take_another_relays_node_id_or_sessions() {
+    use tonic_types::StatusExt as _;
+    let keys = generate_keys();
+    let mut settings = Settings::local(keys.clone());
+    settings.signaling_tokens = vec![SIGNALING.into()];
+    settings.relay_tokens = vec![RELAY.into()];
+    settings.relay_identities = vec![
+        veil_controller::config::RelayIdentity::parse(&format!("relay-0:{RELAY_0}")).unwrap(),
+        veil_controller::config::RelayIdentity::parse(&format!("relay-1:{RELAY_1}")).unwrap(),
+    ];
+    let controller = LocalController::start(settings).await;
+    let start = |node: &'static str, token: &'static str| {
+        let keys = keys.clone();
+        let url = controller.url.clone();
+        async move {
+            let mut s = veil_relay::config::Settings::local(keys, node, vec![url]);
+            s.controller_token = Some(token.into());
+            s.report_interval = Duration::from_millis(250);
+            let r = veil_relay::RelayServer::load(s).await.unwrap();
+            let (stop, mut rx) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(r.run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }));
+            (stop, task)
+        }
+    };
+    let relay_0 = start("relay-0", RELAY_0).await;
+    let relay_1 = start("relay-1", RELAY_1).await;
+    controller.wait_relays(2).await;
+    let genuine = controller
+        .state
+        .registry
+        .view("relay-0")
+        .unwrap()
+        .info
+        .udp_address;
+
+    // Another relay's credential, the shared one, and relay-0's own for another node id.
+    for (token, node) in [
+        (RELAY_1, "relay-0"),
+        (RELAY, "relay-0"),
+        (RELAY_0, "relay-1"),
+    ] {
+        let e = impostor_attach(&controller.url, token, node).await;
+        assert_eq!(e.code(), Code::PermissionDenied, "{node}");
+        assert_eq!(
+            e.get_error_details().error_info().unwrap().reason,
+            "RELAY_IDENTITY_MISMATCH"
+        );
+        assert!(!e.message().contains("token-0123"), "{}", e.message());
+    }
+    // A whole relay posing as relay-0 with relay-1's credential never attaches, and keeps
+    // trying while the genuine relay-0 goes away.
+    let impostor = start("relay-0", RELAY_1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        controller
+            .state
+            .registry
+            .view("relay-0")
+            .unwrap()
+            .info
+            .udp_address,
+        genuine,
+        "relay-0's view keeps its own address"
+    );
+    relay_0.0.send(true).unwrap();
+    relay_0.1.await.unwrap().unwrap();
+    let mut api = client(&controller.url).await;
+    for i in 0..20 {
+        let s = allocate(
+            &mut api,
+            with_token(request(&format!("impostor-call-{i}"), 2), Some(SIGNALING)),
+        )
+        .await;
+        for r in &s.relays {
+            assert_ne!(r.udp_address, "127.0.0.99:4000");
+            let view = controller.state.registry.view(&r.node_id).unwrap();
+            assert_eq!(view.info.udp_address, r.udp_address);
+            if r.node_id == "relay-0" {
+                assert_eq!(r.udp_address, genuine, "relay-0 is only ever itself");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing in the registry ever took the impostor's word.
+    let views = controller.state.registry.views();
+    assert!(
+        views
+            .iter()
+            .all(|v| v.info.udp_address != "127.0.0.99:4000")
+    );
+    assert!(
+        views
+            .iter()
+            .all(|v| v.info.node_id != "relay-0" || v.info.udp_address == genuine)
+    );
+    // The shared credential still attaches a node id nobody owns.
+    let shared = start("relay-9", RELAY).await;
+    controller.wait_relays(2).await;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while controller.state.registry.view("relay-9").is_none() {
+        assert!(std::time::Instant::now() < until, "relay-9 did not attach");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (stop, task) in [relay_1, impostor, shared] {
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    controller.stop().await;
+}

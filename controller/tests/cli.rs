@@ -29,6 +29,10 @@ fn help_documents_every_flag() {
             Some("VEIL_CONTROLLER_SIGNALING_TOKENS"),
         ),
         ("--relay-tokens", Some("VEIL_CONTROLLER_RELAY_TOKENS")),
+        (
+            "--relay-identities",
+            Some("VEIL_CONTROLLER_RELAY_IDENTITIES"),
+        ),
         ("--admin-tokens", Some("VEIL_CONTROLLER_ADMIN_TOKENS")),
         (
             "--allow-open-role",
@@ -97,6 +101,57 @@ fn bad_configuration_exits_64_naming_the_field() {
         (
             vec!["--key-file", good, "--signaling-tokens", "short"],
             "--signaling-tokens",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--relay-identities",
+                "relay-token-without-node-0123",
+            ],
+            "--relay-identities: each entry must be NODE_ID:TOKEN",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--relay-identities",
+                ":relay-token-0123456789",
+            ],
+            "--relay-identities: each NODE_ID",
+        ),
+        (
+            vec!["--key-file", good, "--relay-identities", "relay-0:short"],
+            "--relay-identities: each token must be at least 16 characters",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--relay-identities",
+                "relay-0:relay-token-0123456789,relay-0:relay-token-9876543210",
+            ],
+            "--relay-identities: each NODE_ID once",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--relay-identities",
+                "relay-0:relay-token-0123456789,relay-1:relay-token-0123456789",
+            ],
+            "--relay-identities: each relay needs a token of its own",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--relay-tokens",
+                "relay-token-0123456789",
+                "--relay-identities",
+                "relay-0:relay-token-0123456789",
+            ],
+            "--relay-tokens and --relay-identities must not share a token",
         ),
         (vec!["--dev", "--dev-relays", "0"], "--dev-relays"),
         (vec!["--dev-relays", "2"], "--dev"),
