@@ -224,7 +224,7 @@ pub struct Controller {
     /// Each signaling credential's quotas and usage.
     pub quotas: Quotas,
     released: tokio::sync::broadcast::Sender<u64>,
-    /// Sessions whose participants changed.
+    /// Sessions whose participants changed, or that were extended.
     changes: tokio::sync::broadcast::Sender<(u64, SessionChange)>,
     stopping: tokio::sync::watch::Sender<bool>,
 }

@@ -77,16 +77,6 @@ fn addr_of(url: &str) -> SocketAddr {
 
 // ---- what every error must be -----------------------------------------------------------------
 
-/// The status's ErrorInfo reason, checking its domain.
-fn reason(s: &Status) -> String {
-    let d = s.get_error_details();
-    let info = d
-        .error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {s:?}"));
-    assert_eq!(info.domain, "veil.v1", "{s:?}");
-    info.reason.clone()
-}
-
 fn details(s: &Status) -> ErrorDetails {
     s.check_error_details()
         .unwrap_or_else(|e| panic!("details of {s:?} do not decode: {e}"))

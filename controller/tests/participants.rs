@@ -35,14 +35,6 @@ fn remove(session_id: &str, id: &str) -> pb::RemoveParticipantRequest {
     }
 }
 
-/// The `ErrorInfo` reason of a status.
-fn reason(s: &tonic::Status) -> String {
-    s.get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
 /// The field a `BadRequest` names.
 fn field_of(s: &tonic::Status) -> String {
     s.get_error_details()
@@ -180,14 +172,7 @@ async fn join_talk_and_leave_while_the_others_lose_nothing() {
     );
 
     // Carol's media stops within a second, and her client is told the call is over for her.
-    let status = tokio::time::timeout(
-        Duration::from_secs(2),
-        carol_status.wait_for(|s| matches!(s, LegStatus::Ended(_))),
-    )
-    .await
-    .expect("carol learns she was removed")
-    .unwrap()
-    .clone();
+    let status = ended(&mut carol_status, Duration::from_secs(2), "carol, removed").await;
     assert_eq!(
         status,
         LegStatus::Ended(ClientError::Closed(ErrorCode::SessionClosed))

@@ -262,6 +262,36 @@ fn datagram_seeds(c: &mut Corpus) {
                 media(1, 2, 60),
             ],
         ),
+        ("extend-session", {
+            // Session 9's tokens expire 20 s after the start; it is extended by 100 s. Its
+            // legs keep alive (the harness's idle timeout is 5 s) past the 20 s.
+            let mut ops = vec![
+                Bind { token: 5, src: 3 },
+                Bind { token: 6, src: 4 },
+                media(3, 0, 200),
+                Extend {
+                    session: 2,
+                    secs: 100,
+                },
+            ];
+            for _ in 0..6 {
+                ops.extend([Advance { ms: 4_000 }, media(3, 0, 200), media(4, 3, 0)]);
+            }
+            ops.extend([
+                // Past the tokens' expiry: still forwarded both ways.
+                media(4, 0, 200),
+                Tick,
+                // The same token binds again from elsewhere; a removed leg stays removed.
+                Bind { token: 5, src: 6 },
+                media(6, 0, 200),
+                RevokeLeg { session: 2, leg: 1 },
+                Advance { ms: 1_000 },
+                Tick,
+                Bind { token: 6, src: 7 },
+                media(6, 0, 200),
+            ]);
+            ops
+        }),
         (
             "remove-participant",
             vec![

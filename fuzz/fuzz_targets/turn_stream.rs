@@ -165,7 +165,7 @@ impl World {
                     return;
                 }
                 Some(Ok(len)) => {
-                    assert!(len <= MAX_STREAM_FRAME && len >= 4);
+                    assert!((4..=MAX_STREAM_FRAME).contains(&len));
                     if len > pending.len() {
                         return;
                     }

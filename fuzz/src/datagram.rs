@@ -37,7 +37,10 @@
 //! evicting sweep ran in its table). It never forgets idle legs, whose exact unbinding time
 //! depends on the sweep: the model may think an endpoint holds a leg the relay has dropped, never
 //! the reverse. A held leg is *live* while its token is unexpired and it was active (bound, media,
-//! KEEPALIVE) less than the idle timeout ago: the relay must still serve a live leg.
+//! KEEPALIVE) less than the idle timeout ago: the relay must still serve a live leg. A token is
+//! unexpired until its own expiry, or until the later one its session was extended to (an
+//! `Extend` operation, as ExtendSession sends it to relays, for live sessions only); an
+//! extension moves the expiry of the session's held legs and revocations with it.
 //!
 //! For each QUIC connection the model knows its current address (what the shell reported), the
 //! last address proven for it (its address at bind time, then whatever a PROBE_ACK proved), and
@@ -284,6 +287,13 @@ pub enum Op {
         /// The leg index (modulo 16).
         leg: u8,
     },
+    /// The controller extends a session (ExtendSession) past its tokens' expiry.
+    Extend {
+        /// Index into the sessions (0 to 127).
+        session: u8,
+        /// By how many seconds past its tokens' expiry (0 to 127).
+        secs: u8,
+    },
     /// The node's housekeeping tick (forgets revocations of expired tokens).
     Tick,
     /// Starts or stops draining.
@@ -395,7 +405,10 @@ impl Op {
             }
             Self::Revoke { session } => out.extend_from_slice(&[4, *session & 0x7f]),
             Self::RevokeLeg { session, leg } => {
-                out.extend_from_slice(&[4, 0x80 | (*session & 0x7f), *leg])
+                out.extend_from_slice(&[4, 0x80 | (*session & 0x7f), *leg & 0x7f])
+            }
+            Self::Extend { session, secs } => {
+                out.extend_from_slice(&[4, 0x80 | (*session & 0x7f), 0x80 | (*secs & 0x7f)])
             }
             Self::Tick => out.push(5),
             Self::Drain { on } => out.extend_from_slice(&[6, u8::from(*on)]),
@@ -468,11 +481,18 @@ pub fn decode(data: &[u8]) -> Vec<Op> {
                 src: r.u8(),
             },
             3 => Op::Advance { ms: r.u16() },
-            // The top bit of the session byte picks one leg rather than the whole session.
+            // The top bit of the session byte picks one leg rather than the whole session; then
+            // the top bit of the leg byte picks an extension of the session instead.
             4 => match r.u8() {
-                s if s & 0x80 != 0 => Op::RevokeLeg {
-                    session: s & 0x7f,
-                    leg: r.u8(),
+                s if s & 0x80 != 0 => match r.u8() {
+                    b if b & 0x80 != 0 => Op::Extend {
+                        session: s & 0x7f,
+                        secs: b & 0x7f,
+                    },
+                    leg => Op::RevokeLeg {
+                        session: s & 0x7f,
+                        leg,
+                    },
                 },
                 s => Op::Revoke { session: s },
             },
@@ -561,6 +581,8 @@ struct Model {
     revoked_legs: HashMap<(SessionId, u8), u64>,
     /// Every leg ever revoked alone.
     ever_revoked_legs: HashSet<(SessionId, u8)>,
+    /// Sessions extended past their tokens' expiry, and until when.
+    extended: HashMap<SessionId, u64>,
     /// BINDs each bind limiter (a worker's, or [`QUIC_LIMITER`]) admitted from each source IP
     /// address.
     binds_admitted: HashMap<(usize, IpAddr), u32>,
@@ -786,11 +808,38 @@ impl Scenario {
                 *e = (*e).max(expires);
                 self.model.ever_revoked_legs.insert((id, leg));
             }
+            Op::Extend { session, secs } => {
+                let id = SessionId(SESSIONS[usize::from(*session) % SESSIONS.len()]);
+                // The controller extends live sessions only (an expired one is NOT_FOUND).
+                if self.session_expiry(id) <= self.node.unix_ms(self.now) {
+                    return;
+                }
+                let until = self.session_expiry(id) + u64::from(*secs) * 1000;
+                self.node.extend(id, until);
+                let e = self.model.extended.entry(id).or_insert(until);
+                *e = (*e).max(until);
+                // Legs held, and revocations, last as long.
+                for h in self.model.holds.values_mut().filter(|h| h.session == id) {
+                    h.expires_unix_ms = h.expires_unix_ms.max(until);
+                }
+                if let Some(exp) = self.model.revoked.get_mut(&id) {
+                    *exp = (*exp).max(until);
+                }
+                for ((_, _), exp) in self
+                    .model
+                    .revoked_legs
+                    .iter_mut()
+                    .filter(|((s, _), _)| *s == id)
+                {
+                    *exp = (*exp).max(until);
+                }
+            }
             Op::Tick => {
                 self.node.tick(self.now);
                 let now_unix = self.node.unix_ms(self.now);
                 self.model.revoked.retain(|_, exp| *exp > now_unix);
                 self.model.revoked_legs.retain(|_, exp| *exp > now_unix);
+                self.model.extended.retain(|_, exp| *exp > now_unix);
             }
             Op::Drain { on } => self.node.directory.set_draining(*on),
             Op::Media { src, kind, len } => {
@@ -937,11 +986,22 @@ impl Scenario {
         }
     }
 
+    /// When session `id` expires: its tokens' expiry, or the later one it was extended to.
     fn session_expiry(&self, id: SessionId) -> u64 {
-        self.tokens
+        let tokens = self
+            .tokens
             .iter()
             .find(|t| t.claims().session == id)
-            .map_or(T0_UNIX_MS, |t| t.claims().expires_unix_ms)
+            .map_or(T0_UNIX_MS, |t| t.claims().expires_unix_ms);
+        self.expiry_of(id, tokens)
+    }
+
+    /// A ticket of session `id` expiring at `ticket_expiry` is honoured until this.
+    fn expiry_of(&self, id: SessionId, ticket_expiry: u64) -> u64 {
+        self.model
+            .extended
+            .get(&id)
+            .map_or(ticket_expiry, |&e| e.max(ticket_expiry))
     }
 
     fn mono_ms(&self) -> u64 {
@@ -1972,9 +2032,10 @@ impl Scenario {
                     Via::Stream(_) => assert!(b.cookie.is_none()),
                     Via::Datagram(_) => panic!("BIND_OK for a BIND sent as a QUIC datagram"),
                 }
+                let expires_unix_ms = self.expiry_of(ticket.session, ticket.expires_unix_ms);
                 assert!(
-                    ticket.expires_unix_ms > now_unix,
-                    "BIND_OK for an expired ticket"
+                    expires_unix_ms > now_unix,
+                    "BIND_OK for an expired ticket (of a session not extended past now)"
                 );
                 assert!(
                     !self.model.closed(ticket.session, ticket.leg),
@@ -1989,7 +2050,7 @@ impl Scenario {
                     Held {
                         session: ticket.session,
                         leg: ticket.leg,
-                        expires_unix_ms: ticket.expires_unix_ms,
+                        expires_unix_ms,
                         limited: ticket.limits != Limits::default(),
                         last_seen: self.now,
                     },
@@ -2046,7 +2107,9 @@ impl Scenario {
                                  unauthorized"
                             ),
                             ErrorCode::Expired => assert!(
-                                ticket.is_some_and(|t| t.expires_unix_ms <= now_unix),
+                                ticket
+                                    .is_some_and(|t| self.expiry_of(t.session, t.expires_unix_ms)
+                                        <= now_unix),
                                 "a BIND refused as expired, for a ticket that is not"
                             ),
                             ErrorCode::SessionClosed => assert!(

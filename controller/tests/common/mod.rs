@@ -811,3 +811,32 @@ pub async fn relays_up(url: &str) -> usize {
         Err(_) => 0,
     }
 }
+
+/// The `google.rpc.ErrorInfo` reason of a status, checking its domain; panics without one
+/// (every controller error carries one).
+pub fn reason(s: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let d = s.get_error_details();
+    let info = d
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {s:?}"));
+    assert_eq!(info.domain, "veil.v1", "{s:?}");
+    info.reason.clone()
+}
+
+/// Waits at most `within` for a leg's status to end (`what` says whose, for the failure);
+/// returns how it ended.
+pub async fn ended(
+    status: &mut tokio::sync::watch::Receiver<veil_client::LegStatus>,
+    within: Duration,
+    what: &str,
+) -> veil_client::LegStatus {
+    tokio::time::timeout(
+        within,
+        status.wait_for(|s| matches!(s, veil_client::LegStatus::Ended(_))),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the leg did not end within {within:?}"))
+    .unwrap()
+    .clone()
+}

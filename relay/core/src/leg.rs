@@ -156,8 +156,9 @@ impl LegState {
     }
 
     /// Moves a native leg's `expires_at` by as much as its session was extended since it was
-    /// computed (ExtendSession); returns whether it moved. Runs only once `expires_at` has
-    /// passed, so the media path pays nothing for extensions until then. A TURN allocation's
+    /// computed (ExtendSession); returns whether it moved. The media path calls it only once
+    /// `expires_at` has passed, so it pays nothing for extensions until then; the sweep calls it
+    /// on every leg, so a silent leg is not ended at the old expiry. A TURN allocation's
     /// `expires_at` is its lifetime, which only a Refresh moves (RFC 8656 §7).
     pub(crate) fn renew(&mut self) -> bool {
         let until = self.session.expires_unix_ms();
