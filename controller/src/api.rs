@@ -152,22 +152,7 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
         }
         let ttl = match ttl_seconds {
             0 => DEFAULT_TTL,
-            s => {
-                let ttl = Duration::from_secs(u64::from(s));
-                if ttl < MIN_TTL || ttl > MAX_TTL {
-                    return Err(InvalidArgument::new(
-                        "ttl_seconds",
-                        Violation::OutOfRange,
-                        format!(
-                            "ttl_seconds must be 0 (default {}) or from {} to {}, got {s}",
-                            DEFAULT_TTL.as_secs(),
-                            MIN_TTL.as_secs(),
-                            MAX_TTL.as_secs()
-                        ),
-                    ));
-                }
-                ttl
-            }
+            s => bounded_ttl(s, &format!("0 (default {}) or ", DEFAULT_TTL.as_secs()))?,
         };
         Ok(Self {
             call_id,
@@ -175,6 +160,24 @@ impl TryFrom<pb::AllocateSessionRequest> for AllocateRequest {
             ttl,
         })
     }
+}
+
+/// `ttl_seconds` as a lifetime, if from [`MIN_TTL`] to [`MAX_TTL`]; else an error whose message
+/// offers `alternatives` first (what else the request may say).
+fn bounded_ttl(seconds: u32, alternatives: &str) -> Result<Duration, InvalidArgument> {
+    let ttl = Duration::from_secs(u64::from(seconds));
+    if ttl < MIN_TTL || ttl > MAX_TTL {
+        return Err(InvalidArgument::new(
+            "ttl_seconds",
+            Violation::OutOfRange,
+            format!(
+                "ttl_seconds must be {alternatives}from {} to {}, got {seconds}",
+                MIN_TTL.as_secs(),
+                MAX_TTL.as_secs()
+            ),
+        ));
+    }
+    Ok(ttl)
 }
 
 impl Participant {
@@ -283,19 +286,7 @@ impl TryFrom<pb::ExtendSessionRequest> for ExtendRequest {
 
     fn try_from(pb: pb::ExtendSessionRequest) -> Result<Self, Self::Error> {
         let session_id = parse_session_id(&pb.session_id)?;
-        let ttl = Duration::from_secs(u64::from(pb.ttl_seconds));
-        if ttl < MIN_TTL || ttl > MAX_TTL {
-            return Err(InvalidArgument::new(
-                "ttl_seconds",
-                Violation::OutOfRange,
-                format!(
-                    "ttl_seconds must be from {} to {}, got {}",
-                    MIN_TTL.as_secs(),
-                    MAX_TTL.as_secs(),
-                    pb.ttl_seconds
-                ),
-            ));
-        }
+        let ttl = bounded_ttl(pb.ttl_seconds, "")?;
         Ok(Self { session_id, ttl })
     }
 }

@@ -347,20 +347,6 @@ fn quota_text(limit: u32) -> String {
 }
 
 impl Config {
-    /// The tokens of `role`, as given (for relays, the shared ones and the per-relay ones).
-    fn tokens(&self, role: Role, identities: &[RelayIdentity]) -> Vec<String> {
-        match role {
-            Role::Signaling => self.signaling_tokens.clone(),
-            Role::Relay => self
-                .relay_tokens
-                .iter()
-                .cloned()
-                .chain(identities.iter().map(|i| i.token.clone()))
-                .collect(),
-            Role::Admin => self.admin_tokens.clone(),
-        }
-    }
-
     /// Validates the flags and reads the key file (not used with --dev).
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let keys = match &self.key_file {
@@ -407,8 +393,32 @@ impl Config {
                 }
             }
         }
+        if self.dev && !(1..=16).contains(&self.dev_relays) {
+            bail!("--dev-relays must be from 1 to 16");
+        }
+        let settings = Settings {
+            grpc_addr: self.grpc_addr,
+            ops_addr: self.ops_addr,
+            keys,
+            key_file: self.key_file.clone(),
+            signaling_tokens: self.signaling_tokens.clone(),
+            relay_tokens: self.relay_tokens.clone(),
+            relay_identities: identities,
+            admin_tokens: self.admin_tokens.clone(),
+            regions,
+            relay_timeout: Duration::from_millis(self.relay_timeout_ms),
+            leg_limits: Limits {
+                max_pps: self.leg_max_pps,
+                max_kbps: self.leg_max_kbps,
+            },
+            quotas: quota::Limits {
+                live_sessions: self.quota_live_sessions,
+                watch_streams: self.quota_watch_streams,
+                allocations_per_sec: self.quota_allocations_per_sec,
+            },
+        };
         for role in Role::ALL {
-            let tokens = self.tokens(role, &identities);
+            let tokens = settings.tokens(role);
             let allowed = self.allow_open_roles.contains(&role);
             if allowed && !tokens.is_empty() {
                 bail!(
@@ -431,30 +441,7 @@ impl Config {
                 );
             }
         }
-        if self.dev && !(1..=16).contains(&self.dev_relays) {
-            bail!("--dev-relays must be from 1 to 16");
-        }
-        Ok(Settings {
-            grpc_addr: self.grpc_addr,
-            ops_addr: self.ops_addr,
-            keys,
-            key_file: self.key_file.clone(),
-            signaling_tokens: self.signaling_tokens.clone(),
-            relay_tokens: self.relay_tokens.clone(),
-            relay_identities: identities,
-            admin_tokens: self.admin_tokens.clone(),
-            regions,
-            relay_timeout: Duration::from_millis(self.relay_timeout_ms),
-            leg_limits: Limits {
-                max_pps: self.leg_max_pps,
-                max_kbps: self.leg_max_kbps,
-            },
-            quotas: quota::Limits {
-                live_sessions: self.quota_live_sessions,
-                watch_streams: self.quota_watch_streams,
-                allocations_per_sec: self.quota_allocations_per_sec,
-            },
-        })
+        Ok(settings)
     }
 }
 

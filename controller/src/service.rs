@@ -444,7 +444,7 @@ impl pb::session_service_server::SessionService for SessionApi {
     ) -> Result<Response<pb::ExtendSessionResponse>, Status> {
         self.authorize(&request)?;
         let req = api::ExtendRequest::try_from(request.into_inner())?;
-        let (session, _) = self.controller.extend(req.session_id, req.ttl)?;
+        let session = self.controller.extend(req.session_id, req.ttl)?;
         Ok(Response::new(pb::ExtendSessionResponse {
             session: Some(session.to_pb()),
         }))

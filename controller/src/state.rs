@@ -535,9 +535,8 @@ impl Controller {
     }
 
     /// Moves live session `id`'s expiry to `ttl` from now, never earlier than it was, and tells
-    /// every relay: they honour the session's tokens (which stay the same) until then. Returns
-    /// the session and whether its expiry moved.
-    pub fn extend(&self, id: u64, ttl: Duration) -> Result<(Arc<Session>, bool), ExtendError> {
+    /// every relay: they honour the session's tokens (which stay the same) until then.
+    pub fn extend(&self, id: u64, ttl: Duration) -> Result<Arc<Session>, ExtendError> {
         let s = self.get(id)?;
         if s.is_released() {
             return Err(ExtendError::Released);
@@ -545,7 +544,7 @@ impl Controller {
         let until = unix_ms() + ttl.as_millis() as u64;
         let before = s.expires_unix_ms.fetch_max(until, Ordering::Relaxed);
         if until <= before {
-            return Ok((s, false));
+            return Ok(s);
         }
         let extend = pb::ControllerMessage {
             kind: Some(pb::controller_message::Kind::Extend(pb::Extend {
@@ -558,7 +557,7 @@ impl Controller {
         self.registry.broadcast(&extend);
         let _ = self.changes.send((s.id, SessionChange::Extended));
         tracing::debug!(session = %SessionId(id), ttl_secs = ttl.as_secs(), "session extended");
-        Ok((s, true))
+        Ok(s)
     }
 
     /// Every extension in force, for a relay that just attached: the expiry of each live

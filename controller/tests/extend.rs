@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
-use veil_client::{ClientError, Leg, LegConfig, LegStatus};
+use veil_client::{ClientError, LegStatus};
 use veil_controller::config::Settings;
 use veil_proto::v1 as pb;
 use veil_relay::RelayServer;
@@ -208,19 +208,9 @@ async fn a_call_extended_past_its_ttl_loses_no_packet_and_its_tokens_bind_on() {
     // Past the tokens' own expiry, they bind on the backup (a failover) and on the relay that
     // attached later; the unextended call's do not.
     for relay in [backup, late] {
-        let leg = Leg::bind(LegConfig::udp(
-            s.legs[0].token.clone(),
-            vec![relay],
-            "127.0.0.6:0".parse().unwrap(),
-        ))
-        .await;
+        let leg = bind_udp(&s.legs[0].token, relay, "127.0.0.6:0").await;
         assert!(leg.is_ok(), "{relay}: {:?}", leg.err());
-        let refused = Leg::bind(LegConfig::udp(
-            other.legs[0].token.clone(),
-            vec![relay],
-            "127.0.0.7:0".parse().unwrap(),
-        ))
-        .await;
+        let refused = bind_udp(&other.legs[0].token, relay, "127.0.0.7:0").await;
         assert_eq!(
             refused.unwrap_err(),
             ClientError::Refused(ErrorCode::Expired)

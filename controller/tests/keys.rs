@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-use veil_client::{ClientError, Leg, LegConfig};
+use veil_client::{ClientError, LegConfig};
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 use veil_relay_core::wire::ErrorCode;
@@ -164,11 +164,11 @@ async fn key_rotation_through_sighup_drops_no_packet() {
     // An old-key token no longer binds, on any relay: not even the old call's own, from a new
     // address (which would otherwise move its leg).
     for relay in [&old_call.relays[0], &old_call.relays[1]] {
-        let again = Leg::bind(LegConfig::udp(
-            old_call.legs[0].token.clone(),
-            vec![relay.udp_address.parse().unwrap()],
-            "127.0.0.9:0".parse().unwrap(),
-        ))
+        let again = bind_udp(
+            &old_call.legs[0].token,
+            relay.udp_address.parse().unwrap(),
+            "127.0.0.9:0",
+        )
         .await;
         assert_eq!(
             again.unwrap_err(),
@@ -300,12 +300,7 @@ async fn a_release_stops_forwarding_on_every_relay_within_a_second() {
     );
     // Its tokens no longer bind anywhere.
     for i in 0..2 {
-        let again = Leg::bind(LegConfig::udp(
-            s.legs[0].token.clone(),
-            vec![relay_addr(i)],
-            "127.0.2.20:0".parse().unwrap(),
-        ))
-        .await;
+        let again = bind_udp(&s.legs[0].token, relay_addr(i), "127.0.2.20:0").await;
         assert_eq!(
             again.unwrap_err(),
             ClientError::Refused(ErrorCode::SessionClosed)

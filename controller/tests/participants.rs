@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
-use veil_client::{ClientError, Leg, LegConfig, LegStatus};
+use veil_client::{ClientError, LegStatus};
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 use veil_relay_core::wire::ErrorCode;
@@ -234,12 +234,7 @@ async fn join_talk_and_leave_while_the_others_lose_nothing() {
     // Carol's token, captured, binds on neither relay: not on the backup either, where she
     // never bound.
     for relay in [primary, backup] {
-        let again = Leg::bind(LegConfig::udp(
-            carol_leg.token.clone(),
-            vec![relay],
-            "127.0.0.5:0".parse().unwrap(),
-        ))
-        .await;
+        let again = bind_udp(&carol_leg.token, relay, "127.0.0.5:0").await;
         assert_eq!(
             again.unwrap_err(),
             ClientError::Refused(ErrorCode::SessionClosed)
@@ -265,12 +260,7 @@ async fn join_talk_and_leave_while_the_others_lose_nothing() {
     let carol = Peer::join(&back, "127.0.0.6", 4).await;
     peers.push(carol);
     exchange(&mut peers, 5, |_| primary).await;
-    let refused = Leg::bind(LegConfig::udp(
-        carol_leg.token.clone(),
-        vec![primary],
-        "127.0.0.7:0".parse().unwrap(),
-    ))
-    .await;
+    let refused = bind_udp(&carol_leg.token, primary, "127.0.0.7:0").await;
     assert_eq!(
         refused.unwrap_err(),
         ClientError::Refused(ErrorCode::SessionClosed)
@@ -304,23 +294,13 @@ async fn a_relay_attaching_later_learns_removed_legs() {
         .collect();
     assert_eq!(relays.len(), 2);
     for relay in relays {
-        let refused = Leg::bind(LegConfig::udp(
-            s.legs[2].token.clone(),
-            vec![relay],
-            "127.0.0.8:0".parse().unwrap(),
-        ))
-        .await;
+        let refused = bind_udp(&s.legs[2].token, relay, "127.0.0.8:0").await;
         assert_eq!(
             refused.unwrap_err(),
             ClientError::Refused(ErrorCode::SessionClosed),
             "on {relay}"
         );
-        let kept = Leg::bind(LegConfig::udp(
-            s.legs[0].token.clone(),
-            vec![relay],
-            "127.0.0.8:0".parse().unwrap(),
-        ))
-        .await;
+        let kept = bind_udp(&s.legs[0].token, relay, "127.0.0.8:0").await;
         assert!(kept.is_ok(), "another leg of the session binds on {relay}");
     }
     controller.stop().await;
@@ -561,12 +541,7 @@ async fn a_ringing_callee_is_invisible_to_the_caller() {
         .await
         .unwrap();
     only_acks(&got, &txns, "declined");
-    let refused = Leg::bind(LegConfig::udp(
-        s.legs[1].token.clone(),
-        vec![relay],
-        "127.0.0.3:0".parse().unwrap(),
-    ))
-    .await;
+    let refused = bind_udp(&s.legs[1].token, relay, "127.0.0.3:0").await;
     assert_eq!(
         refused.unwrap_err(),
         ClientError::Refused(ErrorCode::SessionClosed)

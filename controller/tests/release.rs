@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use veil_client::{ClientError, Leg, LegConfig, LegStatus};
+use veil_client::{ClientError, LegStatus};
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 use veil_relay_core::wire::ErrorCode;
@@ -79,12 +79,7 @@ async fn release_stops_forwarding_within_a_second() {
     );
 
     // The token no longer binds, on any relay.
-    let again = Leg::bind(LegConfig::udp(
-        s.legs[1].token.clone(),
-        vec![relay],
-        "127.0.0.4:0".parse().unwrap(),
-    ))
-    .await;
+    let again = bind_udp(&s.legs[1].token, relay, "127.0.0.4:0").await;
     assert_eq!(
         again.unwrap_err(),
         ClientError::Refused(ErrorCode::SessionClosed)

@@ -840,3 +840,18 @@ pub async fn ended(
     .unwrap()
     .clone()
 }
+
+/// Binds a UDP leg with `token` on `relay` alone, from `local` (`ip:port`), as a client that
+/// captured or kept the token would.
+pub async fn bind_udp(
+    token: &[u8],
+    relay: SocketAddr,
+    local: &str,
+) -> Result<Leg, veil_client::ClientError> {
+    Leg::bind(LegConfig::udp(
+        token.to_vec(),
+        vec![relay],
+        local.parse().unwrap(),
+    ))
+    .await
+}

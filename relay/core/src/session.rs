@@ -388,11 +388,6 @@ impl Inner {
             .map_or(expires_unix_ms, |&e| e.max(expires_unix_ms))
     }
 
-    /// When `ticket`'s session expires: its own expiry, or the later one it was extended to.
-    fn expiry(&self, ticket: &Ticket) -> u64 {
-        self.extended_until(ticket.session, ticket.expires_unix_ms)
-    }
-
     fn refuses(&self, ticket: &Ticket) -> bool {
         self.revoked.contains_key(&ticket.session)
             || self
@@ -490,7 +485,7 @@ impl Directory {
         }
         // A ticket minted after an extension names the later expiry itself, signed: it may
         // reach this relay before the controller's word of the extension does.
-        let expiry = inner.expiry(ticket);
+        let expiry = inner.extended_until(ticket.session, ticket.expires_unix_ms);
         if let Some(s) = &existing {
             s.expires_unix_ms.fetch_max(expiry, Ordering::Relaxed);
         }
@@ -640,7 +635,8 @@ impl Directory {
     /// When `ticket`'s session expires, Unix milliseconds: the ticket's own expiry, or the later
     /// one the controller extended the session to.
     pub fn expiry(&self, ticket: &Ticket) -> u64 {
-        self.lock().expiry(ticket)
+        self.lock()
+            .extended_until(ticket.session, ticket.expires_unix_ms)
     }
 
     /// Number of session extensions in force.
