@@ -110,6 +110,30 @@ pub struct Config {
     #[arg(long, env = "VEIL_CONTROLLER_QUOTA_ALLOCATIONS_PER_SEC", default_value_t = quota::Limits::DEFAULT.allocations_per_sec)]
     pub quota_allocations_per_sec: u32,
 
+    /// This replica's id, unique among the replicas of the cluster (it ranks the replicas for
+    /// each call, see --peers). Default: $HOSTNAME (a Kubernetes pod's name), else a random
+    /// one.
+    #[arg(long, env = "VEIL_CONTROLLER_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// The gRPC URLs of the other controller replicas (comma-separated, for example
+    /// `http://controller-1.veil:50051`): this replica keeps a copy of their sessions and they
+    /// of its own, so that any replica serves any session, with no database. Every replica
+    /// lists every other one. Empty: a single replica.
+    #[arg(long, env = "VEIL_CONTROLLER_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// Bearer tokens accepted from peer replicas for ReplicaService (comma-separated); this
+    /// replica presents the first to its --peers. Every replica gets the same list. Empty:
+    /// ReplicaService is open on loopback (and in --dev), and refused on any other address.
+    #[arg(
+        long,
+        env = "VEIL_CONTROLLER_PEER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub peer_tokens: Vec<String>,
+
     /// Run a whole local cluster in this process on loopback: this controller plus
     /// --dev-relays relays, with generated keys; print `READY {json}` and serve until
     /// interrupted. --grpc-addr and --ops-addr are ignored (ports are picked on 127.0.0.1), and
@@ -120,6 +144,11 @@ pub struct Config {
     /// Number of relays in --dev mode.
     #[arg(long, default_value_t = 1, requires = "dev")]
     pub dev_relays: usize,
+
+    /// Number of controller replicas in --dev mode (1 to 5), peers of each other; the READY
+    /// line lists their gRPC URLs in `controllers` (`controller` is the first).
+    #[arg(long, default_value_t = 1, requires = "dev")]
+    pub dev_controllers: usize,
 
     /// Log format.
     #[arg(long, env = "VEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -218,6 +247,19 @@ pub struct Settings {
     pub leg_limits: Limits,
     /// Each signaling credential's quotas.
     pub quotas: quota::Limits,
+    /// This replica's id.
+    pub replica_id: String,
+    /// The other replicas' gRPC URLs.
+    pub peers: Vec<String>,
+    /// Tokens accepted from peer replicas (the first is presented to them).
+    pub peer_tokens: Vec<String>,
+    /// With no peer tokens: ReplicaService open (loopback, --dev) rather than refused.
+    pub peer_open: bool,
+}
+
+/// A random replica id, for a replica given none.
+pub fn random_replica_id() -> String {
+    format!("replica-{:08x}", rand::random::<u32>())
 }
 
 /// A relay's own credential: its node id and the token that proves it.
@@ -294,6 +336,19 @@ impl Settings {
             .secret("relay-tokens", self.relay_tokens.len())
             .secret("relay-identities", self.relay_identities.len())
             .secret("admin-tokens", self.admin_tokens.len())
+            .set("replica-id", &self.replica_id)
+            .list("peers", &self.peers)
+            .secret("peer-tokens", self.peer_tokens.len())
+            .set(
+                "replica-service",
+                if !self.peer_tokens.is_empty() {
+                    "peer tokens"
+                } else if self.peer_open {
+                    "open (loopback)"
+                } else {
+                    "refused (no --peer-tokens)"
+                },
+            )
             .list("open-roles", &open)
             .list("region-distance", &config.region_distance)
             .set("relay-timeout-ms", self.relay_timeout.as_millis())
@@ -334,6 +389,10 @@ impl Settings {
             // A local cluster serves one developer, and load tests that allocate as fast as
             // they can: no quotas.
             quotas: quota::Limits::UNLIMITED,
+            replica_id: random_replica_id(),
+            peers: Vec::new(),
+            peer_tokens: Vec::new(),
+            peer_open: true,
         }
     }
 }
@@ -377,6 +436,7 @@ impl Config {
             ("--relay-tokens", &self.relay_tokens),
             ("--relay-identities", &identity_tokens),
             ("--admin-tokens", &self.admin_tokens),
+            ("--peer-tokens", &self.peer_tokens),
         ];
         for (flag, tokens) in roles {
             if tokens
@@ -395,6 +455,44 @@ impl Config {
         }
         if self.dev && !(1..=16).contains(&self.dev_relays) {
             bail!("--dev-relays must be from 1 to 16");
+        }
+        if self.dev && !(1..=5).contains(&self.dev_controllers) {
+            bail!("--dev-controllers must be from 1 to 5");
+        }
+        let replica_id = match &self.replica_id {
+            Some(id) => id.clone(),
+            None => std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(random_replica_id),
+        };
+        if replica_id.is_empty()
+            || replica_id.len() > crate::api::MAX_ID_LEN
+            || replica_id
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            bail!("--replica-id must be 1 to 128 bytes without spaces");
+        }
+        if self.peers.len() > 16 {
+            bail!("--peers: at most 16 other replicas");
+        }
+        for (i, url) in self.peers.iter().enumerate() {
+            let valid = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some());
+            if !valid {
+                bail!("--peers: each entry must be a gRPC URL such as http://controller-1:50051");
+            }
+            if self.peers[i + 1..].contains(url) {
+                bail!("--peers: each replica once");
+            }
+        }
+        let loopback = self.dev || self.grpc_addr.ip().is_loopback();
+        if !self.peers.is_empty() && self.peer_tokens.is_empty() && !loopback {
+            bail!(
+                "--peers needs --peer-tokens on a reachable --grpc-addr: replicas send each other \
+                 every session's leg tokens, so ReplicaService needs a credential of its own"
+            );
         }
         let settings = Settings {
             grpc_addr: self.grpc_addr,
@@ -416,6 +514,10 @@ impl Config {
                 watch_streams: self.quota_watch_streams,
                 allocations_per_sec: self.quota_allocations_per_sec,
             },
+            replica_id,
+            peers: self.peers.clone(),
+            peer_tokens: self.peer_tokens.clone(),
+            peer_open: loopback,
         };
         for role in Role::ALL {
             let tokens = settings.tokens(role);

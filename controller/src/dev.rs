@@ -1,5 +1,6 @@
-//! A whole local cluster in one process: a controller and N relays on loopback, with generated
-//! key material. Behind `veil-controller --dev` and `veil-loadtest --local`, and used by tests.
+//! A whole local cluster in one process: controller replicas and N relays on loopback, with
+//! generated key material. Behind `veil-controller --dev` and `veil-loadtest --local`, and used
+//! by tests.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +37,8 @@ pub struct Options {
     pub capacities: Vec<usize>,
     /// Serve TURN over TCP and TLS (self-signed certificates) as well as over UDP.
     pub turn_streams: bool,
+    /// Number of controller replicas, peers of each other; every relay attaches to each.
+    pub controllers: usize,
 }
 
 impl Default for Options {
@@ -48,6 +51,7 @@ impl Default for Options {
             quic: true,
             capacities: Vec::new(),
             turn_streams: true,
+            controllers: 1,
         }
     }
 }
@@ -75,16 +79,20 @@ pub struct DevRelay {
 
 /// A running local cluster.
 pub struct Cluster {
-    /// The controller's gRPC URL.
+    /// The first controller's gRPC URL.
     pub controller_url: String,
-    /// The controller's ops endpoint.
+    /// Every controller replica's gRPC URL, the first one first.
+    pub controller_urls: Vec<String>,
+    /// The first controller's ops endpoint.
     pub controller_ops: SocketAddr,
     /// The relays.
     pub relays: Vec<DevRelay>,
     /// The generated key ring.
     pub keys: KeyRing,
-    /// The controller's state.
+    /// The first controller's state.
     pub controller: Arc<Controller>,
+    /// Every controller replica's state, the first one first.
+    pub controllers: Vec<Arc<Controller>>,
     /// Each relay's shared state.
     pub relay_nodes: Vec<Arc<Node>>,
     stop: watch::Sender<bool>,
@@ -103,6 +111,7 @@ impl std::fmt::Debug for Cluster {
 #[derive(Serialize)]
 struct Ready<'a> {
     controller: &'a str,
+    controllers: &'a [String],
     controller_metrics: SocketAddr,
     relays: &'a [DevRelay],
 }
@@ -113,6 +122,9 @@ impl Cluster {
         if opts.relays == 0 {
             bail!("a local cluster needs at least one relay");
         }
+        if opts.controllers == 0 {
+            bail!("a local cluster needs at least one controller");
+        }
         let keys = generate_keys();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
@@ -120,11 +132,31 @@ impl Cluster {
             let _ = rx.wait_for(|s| *s).await;
         };
 
-        let server = ControllerServer::load(Settings::local(keys.clone())).await?;
-        let controller_url = format!("http://{}", server.grpc_addr());
-        let controller_ops = server.ops_addr();
-        let controller = server.controller().clone();
-        tasks.spawn(server.run(stopped(stop_rx.clone())));
+        let mut servers = Vec::new();
+        for _ in 0..opts.controllers {
+            servers.push(ControllerServer::load(Settings::local(keys.clone())).await?);
+        }
+        let controller_urls: Vec<String> = servers
+            .iter()
+            .map(|s| format!("http://{}", s.grpc_addr()))
+            .collect();
+        let controller_url = controller_urls[0].clone();
+        let controller_ops = servers[0].ops_addr();
+        let controllers: Vec<Arc<Controller>> =
+            servers.iter().map(|s| s.controller().clone()).collect();
+        let controller = controllers[0].clone();
+        for (i, mut server) in servers.into_iter().enumerate() {
+            if opts.controllers > 1 {
+                let peers = controller_urls
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, u)| u.clone())
+                    .collect();
+                server.set_peers(format!("controller-{i}"), peers);
+            }
+            tasks.spawn(server.run(stopped(stop_rx.clone())));
+        }
 
         let mut relays = Vec::new();
         let mut relay_nodes = Vec::new();
@@ -132,7 +164,7 @@ impl Cluster {
             let mut s = veil_relay::config::Settings::local(
                 keys.clone(),
                 &format!("relay-{i}"),
-                vec![controller_url.clone()],
+                controller_urls.clone(),
             );
             s.workers = opts.workers_per_relay.max(1);
             s.core.leg_idle = opts.leg_idle;
@@ -171,18 +203,23 @@ impl Cluster {
         }
 
         let deadline = Instant::now() + Duration::from_secs(10);
-        while controller.registry.up() < opts.relays {
+        while controllers
+            .iter()
+            .any(|c| c.registry.up() < opts.relays || c.readiness().is_err())
+        {
             if Instant::now() > deadline {
-                bail!("relays did not attach to the controller within 10 s");
+                bail!("relays did not attach to every controller within 10 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Self {
             controller_url,
+            controller_urls,
             controller_ops,
             relays,
             keys,
             controller,
+            controllers,
             relay_nodes,
             stop,
             tasks,
@@ -193,6 +230,7 @@ impl Cluster {
     pub fn ready_line(&self) -> String {
         let ready = Ready {
             controller: &self.controller_url,
+            controllers: &self.controller_urls,
             controller_metrics: self.controller_ops,
             relays: &self.relays,
         };

@@ -70,6 +70,12 @@ closed_set! {
         /// `PERMISSION_DENIED`: a relay's credential may not register the `node_id` its hello
         /// names (bound to another node id, or the node id has a credential of its own).
         RelayIdentityMismatch => "RELAY_IDENTITY_MISMATCH",
+        /// `PERMISSION_DENIED`: this replica serves no `ReplicaService`: it has no
+        /// `--peer-tokens`, and listens on a reachable address.
+        ReplicationOff => "REPLICATION_OFF",
+        /// `UNAVAILABLE`: the replica that owns this call (docs/OPERATIONS.md, "Several
+        /// replicas") took too long to answer the forwarded request; retry with backoff.
+        OwnerReplicaUnreachable => "OWNER_REPLICA_UNREACHABLE",
         /// `DEADLINE_EXCEEDED`: the call's deadline (or the server's longest) passed.
         DeadlineExceeded => "DEADLINE_EXCEEDED",
     }

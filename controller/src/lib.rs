@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod placement;
 pub mod quota;
 pub mod registry;
+pub mod replica;
 pub mod rpc;
 pub mod service;
 pub mod state;
@@ -59,6 +60,7 @@ use anyhow::Context;
 use prometheus::Registry;
 use tokio::sync::watch;
 use veil_proto::v1::relay_registry_server::RelayRegistryServer;
+use veil_proto::v1::replica_service_server::ReplicaServiceServer;
 use veil_proto::v1::session_service_server::SessionServiceServer;
 
 use crate::config::Settings;
@@ -178,6 +180,13 @@ impl ControllerServer {
         self.ops_addr
     }
 
+    /// Sets the other replicas' gRPC URLs (`--peers`), before [`Self::run`]: for a local
+    /// cluster, whose replicas' ports are known once all are bound.
+    pub fn set_peers(&mut self, replica_id: String, peers: Vec<String>) {
+        self.settings.replica_id = replica_id;
+        self.settings.peers = peers;
+    }
+
     /// The controller's state.
     pub fn controller(&self) -> &Arc<Controller> {
         &self.controller
@@ -192,10 +201,31 @@ impl ControllerServer {
                 self.settings.relay_identities.clone(),
             ),
             self.settings.admin_tokens.clone(),
-        );
+        )
+        .with_peers(self.settings.peer_tokens.clone(), self.settings.peer_open);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (peers, followers) = if self.settings.peers.is_empty() {
+            (None, Vec::new())
+        } else {
+            let peers = replica::Peers::new(
+                self.settings.replica_id.clone(),
+                &self.settings.peers,
+                self.settings.peer_tokens.first().cloned(),
+                self.controller.clone(),
+            )?;
+            let followers = peers.spawn(stop_rx.clone());
+            (Some(peers), followers)
+        };
+        let replicas = ReplicaServiceServer::new(replica::ReplicaApi {
+            controller: self.controller.clone(),
+            auth: auth.clone(),
+            replica_id: self.settings.replica_id.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sessions = SessionServiceServer::new(SessionApi {
             controller: self.controller.clone(),
             auth: auth.clone(),
+            peers,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let relays = RelayRegistryServer::new(RegistryApi {
@@ -226,7 +256,6 @@ impl ControllerServer {
             .build_v1alpha()
             .context("build reflection service (v1alpha)")?;
 
-        let (stop_tx, stop_rx) = watch::channel(false);
         // Key rotation: SIGHUP re-reads the key ring file; new tokens are signed with its
         // signing key from then on (generated rings, in --dev, have no file to re-read).
         let reloader = match self.settings.key_file.clone() {
@@ -270,6 +299,7 @@ impl ControllerServer {
             .add_service(sessions)
             .add_service(relays)
             .add_service(admin)
+            .add_service(replicas)
             .serve_with_incoming_shutdown(incoming, {
                 let controller = self.controller.clone();
                 async move {
@@ -282,6 +312,9 @@ impl ControllerServer {
         let _ = stop_tx.send(true);
         let _ = self.stop_ops.send(true);
         let _ = housekeeping.await;
+        for f in followers {
+            let _ = f.await;
+        }
         if let Some(r) = reloader {
             let _ = r.await;
         }

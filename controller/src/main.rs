@@ -40,6 +40,7 @@ async fn dev(config: &Config) -> anyhow::Result<()> {
     dev::serve(
         dev::Options {
             relays: config.dev_relays,
+            controllers: config.dev_controllers,
             ..dev::Options::default()
         },
         veil_ops::signal::shutdown(),

@@ -39,6 +39,14 @@ pub struct ControllerMetrics {
     credential_sessions: IntGaugeVec,
     /// Open `WatchSession` streams, by credential.
     credential_watches: IntGaugeVec,
+    /// Peer replicas this one follows now (`--peers` whose Sync stream is up).
+    pub peers_up: IntGauge,
+    /// Peer replicas configured (`--peers`).
+    pub peers: IntGauge,
+    /// Changes pushed to a peer replica (`Apply`) that it did not take in time.
+    pub replication_failures: prometheus::IntCounter,
+    /// Requests forwarded to the replica that owns their call, by method.
+    forwarded: IntCounterVec,
 }
 
 impl std::fmt::Debug for ControllerMetrics {
@@ -96,6 +104,8 @@ closed_set! {
         Registry => "registry",
         /// `AdminService` (operators).
         Admin => "admin",
+        /// `ReplicaService` (peer controller replicas).
+        Replica => "replica",
     }
 }
 
@@ -142,6 +152,10 @@ closed_set! {
         WatchSession => "veil.v1.SessionService/WatchSession",
         /// `RelayRegistry.Attach` (bidirectional streaming).
         Attach => "veil.v1.RelayRegistry/Attach",
+        /// `ReplicaService.Sync` (a peer replica following this one).
+        ReplicaSync => "veil.v1.ReplicaService/Sync",
+        /// `ReplicaService.Apply` (a peer replica's change, merged here).
+        ReplicaApply => "veil.v1.ReplicaService/Apply",
         /// `AdminService.DrainRelay`.
         DrainRelay => "veil.v1.AdminService/DrainRelay",
         /// `AdminService.ListRelays`.
@@ -177,6 +191,7 @@ impl RpcMethod {
             self,
             Self::WatchSession
                 | Self::Attach
+                | Self::ReplicaSync
                 | Self::HealthWatch
                 | Self::ReflectionV1
                 | Self::ReflectionV1alpha
@@ -364,6 +379,37 @@ impl ControllerMetrics {
             ),
             &["credential"],
         )?;
+        let peers_up = IntGauge::new(
+            "veil_controller_peers_up",
+            "Peer replicas (--peers) this replica follows now: their Sync stream is up.",
+        )?;
+        let peers = IntGauge::new(
+            "veil_controller_peers",
+            "Peer replicas configured (--peers).",
+        )?;
+        let replication_failures = prometheus::IntCounter::new(
+            "veil_controller_replication_failures_total",
+            "Session changes pushed to a peer replica (ReplicaService.Apply) that it did not \
+             take within 1 s: that peer gets them when its Sync stream is back.",
+        )?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "veil_controller_forwarded_total",
+                "Requests forwarded to the replica that owns their call, by method and outcome \
+                 (`answered`: the owner answered; `fallback`: it could not be reached, and this \
+                 replica served the request itself).",
+            ),
+            &["method", "outcome"],
+        )?;
+        for m in ["AllocateSession", "AddParticipant"] {
+            for o in ["answered", "fallback"] {
+                forwarded.with_label_values(&[m, o]);
+            }
+        }
+        registry.register(Box::new(peers_up.clone()))?;
+        registry.register(Box::new(peers.clone()))?;
+        registry.register(Box::new(replication_failures.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(quota_refusals.clone()))?;
         registry.register(Box::new(quota_limits.clone()))?;
         registry.register(Box::new(credential_sessions.clone()))?;
@@ -412,6 +458,10 @@ impl ControllerMetrics {
             quota_limits,
             credential_sessions,
             credential_watches,
+            peers_up,
+            peers,
+            replication_failures,
+            forwarded,
         })
     }
 
@@ -495,6 +545,19 @@ impl ControllerMetrics {
     /// Counts a relay placed in a session.
     pub fn count_placement(&self, r: PlacementRole) {
         self.placements.with_label_values(&[r.as_str()]).inc();
+    }
+
+    /// Counts a request forwarded to its call's owner: `method` (`AllocateSession` or
+    /// `AddParticipant`), `answered` or not (served here instead).
+    pub fn count_forwarded(&self, method: &str, answered: bool) {
+        let outcome = if answered { "answered" } else { "fallback" };
+        self.forwarded.with_label_values(&[method, outcome]).inc();
+    }
+
+    /// Forwarded requests counted.
+    pub fn forwarded(&self, method: &str, answered: bool) -> u64 {
+        let outcome = if answered { "answered" } else { "fallback" };
+        self.forwarded.with_label_values(&[method, outcome]).get()
     }
 
     /// Counts a refused credential.

@@ -287,6 +287,11 @@ impl Quotas {
             })
     }
 
+    /// Counts a live session for `c` without checking its quota: one a peer replica admitted.
+    pub fn count_session(&self, c: Credential) {
+        self.slot(c).live.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A live session of `c` ended (released, expired, or never created after all).
     pub fn end_session(&self, c: Credential) {
         let _ = self

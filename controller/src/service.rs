@@ -28,6 +28,8 @@ pub enum Caller {
     Relay,
     /// An operator: may use `AdminService`.
     Admin,
+    /// Another controller replica: may use `ReplicaService`.
+    Peer,
 }
 
 /// Bearer-token authentication. With no tokens configured for a role, that role's services are
@@ -41,6 +43,9 @@ pub struct Auth {
     /// For each of `relay`, the node id it is bound to (`None`: a shared token).
     relay_nodes: Vec<Option<String>>,
     admin: Vec<String>,
+    peer: Vec<String>,
+    /// With no peer tokens: whether `ReplicaService` is open (loopback, --dev) or closed.
+    peer_open: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -49,6 +54,7 @@ impl std::fmt::Debug for Auth {
             .field("signaling_tokens", &self.signaling.len())
             .field("relay_tokens", &self.relay.len())
             .field("admin_tokens", &self.admin.len())
+            .field("peer_tokens", &self.peer.len())
             .finish()
     }
 }
@@ -73,7 +79,17 @@ impl Auth {
             relay,
             relay_nodes,
             admin,
+            peer: Vec::new(),
+            peer_open: false,
         }
+    }
+
+    /// Accepts peer replicas presenting one of `tokens`; with none, `ReplicaService` is open if
+    /// `open_without_tokens`, else refused to everyone.
+    pub fn with_peers(mut self, tokens: Vec<String>, open_without_tokens: bool) -> Self {
+        self.peer = tokens;
+        self.peer_open = open_without_tokens;
+        self
     }
 
     /// Checks that relay credential `who` may register as `node_id`: a per-relay credential
@@ -123,6 +139,7 @@ impl Auth {
             (Caller::Signaling, &self.signaling),
             (Caller::Relay, &self.relay),
             (Caller::Admin, &self.admin),
+            (Caller::Peer, &self.peer),
         ]
         .into_iter()
         .find_map(|(role, set)| find(set).map(|i| (role, i)))
@@ -139,8 +156,16 @@ impl Auth {
             Caller::Signaling => &self.signaling,
             Caller::Relay => &self.relay,
             Caller::Admin => &self.admin,
+            Caller::Peer => &self.peer,
         };
         if required.is_empty() {
+            if needed == Caller::Peer && !self.peer_open {
+                return Err(errors::simple(
+                    Code::PermissionDenied,
+                    "this replica takes no peers: it has no --peer-tokens",
+                    Reason::ReplicationOff,
+                ));
+            }
             return Ok(Credential::Open);
         }
         let token = metadata
@@ -175,9 +200,33 @@ impl Auth {
 pub struct SessionApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) auth: Auth,
+    /// The peer replicas, when there are any.
+    pub(crate) peers: Option<Arc<crate::replica::Peers>>,
 }
 
 impl SessionApi {
+    /// The peer that owns `call_id` now, when this request is to be forwarded there.
+    fn owner_of<T>(
+        &self,
+        request: &Request<T>,
+        call_id: &str,
+    ) -> Option<Arc<crate::replica::PeerLink>> {
+        let peers = self.peers.as_ref()?;
+        if crate::replica::is_forwarded(request) {
+            return None;
+        }
+        peers.owner(call_id)
+    }
+
+    /// Pushes session `id`, changed here, to the peer replicas before the caller hears back.
+    async fn replicate(&self, id: u64) {
+        if let Some(peers) = &self.peers
+            && let Some(rec) = self.controller.record(id)
+        {
+            peers.replicate(rec).await;
+        }
+    }
+
     fn authorize<T>(&self, req: &Request<T>) -> Result<Credential, Status> {
         self.auth
             .check(req.metadata(), Caller::Signaling)
@@ -362,6 +411,18 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::AllocateSessionRequest>,
     ) -> Result<Response<pb::AllocateSessionResponse>, Status> {
         let who = self.authorize(&request)?;
+        if let Some(owner) = self.owner_of(&request, &request.get_ref().call_id)
+            && let Some(answer) = self
+                .peers
+                .as_ref()
+                .expect("an owner comes from peers")
+                .forward(&owner, "AllocateSession", &request, |mut c, r| async move {
+                    c.allocate_session(r).await
+                })
+                .await
+        {
+            return answer;
+        }
         let started = Instant::now();
         let m = &self.controller.metrics;
         // The rate first: a caller past it costs no validation, and every call counts, valid or
@@ -390,6 +451,9 @@ impl pb::session_service_server::SessionService for SessionApi {
             e => e,
         });
         let (session, created) = result?;
+        if created {
+            self.replicate(session.id).await;
+        }
         Ok(Response::new(pb::AllocateSessionResponse {
             session: Some(session.to_pb()),
             created,
@@ -413,10 +477,28 @@ impl pb::session_service_server::SessionService for SessionApi {
         request: Request<pb::AddParticipantRequest>,
     ) -> Result<Response<pb::AddParticipantResponse>, Status> {
         self.authorize(&request)?;
+        // Forwarded to the call's owner, which alone mints its new legs' indices.
+        if let Ok(id) = api::parse_session_id(&request.get_ref().session_id)
+            && let Ok(s) = self.controller.get(id)
+            && let Some(owner) = self.owner_of(&request, &s.call_id)
+            && let Some(answer) = self
+                .peers
+                .as_ref()
+                .expect("an owner comes from peers")
+                .forward(&owner, "AddParticipant", &request, |mut c, r| async move {
+                    c.add_participant(r).await
+                })
+                .await
+        {
+            return answer;
+        }
         let req = api::AddRequest::try_from(request.into_inner())?;
         let out = self
             .controller
             .add_participant(req.session_id, req.participant)?;
+        if out.changed {
+            self.replicate(req.session_id).await;
+        }
         Ok(Response::new(pb::AddParticipantResponse {
             session: Some(out.session),
             leg: Some(out.leg),
@@ -433,6 +515,9 @@ impl pb::session_service_server::SessionService for SessionApi {
         let out = self
             .controller
             .remove_participant(req.session_id, &req.participant_id)?;
+        if out.changed {
+            self.replicate(req.session_id).await;
+        }
         Ok(Response::new(pb::RemoveParticipantResponse {
             session: Some(out.session),
         }))
@@ -445,6 +530,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         self.authorize(&request)?;
         let req = api::ExtendRequest::try_from(request.into_inner())?;
         let session = self.controller.extend(req.session_id, req.ttl)?;
+        self.replicate(session.id).await;
         Ok(Response::new(pb::ExtendSessionResponse {
             session: Some(session.to_pb()),
         }))
@@ -463,6 +549,7 @@ impl pb::session_service_server::SessionService for SessionApi {
             .release(id)
             .inspect_err(|_| m.count_release(ReleaseResult::NotFound))?;
         m.count_release(ReleaseResult::Released);
+        self.replicate(session.id).await;
         Ok(Response::new(pb::ReleaseSessionResponse {
             session: Some(session.to_pb()),
         }))

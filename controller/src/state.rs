@@ -198,6 +198,10 @@ pub enum NotReady {
     /// Shutdown has begun: relay links and watches are closing.
     #[error("draining: shutting down")]
     Draining,
+    /// Starting: the peer replicas' sessions are not all merged yet (each peer has sent its
+    /// snapshot, or could not be reached).
+    #[error("syncing sessions from peer replicas")]
+    Syncing,
 }
 
 /// Unix milliseconds now.
@@ -226,7 +230,12 @@ pub struct Controller {
     released: tokio::sync::broadcast::Sender<u64>,
     /// Sessions whose participants changed, or that were extended.
     changes: tokio::sync::broadcast::Sender<(u64, SessionChange)>,
+    /// Sessions created or changed by this replica (not those merged from peers), for the
+    /// replicas that follow this one (`ReplicaService.Sync`).
+    records: tokio::sync::broadcast::Sender<u64>,
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Peer replicas' sessions still being merged at start.
+    syncing: AtomicBool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -259,8 +268,16 @@ impl Controller {
             quotas,
             released: tokio::sync::broadcast::channel(1024).0,
             changes: tokio::sync::broadcast::channel(1024).0,
+            records: tokio::sync::broadcast::channel(4096).0,
             stopping: tokio::sync::watch::channel(false).0,
+            syncing: AtomicBool::new(false),
         }
+    }
+
+    /// Marks whether the peer replicas' sessions are still being merged (not ready until they
+    /// are).
+    pub fn set_syncing(&self, syncing: bool) {
+        self.syncing.store(syncing, Ordering::Relaxed);
     }
 
     /// Replaces the key ring (rotation): new tokens are signed with its signing key.
@@ -298,11 +315,13 @@ impl Controller {
                 }
                 let session = self.create_counted(&req, now, owner)?;
                 e.insert(session.id);
+                let _ = self.records.send(session.id);
                 Ok((session, true))
             }
             Entry::Vacant(e) => {
                 let session = self.create_counted(&req, now, owner)?;
                 e.insert(session.id);
+                let _ = self.records.send(session.id);
                 Ok((session, true))
             }
         }
@@ -472,6 +491,7 @@ impl Controller {
             self.registry.note_placed(&primary.node_id, 1);
         }
         let _ = self.changes.send((s.id, SessionChange::Participants));
+        let _ = self.records.send(s.id);
         tracing::debug!(session = %SessionId(id), leg = index, "participant added");
         Ok(Changed {
             session: s.to_pb(),
@@ -505,21 +525,9 @@ impl Controller {
         let index = legs[at].index;
         drop(legs);
         if changed {
-            // A released session's relays revoked it whole already.
-            if !s.is_released() {
-                let revoke = pb::ControllerMessage {
-                    kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
-                        sessions: Vec::new(),
-                        legs: vec![pb::RevokedLeg {
-                            session_id: s.id,
-                            leg_index: u32::from(index),
-                            expires_unix_ms: s.expires_unix_ms(),
-                        }],
-                    })),
-                };
-                self.registry.broadcast(&revoke);
-            }
+            self.announce_removed(&s, index);
             let _ = self.changes.send((s.id, SessionChange::Participants));
+            let _ = self.records.send(s.id);
             tracing::debug!(session = %SessionId(id), leg = index, "participant removed");
         }
         Ok(Changed {
@@ -546,16 +554,9 @@ impl Controller {
         if until <= before {
             return Ok(s);
         }
-        let extend = pb::ControllerMessage {
-            kind: Some(pb::controller_message::Kind::Extend(pb::Extend {
-                sessions: vec![pb::ExtendedSession {
-                    session_id: s.id,
-                    expires_unix_ms: until,
-                }],
-            })),
-        };
-        self.registry.broadcast(&extend);
+        self.announce_extended(&s, until);
         let _ = self.changes.send((s.id, SessionChange::Extended));
+        let _ = self.records.send(s.id);
         tracing::debug!(session = %SessionId(id), ttl_secs = ttl.as_secs(), "session extended");
         Ok(s)
     }
@@ -583,18 +584,10 @@ impl Controller {
         let s = self.get(id)?;
         if !s.released.swap(true, Ordering::Relaxed) {
             self.end_live(&s);
-            let revoke = pb::ControllerMessage {
-                kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
-                    sessions: vec![pb::RevokedSession {
-                        session_id: s.id,
-                        expires_unix_ms: s.expires_unix_ms(),
-                    }],
-                    legs: Vec::new(),
-                })),
-            };
-            self.registry.broadcast(&revoke);
+            self.announce_released(&s);
             // No subscriber is fine: nobody is watching.
             let _ = self.released.send(s.id);
+            let _ = self.records.send(s.id);
             tracing::debug!(session = %SessionId(id), "session released");
         }
         Ok(s)
@@ -615,6 +608,8 @@ impl Controller {
     pub fn readiness(&self) -> Result<(), NotReady> {
         if *self.stopping.borrow() {
             Err(NotReady::Draining)
+        } else if self.syncing.load(Ordering::Relaxed) {
+            Err(NotReady::Syncing)
         } else if self.registry.up() == 0 {
             Err(NotReady::NoRelay)
         } else {
@@ -706,6 +701,323 @@ impl Controller {
             }
         }
     }
+}
+
+/// Telling relays, and keeping replicas in step: what a change means for the relays attached
+/// here, and the session as other replicas hold it (`veil.v1.SessionRecord`).
+impl Controller {
+    /// Tells every relay attached here that leg `index` of `s` is revoked (unless the whole
+    /// session is: a released session's relays revoked it whole already).
+    fn announce_removed(&self, s: &Session, index: u8) {
+        if s.is_released() {
+            return;
+        }
+        self.registry.broadcast(&pb::ControllerMessage {
+            kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
+                sessions: Vec::new(),
+                legs: vec![pb::RevokedLeg {
+                    session_id: s.id,
+                    leg_index: u32::from(index),
+                    expires_unix_ms: s.expires_unix_ms(),
+                }],
+            })),
+        });
+    }
+
+    /// Tells every relay attached here that `s` now lasts until `until`.
+    fn announce_extended(&self, s: &Session, until: u64) {
+        self.registry.broadcast(&pb::ControllerMessage {
+            kind: Some(pb::controller_message::Kind::Extend(pb::Extend {
+                sessions: vec![pb::ExtendedSession {
+                    session_id: s.id,
+                    expires_unix_ms: until,
+                }],
+            })),
+        });
+    }
+
+    /// Tells every relay attached here to stop serving `s`.
+    fn announce_released(&self, s: &Session) {
+        self.registry.broadcast(&pb::ControllerMessage {
+            kind: Some(pb::controller_message::Kind::Revoke(pb::Revoke {
+                sessions: vec![pb::RevokedSession {
+                    session_id: s.id,
+                    expires_unix_ms: s.expires_unix_ms(),
+                }],
+                legs: Vec::new(),
+            })),
+        });
+    }
+
+    /// Subscribes to the sessions this replica creates or changes (session ids).
+    pub fn subscribe_records(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.records.subscribe()
+    }
+
+    /// Live session `id` as replicas hold it.
+    pub fn record(&self, id: u64) -> Option<pb::SessionRecord> {
+        self.get(id).ok().map(|s| record_of(&s))
+    }
+
+    /// Every live session, as replicas hold them.
+    pub fn records(&self) -> Vec<pb::SessionRecord> {
+        let now = unix_ms();
+        self.by_id
+            .iter()
+            .filter(|s| !s.expired(now))
+            .map(|s| record_of(&s))
+            .collect()
+    }
+
+    /// Merges a session as another replica holds it: a session new here is kept as it is;
+    /// for one known here, legs are added by index, removals and a release are never undone,
+    /// and the later expiry wins. Relays attached here and watchers here hear what changed,
+    /// as if it had changed here. Merging the same record again changes nothing. Returns
+    /// whether anything changed.
+    pub fn merge(&self, rec: pb::SessionRecord) -> Result<bool, String> {
+        let now = unix_ms();
+        if rec.session_id == 0 || rec.expires_unix_ms <= now {
+            return Ok(false);
+        }
+        let incoming = session_of(rec)?;
+        let existing = self.by_id.get(&incoming.id).map(|s| s.clone());
+        let Some(s) = existing else {
+            return Ok(self.merge_new(incoming, now));
+        };
+        let (mut participants, mut removed) = (false, Vec::new());
+        {
+            let mut ours = s.legs();
+            for leg in incoming.legs().iter() {
+                let len = ours.len();
+                match ours.get_mut(usize::from(leg.index)) {
+                    Some(o) if leg.removed && !o.removed => {
+                        o.removed = true;
+                        removed.push(o.index);
+                        participants = true;
+                    }
+                    Some(_) => {}
+                    None if usize::from(leg.index) == len => {
+                        ours.push(leg.clone());
+                        participants = true;
+                    }
+                    // A gap: this record is behind on legs we lack in between; the next one fills it.
+                    None => {}
+                }
+            }
+        }
+        for index in removed {
+            self.announce_removed(&s, index);
+        }
+        let until = incoming.expires_unix_ms();
+        let extended = s.expires_unix_ms.fetch_max(until, Ordering::Relaxed) < until;
+        if extended && !s.is_released() {
+            self.announce_extended(&s, until);
+        }
+        let released = incoming.is_released() && !s.released.swap(true, Ordering::Relaxed);
+        if released {
+            self.end_live(&s);
+            self.announce_released(&s);
+            let _ = self.released.send(s.id);
+        }
+        if participants {
+            let _ = self.changes.send((s.id, SessionChange::Participants));
+        }
+        if extended {
+            let _ = self.changes.send((s.id, SessionChange::Extended));
+        }
+        Ok(participants || extended || released)
+    }
+
+    /// Keeps a session first heard of from another replica.
+    fn merge_new(&self, s: Session, now: u64) -> bool {
+        let s = Arc::new(s);
+        if s.is_released() {
+            s.live.store(false, Ordering::Relaxed);
+        } else {
+            // Counted, never refused: the replica that allocated it admitted it.
+            self.quotas.count_session(s.owner);
+        }
+        match self.by_id.entry(s.id) {
+            Entry::Occupied(_) => {
+                // Merged at the same instant by another task: that one counts it.
+                self.end_live(&s);
+                return false;
+            }
+            Entry::Vacant(e) => {
+                e.insert(s.clone());
+            }
+        }
+        // The call's session, unless another live one holds the call: two sessions for one
+        // call only come from replicas that could not reach each other (docs/OPERATIONS.md),
+        // and every replica settles on the same one, the lower id, for retries to return.
+        match self.by_call.entry(s.call_id.clone()) {
+            Entry::Vacant(e) => {
+                e.insert(s.id);
+            }
+            Entry::Occupied(mut e) => {
+                let held = self.by_id.get(e.get()).map(|h| (h.id, h.expired(now)));
+                match held {
+                    Some((id, false)) if id < s.id => {}
+                    _ => {
+                        e.insert(s.id);
+                    }
+                }
+            }
+        }
+        if s.is_released() {
+            self.announce_released(&s);
+        } else {
+            for index in s.removed_legs() {
+                self.announce_removed(&s, index);
+            }
+            if s.extended() {
+                self.announce_extended(&s, s.expires_unix_ms());
+            }
+        }
+        tracing::debug!(session = %SessionId(s.id), "session merged from a peer replica");
+        true
+    }
+}
+
+fn transport_pb(t: Transport) -> pb::Transport {
+    match t {
+        Transport::Udp => pb::Transport::Udp,
+        Transport::Quic => pb::Transport::Quic,
+    }
+}
+
+fn participant_pb(p: &Participant) -> pb::Participant {
+    pb::Participant {
+        participant_id: p.id.clone(),
+        region: p.region.clone(),
+        preferred_transport: p.transport.map_or(pb::Transport::Unspecified, transport_pb) as i32,
+    }
+}
+
+fn participant_of(p: pb::Participant) -> Participant {
+    let transport = p.preferred_transport();
+    Participant {
+        id: p.participant_id,
+        region: p.region,
+        transport: match transport {
+            pb::Transport::Udp => Some(Transport::Udp),
+            pb::Transport::Quic => Some(Transport::Quic),
+            pb::Transport::Unspecified => None,
+        },
+    }
+}
+
+/// `s` as replicas hold it.
+pub fn record_of(s: &Session) -> pb::SessionRecord {
+    let (owner_credential, owner_open) = match s.owner {
+        Credential::Open => (0, true),
+        Credential::Token(i) => (i, false),
+    };
+    pb::SessionRecord {
+        session_id: s.id,
+        call_id: s.call_id.clone(),
+        participants: s.participants.iter().map(participant_pb).collect(),
+        legs: s
+            .legs()
+            .iter()
+            .map(|l| pb::LegRecord {
+                leg_index: u32::from(l.index),
+                token: l.token.clone(),
+                transport: transport_pb(l.transport) as i32,
+                participant: Some(participant_pb(&l.participant)),
+                removed: l.removed,
+            })
+            .collect(),
+        relays: s
+            .relays
+            .iter()
+            .map(|(r, role)| pb::RelayRecord {
+                node_id: r.node_id.clone(),
+                region: r.region.clone(),
+                zone: r.zone.clone(),
+                udp_address: r.udp_address.clone(),
+                quic_address: r.quic_address.clone(),
+                quic_cert_sha256: r.quic_cert_sha256.clone(),
+                turn_udp: r.turn_udp,
+                turn_tcp_address: r.turn_tcp_address.clone(),
+                turn_tls_address: r.turn_tls_address.clone(),
+                capacity_legs: r.capacity_legs,
+                role: match role {
+                    Role::Primary => pb::RelayRole::Primary,
+                    Role::Backup => pb::RelayRole::Backup,
+                } as i32,
+            })
+            .collect(),
+        expires_unix_ms: s.expires_unix_ms(),
+        allocated_expiry_unix_ms: s.allocated_expiry_unix_ms,
+        released: s.is_released(),
+        owner_credential,
+        owner_open,
+    }
+}
+
+/// A session from its record; `Err` names what is wrong with a malformed one.
+fn session_of(rec: pb::SessionRecord) -> Result<Session, String> {
+    if rec.legs.len() > crate::api::MAX_PARTICIPANTS || rec.relays.is_empty() {
+        return Err("a session record needs 1 or 2 relays and at most 16 legs".into());
+    }
+    let mut legs = Vec::with_capacity(rec.legs.len());
+    for (i, l) in rec.legs.into_iter().enumerate() {
+        if l.leg_index as usize != i {
+            return Err("a session record's legs must be in index order from 0".into());
+        }
+        let transport = match l.transport() {
+            pb::Transport::Quic => Transport::Quic,
+            _ => Transport::Udp,
+        };
+        legs.push(Leg {
+            index: i as u8,
+            token: l.token,
+            transport,
+            participant: participant_of(l.participant.unwrap_or_default()),
+            removed: l.removed,
+        });
+    }
+    let relays = rec
+        .relays
+        .into_iter()
+        .map(|r| {
+            let role = match r.role() {
+                pb::RelayRole::Backup => Role::Backup,
+                _ => Role::Primary,
+            };
+            let info = RelayInfo {
+                node_id: r.node_id,
+                region: r.region,
+                zone: r.zone,
+                udp_address: r.udp_address,
+                quic_address: r.quic_address,
+                quic_cert_sha256: r.quic_cert_sha256,
+                turn_udp: r.turn_udp,
+                turn_tcp_address: r.turn_tcp_address,
+                turn_tls_address: r.turn_tls_address,
+                capacity_legs: r.capacity_legs,
+                instance_id: 0,
+            };
+            (info, role)
+        })
+        .collect();
+    Ok(Session {
+        id: rec.session_id,
+        call_id: rec.call_id,
+        participants: rec.participants.into_iter().map(participant_of).collect(),
+        legs: Mutex::new(legs),
+        relays,
+        expires_unix_ms: AtomicU64::new(rec.expires_unix_ms),
+        allocated_expiry_unix_ms: rec.allocated_expiry_unix_ms,
+        owner: if rec.owner_open {
+            Credential::Open
+        } else {
+            Credential::Token(rec.owner_credential)
+        },
+        released: AtomicBool::new(rec.released),
+        live: AtomicBool::new(!rec.released),
+    })
 }
 
 /// A leg's relays as TURN servers (`RTCIceServer`), the primary first, with the leg's TURN

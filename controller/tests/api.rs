@@ -9,22 +9,22 @@ use tonic::Code;
 use veil_controller::dev::{Cluster, Options};
 use veil_proto::v1 as pb;
 
-use common::{allocate, client, http_get, request};
+use common::{Api, allocate, client, client_any, http_get, request};
 
+/// A local cluster of three controller replicas: the API tests send each RPC to any of them
+/// (`client_any`).
 async fn cluster(relays: usize) -> Cluster {
     Cluster::start(Options {
         relays,
         workers_per_relay: 1,
+        controllers: 3,
         ..Options::default()
     })
     .await
     .unwrap()
 }
 
-async fn code_of(
-    api: &mut pb::session_service_client::SessionServiceClient<tonic::transport::Channel>,
-    r: pb::AllocateSessionRequest,
-) -> (Code, String) {
+async fn code_of(api: &mut Api, r: pb::AllocateSessionRequest) -> (Code, String) {
     let e = api.allocate_session(r).await.expect_err("must be refused");
     (e.code(), e.message().to_string())
 }
@@ -32,7 +32,7 @@ async fn code_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_precise_codes_and_change_nothing() {
     let c = cluster(1).await;
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
 
     let mut r = request("", 2);
     assert_eq!(
@@ -131,7 +131,7 @@ async fn bad_requests_get_precise_codes_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocate_is_idempotent_on_call_id() {
     let c = cluster(2).await;
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
     let first = api
         .allocate_session(request("call-a", 3))
         .await
@@ -294,7 +294,7 @@ async fn health_and_reflection_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_and_oversized_input_gets_clear_errors() {
     let c = cluster(1).await;
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
 
     // Big, but under the message limit: refused by validation, the value never echoed.
     let mut r = request("c", 2);
@@ -510,7 +510,7 @@ async fn spent_deadlines_get_deadline_exceeded() {
     }
     // Through tonic's client, a spent deadline fails on the client's own timer or the server's,
     // whichever is first: never a panic, never a session, and the server carries on.
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
     for timeout in [
         Duration::ZERO,
         Duration::from_nanos(1),

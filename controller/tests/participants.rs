@@ -78,11 +78,12 @@ async fn join_talk_and_leave_while_the_others_lose_nothing() {
     let c = Cluster::start(Options {
         relays: 2,
         workers_per_relay: 2,
+        controllers: 3,
         ..Options::default()
     })
     .await
     .unwrap();
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
     let s = allocate(&mut api, request("group-call", 2)).await;
     let primary: SocketAddr = s.relays[0].udp_address.parse().unwrap();
     let backup: SocketAddr = s.relays[1].udp_address.parse().unwrap();
@@ -310,11 +311,12 @@ async fn a_relay_attaching_later_learns_removed_legs() {
 async fn participant_changes_get_precise_errors_and_events() {
     let c = Cluster::start(Options {
         relays: 1,
+        controllers: 3,
         ..Options::default()
     })
     .await
     .unwrap();
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
     let s = allocate(&mut api, request("errors-call", 2)).await;
     let tokens: Vec<Vec<u8>> = s.legs.iter().map(|l| l.token.clone()).collect();
     let check = |e: tonic::Status, code: Code, want: &str| {
@@ -444,12 +446,13 @@ async fn a_ringing_callee_is_invisible_to_the_caller() {
 
     let c = Cluster::start(Options {
         relays: 1,
+        controllers: 3,
         ..Options::default()
     })
     .await
     .unwrap();
     let relay = c.relays[0].udp;
-    let mut api = client(&c.controller_url).await;
+    let mut api = client_any(&c.controller_urls).await;
     let s = allocate(&mut api, request("ringing", 2)).await;
     let caller = Token::from_bytes(&s.legs[0].token).unwrap();
 

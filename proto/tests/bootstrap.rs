@@ -11,6 +11,7 @@ fn generated_code_is_fresh() {
         "veil/v1/session.proto",
         "veil/v1/registry.proto",
         "veil/v1/admin.proto",
+        "veil/v1/replica.proto",
     ]
     .iter()
     .map(|p| root.join(p))

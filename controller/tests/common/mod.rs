@@ -120,15 +120,70 @@ impl Drop for DevProcess {
     }
 }
 
-pub async fn client(url: &str) -> SessionServiceClient<Channel> {
-    SessionServiceClient::connect(url.to_string())
-        .await
-        .expect("connect to controller")
+/// A gRPC channel to one or more controller replicas that sends each call to one of them
+/// picked at random: an API test run on several replicas sends every RPC to any of them.
+#[derive(Clone)]
+pub struct AnyReplica {
+    channels: Arc<Vec<Channel>>,
+}
+
+impl AnyReplica {
+    pub async fn connect(urls: &[String]) -> Self {
+        let mut channels = Vec::new();
+        for url in urls {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .expect("connect to controller"),
+            );
+        }
+        Self {
+            channels: Arc::new(channels),
+        }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for AnyReplica {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let i = rand::random_range(0..self.channels.len());
+        let mut ch = self.channels[i].clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| tower::Service::poll_ready(&mut ch, cx)).await?;
+            tower::Service::call(&mut ch, req).await
+        })
+    }
+}
+
+/// The public API's client, as tests use it: to one replica, or to any of several.
+pub type Api = SessionServiceClient<AnyReplica>;
+
+pub async fn client(url: &str) -> Api {
+    client_any(&[url.to_string()]).await
+}
+
+/// A client that sends each RPC to a random one of `urls`.
+pub async fn client_any(urls: &[String]) -> Api {
+    SessionServiceClient::new(AnyReplica::connect(urls).await)
 }
 
 /// Allocates a session that must be granted; returns it.
 pub async fn allocate(
-    api: &mut SessionServiceClient<Channel>,
+    api: &mut Api,
     req: impl tonic::IntoRequest<pb::AllocateSessionRequest>,
 ) -> pb::Session {
     api.allocate_session(req)
@@ -735,13 +790,22 @@ pub struct ControllerProcess {
     pub stderr: Arc<Mutex<Vec<u8>>>,
 }
 
+/// A free TCP port on 127.0.0.1 (for a server that must come back on the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl ControllerProcess {
     pub fn start(keys: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_on(keys, free_port(), &[])
+    }
+
+    /// A controller on gRPC port `port`, with `extra` flags.
+    pub fn start_on(keys: &std::path::Path, port: u16, extra: &[&str]) -> Self {
         let mut child = Command::new(bin("veil-controller"))
             .arg("--key-file")
             .arg(keys)
@@ -751,6 +815,7 @@ impl ControllerProcess {
                 "--ops-addr",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env_remove("VEIL_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -2190,3 +2190,494 @@ pub mod admin_service_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ApplyResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SyncRequest {
+    /// The calling replica's id (--replica-id), for logs and to refuse a replica following itself.
+    #[prost(string, tag = "1")]
+    pub replica_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SyncMessage {
+    #[prost(oneof = "sync_message::Kind", tags = "1, 2, 3")]
+    pub kind: ::core::option::Option<sync_message::Kind>,
+}
+/// Nested message and enum types in `SyncMessage`.
+pub mod sync_message {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Hello(super::ReplicaHello),
+        #[prost(message, tag = "2")]
+        Session(super::SessionRecord),
+        /// Sent once every session held at subscription time has been sent.
+        #[prost(message, tag = "3")]
+        SnapshotDone(super::SnapshotDone),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReplicaHello {
+    /// The serving replica's id (--replica-id): unique in the cluster.
+    #[prost(string, tag = "1")]
+    pub replica_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotDone {}
+/// A session as replicas hold it: everything needed to serve it. Merging two records of one
+/// session is commutative and idempotent: legs are kept by index, a removal is never undone,
+/// the later expiry wins, a release is never undone.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SessionRecord {
+    #[prost(fixed64, tag = "1")]
+    pub session_id: u64,
+    #[prost(string, tag = "2")]
+    pub call_id: ::prost::alloc::string::String,
+    /// The participants the session was allocated with (AllocateSession idempotency).
+    #[prost(message, repeated, tag = "3")]
+    pub participants: ::prost::alloc::vec::Vec<Participant>,
+    #[prost(message, repeated, tag = "4")]
+    pub legs: ::prost::alloc::vec::Vec<LegRecord>,
+    #[prost(message, repeated, tag = "5")]
+    pub relays: ::prost::alloc::vec::Vec<RelayRecord>,
+    #[prost(uint64, tag = "6")]
+    pub expires_unix_ms: u64,
+    #[prost(uint64, tag = "7")]
+    pub allocated_expiry_unix_ms: u64,
+    #[prost(bool, tag = "8")]
+    pub released: bool,
+    /// The signaling credential that allocated it (its position in --signaling-tokens; replicas
+    /// run with the same list), whose live-sessions quota it counts against. 0 when open.
+    #[prost(uint32, tag = "9")]
+    pub owner_credential: u32,
+    #[prost(bool, tag = "10")]
+    pub owner_open: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegRecord {
+    #[prost(uint32, tag = "1")]
+    pub leg_index: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub token: ::prost::alloc::vec::Vec<u8>,
+    #[prost(enumeration = "Transport", tag = "3")]
+    pub transport: i32,
+    #[prost(message, optional, tag = "4")]
+    pub participant: ::core::option::Option<Participant>,
+    #[prost(bool, tag = "5")]
+    pub removed: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RelayRecord {
+    #[prost(string, tag = "1")]
+    pub node_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub region: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub zone: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub udp_address: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub quic_address: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "6")]
+    pub quic_cert_sha256: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bool, tag = "7")]
+    pub turn_udp: bool,
+    #[prost(string, tag = "8")]
+    pub turn_tcp_address: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub turn_tls_address: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "10")]
+    pub capacity_legs: u64,
+    #[prost(enumeration = "RelayRole", tag = "11")]
+    pub role: i32,
+}
+/// Generated client implementations.
+pub mod replica_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Controller replicas share their sessions with each other, with no database: each replica
+    /// follows every other one's sessions over `Sync`, and keeps a copy of each. Any replica can
+    /// then serve any RPC for any session, and a replica that restarts gets every live session back
+    /// from the others. Internal: only replicas call it, with a peer credential (--peer-tokens).
+    #[derive(Debug, Clone)]
+    pub struct ReplicaServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl ReplicaServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> ReplicaServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> ReplicaServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            ReplicaServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Streams this replica's sessions to a peer: first a Hello naming the replica, then every
+        /// live session it holds, then each session again each time it changes here (created,
+        /// participant added or removed, extended, released), until the stream ends.
+        pub async fn sync(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SyncRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::SyncMessage>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/veil.v1.ReplicaService/Sync",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("veil.v1.ReplicaService", "Sync"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Merges a session changed on the calling replica, before that replica answers its caller:
+        /// a client that changed a session on one replica reads the change on any other.
+        pub async fn apply(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SessionRecord>,
+        ) -> std::result::Result<tonic::Response<super::ApplyResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/veil.v1.ReplicaService/Apply",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("veil.v1.ReplicaService", "Apply"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod replica_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with ReplicaServiceServer.
+    #[async_trait]
+    pub trait ReplicaService: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the Sync method.
+        type SyncStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::SyncMessage, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams this replica's sessions to a peer: first a Hello naming the replica, then every
+        /// live session it holds, then each session again each time it changes here (created,
+        /// participant added or removed, extended, released), until the stream ends.
+        async fn sync(
+            &self,
+            request: tonic::Request<super::SyncRequest>,
+        ) -> std::result::Result<tonic::Response<Self::SyncStream>, tonic::Status>;
+        /// Merges a session changed on the calling replica, before that replica answers its caller:
+        /// a client that changed a session on one replica reads the change on any other.
+        async fn apply(
+            &self,
+            request: tonic::Request<super::SessionRecord>,
+        ) -> std::result::Result<tonic::Response<super::ApplyResponse>, tonic::Status>;
+    }
+    /// Controller replicas share their sessions with each other, with no database: each replica
+    /// follows every other one's sessions over `Sync`, and keeps a copy of each. Any replica can
+    /// then serve any RPC for any session, and a replica that restarts gets every live session back
+    /// from the others. Internal: only replicas call it, with a peer credential (--peer-tokens).
+    #[derive(Debug)]
+    pub struct ReplicaServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> ReplicaServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for ReplicaServiceServer<T>
+    where
+        T: ReplicaService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/veil.v1.ReplicaService/Sync" => {
+                    #[allow(non_camel_case_types)]
+                    struct SyncSvc<T: ReplicaService>(pub Arc<T>);
+                    impl<
+                        T: ReplicaService,
+                    > tonic::server::ServerStreamingService<super::SyncRequest>
+                    for SyncSvc<T> {
+                        type Response = super::SyncMessage;
+                        type ResponseStream = T::SyncStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SyncRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ReplicaService>::sync(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SyncSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/veil.v1.ReplicaService/Apply" => {
+                    #[allow(non_camel_case_types)]
+                    struct ApplySvc<T: ReplicaService>(pub Arc<T>);
+                    impl<
+                        T: ReplicaService,
+                    > tonic::server::UnaryService<super::SessionRecord> for ApplySvc<T> {
+                        type Response = super::ApplyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SessionRecord>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ReplicaService>::apply(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ApplySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for ReplicaServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "veil.v1.ReplicaService";
+    impl<T> tonic::server::NamedService for ReplicaServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}

@@ -1,0 +1,465 @@
+//! Any replica serves any session, with no database (issue "Calls as apps run them", item 5):
+//! three controller replicas that follow each other's sessions (`--peers`), every RPC sent to a
+//! random one. The hard cases, each attacked from outside: a retry and concurrent allocations
+//! of one `call_id` on different replicas; a replica SIGKILLed mid-call and restarted (it
+//! loses no session, and media never notices); a partition between replicas, then healed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+use veil_controller::config::Settings;
+use veil_controller::dev::{Cluster, Options};
+use veil_proto::v1 as pb;
+use veil_relay::RelayServer;
+
+fn get(id: &str) -> pb::GetSessionRequest {
+    pb::GetSessionRequest {
+        session_id: id.into(),
+    }
+}
+
+fn add(session_id: &str, id: &str) -> pb::AddParticipantRequest {
+    pb::AddParticipantRequest {
+        session_id: session_id.into(),
+        participant: Some(pb::Participant {
+            participant_id: id.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Starts in-process relays (UDP) attached to every one of `controllers`; they stop when the
+/// returned sender turns true.
+async fn relays(
+    keys: &veil_relay_core::KeyRing,
+    n: usize,
+    controllers: &[String],
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut s = veil_relay::config::Settings::local(
+            keys.clone(),
+            &format!("relay-{i}"),
+            controllers.to_vec(),
+        );
+        s.zone = format!("zone-{i}");
+        s.workers = 1;
+        s.report_interval = Duration::from_millis(250);
+        let r = RelayServer::load(s).await.unwrap();
+        let mut rx = stopped.clone();
+        tasks.push(tokio::spawn(r.run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })));
+    }
+    (stop, tasks)
+}
+
+/// Waits until the replica at `url` reports SERVING on gRPC health (relays attached, and every
+/// peer's sessions merged), at most `within`.
+async fn serving(url: &str, within: Duration) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let until = Instant::now() + within;
+    loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < until, "{url} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_simultaneous_allocations_on_different_replicas_get_one_session() {
+    let c = Cluster::start(Options {
+        relays: 2,
+        workers_per_relay: 1,
+        controllers: 3,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    let mut apis = Vec::new();
+    for url in &c.controller_urls {
+        apis.push(client(url).await);
+    }
+
+    // A retry on each other replica returns the same session, tokens and relays.
+    for call in 0..12 {
+        let first = call % 3;
+        let s = allocate(&mut apis[first], request(&format!("retried-{call}"), 3)).await;
+        for (other, api) in apis.iter_mut().enumerate().filter(|(i, _)| *i != first) {
+            let again = api
+                .allocate_session(request(&format!("retried-{call}"), 3))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!again.created, "replica {other}: a retry creates nothing");
+            assert_eq!(again.session.unwrap(), s, "replica {other}");
+            // Read right after it was written, anywhere.
+            let got = api.get_session(get(&s.session_id)).await.unwrap();
+            assert_eq!(got.into_inner().session.unwrap(), s);
+        }
+    }
+
+    // The same new call_id on all three replicas at the same instant: one session.
+    for call in 0..12 {
+        let id = format!("simultaneous-{call}");
+        let (mut a, mut b, mut d) = (apis[0].clone(), apis[1].clone(), apis[2].clone());
+        let (x, y, z) = tokio::join!(
+            a.allocate_session(request(&id, 2)),
+            b.allocate_session(request(&id, 2)),
+            d.allocate_session(request(&id, 2)),
+        );
+        let answers: Vec<_> = [x, y, z]
+            .into_iter()
+            .map(|r| r.unwrap().into_inner())
+            .collect();
+        let created = answers.iter().filter(|a| a.created).count();
+        assert_eq!(created, 1, "{id}: exactly one replica's answer created it");
+        for a in &answers[1..] {
+            assert_eq!(a.session, answers[0].session, "{id}: one session");
+        }
+    }
+
+    // The work was the owners': requests reached them forwarded, and nobody served one itself
+    // for want of an owner.
+    let forwarded: u64 = c
+        .controllers
+        .iter()
+        .map(|s| s.metrics.forwarded("AllocateSession", true))
+        .sum();
+    let fallbacks: u64 = c
+        .controllers
+        .iter()
+        .map(|s| s.metrics.forwarded("AllocateSession", false))
+        .sum();
+    assert!(forwarded > 10, "forwarded {forwarded}");
+    assert_eq!(fallbacks, 0);
+    // Every replica holds every session.
+    for s in &c.controllers {
+        assert_eq!(s.sessions(), 24);
+    }
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_call_loses_no_session_and_media_never_notices() {
+    let keys = veil_controller::dev::generate_keys();
+    let file = key_file(&keys);
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let start = |i: usize| {
+        let peers: Vec<String> = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| urls[j].clone())
+            .collect();
+        ControllerProcess::start_on(
+            &file,
+            ports[i],
+            &[
+                "--replica-id",
+                &format!("controller-{i}"),
+                "--peers",
+                &peers.join(","),
+            ],
+        )
+    };
+    let mut replicas: Vec<ControllerProcess> = (0..3).map(start).collect();
+    let (stop, tasks) = relays(&keys, 2, &urls).await;
+    for url in &urls {
+        serving(url, Duration::from_secs(20)).await;
+    }
+    let mut any = client_any(&urls).await;
+    let mut s = allocate(&mut any, request("long-call", 2)).await;
+    let primary: SocketAddr = s.relays[0].udp_address.parse().unwrap();
+    let peers = vec![
+        Peer::join(&s.legs[0], "127.0.0.2", 1).await,
+        Peer::join(&s.legs[1], "127.0.0.3", 2).await,
+    ];
+    let chat = Chat::start(peers, Duration::from_millis(20), &[primary]);
+
+    for victim in 0..3 {
+        // SIGKILL: no goodbye to the relays or the other replicas.
+        replicas[victim].signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = replicas[victim].child.wait();
+        // Media flows on meanwhile.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let others: Vec<String> = (0..3)
+            .filter(|&j| j != victim)
+            .map(|j| urls[j].clone())
+            .collect();
+        let mut api = client_any(&others).await;
+        // The session, a participant who joins, an extension, and a new call, all without it
+        // (the victim may well have been the call's owner).
+        let joined = api
+            .add_participant(add(&s.session_id, &format!("joiner-{victim}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(joined.created);
+        s = api
+            .extend_session(pb::ExtendSessionRequest {
+                session_id: s.session_id.clone(),
+                ttl_seconds: 600 + victim as u32 * 60,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        assert_eq!(s.legs.len(), 3 + victim);
+        let new = allocate(&mut api, request(&format!("while-{victim}-was-down"), 2)).await;
+
+        // Back on the same address, it has every session as the others left them, before it
+        // reports ready.
+        replicas[victim] = start(victim);
+        serving(&urls[victim], Duration::from_secs(20)).await;
+        let mut back = client(&urls[victim]).await;
+        let got = back.get_session(get(&s.session_id)).await.unwrap();
+        assert_eq!(got.into_inner().session.unwrap(), s, "replica {victim}");
+        let got = back.get_session(get(&new.session_id)).await.unwrap();
+        assert_eq!(got.into_inner().session.unwrap(), new, "replica {victim}");
+        // And the retry of the call made while it was away returns that session.
+        let again = back
+            .allocate_session(request(&format!("while-{victim}-was-down"), 2))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.created);
+        assert_eq!(again.session.unwrap().session_id, new.session_id);
+    }
+
+    // The call's media never depended on a controller: nothing lost.
+    let heard = chat.stop().await;
+    let (due, lost) = chat_loss(&heard);
+    assert!(due > 100, "{due}");
+    assert_eq!(lost, 0, "{lost} of {due} packets lost");
+    assert!(heard.iter().all(|h| h.bad == 0));
+
+    // Released on one replica, released on all.
+    let mut first = client(&urls[0]).await;
+    first
+        .release_session(pb::ReleaseSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap();
+    for url in &urls {
+        let got = client(url)
+            .await
+            .get_session(get(&s.session_id))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.into_inner().session.unwrap().state,
+            pb::SessionState::Released as i32,
+            "{url}"
+        );
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    for r in &replicas {
+        r.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+/// A TCP forwarder that can be cut: while cut it drops every connection it carries and every
+/// new one.
+struct Proxy {
+    addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *rx.borrow() {
+                    continue;
+                }
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut out) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        _ = rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// Waits until every replica follows both of its peers.
+async fn converged(replicas: &[LocalController], within: Duration) {
+    let until = Instant::now() + within;
+    while replicas.iter().any(|r| r.state.metrics.peers_up.get() != 2) {
+        assert!(Instant::now() < until, "replicas did not reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_between_replicas_heals_into_one_view_of_every_session() {
+    let keys = veil_controller::dev::generate_keys();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = ports
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let urls: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
+    // Replica i reaches replica j through its own proxy, (i, j): the test cuts links one by one.
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        for j in (0..3).filter(|&j| j != i) {
+            proxies.push(((i, j), Proxy::start(addrs[j]).await));
+        }
+    }
+    let mut replicas = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut s = Settings::local(keys.clone());
+        s.grpc_addr = *addr;
+        s.replica_id = format!("controller-{i}");
+        s.peers = proxies
+            .iter()
+            .filter(|((from, _), _)| *from == i)
+            .map(|(_, p)| format!("http://{}", p.addr))
+            .collect();
+        replicas.push(LocalController::start(s).await);
+    }
+    let (stop, tasks) = relays(&keys, 1, &urls).await;
+    for r in &replicas {
+        r.wait_relays(1).await;
+    }
+    converged(&replicas, Duration::from_secs(10)).await;
+    let mut apis = Vec::new();
+    for url in &urls {
+        apis.push(client(url).await);
+    }
+    let before = allocate(&mut apis[0], request("before", 3)).await;
+
+    // Replica 0 is cut off from the other two; each side goes on serving.
+    for ((i, j), p) in &proxies {
+        p.set_cut(*i == 0 || *j == 0);
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while replicas[0].state.metrics.peers_up.get() != 0
+        || replicas[1..]
+            .iter()
+            .any(|r| r.state.metrics.peers_up.get() != 1)
+    {
+        assert!(Instant::now() < until, "the partition did not show");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same new call on both sides: neither side can know of the other's session.
+    let lone = allocate(&mut apis[0], request("split-brain", 2)).await;
+    let pair = allocate(&mut apis[1], request("split-brain", 2)).await;
+    assert_ne!(lone.session_id, pair.session_id);
+    // Changes to a session both sides hold: an extension on one, a removal on the other.
+    apis[0]
+        .extend_session(pb::ExtendSessionRequest {
+            session_id: before.session_id.clone(),
+            ttl_seconds: 7200,
+        })
+        .await
+        .unwrap();
+    apis[2]
+        .remove_participant(pb::RemoveParticipantRequest {
+            session_id: before.session_id.clone(),
+            participant_id: "participant-1".into(),
+        })
+        .await
+        .unwrap();
+    // A session only one side knows of yet.
+    let only_pair = allocate(&mut apis[2], request("only-on-one-side", 2)).await;
+    let e = apis[0]
+        .get_session(get(&only_pair.session_id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Healed: every replica settles on one view of every session.
+    for (_, p) in &proxies {
+        p.set_cut(false);
+    }
+    converged(&replicas, Duration::from_secs(10)).await;
+    let winner = lone.session_id.clone().min(pair.session_id.clone());
+    let mut view = None;
+    for (i, api) in apis.iter_mut().enumerate() {
+        // Both calls' sessions, and the one made on one side, are served everywhere.
+        for id in [&lone.session_id, &pair.session_id, &only_pair.session_id] {
+            api.get_session(get(id))
+                .await
+                .unwrap_or_else(|e| panic!("replica {i}: {id}: {e}"));
+        }
+        // A retry of the call made twice returns the same one of them on every replica.
+        let again = api
+            .allocate_session(request("split-brain", 2))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.created);
+        assert_eq!(again.session.unwrap().session_id, winner, "replica {i}");
+        // Both changes to the session held on both sides, merged.
+        let s = api
+            .get_session(get(&before.session_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        let ids: Vec<_> = s.legs.iter().map(|l| l.participant_id.as_str()).collect();
+        assert_eq!(ids, ["participant-0", "participant-2"], "replica {i}");
+        assert!(
+            s.expires_at.as_ref().unwrap().seconds
+                > before.expires_at.as_ref().unwrap().seconds + 3000
+        );
+        match &view {
+            None => view = Some(s),
+            Some(v) => assert_eq!(&s, v, "replica {i} sees the session as the others do"),
+        }
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    for r in replicas {
+        r.stop().await;
+    }
+}
