@@ -463,3 +463,145 @@ async fn a_partition_between_replicas_heals_into_one_view_of_every_session() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_runs_replicas_listed_in_the_ready_line() {
+    let dev = DevProcess::start_with(1, &["--dev-controllers", "3"], &[]);
+    let urls: Vec<String> = dev.ready["controllers"]
+        .as_array()
+        .expect("a controllers array")
+        .iter()
+        .map(|u| u.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(urls.len(), 3);
+    assert_eq!(dev.controller_url(), urls[0], "controller is the first");
+    let mut a = client(&urls[1]).await;
+    let mut b = client(&urls[2]).await;
+    let s = allocate(&mut a, request("dev-call", 2)).await;
+    let got = b.get_session(get(&s.session_id)).await.unwrap();
+    assert_eq!(got.into_inner().session.unwrap(), s);
+    let (status, _) = dev.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outsider_can_neither_follow_a_replica_nor_push_sessions_into_it() {
+    use veil_proto::v1::replica_service_client::ReplicaServiceClient;
+    const PEER: &str = "peer-token-0123456789abcdef";
+    const SIGNALING: &str = "signaling-token-0123456789";
+    let keys = veil_controller::dev::generate_keys();
+    let mut s = Settings::local(keys.clone());
+    s.peer_tokens = vec![PEER.into()];
+    s.signaling_tokens = vec![SIGNALING.into()];
+    let guarded = LocalController::start(s).await;
+    // A replica on a reachable address with no --peer-tokens refuses everyone.
+    let mut s = Settings::local(keys.clone());
+    s.peer_open = false;
+    let closed = LocalController::start(s).await;
+    let (stop, tasks) = relays(&keys, 1, std::slice::from_ref(&guarded.url)).await;
+    guarded.wait_relays(1).await;
+    let mut api = client(&guarded.url).await;
+    let s = allocate(&mut api, with(Some(SIGNALING), request("private", 2))).await;
+
+    let mut peer = ReplicaServiceClient::connect(guarded.url.clone())
+        .await
+        .unwrap();
+    let sync = |replica_id: &str| pb::SyncRequest {
+        replica_id: replica_id.into(),
+    };
+    for (token, code, why) in [
+        (None, Code::Unauthenticated, "CREDENTIAL_MISSING"),
+        (
+            Some("not-a-token-at-all-000"),
+            Code::Unauthenticated,
+            "CREDENTIAL_INVALID",
+        ),
+        // A signaling service's own credential does not follow replicas.
+        (
+            Some(SIGNALING),
+            Code::PermissionDenied,
+            "CREDENTIAL_WRONG_ROLE",
+        ),
+    ] {
+        let e = peer.sync(with(token, sync("outsider"))).await.unwrap_err();
+        assert_eq!((e.code(), reason(&e).as_str()), (code, why), "{token:?}");
+        assert!(!e.message().contains(&hex_token(&s)), "no token in errors");
+    }
+    // A forged record, pushed without the peer credential, changes nothing: a session that
+    // would hand an attacker's token out, and a release of the real one.
+    let mut forged = pb::SessionRecord {
+        session_id: 0x0bad_0bad,
+        call_id: "forged".into(),
+        expires_unix_ms: u64::MAX / 2,
+        ..Default::default()
+    };
+    forged.relays.push(pb::RelayRecord {
+        node_id: "relay-0".into(),
+        udp_address: "127.0.0.9:9".into(),
+        ..Default::default()
+    });
+    let mut release = forged.clone();
+    release.session_id = u64::from_str_radix(&s.session_id, 16).unwrap();
+    release.released = true;
+    for rec in [forged, release] {
+        for token in [None, Some(SIGNALING)] {
+            let e = peer.apply(with(token, rec.clone())).await.unwrap_err();
+            assert!(
+                matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied),
+                "{e:?}"
+            );
+        }
+    }
+    assert_eq!(guarded.state.sessions(), 1);
+    let got = api
+        .get_session(with(Some(SIGNALING), get(&s.session_id)))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.into_inner().session.unwrap().state,
+        pb::SessionState::Active as i32
+    );
+    // The replica's own peers, with the peer credential, follow it.
+    let mut stream = peer
+        .sync(with(Some(PEER), sync("controller-9")))
+        .await
+        .unwrap()
+        .into_inner();
+    let hello = stream.message().await.unwrap().unwrap();
+    assert!(matches!(hello.kind, Some(pb::sync_message::Kind::Hello(_))));
+
+    let mut closed_peer = ReplicaServiceClient::connect(closed.url.clone())
+        .await
+        .unwrap();
+    for token in [None, Some(PEER)] {
+        let e = closed_peer
+            .sync(with(token, sync("outsider")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::PermissionDenied, "REPLICATION_OFF")
+        );
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    guarded.stop().await;
+    closed.stop().await;
+}
+
+/// The first leg's token of `s`, hex, as it would look in a message that leaked it.
+fn hex_token(s: &pb::Session) -> String {
+    hex::encode(&s.legs[0].token)
+}
+
+/// `req` with `authorization: Bearer token`, if any.
+fn with<T>(token: Option<&str>, req: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(req);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}

@@ -61,8 +61,12 @@ fn help_documents_every_flag() {
             "--quota-allocations-per-sec",
             Some("VEIL_CONTROLLER_QUOTA_ALLOCATIONS_PER_SEC"),
         ),
+        ("--replica-id", Some("VEIL_CONTROLLER_REPLICA_ID")),
+        ("--peers", Some("VEIL_CONTROLLER_PEERS")),
+        ("--peer-tokens", Some("VEIL_CONTROLLER_PEER_TOKENS")),
         ("--dev", None),
         ("--dev-relays", None),
+        ("--dev-controllers", None),
         ("--log-format", Some("VEIL_LOG_FORMAT")),
         ("--log-filter", Some("VEIL_LOG")),
     ] {
@@ -155,6 +159,60 @@ fn bad_configuration_exits_64_naming_the_field() {
         ),
         (vec!["--dev", "--dev-relays", "0"], "--dev-relays"),
         (vec!["--dev-relays", "2"], "--dev"),
+        (vec!["--dev", "--dev-controllers", "0"], "--dev-controllers"),
+        (vec!["--dev", "--dev-controllers", "6"], "--dev-controllers"),
+        (vec!["--dev-controllers", "3"], "--dev"),
+        (
+            vec!["--key-file", good, "--replica-id", "a b"],
+            "--replica-id",
+        ),
+        (
+            vec!["--key-file", good, "--peers", "controller-1:50051"],
+            "--peers",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--peers",
+                "http://controller-1:50051,http://controller-1:50051",
+            ],
+            "--peers: each replica once",
+        ),
+        (
+            vec!["--key-file", good, "--peer-tokens", "short"],
+            "--peer-tokens",
+        ),
+        (
+            vec![
+                "--key-file",
+                good,
+                "--peer-tokens",
+                "signaling-token-0123456789",
+                "--signaling-tokens",
+                "signaling-token-0123456789",
+            ],
+            "must not share a token",
+        ),
+        // Replicas send each other every session's leg tokens: never without a credential
+        // on a reachable address.
+        (
+            vec![
+                "--key-file",
+                good,
+                "--grpc-addr",
+                "0.0.0.0:50051",
+                "--signaling-tokens",
+                SIGNALING,
+                "--relay-tokens",
+                RELAY,
+                "--admin-tokens",
+                ADMIN,
+                "--peers",
+                "http://controller-1:50051",
+            ],
+            "--peers needs --peer-tokens",
+        ),
     ];
     for (args, field) in cases {
         let (code, _, err) = controller(&args);

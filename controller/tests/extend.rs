@@ -1,8 +1,9 @@
-//! A call that outlives its TTL (ExtendSession), over real sockets: a real tonic server, real
-//! relays with UDP and QUIC, real SRTP from the client library. The tokens stay the same; media
-//! crosses the original expiry with no packet lost and no client doing anything; the same
-//! tokens bind after it, on the backup and on a relay that attached after the extension; a
-//! session that was not extended ends at its expiry as before.
+//! A call that outlives its TTL (ExtendSession), over real sockets: three real controller
+//! replicas (every RPC sent to any of them), real relays with UDP and QUIC, real SRTP from the
+//! client library. The tokens stay the same; media crosses the original expiry with no packet
+//! lost and no client doing anything; the same tokens bind after it, on the backup and on a
+//! relay that attached after the extension; a session that was not extended ends at its expiry
+//! as before.
 
 mod common;
 
@@ -13,20 +14,19 @@ use common::*;
 use tonic::Code;
 use tonic_types::StatusExt;
 use veil_client::{ClientError, LegStatus};
-use veil_controller::config::Settings;
 use veil_proto::v1 as pb;
 use veil_relay::RelayServer;
 use veil_relay_core::wire::ErrorCode;
 
-/// Starts an in-process relay with UDP and QUIC, attached to `controller`; stops when `stop`
-/// turns true.
+/// Starts an in-process relay with UDP and QUIC, attached to every one of `controllers`; stops
+/// when `stop` turns true.
 async fn relay(
     keys: &veil_relay_core::token::KeyRing,
     node_id: &str,
-    controller: &str,
+    controllers: &[String],
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let mut s = veil_relay::config::Settings::local(keys.clone(), node_id, vec![controller.into()]);
+    let mut s = veil_relay::config::Settings::local(keys.clone(), node_id, controllers.to_vec());
     s.zone = format!("zone-{node_id}");
     s.workers = 1;
     s.report_interval = Duration::from_millis(250);
@@ -59,14 +59,19 @@ fn extend(session_id: &str, ttl_seconds: u32) -> pb::ExtendSessionRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_extended_past_its_ttl_loses_no_packet_and_its_tokens_bind_on() {
     let keys = veil_controller::dev::generate_keys();
-    let controller = LocalController::start(Settings::local(keys.clone())).await;
+    // Three replicas; every RPC goes to any of them.
+    let replicas = LocalController::start_replicas(&keys, 3).await;
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = vec![
-        relay(&keys, "relay-a", &controller.url, &stopped).await,
-        relay(&keys, "relay-b", &controller.url, &stopped).await,
+        relay(&keys, "relay-a", &urls, &stopped).await,
+        relay(&keys, "relay-b", &urls, &stopped).await,
     ];
-    controller.wait_relays(2).await;
-    let mut api = client(&controller.url).await;
+    for r in &replicas {
+        r.wait_relays(2).await;
+    }
+    let controller = &replicas[0];
+    let mut api = client_any(&urls).await;
 
     // Two calls of the shortest TTL: one is extended, the other is not.
     let transports = [pb::Transport::Udp, pb::Transport::Quic];
@@ -161,8 +166,10 @@ async fn a_call_extended_past_its_ttl_loses_no_packet_and_its_tokens_bind_on() {
     assert_eq!(again.expires_at, extended.expires_at);
 
     // A relay that attaches after the extension hears it when it attaches.
-    tasks.push(relay(&keys, "relay-c", &controller.url, &stopped).await);
-    controller.wait_relays(3).await;
+    tasks.push(relay(&keys, "relay-c", &urls, &stopped).await);
+    for r in &replicas {
+        r.wait_relays(3).await;
+    }
     let late: SocketAddr = controller
         .state
         .registry
@@ -236,5 +243,7 @@ async fn a_call_extended_past_its_ttl_loses_no_packet_and_its_tokens_bind_on() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    controller.stop().await;
+    for r in replicas {
+        r.stop().await;
+    }
 }

@@ -27,8 +27,14 @@ pub struct DevProcess {
 
 impl DevProcess {
     pub fn start(relays: usize, env: &[(&str, &str)]) -> Self {
+        Self::start_with(relays, &[], env)
+    }
+
+    /// `--dev --dev-relays relays`, then `args`.
+    pub fn start_with(relays: usize, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_veil-controller"));
         cmd.args(["--dev", "--dev-relays", &relays.to_string()])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_remove("VEIL_LOG")
@@ -482,6 +488,38 @@ impl LocalController {
             stop: Some(stop),
             task,
         }
+    }
+
+    /// Starts `n` replicas on loopback, peers of each other (`--peers`), with `keys`; waits
+    /// until each has merged its peers' sessions.
+    pub async fn start_replicas(keys: &veil_relay_core::KeyRing, n: usize) -> Vec<Self> {
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+            .collect();
+        let mut out = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut s = veil_controller::config::Settings::local(keys.clone());
+            s.grpc_addr = *addr;
+            s.replica_id = format!("controller-{i}");
+            s.peers = addrs
+                .iter()
+                .filter(|a| *a != addr)
+                .map(|a| format!("http://{a}"))
+                .collect();
+            out.push(Self::start(s).await);
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while out
+            .iter()
+            .any(|c| c.state.metrics.peers_up.get() != (n - 1) as i64)
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "replicas did not connect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        out
     }
 
     /// Waits until `n` relays are up, at most 10 s.
