@@ -186,13 +186,15 @@ fn assert_malformed(s: &Status, what: &str, secrets: &[String]) {
     assert_clean(s, secrets);
 }
 
-const UNARY: [&str; 6] = [
+const UNARY: [&str; 8] = [
     "/veil.v1.SessionService/AllocateSession",
     "/veil.v1.SessionService/GetSession",
     "/veil.v1.SessionService/ReleaseSession",
     "/veil.v1.SessionService/WatchSession",
     "/veil.v1.AdminService/DrainRelay",
     "/veil.v1.AdminService/ListRelays",
+    "/veil.v1.ReplicaService/Sync",
+    "/veil.v1.ReplicaService/Apply",
 ];
 const ATTACH: &str = "/veil.v1.RelayRegistry/Attach";
 
