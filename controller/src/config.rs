@@ -118,8 +118,10 @@ pub struct Config {
 
     /// The gRPC URLs of the other controller replicas (comma-separated, for example
     /// `http://controller-1.veil:50051`): this replica keeps a copy of their sessions and they
-    /// of its own, so that any replica serves any session, with no database. Every replica
-    /// lists every other one. Empty: a single replica.
+    /// of its own, so that any replica serves any session, with no database. A URL's host may
+    /// resolve to several replicas (a headless Service: one address per pod), this one
+    /// included: it links to every address, resolves the name again every 10 s, and skips its
+    /// own. Every replica must reach every other one. Empty: a single replica.
     #[arg(long, env = "VEIL_CONTROLLER_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 

@@ -86,6 +86,7 @@ pub struct ControllerServer {
     ops_addr: SocketAddr,
     stop_ops: watch::Sender<bool>,
     ops_task: tokio::task::JoinHandle<()>,
+    peer_resolver: Option<veil_ops::dial::Resolve>,
 }
 
 impl std::fmt::Debug for ControllerServer {
@@ -167,6 +168,7 @@ impl ControllerServer {
             ops_addr,
             stop_ops,
             ops_task,
+            peer_resolver: None,
         })
     }
 
@@ -178,6 +180,12 @@ impl ControllerServer {
     /// The bound ops address.
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_addr
+    }
+
+    /// Resolves the hosts of `--peers` URLs with `resolve` instead of the system resolver
+    /// (tests: a name for every replica without a DNS server).
+    pub fn set_peer_resolver(&mut self, resolve: veil_ops::dial::Resolve) {
+        self.peer_resolver = Some(resolve);
     }
 
     /// Sets the other replicas' gRPC URLs (`--peers`), before [`Self::run`]: for a local
@@ -204,14 +212,19 @@ impl ControllerServer {
         )
         .with_peers(self.settings.peer_tokens.clone(), self.settings.peer_open);
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Random per process: tells this replica's own address among its peers' (ReplicaService).
+        let instance: u64 = rand::random();
         let (peers, followers) = if self.settings.peers.is_empty() {
             (None, Vec::new())
         } else {
             let peers = replica::Peers::new(
-                self.settings.replica_id.clone(),
+                (self.settings.replica_id.clone(), instance),
                 &self.settings.peers,
                 self.settings.peer_tokens.first().cloned(),
                 self.controller.clone(),
+                self.peer_resolver
+                    .clone()
+                    .unwrap_or_else(veil_ops::dial::system_resolver),
             )?;
             let followers = peers.spawn(stop_rx.clone());
             (Some(peers), followers)
@@ -220,6 +233,7 @@ impl ControllerServer {
             controller: self.controller.clone(),
             auth: auth.clone(),
             replica_id: self.settings.replica_id.clone(),
+            instance,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sessions = SessionServiceServer::new(SessionApi {

@@ -39,9 +39,9 @@ pub struct ControllerMetrics {
     credential_sessions: IntGaugeVec,
     /// Open `WatchSession` streams, by credential.
     credential_watches: IntGaugeVec,
-    /// Peer replicas this one follows now (`--peers` whose Sync stream is up).
+    /// Peer replica addresses this one follows now (their Sync stream is up).
     pub peers_up: IntGauge,
-    /// Peer replicas configured (`--peers`).
+    /// Peer replica addresses known: every address `--peers` resolves to, less this replica's.
     pub peers: IntGauge,
     /// Changes pushed to a peer replica (`Apply`) that it did not take in time.
     pub replication_failures: prometheus::IntCounter,
@@ -381,11 +381,12 @@ impl ControllerMetrics {
         )?;
         let peers_up = IntGauge::new(
             "veil_controller_peers_up",
-            "Peer replicas (--peers) this replica follows now: their Sync stream is up.",
+            "Peer replica addresses this replica follows now: their Sync stream is up.",
         )?;
         let peers = IntGauge::new(
             "veil_controller_peers",
-            "Peer replicas configured (--peers).",
+            "Peer replica addresses known: every address the --peers URLs resolve to, less this \
+             replica's own.",
         )?;
         let replication_failures = prometheus::IntCounter::new(
             "veil_controller_replication_failures_total",

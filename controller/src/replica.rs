@@ -13,9 +13,10 @@
 //! hashing, which every replica computes alike. A replica that is not the owner forwards those
 //! two requests to it; where the owner cannot be reached, it serves them itself.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -25,6 +26,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+use veil_ops::dial::{FixedAddr, RESOLVE_RETRY, Resolve, host_port};
 use veil_proto::v1 as pb;
 use veil_proto::v1::replica_service_client::ReplicaServiceClient;
 use veil_proto::v1::session_service_client::SessionServiceClient;
@@ -50,6 +52,8 @@ pub struct ReplicaApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) auth: Auth,
     pub(crate) replica_id: String,
+    /// This process's instance ([`Peers`]'s), to know its own address among its peers'.
+    pub(crate) instance: u64,
 }
 
 impl ReplicaApi {
@@ -82,10 +86,14 @@ impl pb::replica_service_server::ReplicaService for ReplicaApi {
         request: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         self.authorize(&request)?;
-        if request.get_ref().replica_id == self.replica_id {
+        // A replica's own address among its --peers (a name that resolves to every replica):
+        // the hello tells it so, and nothing follows. Another replica with this one's id is a
+        // misconfiguration, refused.
+        let own = request.get_ref().replica_id == self.replica_id;
+        if own && request.get_ref().instance_id != self.instance {
             return Err(errors::simple(
                 Code::InvalidArgument,
-                "a replica cannot follow itself: each replica needs its own --replica-id",
+                "a replica cannot follow another with the same --replica-id: give each its own",
                 Reason::InvalidField,
             ));
         }
@@ -96,8 +104,15 @@ impl pb::replica_service_server::ReplicaService for ReplicaApi {
         let hello = pb::SyncMessage {
             kind: Some(pb::sync_message::Kind::Hello(pb::ReplicaHello {
                 replica_id: self.replica_id.clone(),
+                instance_id: self.instance,
             })),
         };
+        if own {
+            let _ = tx.send(Ok(hello)).await;
+            return Ok(Response::new(
+                Box::pin(ReceiverStream::new(rx)) as Self::SyncStream
+            ));
+        }
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
             let snapshot = |tx: mpsc::Sender<_>, controller: Arc<Controller>| async move {
@@ -153,10 +168,11 @@ impl pb::replica_service_server::ReplicaService for ReplicaApi {
     }
 }
 
-/// One peer replica, as this replica follows it.
+/// One address of a peer replica, as this replica follows it.
 #[derive(Debug)]
 pub struct PeerLink {
     url: String,
+    addr: SocketAddr,
     channel: Channel,
     /// Its `--replica-id`, once its Sync stream said it.
     id: Mutex<Option<String>>,
@@ -164,6 +180,9 @@ pub struct PeerLink {
     up: AtomicBool,
     /// Its first snapshot arrived, or the first try to follow it failed.
     settled: AtomicBool,
+    /// The address is this replica's own (a `--peers` name that resolves to every replica).
+    is_self: AtomicBool,
+    stop: watch::Sender<bool>,
 }
 
 impl PeerLink {
@@ -175,70 +194,88 @@ impl PeerLink {
     fn id(&self) -> Option<String> {
         self.id.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && !self.is_self.load(Ordering::Relaxed)
+    }
 }
 
-/// The peer replicas this one follows, forwards to and pushes to.
-#[derive(Debug)]
+/// How a Sync stream with a peer ended.
+enum Followed {
+    /// It ended (the peer shut down, or the link was dropped).
+    Ended,
+    /// The address is this replica's own: nothing to follow there.
+    Itself,
+}
+
+/// The peer replicas this one follows, forwards to and pushes to: one link to every address
+/// each `--peers` URL's host resolves to (resolved again every [`RESOLVE_EVERY`]), less this
+/// replica's own.
 pub struct Peers {
     replica_id: String,
+    /// Tells this replica from another given the same `--replica-id` (a misconfiguration).
+    instance: u64,
     token: Option<String>,
-    links: Vec<Arc<PeerLink>>,
+    urls: Vec<String>,
+    links: RwLock<Vec<Arc<PeerLink>>>,
+    /// For each URL, whether its first resolution is done (readiness waits for it).
+    resolved: Vec<AtomicBool>,
+    resolve: Resolve,
     controller: Arc<Controller>,
 }
 
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("replica_id", &self.replica_id)
+            .field("urls", &self.urls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often each `--peers` host is resolved again: replicas come and go behind a headless
+/// Service (CoreDNS caches its answers for 5 s by default).
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+
 impl Peers {
     /// Peers at `urls`, presented `token` (the first `--peer-tokens` entry), for `controller`
-    /// whose own id is `replica_id`. Connects lazily.
+    /// whose own id is `replica_id` and process `instance` (its `ReplicaApi`'s), their hosts
+    /// resolved with `resolve`.
     pub fn new(
-        replica_id: String,
+        (replica_id, instance): (String, u64),
         urls: &[String],
         token: Option<String>,
         controller: Arc<Controller>,
+        resolve: Resolve,
     ) -> anyhow::Result<Arc<Self>> {
-        let links = urls
-            .iter()
-            .map(|url| {
-                let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                    .with_context(|| format!("--peers: {url} is not a URL"))?
-                    .connect_timeout(PEER_TIMEOUT)
-                    .tcp_nodelay(true)
-                    // A peer whose host went away (no reset) shows within 3 s.
-                    .http2_keep_alive_interval(Duration::from_secs(1))
-                    .keep_alive_timeout(Duration::from_secs(2))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
-                Ok(Arc::new(PeerLink {
-                    url: url.clone(),
-                    channel,
-                    id: Mutex::new(None),
-                    up: AtomicBool::new(false),
-                    settled: AtomicBool::new(false),
-                }))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        controller.metrics.peers.set(links.len() as i64);
-        controller.set_syncing(!links.is_empty());
+        for url in urls {
+            host_port(url).with_context(|| format!("--peers: {url}"))?;
+        }
+        controller.set_syncing(!urls.is_empty());
         Ok(Arc::new(Self {
             replica_id,
+            instance,
             token,
-            links,
+            urls: urls.to_vec(),
+            links: RwLock::new(Vec::new()),
+            resolved: urls.iter().map(|_| AtomicBool::new(false)).collect(),
+            resolve,
             controller,
         }))
     }
 
-    /// The peers.
-    pub fn links(&self) -> &[Arc<PeerLink>] {
-        &self.links
+    /// The links to peer addresses now (this replica's own included, marked).
+    pub fn links(&self) -> Vec<Arc<PeerLink>> {
+        self.links.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Follows every peer until `stop`.
+    /// Resolves and follows every peer until `stop`.
     pub fn spawn(
         self: &Arc<Self>,
         stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        self.links
-            .iter()
-            .map(|link| tokio::spawn(self.clone().follow(link.clone(), stop.clone())))
+        (0..self.urls.len())
+            .map(|i| tokio::spawn(self.clone().resolve_url(i, stop.clone())))
             .collect()
     }
 
@@ -251,35 +288,135 @@ impl Peers {
     }
 
     fn note_links(&self) {
-        let up = self
-            .links
+        let links = self.links();
+        let peers = links
             .iter()
-            .filter(|l| l.up.load(Ordering::Relaxed))
+            .filter(|l| !l.is_self.load(Ordering::Relaxed))
             .count();
+        let up = links.iter().filter(|l| l.is_up()).count();
+        self.controller.metrics.peers.set(peers as i64);
         self.controller.metrics.peers_up.set(up as i64);
-        if self.links.iter().all(|l| l.settled.load(Ordering::Relaxed)) {
+        if self.resolved.iter().all(|r| r.load(Ordering::Relaxed))
+            && links.iter().all(|l| l.settled.load(Ordering::Relaxed))
+        {
             self.controller.set_syncing(false);
         }
     }
 
+    /// Keeps one link to every address of URL `i` until `stop`, resolving its host again
+    /// every [`RESOLVE_EVERY`] (an IP address once). A failed or empty resolution keeps the
+    /// links there are.
+    async fn resolve_url(self: Arc<Self>, i: usize, mut stop: watch::Receiver<bool>) {
+        let url = self.urls[i].clone();
+        let Ok((host, port)) = host_port(&url) else {
+            return;
+        };
+        let literal = host.parse::<std::net::IpAddr>().is_ok();
+        let mut tasks = Vec::new();
+        loop {
+            let next = match (self.resolve)(host.clone(), port).await {
+                Ok(addrs) if !addrs.is_empty() => {
+                    let want: std::collections::BTreeSet<SocketAddr> = addrs.into_iter().collect();
+                    let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
+                    links.retain(|l| {
+                        let keep = l.url != url || want.contains(&l.addr);
+                        if !keep {
+                            tracing::info!(peer = %url, addr = %l.addr, "peer replica address gone");
+                            l.stop.send_replace(true);
+                        }
+                        keep
+                    });
+                    for addr in want {
+                        if links.iter().any(|l| l.url == url && l.addr == addr) {
+                            continue;
+                        }
+                        let link = match self.link(&url, addr) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                tracing::error!(peer = %url, error = %format!("{e:#}"), "bad peer URL");
+                                return;
+                            }
+                        };
+                        links.push(link.clone());
+                        tasks.push(tokio::spawn(self.clone().follow(link, stop.clone())));
+                    }
+                    RESOLVE_EVERY
+                }
+                Ok(_) => {
+                    tracing::warn!(peer = %url, "peer host resolved to no address; keeping the links there are");
+                    RESOLVE_RETRY
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %url, error = %e, "cannot resolve peer host; keeping the links there are");
+                    RESOLVE_RETRY
+                }
+            };
+            self.resolved[i].store(true, Ordering::Relaxed);
+            self.note_links();
+            if literal && !tasks.is_empty() {
+                let _ = stop.wait_for(|s| *s).await;
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn link(&self, url: &str, addr: SocketAddr) -> anyhow::Result<Arc<PeerLink>> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("--peers: {url} is not a URL"))?
+            .connect_timeout(PEER_TIMEOUT)
+            .tcp_nodelay(true)
+            // A peer whose host went away (no reset) shows within 3 s.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
+            .connect_with_connector_lazy(FixedAddr(addr));
+        Ok(Arc::new(PeerLink {
+            url: url.to_string(),
+            addr,
+            channel,
+            id: Mutex::new(None),
+            up: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
+            is_self: AtomicBool::new(false),
+            stop: watch::channel(false).0,
+        }))
+    }
+
     async fn follow(self: Arc<Self>, link: Arc<PeerLink>, mut stop: watch::Receiver<bool>) {
+        let mut gone = link.stop.subscribe();
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = Instant::now();
             let result = tokio::select! {
                 r = self.follow_once(&link) => r,
-                _ = stop.wait_for(|s| *s) => Ok(()),
+                _ = stop.wait_for(|s| *s) => Ok(Followed::Ended),
+                _ = gone.wait_for(|s| *s) => Ok(Followed::Ended),
             };
             link.up.store(false, Ordering::Relaxed);
             link.settled.store(true, Ordering::Relaxed);
+            if matches!(result, Ok(Followed::Itself)) {
+                link.is_self.store(true, Ordering::Relaxed);
+                self.note_links();
+                tracing::debug!(peer = %link.url, addr = %link.addr, "this address is this replica's own");
+                return;
+            }
             self.note_links();
-            if *stop.borrow() {
+            if *stop.borrow() || *gone.borrow() {
                 return;
             }
             match result {
-                Ok(()) => tracing::info!(peer = %link.url, "peer replica's stream ended"),
+                Ok(_) => {
+                    tracing::info!(peer = %link.url, addr = %link.addr, "peer replica's stream ended")
+                }
                 Err(e) => {
-                    tracing::warn!(peer = %link.url, error = %format!("{e:#}"), "cannot follow peer replica")
+                    tracing::warn!(peer = %link.url, addr = %link.addr, error = %format!("{e:#}"), "cannot follow peer replica")
                 }
             }
             if started.elapsed() > Duration::from_secs(10) {
@@ -290,15 +427,17 @@ impl Peers {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.wait_for(|s| *s) => return,
+                _ = gone.wait_for(|s| *s) => return,
             }
         }
     }
 
-    async fn follow_once(&self, link: &PeerLink) -> anyhow::Result<()> {
+    async fn follow_once(&self, link: &PeerLink) -> anyhow::Result<Followed> {
         let mut client = ReplicaServiceClient::new(link.channel.clone())
             .max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
         let mut req = Request::new(pb::SyncRequest {
             replica_id: self.replica_id.clone(),
+            instance_id: self.instance,
         });
         self.authorize(&mut req);
         let mut stream = client.sync(req).await.context("Sync")?.into_inner();
@@ -307,7 +446,10 @@ impl Peers {
             match msg.kind {
                 Some(pb::sync_message::Kind::Hello(h)) => {
                     if h.replica_id == self.replica_id {
-                        bail!("the peer has this replica's own --replica-id");
+                        if h.instance_id == self.instance {
+                            return Ok(Followed::Itself);
+                        }
+                        bail!("the peer has this replica's own --replica-id: give each its own");
                     }
                     *link.id.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.replica_id);
                 }
@@ -324,12 +466,12 @@ impl Peers {
                     link.up.store(true, Ordering::Relaxed);
                     link.settled.store(true, Ordering::Relaxed);
                     self.note_links();
-                    tracing::info!(peer = %link.url, merged, "following peer replica");
+                    tracing::info!(peer = %link.url, addr = %link.addr, merged, "following peer replica");
                 }
                 None => {}
             }
         }
-        Ok(())
+        Ok(Followed::Ended)
     }
 
     /// The peer that owns `call_id` now, or `None` when this replica does: the highest
@@ -344,8 +486,8 @@ impl Peers {
             u64::from_be_bytes(d[..8].try_into().expect("32-byte digest"))
         };
         let mut best = (score(&self.replica_id), None);
-        for link in &self.links {
-            if !link.up.load(Ordering::Relaxed) {
+        for link in self.links() {
+            if !link.is_up() {
                 continue;
             }
             if let Some(id) = link.id() {
@@ -362,7 +504,12 @@ impl Peers {
     /// each has merged it.
     pub async fn replicate(&self, rec: pb::SessionRecord) {
         let mut pushes = tokio::task::JoinSet::new();
-        for link in self.links.iter().filter(|l| l.up.load(Ordering::Relaxed)) {
+        // One push per peer replica, however many of its addresses are linked.
+        let mut pushed = std::collections::HashSet::new();
+        for link in self.links().into_iter().filter(|l| l.is_up()) {
+            if !pushed.insert(link.id()) {
+                continue;
+            }
             let mut req = Request::new(rec.clone());
             self.authorize(&mut req);
             req.set_timeout(PEER_TIMEOUT);

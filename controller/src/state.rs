@@ -790,6 +790,14 @@ impl Controller {
             for leg in incoming.legs().iter() {
                 let len = ours.len();
                 match ours.get_mut(usize::from(leg.index)) {
+                    // Two legs minted for one index, on the two sides of a partition between
+                    // replicas (docs/OPERATIONS.md): every replica keeps the same one, the lower
+                    // token. (Both tokens bind as that leg; revoking the index would end both.)
+                    Some(o) if leg.token < o.token => {
+                        *o = leg.clone();
+                        participants = true;
+                    }
+                    Some(o) if leg.token != o.token => {}
                     Some(o) if leg.removed && !o.removed => {
                         o.removed = true;
                         removed.push(o.index);

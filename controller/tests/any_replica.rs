@@ -406,6 +406,18 @@ async fn a_partition_between_replicas_heals_into_one_view_of_every_session() {
         })
         .await
         .unwrap();
+    // A participant added on each side: both get the same new leg index (a known limit,
+    // docs/OPERATIONS.md); after the heal every replica keeps the same one.
+    for (api, who) in [(0, "added-alone"), (1, "added-in-pair")] {
+        let leg = apis[api]
+            .add_participant(add(&before.session_id, who))
+            .await
+            .unwrap()
+            .into_inner()
+            .leg
+            .unwrap();
+        assert_eq!(leg.leg_index, 3);
+    }
     // A session only one side knows of yet.
     let only_pair = allocate(&mut apis[2], request("only-on-one-side", 2)).await;
     let e = apis[0]
@@ -445,7 +457,11 @@ async fn a_partition_between_replicas_heals_into_one_view_of_every_session() {
             .session
             .unwrap();
         let ids: Vec<_> = s.legs.iter().map(|l| l.participant_id.as_str()).collect();
-        assert_eq!(ids, ["participant-0", "participant-2"], "replica {i}");
+        assert_eq!(ids[..2], ["participant-0", "participant-2"], "replica {i}");
+        assert!(
+            ids.len() == 3 && ["added-alone", "added-in-pair"].contains(&ids[2]),
+            "replica {i}: {ids:?}"
+        );
         assert!(
             s.expires_at.as_ref().unwrap().seconds
                 > before.expires_at.as_ref().unwrap().seconds + 3000
@@ -508,6 +524,7 @@ async fn an_outsider_can_neither_follow_a_replica_nor_push_sessions_into_it() {
         .unwrap();
     let sync = |replica_id: &str| pb::SyncRequest {
         replica_id: replica_id.into(),
+        instance_id: 7,
     };
     for (token, code, why) in [
         (None, Code::Unauthenticated, "CREDENTIAL_MISSING"),
@@ -604,4 +621,73 @@ fn with<T>(token: Option<&str>, req: T) -> tonic::Request<T> {
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_name_for_every_replica_links_each_to_the_others_and_skips_its_own() {
+    // As the shipped headless Service: one name that resolves to every replica, this one
+    // included (a resolver of the test's own stands in for cluster DNS).
+    let keys = veil_controller::dev::generate_keys();
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut replicas = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut s = Settings::local(keys.clone());
+        s.grpc_addr = *addr;
+        s.replica_id = format!("controller-{i}");
+        s.peers = vec!["http://veil-controller-peers.veil.svc:50051".into()];
+        let mut server = veil_controller::ControllerServer::load(s).await.unwrap();
+        let (all, asked) = (addrs.clone(), asked.clone());
+        server.set_peer_resolver(std::sync::Arc::new(move |host, port| {
+            asked.lock().unwrap().push((host, port));
+            let all = all.clone();
+            Box::pin(async move { Ok(all) })
+        }));
+        replicas.push(LocalController::run(server));
+    }
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    let (stop, tasks) = relays(&keys, 1, &urls).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while replicas
+        .iter()
+        .any(|r| r.state.metrics.peers.get() != 2 || r.state.metrics.peers_up.get() != 2)
+    {
+        assert!(
+            Instant::now() < until,
+            "replicas did not find each other by the name"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(h, p)| h == "veil-controller-peers.veil.svc" && *p == 50051)
+    );
+    for url in &urls {
+        serving(url, Duration::from_secs(10)).await;
+    }
+    let mut apis = Vec::new();
+    for url in &urls {
+        apis.push(client(url).await);
+    }
+    let s = allocate(&mut apis[0], request("by-name", 2)).await;
+    for api in &mut apis[1..] {
+        let got = api.get_session(get(&s.session_id)).await.unwrap();
+        assert_eq!(got.into_inner().session.unwrap(), s);
+    }
+    // Each replica holds the session once: its own address, in the name's answer, is no peer.
+    for r in &replicas {
+        assert_eq!(r.state.sessions(), 1);
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    for r in replicas {
+        r.stop().await;
+    }
 }

@@ -558,7 +558,17 @@ for where, env in [("Kubernetes", env_k8s["veil-controller"])] + [
         if var not in env and role not in allowed:
             fail(f"{where} veil-controller: {var} is not set, so {role} would be open (it binds "
                  f"a reachable address, where the controller refuses that)")
-log("  every role of every shipped controller has its tokens")
+    # Replicas share their sessions: every shipped controller names its peers and their
+    # credential (ReplicaService is refused without one on a reachable address).
+    for var in ("VEIL_CONTROLLER_PEERS", "VEIL_CONTROLLER_PEER_TOKENS"):
+        if var not in env:
+            fail(f"{where} veil-controller: {var} is not set, so its replicas would not share "
+                 f"their sessions")
+    peers = env.get("VEIL_CONTROLLER_PEERS", "")
+    if where == "Kubernetes" and peers != env_k8s["veil-relay"].get("VEIL_RELAY_CONTROLLERS"):
+        fail(f"Kubernetes veil-controller: VEIL_CONTROLLER_PEERS {peers!r} should name the headless "
+             f"Service every replica is under, as the relays' VEIL_RELAY_CONTROLLERS does")
+log("  every role of every shipped controller has its tokens, and every controller its peers")
 
 # --- NetworkPolicy ----------------------------------------------------------------------------------
 

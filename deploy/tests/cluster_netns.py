@@ -437,6 +437,16 @@ def kubernetes(workdir: Path, values: SecretValues) -> None:
                        lambda u=url: metric(http(client, u)[1], "veil_controller_relays", state="up") == len(nodes),
                        20, containers)
         log(f"  every controller replica sees {len(nodes)} relays up")
+        # The replicas share their sessions (VEIL_CONTROLLER_PEERS names the headless Service,
+        # which resolves to every replica, this one included): each follows every other one.
+        ctl_metrics = [probe_url(ctl_spec, "readinessProbe", c.host).rsplit("/", 1)[0] + "/metrics"
+                       for c in containers[:replicas]]
+        for c, url in zip(containers[:replicas], ctl_metrics):
+            wait_until(f"{c.name} to follow its {replicas - 1} peer replica(s)",
+                       lambda u=url: metric(http(client, u)[1], "veil_controller_peers_up") == replicas - 1
+                       and metric(http(client, u)[1], "veil_controller_peers") == replicas - 1,
+                       20, containers)
+        log(f"  every controller replica follows the other {replicas - 1}")
         # TURN over TCP on the address each relay announces: a WebRTC client's first Allocate
         # draws 401 (Allocate error response, 0x0113) over the stream.
         for c in containers:
@@ -453,6 +463,11 @@ def kubernetes(workdir: Path, values: SecretValues) -> None:
         for i in range(replicas):
             url = f"http://{sts['metadata']['name']}-{i}.{svc}.{namespace}.svc:{grpc_port}"
             call(client, url, token, relay_ops, hosts, workdir, f"kubernetes-{i}")
+        # Every replica holds the sessions allocated through any of them.
+        counts = [metric(http(client, u)[1], "veil_controller_sessions") for u in ctl_metrics]
+        if min(counts) == 0 or len(set(counts)) != 1:
+            die(f"the controller replicas do not hold the same sessions: {counts}")
+        log(f"  every controller replica holds all {int(counts[0])} sessions, allocated through either")
     finally:
         for c in reversed(containers):
             c.stop()

@@ -1,9 +1,10 @@
 //! What every Veil binary shares for operations: logging set-up, the ops HTTP endpoint
 //! (`/metrics`, `/healthz`, `/readyz`), shutdown signals, redaction of client addresses in logs,
-//! and process statistics. It holds no Veil logic.
+//! process statistics, and dialling every address of a service name. It holds no Veil logic.
 
 pub mod build;
 pub mod check;
+pub mod dial;
 pub mod http;
 pub mod keys;
 pub mod logging;

@@ -12,16 +12,14 @@
 //! URL's host as the request authority (and, with TLS, as the name the certificate must match).
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use veil_ops::dial::{FixedAddr, RESOLVE_RETRY, Resolve, host_port};
 use veil_proto::v1::{
     LoadReport, RelayHello, RelayMessage, controller_message, relay_message,
     relay_registry_client::RelayRegistryClient,
@@ -49,46 +47,6 @@ pub(crate) struct Link {
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Resolves a host and port to socket addresses.
-pub(crate) type Resolve = Arc<
-    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// The system resolver (`/etc/hosts`, then DNS).
-pub(crate) fn system_resolver() -> Resolve {
-    Arc::new(|host, port| {
-        Box::pin(async move {
-            Ok(tokio::net::lookup_host((host.as_str(), port))
-                .await?
-                .collect())
-        })
-    })
-}
-
-/// How soon a failed resolution is tried again (sooner than the regular interval).
-const RESOLVE_RETRY: Duration = Duration::from_secs(2);
-
-/// Host and port of a controller URL (the scheme's default port when it names none).
-fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
-    let uri: tonic::transport::Uri = url.parse().context("controller URL")?;
-    let host = uri
-        .host()
-        .context("controller URL has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-    Ok((host, port))
-}
 
 /// Keeps one link to every address of the controller URL `template.url` until shutdown,
 /// resolving its host again every `every` (an IP address is not re-resolved).
@@ -276,30 +234,6 @@ fn totals(metrics: &RelayMetrics) -> (u64, u64) {
         .fold((0, 0), |(p, b), (_, s)| (p + s.rx_packets, b + s.rx_bytes))
 }
 
-/// Connects to one fixed address whatever the URI says: the URI (with the URL's host) stays
-/// what the HTTP/2 requests carry as their authority.
-#[derive(Debug, Clone, Copy)]
-struct FixedAddr(SocketAddr);
-
-impl tower::Service<tonic::transport::Uri> for FixedAddr {
-    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
-        let addr = self.0;
-        Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        })
-    }
-}
-
 async fn attach(link: &mut Link) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(link.url.clone())
         .context("controller URL")?
@@ -412,7 +346,9 @@ mod tests {
     //! loopback addresses) with a scripted resolver standing in for DNS, whose answers the
     //! tests change as a headless Service's would.
 
+    use std::pin::Pin;
     use std::sync::Mutex;
+    use std::task::{Context as TaskContext, Poll};
 
     use tokio::sync::mpsc::UnboundedSender;
     use veil_proto::v1::{ControllerMessage, relay_registry_server};
@@ -671,19 +607,5 @@ mod tests {
         );
         stop.send(true).unwrap();
         task.await.unwrap();
-    }
-
-    #[test]
-    fn urls_give_host_and_port() {
-        assert_eq!(
-            host_port("http://veil-controller-peers.veil.svc:50051").unwrap(),
-            ("veil-controller-peers.veil.svc".into(), 50051)
-        );
-        assert_eq!(
-            host_port("https://c.example").unwrap(),
-            ("c.example".into(), 443)
-        );
-        assert_eq!(host_port("http://[::1]:7").unwrap(), ("::1".into(), 7));
-        assert!(host_port("not a url").is_err());
     }
 }

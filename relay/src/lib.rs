@@ -340,7 +340,7 @@ impl RelayServer {
 
         let hello = self.hello();
         let drainer = Arc::new(drain::Drainer::new(self.node.clone()));
-        let resolver = control::system_resolver();
+        let resolver = veil_ops::dial::system_resolver();
         for url in &self.settings.controllers {
             let link = control::Link {
                 url: url.clone(),

@@ -476,6 +476,11 @@ impl LocalController {
         let server = veil_controller::ControllerServer::load(settings)
             .await
             .unwrap();
+        Self::run(server)
+    }
+
+    /// Runs a loaded server.
+    pub fn run(server: veil_controller::ControllerServer) -> Self {
         let url = format!("http://{}", server.grpc_addr());
         let state = server.controller().clone();
         let (stop, rx) = tokio::sync::oneshot::channel();

@@ -2194,9 +2194,14 @@ pub mod admin_service_server {
 pub struct ApplyResponse {}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SyncRequest {
-    /// The calling replica's id (--replica-id), for logs and to refuse a replica following itself.
+    /// The calling replica's id (--replica-id).
     #[prost(string, tag = "1")]
     pub replica_id: ::prost::alloc::string::String,
+    /// Random per process: with `replica_id`, tells a replica reaching its own address (a --peers
+    /// name resolves to every replica, this one included) from another replica misconfigured
+    /// with the same id.
+    #[prost(fixed64, tag = "2")]
+    pub instance_id: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncMessage {
@@ -2221,6 +2226,10 @@ pub struct ReplicaHello {
     /// The serving replica's id (--replica-id): unique in the cluster.
     #[prost(string, tag = "1")]
     pub replica_id: ::prost::alloc::string::String,
+    /// As in SyncRequest. A replica that hears its own id and instance stops following that
+    /// address: it is its own.
+    #[prost(fixed64, tag = "2")]
+    pub instance_id: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SnapshotDone {}
@@ -2386,7 +2395,8 @@ pub mod replica_service_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// Streams this replica's sessions to a peer: first a Hello naming the replica, then every
+        /// Streams this replica's sessions to a peer: first a Hello naming the replica (only that, when
+        /// the caller is this replica itself), then every
         /// live session it holds, then each session again each time it changes here (created,
         /// participant added or removed, extended, released), until the stream ends.
         pub async fn sync(
@@ -2457,7 +2467,8 @@ pub mod replica_service_server {
             >
             + std::marker::Send
             + 'static;
-        /// Streams this replica's sessions to a peer: first a Hello naming the replica, then every
+        /// Streams this replica's sessions to a peer: first a Hello naming the replica (only that, when
+        /// the caller is this replica itself), then every
         /// live session it holds, then each session again each time it changes here (created,
         /// participant added or removed, extended, released), until the stream ends.
         async fn sync(
