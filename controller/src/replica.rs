@@ -40,9 +40,11 @@ use crate::state::Controller;
 /// itself, whoever it thinks owns the call (no forwarding loops).
 pub const FORWARDED_HEADER: &str = "veil-forwarded";
 
-/// How long a pushed change or a forwarded request may take before the peer counts as
-/// unreachable for it.
+/// How long a pushed change may take before the peer counts as unreachable for it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a forwarded request may take: the owner's own pushes (at most [`PEER_TIMEOUT`],
+/// in parallel) included, with room to spare.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -534,7 +536,7 @@ impl Peers {
 
     /// Sends `request` to `owner` as this replica's caller sent it (its credential included),
     /// marked forwarded. `None` when the owner cannot be reached (or has no relay to place on):
-    /// the caller serves the request itself. An owner that takes past [`PEER_TIMEOUT`] gets
+    /// the caller serves the request itself. An owner that takes past [`FORWARD_TIMEOUT`] gets
     /// the caller `UNAVAILABLE` (`OWNER_REPLICA_UNREACHABLE`), to retry.
     pub async fn forward<Req, Resp, F, Fut>(
         &self,
@@ -556,10 +558,10 @@ impl Peers {
             FORWARDED_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),
         );
-        out.set_timeout(PEER_TIMEOUT);
+        out.set_timeout(FORWARD_TIMEOUT);
         let client = SessionServiceClient::new(owner.channel.clone())
             .max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
-        let result = tokio::time::timeout(PEER_TIMEOUT, call(client, out)).await;
+        let result = tokio::time::timeout(FORWARD_TIMEOUT, call(client, out)).await;
         let m = &self.controller.metrics;
         match result {
             Ok(Err(e)) if e.code() == Code::Unavailable => {

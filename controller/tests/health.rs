@@ -305,6 +305,7 @@ async fn reflection_lists_every_service_in_v1_and_v1alpha() {
         "grpc.health.v1.Health",
         "veil.v1.AdminService",
         "veil.v1.RelayRegistry",
+        "veil.v1.ReplicaService",
         "veil.v1.SessionService",
     ];
     let mut want = veil.to_vec();

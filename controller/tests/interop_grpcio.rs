@@ -87,6 +87,7 @@ async fn grpcio_signaling_service_drives_the_api() {
             "grpc.reflection.v1alpha.ServerReflection",
             "veil.v1.AdminService",
             "veil.v1.RelayRegistry",
+            "veil.v1.ReplicaService",
             "veil.v1.SessionService"
         ])
     );

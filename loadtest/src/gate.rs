@@ -114,6 +114,30 @@ pub fn judge(r: &Report, t: &Thresholds) -> Verdict {
             passed: r.foreign_datagrams == 0,
         },
     ];
+    if let Some(ch) = &r.churn {
+        checks.push(Check {
+            check: "churn_failures",
+            flag: Some("--max-failed-calls"),
+            limit: t.max_failed_calls.to_string(),
+            measured: ch.failed.to_string(),
+            passed: ch.failed <= t.max_failed_calls,
+        });
+        checks.push(Check {
+            check: "churn_measured",
+            flag: None,
+            limit: "> 0 deliveries due".into(),
+            measured: format!("{} deliveries due", ch.packets_due),
+            passed: ch.packets_due > 0,
+        });
+        checks.extend(at_most(
+            "churn_loss",
+            "--max-loss",
+            t.max_loss_percent,
+            ch.loss_ratio.map(|l| l * 100.0),
+            "%",
+            4,
+        ));
+    }
     checks.extend(at_most(
         "loss",
         "--max-loss",

@@ -44,14 +44,17 @@ use crate::stats::{Collector, LegTransport, StreamRx};
 /// Which cluster to drive.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// Start a local cluster in this process with this many relays.
+    /// Start a local cluster in this process with this many relays and controller replicas.
     Local {
         /// Relays.
         relays: usize,
+        /// Controller replicas, peers of each other (each RPC goes to one of them).
+        controllers: usize,
     },
     /// An existing cluster.
     Remote {
-        /// Controller gRPC URL.
+        /// Controller gRPC URL; several, comma-separated, for replicas (each RPC goes to one
+        /// of them).
         controller: String,
         /// Bearer token for the controller.
         token: Option<String>,
@@ -109,15 +112,19 @@ pub async fn connect(
     target: &Target,
 ) -> anyhow::Result<(Option<veil_controller::dev::Cluster>, Endpoint)> {
     Ok(match target {
-        Target::Local { relays } => {
+        Target::Local {
+            relays,
+            controllers,
+        } => {
             let cluster = veil_controller::dev::Cluster::start(veil_controller::dev::Options {
                 relays: *relays,
+                controllers: (*controllers).max(1),
                 ..Default::default()
             })
             .await
             .context("start the local cluster")?;
             let endpoint = Endpoint {
-                url: cluster.controller_url.clone(),
+                url: cluster.controller_urls.join(","),
                 token: None,
                 relay_metrics: cluster
                     .relays
@@ -125,12 +132,24 @@ pub async fn connect(
                     .map(|r| (r.node_id.clone(), r.metrics.to_string()))
                     .collect(),
                 description: format!(
-                    "local cluster in this process (controller on {}, {} relay{} on loopback), \
+                    "local cluster in this process (controller{} on {}, {} relay{} on loopback), \
                      sharing this machine's {} CPUs with the load generator",
+                    if cluster.controller_urls.len() == 1 {
+                        String::new()
+                    } else {
+                        format!(
+                            " replicas ({}, each RPC to any)",
+                            cluster.controller_urls.len()
+                        )
+                    },
                     cluster
-                        .controller_url
-                        .trim_start_matches("http://")
-                        .trim_start_matches("https://"),
+                        .controller_urls
+                        .iter()
+                        .map(|u| u
+                            .trim_start_matches("http://")
+                            .trim_start_matches("https://"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     relays,
                     if *relays == 1 { "" } else { "s" },
                     cores()
@@ -188,11 +207,24 @@ pub async fn drive(
     let kernel_before = host::UdpCounters::read();
     let sockets_before = host::Sockets::read();
 
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connect to controller {url}"))?;
+    // One controller, or replicas: each RPC then goes to one of them (the less busy of two
+    // picked at random).
+    let mut endpoints = Vec::new();
+    for u in url.split(',') {
+        endpoints.push(
+            tonic::transport::Endpoint::from_shared(u.to_string())
+                .with_context(|| format!("controller URL {u}"))?
+                .connect_timeout(Duration::from_secs(5)),
+        );
+    }
+    let channel = if endpoints.len() == 1 {
+        endpoints[0]
+            .connect()
+            .await
+            .with_context(|| format!("connect to controller {url}"))?
+    } else {
+        Channel::balance_list(endpoints.into_iter())
+    };
     let api = Api {
         client: SessionServiceClient::new(channel),
         token: endpoint.token.clone(),
@@ -299,6 +331,7 @@ pub async fn drive(
             a.minus(b)
         })
         .collect();
+    let churn = (s.churn > 0).then(|| churn_figures(&results));
     let facts = RunFacts {
         relays,
         relays_scraped: !relay_metrics.is_empty(),
@@ -313,7 +346,65 @@ pub async fn drive(
         cores: cores(),
         local: endpoint.local,
     };
-    Ok(Report::build(s, &collector, &results, facts))
+    let mut report = Report::build(s, &collector, &results, facts);
+    if churn.is_some() {
+        report.churn = churn;
+        report.judge(&gate::Thresholds::default());
+    }
+    Ok(report)
+}
+
+/// What the joiners of every call did and saw. Deliveries due: each packet a call's
+/// participants sent in the whole seconds a joiner was in the call (after the second its leg
+/// bound, before the second it stopped sending), to that joiner; and each packet a joiner
+/// sent, to each of the call's participants (who listen all along).
+fn churn_figures(results: &[CallResult]) -> report::ChurnFigures {
+    use std::collections::BTreeMap;
+    let mut f = report::ChurnFigures::default();
+    let mut latency = Vec::new();
+    let mut failures: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for call in results {
+        for c in &call.churn {
+            f.joins_planned += 1;
+            if let Some((kind, error)) = &c.failure {
+                failures
+                    .entry(kind.clone())
+                    .or_insert_with(|| (0, error.clone()))
+                    .0 += 1;
+            }
+            if let Some(l) = c.join_latency {
+                f.joined += 1;
+                latency.push(l.as_secs_f64() * 1000.0);
+            }
+            let Some((from, to)) = c.in_call_s else {
+                continue;
+            };
+            let (first, end) = (from.floor() as usize + 1, to.floor() as usize);
+            for tx in &call.sent {
+                let st = c.received.get(&tx.ssrc);
+                for index in 0..tx.sent {
+                    let second = tx.second_of(index);
+                    if second >= first && second < end {
+                        f.packets_due += 1;
+                        f.packets_lost += u64::from(!st.is_some_and(|st| st.has(index)));
+                    }
+                }
+            }
+            for heard in &call.heard_from_joiners {
+                let st = heard.get(&c.ssrc);
+                for index in 0..c.sent.sent {
+                    f.packets_due += 1;
+                    f.packets_lost += u64::from(!st.is_some_and(|st| st.has(index)));
+                }
+            }
+        }
+    }
+    f.failed = failures.values().map(|(n, _)| *n).sum();
+    f.failures = failures.iter().map(|(k, (n, _))| (k.clone(), *n)).collect();
+    f.failure_examples = failures.into_iter().map(|(k, (_, e))| (k, e)).collect();
+    f.join_latency_ms = report::Spread::of(latency);
+    f.loss_ratio = (f.packets_due > 0).then(|| f.packets_lost as f64 / f.packets_due as f64);
+    f
 }
 
 struct Api {
@@ -415,6 +506,28 @@ pub struct CallResult {
     /// How the call failed although it ran media (a leg ended early, the release failed):
     /// `(kind, error)`.
     pub failure: Option<(String, String)>,
+    /// The participants who joined and left while it ran (`Scenario::churn`).
+    pub churn: Vec<ChurnResult>,
+    /// For each participant, what it received from the joiners, by joiner SSRC.
+    pub heard_from_joiners: Vec<HashMap<u32, StreamRx>>,
+}
+
+/// One participant who joined a call in progress and left it (AddParticipant, bind, media,
+/// RemoveParticipant).
+#[derive(Debug)]
+pub struct ChurnResult {
+    /// Its SSRC.
+    pub ssrc: u32,
+    /// How the join or the leave failed: `(kind, error)`.
+    pub failure: Option<(String, String)>,
+    /// From AddParticipant to the leg bound.
+    pub join_latency: Option<Duration>,
+    /// When its leg was bound and when it stopped sending, seconds since the run's start.
+    pub in_call_s: Option<(f64, f64)>,
+    /// What it sent.
+    pub sent: SentStream,
+    /// What it received from the call's participants, by sender SSRC.
+    pub received: HashMap<u32, StreamRx>,
 }
 
 /// Why a call failed: a kind (stage and class, counted in the report) and the error itself.
@@ -560,6 +673,16 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         })
         .collect();
 
+    // The joiners' keys, known to everyone in the call from the start (as a group key
+    // exchange would tell them when each joins).
+    let churn_keys: Vec<Keys> = (0..s.churn)
+        .map(|k| Keys {
+            ssrc: ((call as u32) << 8 | (n + k) as u32).wrapping_add(0x1000_0000),
+            key: (0..profile.key_len()).map(|_| rand::random()).collect(),
+            salt: (0..profile.salt_len()).map(|_| rand::random()).collect(),
+        })
+        .collect();
+
     let mut binds = tokio::task::JoinSet::new();
     for (j, leg) in session.legs.iter().enumerate() {
         let ip: IpAddr = s.client_ips[(call * n + j) % s.client_ips.len()];
@@ -600,6 +723,10 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         let mut rng = rand::rng();
         (0..n).map(|_| pick_profile(&s.mix, &mut rng)).collect()
     };
+    let srtp = |k: &Keys| {
+        Context::new(&k.key, &k.salt, profile, None, None)
+            .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut bind_latency = vec![Duration::ZERO; n];
     let mut transports = vec![LegTransport::Udp; n];
@@ -608,15 +735,18 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         bind_latency[j] = t;
         transports[j] = leg.transport().into();
         let me = &keys[j];
-        let srtp = |k: &Keys| {
-            Context::new(&k.key, &k.salt, profile, None, None)
-                .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))
-        };
         let tx = srtp(me)?;
         let mut rx = HashMap::new();
-        for other in keys.iter().filter(|k| k.ssrc != me.ssrc) {
+        for other in keys.iter().chain(&churn_keys).filter(|k| k.ssrc != me.ssrc) {
             rx.insert(other.ssrc, (srtp(other)?, StreamRx::default()));
         }
+        let role = Role {
+            end: ctx.end,
+            stop: ctx.end + GRACE,
+            fanout: n as u64 - 1,
+            counted: Some(keys.iter().map(|k| k.ssrc).collect()),
+            socket_snapshot: true,
+        };
         tasks.spawn(participant(
             ctx.clone(),
             j,
@@ -626,10 +756,47 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
             rx,
             profiles[j],
             call as u64 * 16 + j as u64,
+            role,
         ));
+    }
+    // Joiners, each at a random time of full load, staying `churn_dwell`.
+    let mut joiners = tokio::task::JoinSet::new();
+    {
+        let now = Instant::now() + Duration::from_millis(300);
+        let window = ctx
+            .end
+            .saturating_duration_since(now)
+            .saturating_sub(s.churn_dwell);
+        for (k, me) in churn_keys.iter().enumerate() {
+            let join_at = now + window.mul_f64(rand::random::<f64>());
+            let leave_at = (join_at + s.churn_dwell).min(ctx.end);
+            let mut rx = HashMap::new();
+            for other in keys.iter().chain(&churn_keys).filter(|o| o.ssrc != me.ssrc) {
+                rx.insert(other.ssrc, (srtp(other)?, StreamRx::default()));
+            }
+            let j = n + k;
+            joiners.spawn(joiner(
+                ctx.clone(),
+                Joiner {
+                    session_id: session.session_id.clone(),
+                    k,
+                    j,
+                    ip: s.client_ips[(call * (n + s.churn) + j) % s.client_ips.len()],
+                    ssrc: me.ssrc,
+                    tx: srtp(me)?,
+                    rx,
+                    profile: pick_profile(&s.mix, &mut rand::rng()),
+                    seed: call as u64 * 16 + j as u64,
+                    join_at,
+                    leave_at,
+                },
+            ));
+        }
     }
     let mut sent: Vec<Option<SentStream>> = (0..n).map(|_| None).collect();
     let mut received: Vec<HashMap<u32, StreamRx>> = (0..n).map(|_| HashMap::new()).collect();
+    let mut heard_from_joiners: Vec<HashMap<u32, StreamRx>> =
+        (0..n).map(|_| HashMap::new()).collect();
     let mut socket_drops = vec![None; n];
     let (mut foreign, mut datagrams_read, mut queue_overflows) = (0, 0, 0);
     let mut failure = None;
@@ -642,13 +809,27 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
             }
         };
         sent[p.j] = Some(p.sent);
-        received[p.j] = p.received;
+        let (from_base, from_joiners) = p
+            .received
+            .into_iter()
+            .partition(|(ssrc, _)| keys.iter().any(|k| k.ssrc == *ssrc));
+        received[p.j] = from_base;
+        heard_from_joiners[p.j] = from_joiners;
         foreign += p.foreign;
         datagrams_read += p.datagrams_read;
         queue_overflows += p.queue_overflows;
         socket_drops[p.j] = p.socket_drops;
         if let Some(why) = p.ended_early {
             failure.get_or_insert_with(|| ("media_leg_ended".to_string(), why));
+        }
+    }
+    let mut churn = Vec::new();
+    while let Some(r) = joiners.join_next().await {
+        match r {
+            Ok(c) => churn.push(c),
+            Err(e) => {
+                failure.get_or_insert_with(|| ("join_panicked".to_string(), e.to_string()));
+            }
         }
     }
     ctx.collector.calls_up.fetch_sub(1, Relaxed);
@@ -679,6 +860,8 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         queue_overflows,
         socket_drops,
         failure,
+        churn,
+        heard_from_joiners,
     })
 }
 
@@ -697,6 +880,143 @@ async fn release(ctx: &RunCtx, session_id: &str) -> Result<(), CallFailure> {
         .await
         .map(|_| ())
         .map_err(|st| CallFailure::new(grpc_kind("release", &st), st))
+}
+
+/// How one participant takes part: how long, and what of it counts in the run's figures.
+struct Role {
+    /// When it stops sending.
+    end: Instant,
+    /// When it stops listening.
+    stop: Instant,
+    /// Receivers each of its packets counts as due to, in the run's figures (0: none).
+    fanout: u64,
+    /// The senders whose packets count in the run's figures when it receives them (`None`:
+    /// none).
+    counted: Option<std::collections::HashSet<u32>>,
+    /// Whether it waits for the run's socket-table snapshot before closing its socket.
+    socket_snapshot: bool,
+}
+
+/// How long a joiner listens after it stops sending, before it leaves.
+const JOINER_GRACE: Duration = Duration::from_millis(300);
+
+/// What a joiner needs.
+struct Joiner {
+    session_id: String,
+    k: usize,
+    j: usize,
+    ip: IpAddr,
+    ssrc: u32,
+    tx: Context,
+    rx: HashMap<u32, (Context, StreamRx)>,
+    profile: Profile,
+    seed: u64,
+    join_at: Instant,
+    leave_at: Instant,
+}
+
+/// Joins a call in progress at `join_at` (AddParticipant, then binds the new leg), sends and
+/// receives until `leave_at`, and leaves (RemoveParticipant).
+async fn joiner(ctx: Arc<RunCtx>, w: Joiner) -> ChurnResult {
+    tokio::time::sleep_until(w.join_at.into()).await;
+    let mut out = ChurnResult {
+        ssrc: w.ssrc,
+        failure: None,
+        join_latency: None,
+        in_call_s: None,
+        sent: SentStream {
+            ssrc: w.ssrc,
+            sent: 0,
+            seconds: Vec::new(),
+            first_sent_s: None,
+            last_sent_s: 0.0,
+        },
+        received: HashMap::new(),
+    };
+    let participant_id = format!("joiner-{}", w.k);
+    let started = Instant::now();
+    let s = &ctx.scenario;
+    let add = pb::AddParticipantRequest {
+        session_id: w.session_id.clone(),
+        participant: Some(pb::Participant {
+            participant_id: participant_id.clone(),
+            region: String::new(),
+            preferred_transport: match s.transport {
+                TransportMode::Udp => pb::Transport::Udp,
+                TransportMode::Quic => pb::Transport::Quic,
+                TransportMode::Mixed if w.j.is_multiple_of(2) => pb::Transport::Quic,
+                TransportMode::Mixed => pb::Transport::Udp,
+            } as i32,
+        }),
+    };
+    let leg = match ctx.api.request(add) {
+        Ok(req) => ctx.api.client.clone().add_participant(req).await,
+        Err(e) => {
+            out.failure = Some(("join_request".into(), format!("{e:#}")));
+            return out;
+        }
+    };
+    let leg = match leg.map(|r| r.into_inner().leg) {
+        Ok(Some(leg)) => leg,
+        Ok(None) => {
+            out.failure = Some(("join_no_leg".into(), "answer without a leg".into()));
+            return out;
+        }
+        Err(st) => {
+            out.failure = Some((grpc_kind("join", &st), st.to_string()));
+            return out;
+        }
+    };
+    match Leg::bind(LegConfig::from_pb(&leg, SocketAddr::new(w.ip, 0))).await {
+        Ok(bound) => {
+            out.join_latency = Some(started.elapsed());
+            let bound_at = ctx.seconds_since_epoch(Instant::now());
+            let role = Role {
+                end: w.leave_at,
+                stop: w.leave_at + JOINER_GRACE,
+                fanout: 0,
+                counted: None,
+                socket_snapshot: false,
+            };
+            let p = participant(
+                ctx.clone(),
+                w.j,
+                bound,
+                w.ssrc,
+                w.tx,
+                w.rx,
+                w.profile,
+                w.seed,
+                role,
+            )
+            .await;
+            out.in_call_s = Some((bound_at, ctx.seconds_since_epoch(w.leave_at)));
+            out.sent = p.sent;
+            out.received = p.received;
+            if let Some(why) = p.ended_early {
+                out.failure = Some(("join_leg_ended".into(), why));
+            }
+        }
+        Err(e) => out.failure = Some((format!("join_{}", bind_kind(&e)), e.to_string())),
+    }
+    let remove = pb::RemoveParticipantRequest {
+        session_id: w.session_id,
+        participant_id,
+    };
+    let left = match ctx.api.request(remove) {
+        Ok(req) => ctx
+            .api
+            .client
+            .clone()
+            .remove_participant(req)
+            .await
+            .map_err(|st| (grpc_kind("leave", &st), st.to_string())),
+        Err(e) => Err(("leave_request".into(), format!("{e:#}"))),
+    };
+    if let Err(f) = left {
+        out.failure.get_or_insert(f);
+    }
+    out
 }
 
 /// What one participant did and saw.
@@ -722,8 +1042,10 @@ async fn participant(
     mut rx: HashMap<u32, (Context, StreamRx)>,
     profile: Profile,
     seed: u64,
+    role: Role,
 ) -> ParticipantOutcome {
-    let fanout = rx.len() as u64;
+    let fanout = role.fanout;
+    let end = role.end;
     let transport: LegTransport = leg.transport().into();
     let sender = leg.sender();
     let send_ctx = ctx.clone();
@@ -744,7 +1066,7 @@ async fn participant(
         // Start at a random phase, as real participants do.
         let mut next = Instant::now() + src.interval().mul_f64(rand::random::<f64>());
         let mut next_rtcp = Instant::now() + Duration::from_secs(ctx.scenario.rtcp_interval_secs);
-        while next < ctx.end {
+        while next < end {
             tokio::time::sleep_until(next.into()).await;
             // How late this sender woke: a generator short of CPU falls behind its schedule.
             let lag = Instant::now().saturating_duration_since(next);
@@ -786,20 +1108,24 @@ async fn participant(
                 bytes += srtp.len() as u64;
                 octets = octets.wrapping_add(*len as u32);
             }
-            ctx.collector.on_sent(
-                ctx.second(Instant::now()),
-                pkts,
-                bytes,
-                fanout,
-                lag.as_micros() as u64,
-            );
+            if fanout > 0 {
+                ctx.collector.on_sent(
+                    ctx.second(Instant::now()),
+                    pkts,
+                    bytes,
+                    fanout,
+                    lag.as_micros() as u64,
+                );
+            }
             if Instant::now() >= next_rtcp {
                 next_rtcp += Duration::from_secs(ctx.scenario.rtcp_interval_secs);
                 let ntp = ctx.epoch.elapsed().as_nanos() as u64;
                 media::sender_report(&mut buf, ssrc, ntp, ts, stream.sent as u32, octets);
                 if let Ok(srtcp) = tx.encrypt_rtcp(&buf) {
                     if sender.send(&srtcp).await.is_ok() {
-                        ctx.collector.rtcp_sent.fetch_add(1, Relaxed);
+                        if fanout > 0 {
+                            ctx.collector.rtcp_sent.fetch_add(1, Relaxed);
+                        }
                     } else {
                         ctx.collector.send_errors.fetch_add(1, Relaxed);
                     }
@@ -810,7 +1136,7 @@ async fn participant(
         stream
     });
 
-    let stop = ctx.end + GRACE;
+    let stop = role.stop;
     loop {
         let Ok(Some(got)) = tokio::time::timeout_at(stop.into(), leg.recv()).await else {
             break;
@@ -830,9 +1156,16 @@ async fn participant(
             c.decrypt_failures.fetch_add(1, Relaxed);
             continue;
         };
+        // Media to or from a joiner is the churn figures' own, not the run's (decrypt failures
+        // excepted: every one counts).
+        let counted = role
+            .counted
+            .as_ref()
+            .is_some_and(|c| c.contains(&sender_ssrc));
         if media::is_rtcp(pkt) {
             match dec.decrypt_rtcp(pkt) {
-                Ok(_) => c.rtcp_received.fetch_add(1, Relaxed),
+                Ok(_) if counted => c.rtcp_received.fetch_add(1, Relaxed),
+                Ok(_) => 0,
                 Err(_) => c.decrypt_failures.fetch_add(1, Relaxed),
             };
             continue;
@@ -848,6 +1181,9 @@ async fn participant(
         let arrived_ns = got.at.saturating_duration_since(ctx.epoch).as_nanos() as u64;
         let before = stream.unique;
         stream.record(index, sent_ns as f64 / 1e9, arrived_ns as f64 / 1e9);
+        if !counted {
+            continue;
+        }
         if stream.unique > before {
             c.on_received(
                 ctx.second(got.at),
@@ -874,17 +1210,21 @@ async fn participant(
     // Keep the socket open until the run has read the socket table, so that its drop count is
     // in it (the kernel forgets a socket's count when it closes).
     let mut snapshot = ctx.sockets.clone();
-    let socket_drops = match tokio::time::timeout_at(
-        (stop + Duration::from_secs(3)).into(),
-        snapshot.wait_for(Option::is_some),
-    )
-    .await
-    {
-        Ok(Ok(table)) => table
-            .as_ref()
-            .and_then(Option::as_ref)
-            .and_then(|t| t.drops_of(leg.local_addr())),
-        _ => None,
+    let socket_drops = if !role.socket_snapshot {
+        None
+    } else {
+        match tokio::time::timeout_at(
+            (stop + Duration::from_secs(3)).into(),
+            snapshot.wait_for(Option::is_some),
+        )
+        .await
+        {
+            Ok(Ok(table)) => table
+                .as_ref()
+                .and_then(Option::as_ref)
+                .and_then(|t| t.drops_of(leg.local_addr())),
+            _ => None,
+        }
     };
     let counters = leg.counters();
     ParticipantOutcome {

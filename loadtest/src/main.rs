@@ -25,7 +25,13 @@ struct Flags {
     #[arg(long, default_value_t = 1)]
     local_relays: usize,
 
-    /// Controller gRPC URL of an existing cluster.
+    /// Controller replicas in the local cluster (1 to 5), sharing their sessions; each RPC goes
+    /// to one of them.
+    #[arg(long, default_value_t = 1, requires = "local")]
+    local_controllers: usize,
+
+    /// Controller gRPC URL of an existing cluster; several, comma-separated, for replicas (each
+    /// RPC goes to one of them).
     #[arg(
         long,
         env = "VEIL_LOADTEST_CONTROLLER",
@@ -42,7 +48,7 @@ struct Flags {
     relay_metrics: Vec<String>,
 
     /// Scenario file (JSON); flags given explicitly override nothing in it.
-    #[arg(long, conflicts_with_all = ["calls", "participants", "duration", "ramp_up", "profile", "transport", "srtp"])]
+    #[arg(long, conflicts_with_all = ["calls", "participants", "churn", "churn_dwell", "duration", "ramp_up", "profile", "transport", "srtp"])]
     scenario: Option<PathBuf>,
 
     /// Concurrent calls.
@@ -52,6 +58,17 @@ struct Flags {
     /// Participants per call (2 to 16).
     #[arg(long)]
     participants: Option<usize>,
+
+    /// Participants who join each call while it runs and leave it again (AddParticipant at a
+    /// random time of full load, RemoveParticipant --churn-dwell later); their media is
+    /// measured apart, in the report's `churn` figures. Participants and joiners of a call are
+    /// at most 16 together.
+    #[arg(long)]
+    churn: Option<usize>,
+
+    /// How long each joiner (--churn) stays in the call, for example `2s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    churn_dwell: Option<Duration>,
 
     /// How long calls run at full load, for example `20s` or `2m`.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -165,6 +182,9 @@ struct Pool(Vec<std::net::IpAddr>);
 
 impl Flags {
     fn scenario(&self) -> anyhow::Result<Scenario> {
+        if !(1..=5).contains(&self.local_controllers) {
+            anyhow::bail!("--local-controllers must be from 1 to 5");
+        }
         let mut s = match &self.scenario {
             Some(path) => Scenario::from_file(path)?,
             None => Scenario {
@@ -178,6 +198,12 @@ impl Flags {
         }
         if let Some(v) = self.participants {
             s.participants = v;
+        }
+        if let Some(v) = self.churn {
+            s.churn = v;
+        }
+        if let Some(v) = self.churn_dwell {
+            s.churn_dwell = v;
         }
         if let Some(v) = self.duration {
             s.duration = v;
@@ -219,6 +245,7 @@ async fn main() {
     let target = if flags.local {
         Target::Local {
             relays: flags.local_relays.max(1),
+            controllers: flags.local_controllers,
         }
     } else {
         Target::Remote {
@@ -346,7 +373,11 @@ fn check_config(flags: &Flags, s: &Scenario) -> veil_ops::check::Effective {
         .set(
             "target",
             if flags.local {
-                format!("--local, {} relays", flags.local_relays.max(1))
+                format!(
+                    "--local, {} relays, {} controller replica(s)",
+                    flags.local_relays.max(1),
+                    flags.local_controllers
+                )
             } else {
                 flags.controller.clone().unwrap_or_default()
             },
@@ -355,6 +386,8 @@ fn check_config(flags: &Flags, s: &Scenario) -> veil_ops::check::Effective {
         .list("relay-metrics", &flags.relay_metrics)
         .set("calls", s.calls)
         .set("participants", s.participants)
+        .set("churn", s.churn)
+        .set("churn-dwell", humantime::format_duration(s.churn_dwell))
         .set("duration", humantime::format_duration(s.duration))
         .set("ramp-up", format!("{} calls/s", s.ramp_up_per_sec))
         .list("profile", &mix)

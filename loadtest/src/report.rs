@@ -449,6 +449,34 @@ pub struct Report {
     pub relay_forwarded_packets: u64,
     /// Media datagrams the participants' sockets read from their relays.
     pub participant_datagrams_read: u64,
+    /// Participants who joined calls in progress and left them (`--churn`); `null` without.
+    /// Their media is counted here, not in the figures above.
+    pub churn: Option<ChurnFigures>,
+}
+
+/// What the joiners of a run (`--churn`) did and saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnFigures {
+    /// Joiners scheduled, over the calls that ran.
+    pub joins_planned: u64,
+    /// Joiners whose leg bound (AddParticipant, then the bind).
+    pub joined: u64,
+    /// Joiners that failed: to join, during media, or to leave (RemoveParticipant).
+    pub failed: u64,
+    /// Failures by kind (`join_unavailable`, `join_bind_unreachable`, `join_leg_ended`,
+    /// `leave_not_found`, ...).
+    pub failures: BTreeMap<String, u64>,
+    /// The first error of each kind.
+    pub failure_examples: BTreeMap<String, String>,
+    /// From AddParticipant to the new leg bound, ms.
+    pub join_latency_ms: Option<Spread>,
+    /// Deliveries due to and from joiners: the call's packets sent while a joiner was in it
+    /// (whole seconds), to the joiner; the joiner's packets, to each of the call's participants.
+    pub packets_due: u64,
+    /// Of those, never received.
+    pub packets_lost: u64,
+    /// `packets_lost / packets_due`; `null` if nothing was due.
+    pub loss_ratio: Option<f64>,
 }
 
 /// Mean of `values`, `None` for none.
@@ -815,6 +843,7 @@ impl Report {
             relays: facts.relays,
             relay_forwarded_packets,
             participant_datagrams_read: datagrams_read,
+            churn: None,
         };
         report.judge(&Thresholds::default());
         report
@@ -904,6 +933,22 @@ impl Report {
             self.packets_duplicated,
             self.packets_reordered
         );
+        if let Some(ch) = &self.churn {
+            o += &format!(
+                "  churn:             {} of {} joiners joined and left ({} failed), join {}; \
+                 to and from joiners {} due, {} lost ({})\n",
+                ch.joined,
+                ch.joins_planned,
+                ch.failed,
+                ch.join_latency_ms.map_or(NA.to_string(), |l| format!(
+                    "p50 {:.1} ms, p99 {:.1} ms",
+                    l.p50, l.p99
+                )),
+                ch.packets_due,
+                ch.packets_lost,
+                pct(ch.loss_ratio, m),
+            );
+        }
         o += &format!(
             "  SRTP:              {} decrypt/auth failures; {} of {} RTCP sender reports received\n",
             self.decrypt_failures, self.rtcp_received, self.rtcp_sent

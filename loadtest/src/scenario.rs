@@ -98,6 +98,14 @@ pub struct Scenario {
     pub client_ips: Vec<IpAddr>,
     /// Seconds between RTCP sender reports of each participant.
     pub rtcp_interval_secs: u64,
+    /// Participants who join each call while it runs (AddParticipant, at a random time during
+    /// full load) and leave it after `churn_dwell` (RemoveParticipant), one after another; 0:
+    /// none. A call's participants and joiners together are at most 16 (a leg index is never
+    /// minted twice).
+    pub churn: usize,
+    /// How long each joiner stays.
+    #[serde(with = "humantime_serde_compat")]
+    pub churn_dwell: Duration,
 }
 
 impl Default for Scenario {
@@ -112,6 +120,8 @@ impl Default for Scenario {
             srtp: SrtpSuite::AesCm,
             client_ips: vec![IpAddr::from([127, 0, 0, 1])],
             rtcp_interval_secs: 5,
+            churn: 0,
+            churn_dwell: Duration::from_secs(2),
         }
     }
 }
@@ -164,6 +174,15 @@ impl Scenario {
         }
         if self.rtcp_interval_secs == 0 {
             bail!("rtcp_interval_secs must be at least 1");
+        }
+        if self.participants + self.churn > 16 {
+            bail!("churn: participants and joiners of a call are at most 16 together");
+        }
+        if self.churn > 0
+            && (self.churn_dwell < Duration::from_millis(500)
+                || self.churn_dwell + Duration::from_secs(1) > self.duration)
+        {
+            bail!("churn_dwell must be at least 500ms, and 1 s shorter than duration");
         }
         Ok(())
     }
@@ -267,6 +286,30 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("participants")
+        );
+        let crowded = Scenario {
+            participants: 10,
+            churn: 7,
+            ..Scenario::default()
+        };
+        assert!(
+            crowded
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("churn")
+        );
+        let long_stay = Scenario {
+            churn: 1,
+            churn_dwell: Duration::from_secs(10),
+            ..Scenario::default()
+        };
+        assert!(
+            long_stay
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("churn_dwell")
         );
     }
 }

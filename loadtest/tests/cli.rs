@@ -57,4 +57,17 @@ fn check_config_prints_the_scenario_without_the_token_and_contacts_nothing() {
     let (code, _, err) = loadtest(&["--local", "--participants", "1", "--check-config"], &[]);
     assert_eq!(code, 64);
     assert!(err.contains("participants"), "{err}");
+    let (code, _, err) = loadtest(
+        &[
+            "--local",
+            "--participants",
+            "10",
+            "--churn",
+            "7",
+            "--check-config",
+        ],
+        &[],
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("churn"), "{err}");
 }

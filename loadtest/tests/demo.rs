@@ -79,3 +79,62 @@ fn local_demo_runs_calls_through_the_relay_and_reports_honestly() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn churn_joins_and_leaves_calls_in_progress_on_three_replicas_with_no_loss_to_anyone() {
+    let dir = std::env::temp_dir().join(format!("veil-churn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_veil-loadtest"))
+        .args(["--local", "--calls", "3", "--participants", "3", "--quiet"])
+        .args([
+            "--churn",
+            "4",
+            "--churn-dwell",
+            "1500ms",
+            "--duration",
+            "5s",
+        ])
+        // Three controller replicas: every allocation, join, leave and release goes to any.
+        .args(["--local-controllers", "3"])
+        .args([
+            "--transport",
+            "mixed",
+            "--client-ip-pool",
+            "127.0.0.2-127.0.0.40",
+        ])
+        .arg("--report-json")
+        .arg(&json)
+        .output()
+        .expect("run veil-loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("churn:"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("key {k}"));
+    let churn = &r["churn"];
+    // Every joiner of every call joined (AddParticipant, a bind), talked and left.
+    assert_eq!(n(churn, "joins_planned"), 12);
+    assert_eq!(n(churn, "joined"), 12, "{churn}");
+    assert_eq!(n(churn, "failed"), 0, "{churn}");
+    assert!(churn["join_latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+    // Media to and from joiners decrypted (0 failures overall) and arrived.
+    assert_eq!(n(&r, "decrypt_failures"), 0);
+    assert_eq!(n(&r, "foreign_datagrams"), 0);
+    assert!(n(churn, "packets_due") > 12 * 50, "{churn}");
+    assert!(churn["loss_ratio"].as_f64().unwrap() < 0.001, "{churn}");
+    // The call's own figures are its participants' only, untouched by the joiners: each of
+    // their packets due to the two others, and all of them there.
+    assert_eq!(n(&r, "packets_expected"), 2 * n(&r, "packets_sent"));
+    assert!(
+        r["loss_ratio"].as_f64().unwrap() < 0.001,
+        "{}",
+        r["loss_ratio"]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
