@@ -65,6 +65,14 @@ pub struct Config {
     )]
     pub relay_identities: Vec<String>,
 
+    /// Networks relays may advertise addresses in (comma-separated): `CIDR` for every relay,
+    /// `NODE_ID=CIDR` for one relay alone (a relay with entries of its own is held to those
+    /// only). A relay whose hello advertises a UDP, QUIC or TURN address outside its networks is
+    /// refused (PERMISSION_DENIED, RELAY_ADDRESS_NOT_ALLOWED): a relay credential cannot send
+    /// participants to an address of its choosing. Empty: addresses are not checked.
+    #[arg(long, env = "VEIL_CONTROLLER_RELAY_NETWORKS", value_delimiter = ',')]
+    pub relay_networks: Vec<String>,
+
     /// Bearer tokens accepted from operators for AdminService (comma-separated). Empty:
     /// AdminService is open, for local development only.
     #[arg(
@@ -239,6 +247,8 @@ pub struct Settings {
     pub relay_tokens: Vec<String>,
     /// Per-relay credentials: each admits its node id only.
     pub relay_identities: Vec<RelayIdentity>,
+    /// Where relays may advertise addresses.
+    pub relay_networks: RelayNetworks,
     /// Admin tokens.
     pub admin_tokens: Vec<String>,
     /// Region distances.
@@ -262,6 +272,58 @@ pub struct Settings {
 /// A random replica id, for a replica given none.
 pub fn random_replica_id() -> String {
     format!("replica-{:08x}", rand::random::<u32>())
+}
+
+/// Where relays may advertise their addresses (`--relay-networks`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayNetworks {
+    /// For every relay without networks of its own.
+    pub any: Vec<ipnet::IpNet>,
+    /// For one relay each.
+    pub by_node: std::collections::HashMap<String, Vec<ipnet::IpNet>>,
+}
+
+impl RelayNetworks {
+    /// Parses `--relay-networks` entries.
+    pub fn parse(entries: &[String]) -> anyhow::Result<Self> {
+        let mut out = Self::default();
+        for e in entries {
+            let (node, net) = match e.split_once('=') {
+                Some((node, net)) => (Some(node), net),
+                None => (None, e.as_str()),
+            };
+            let Ok(net) = net.trim().parse::<ipnet::IpNet>() else {
+                bail!(
+                    "--relay-networks: each entry must be CIDR or NODE_ID=CIDR, such as \
+                     203.0.113.0/24 or relay-0=203.0.113.7/32"
+                );
+            };
+            match node {
+                Some(n)
+                    if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                {
+                    bail!("--relay-networks: each NODE_ID must be 1 to 128 bytes without spaces")
+                }
+                Some(n) => out.by_node.entry(n.to_string()).or_default().push(net),
+                None => out.any.push(net),
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when no network is set: addresses are not checked.
+    pub fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.by_node.is_empty()
+    }
+
+    /// Whether relay `node_id` may advertise `ip`.
+    pub fn admits(&self, node_id: &str, ip: std::net::IpAddr) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let nets = self.by_node.get(node_id).unwrap_or(&self.any);
+        nets.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// A relay's own credential: its node id and the token that proves it.
@@ -381,6 +443,7 @@ impl Settings {
             signaling_tokens: Vec::new(),
             relay_tokens: Vec::new(),
             relay_identities: Vec::new(),
+            relay_networks: RelayNetworks::default(),
             admin_tokens: Vec::new(),
             regions: RegionMap::default(),
             relay_timeout: Duration::from_secs(3),
@@ -504,6 +567,7 @@ impl Config {
             signaling_tokens: self.signaling_tokens.clone(),
             relay_tokens: self.relay_tokens.clone(),
             relay_identities: identities,
+            relay_networks: RelayNetworks::parse(&self.relay_networks)?,
             admin_tokens: self.admin_tokens.clone(),
             regions,
             relay_timeout: Duration::from_millis(self.relay_timeout_ms),

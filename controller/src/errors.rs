@@ -70,6 +70,9 @@ closed_set! {
         /// `PERMISSION_DENIED`: a relay's credential may not register the `node_id` its hello
         /// names (bound to another node id, or the node id has a credential of its own).
         RelayIdentityMismatch => "RELAY_IDENTITY_MISMATCH",
+        /// `PERMISSION_DENIED`: a relay's hello advertises an address outside the networks
+        /// that relay may advertise (`--relay-networks`).
+        RelayAddressNotAllowed => "RELAY_ADDRESS_NOT_ALLOWED",
         /// `PERMISSION_DENIED`: this replica serves no `ReplicaService`: it has no
         /// `--peer-tokens`, and listens on a reachable address.
         ReplicationOff => "REPLICATION_OFF",

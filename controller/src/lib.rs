@@ -41,6 +41,7 @@ pub mod deadline;
 pub mod dev;
 pub mod errors;
 pub mod health;
+pub mod legs;
 pub mod malformed;
 pub mod metrics;
 pub mod placement;
@@ -245,6 +246,7 @@ impl ControllerServer {
         let relays = RelayRegistryServer::new(RegistryApi {
             controller: self.controller.clone(),
             auth: auth.clone(),
+            networks: Arc::new(self.settings.relay_networks.clone()),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin = AdminServiceServer::new(AdminApi {

@@ -260,6 +260,47 @@ fn now_ts() -> prost_types::Timestamp {
     }
 }
 
+/// The session with what each leg is doing, as the relays report it here (GetSession, and
+/// WatchSession's snapshots).
+fn with_activity(controller: &Controller, s: &crate::state::Session) -> pb::Session {
+    let mut out = s.to_pb();
+    for leg in &mut out.legs {
+        let index = u8::try_from(leg.leg_index).unwrap_or(u8::MAX);
+        leg.activity = Some(controller.legs.activity(s.id, index));
+    }
+    out
+}
+
+fn role_of(session: &crate::state::Session, node_id: &str) -> pb::RelayRole {
+    match session.relays.iter().find(|(r, _)| r.node_id == node_id) {
+        Some((_, Role::Primary)) => pb::RelayRole::Primary,
+        Some((_, Role::Backup)) => pb::RelayRole::Backup,
+        None => pb::RelayRole::Unspecified,
+    }
+}
+
+/// A leg event for a watcher of `session`.
+fn leg_event(session: &crate::state::Session, news: crate::legs::LegNews) -> pb::SessionEvent {
+    use crate::legs::NewsKind;
+    use pb::session_event::Kind;
+    let (kind, from, reason) = match news.kind {
+        NewsKind::Bound => (Kind::LegBound, String::new(), pb::LegEndReason::Unspecified),
+        NewsKind::Moved { from } => (Kind::LegMoved, from, pb::LegEndReason::Unspecified),
+        NewsKind::Unbound(why) => (Kind::LegUnbound, String::new(), why),
+    };
+    let mut ev = event(kind);
+    ev.leg = Some(pb::LegEvent {
+        leg_index: u32::from(news.leg),
+        participant_id: session.participant_of(news.leg).unwrap_or_default(),
+        role: role_of(session, &news.node_id) as i32,
+        node_id: news.node_id,
+        transport: news.transport as i32,
+        from_node_id: from,
+        reason: reason as i32,
+    });
+    ev
+}
+
 fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
     pb::SessionEvent {
         kind: kind as i32,
@@ -268,17 +309,30 @@ fn event(kind: pb::session_event::Kind) -> pb::SessionEvent {
     }
 }
 
+/// What a WatchSession stream hears, subscribed to before the session is read.
+struct Feeds {
+    relays: tokio::sync::broadcast::Receiver<RelayEvent>,
+    releases: tokio::sync::broadcast::Receiver<u64>,
+    changes: tokio::sync::broadcast::Receiver<(u64, SessionChange)>,
+    /// With `leg_events` only.
+    legs: Option<tokio::sync::broadcast::Receiver<crate::legs::LegNews>>,
+}
+
 /// Feeds one WatchSession stream until the session ends or the watcher goes; the stream counts
 /// against its credential's quota until then (`_permit`).
 async fn watch(
     _permit: crate::quota::WatchPermit,
     controller: Arc<Controller>,
     session: Arc<crate::state::Session>,
-    mut relays: tokio::sync::broadcast::Receiver<RelayEvent>,
-    mut releases: tokio::sync::broadcast::Receiver<u64>,
-    mut changes: tokio::sync::broadcast::Receiver<(u64, SessionChange)>,
+    feeds: Feeds,
     tx: mpsc::Sender<Result<pb::SessionEvent, Status>>,
 ) {
+    let Feeds {
+        mut relays,
+        mut releases,
+        mut changes,
+        mut legs,
+    } = feeds;
     use pb::session_event::Kind;
     use tokio::sync::broadcast::error::RecvError;
     let left = |s: &crate::state::Session| {
@@ -289,10 +343,12 @@ async fn watch(
     let expiry = tokio::time::sleep(left(&session));
     tokio::pin!(expiry);
     let mut snapshot = event(Kind::Snapshot);
-    snapshot.session = Some(session.to_pb());
+    snapshot.session = Some(with_activity(&controller, &session));
     if tx.send(Ok(snapshot)).await.is_err() {
         return;
     }
+    // Legs removed so far: a participant change that removes another is told as LEG_REMOVED.
+    let mut removed = session.removed_legs();
     if session.is_released() {
         let _ = tx.send(Ok(event(Kind::Released))).await;
         return;
@@ -319,7 +375,22 @@ async fn watch(
                 // Missed events: the watcher gets a fresh snapshot instead.
                 Err(RecvError::Lagged(_)) => {
                     let mut ev = event(Kind::Snapshot);
-                    ev.session = Some(session.to_pb());
+                    ev.session = Some(with_activity(&controller, &session));
+                    ev
+                }
+                Err(RecvError::Closed) => return,
+            },
+            n = async {
+                match legs.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match n {
+                Ok(news) if news.session == session.id => leg_event(&session, news),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => {
+                    let mut ev = event(Kind::Snapshot);
+                    ev.session = Some(with_activity(&controller, &session));
                     ev
                 }
                 Err(RecvError::Closed) => return,
@@ -349,6 +420,21 @@ async fn watch(
                     Err(RecvError::Closed) => return,
                 };
                 expiry.as_mut().reset(tokio::time::Instant::now() + left(&session));
+                if legs.is_some() {
+                    let now_removed = session.removed_legs();
+                    for &index in now_removed.iter().filter(|i| !removed.contains(i)) {
+                        let mut ev = event(Kind::LegRemoved);
+                        ev.leg = Some(pb::LegEvent {
+                            leg_index: u32::from(index),
+                            participant_id: session.participant_of(index).unwrap_or_default(),
+                            ..Default::default()
+                        });
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    removed = now_removed;
+                }
                 let mut ev = event(kind);
                 ev.session = Some(session.to_pb());
                 ev
@@ -385,6 +471,10 @@ impl pb::session_service_server::SessionService for SessionApi {
         let relays = self.controller.registry.subscribe();
         let releases = self.controller.subscribe_releases();
         let changes = self.controller.subscribe_changes();
+        let legs = request
+            .get_ref()
+            .leg_events
+            .then(|| self.controller.legs.subscribe());
         let session = self.controller.get(id)?;
         let permit = self
             .controller
@@ -396,9 +486,12 @@ impl pb::session_service_server::SessionService for SessionApi {
             permit,
             self.controller.clone(),
             session,
-            relays,
-            releases,
-            changes,
+            Feeds {
+                relays,
+                releases,
+                changes,
+                legs,
+            },
             tx,
         ));
         Ok(Response::new(
@@ -468,7 +561,7 @@ impl pb::session_service_server::SessionService for SessionApi {
         let id = api::parse_session_id(&request.get_ref().session_id)?;
         let session = self.controller.get(id)?;
         Ok(Response::new(pb::GetSessionResponse {
-            session: Some(session.to_pb()),
+            session: Some(with_activity(&self.controller, &session)),
         }))
     }
 
@@ -561,6 +654,61 @@ impl pb::session_service_server::SessionService for SessionApi {
 pub struct RegistryApi {
     pub(crate) controller: Arc<Controller>,
     pub(crate) auth: Auth,
+    /// Where relays may advertise addresses (`--relay-networks`).
+    pub(crate) networks: Arc<crate::config::RelayNetworks>,
+}
+
+/// Checks that every address `h` advertises lies in the networks relay `h.node_id` may
+/// advertise: its UDP, QUIC and TURN over TCP addresses, and its TURN over TLS host where that is
+/// an IP address (a DNS name is proven to clients by the certificate they check instead). The
+/// error names the field, never the address.
+fn check_addresses(
+    networks: &crate::config::RelayNetworks,
+    h: &pb::RelayHello,
+) -> Result<(), Status> {
+    use std::net::SocketAddr;
+    if networks.is_empty() {
+        return Ok(());
+    }
+    let tls_ip = h.turn_tls_address.rsplit_once(':').and_then(|(host, _)| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok()
+    });
+    let fields = [
+        (
+            "udp_address",
+            h.udp_address.parse::<SocketAddr>().ok().map(|a| a.ip()),
+        ),
+        (
+            "quic_address",
+            h.quic_address.parse::<SocketAddr>().ok().map(|a| a.ip()),
+        ),
+        (
+            "turn_tcp_address",
+            h.turn_tcp_address
+                .parse::<SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
+        ),
+        ("turn_tls_address", tls_ip),
+    ];
+    for (field, ip) in fields {
+        if let Some(ip) = ip
+            && !networks.admits(&h.node_id, ip)
+        {
+            return Err(errors::simple(
+                Code::PermissionDenied,
+                format!(
+                    "hello.{field} is outside the networks this relay may advertise \
+                     (--relay-networks)"
+                ),
+                Reason::RelayAddressNotAllowed,
+            ));
+        }
+    }
+    Ok(())
 }
 
 type OutStream =
@@ -693,6 +841,12 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
                     "relay refused: its credential may not register the node_id it names"
                 );
             })?;
+        check_addresses(&self.networks, &hello).inspect_err(|e| {
+            self.controller
+                .metrics
+                .count_auth_failure(AuthService::Registry);
+            tracing::warn!(node_id = %hello.node_id, error = %e.message(), "relay refused");
+        })?;
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let node_id = hello.node_id.clone();
         // Weak: the link's sender is the registry's, whose dropping ends the stream (a detach,
@@ -722,13 +876,44 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
         drop(catch_up);
         tracing::info!(node_id = %node_id, region = %hello.region, "relay attached");
         let controller = self.controller.clone();
+        let instance = hello.instance_id;
+        controller.legs.relay_attached(&node_id, instance);
         tokio::spawn(async move {
+            // The bindings of a snapshot split over several messages, until its last.
+            let mut listed = Vec::new();
             loop {
                 match inbound.message().await {
                     Ok(Some(pb::RelayMessage {
                         kind: Some(pb::relay_message::Kind::Load(load)),
                     })) => {
                         controller.registry.report(&node_id, load);
+                    }
+                    Ok(Some(pb::RelayMessage {
+                        kind: Some(pb::relay_message::Kind::LegChanges(c)),
+                    })) => {
+                        for change in &c.changes {
+                            let Some(b) = &change.binding else { continue };
+                            let word = if change.bound {
+                                crate::legs::Word::Bound
+                            } else {
+                                crate::legs::Word::Unbound(
+                                    pb::LegEndReason::try_from(change.reason)
+                                        .unwrap_or(pb::LegEndReason::Unknown),
+                                )
+                            };
+                            controller.legs.report(&node_id, instance, b, word);
+                        }
+                    }
+                    Ok(Some(pb::RelayMessage {
+                        kind: Some(pb::relay_message::Kind::LegSnapshot(snap)),
+                    })) => {
+                        controller.legs.snapshot(
+                            &node_id,
+                            instance,
+                            &snap.bindings,
+                            &mut listed,
+                            snap.complete,
+                        );
                     }
                     Ok(Some(_)) => {
                         tracing::debug!(node_id = %node_id, "unexpected relay message ignored")
@@ -747,6 +932,13 @@ impl pb::relay_registry_server::RelayRegistry for RegistryApi {
                 }
             }
             controller.registry.detach(&node_id, link);
+            if controller
+                .registry
+                .view(&node_id)
+                .is_some_and(|v| v.health == crate::registry::Health::Down)
+            {
+                controller.legs.relay_down(&node_id);
+            }
             tracing::info!(node_id = %node_id, "relay detached");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as OutStream))

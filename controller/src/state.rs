@@ -55,6 +55,9 @@ impl Leg {
             } as i32,
             relays: relays.to_vec(),
             ice_servers: ice_servers(&self.token, &s.relays),
+            // What the leg does is this replica's own hearing of the relays (crate::legs),
+            // added where an answer reports it.
+            activity: None,
         }
     }
 }
@@ -139,8 +142,16 @@ impl Session {
         self.legs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The participant of leg `index`, if the session minted it.
+    pub fn participant_of(&self, index: u8) -> Option<String> {
+        self.legs()
+            .iter()
+            .find(|l| l.index == index)
+            .map(|l| l.participant.id.clone())
+    }
+
     /// The indices of the legs removed so far, for revocations.
-    fn removed_legs(&self) -> Vec<u8> {
+    pub(crate) fn removed_legs(&self) -> Vec<u8> {
         self.legs()
             .iter()
             .filter(|l| l.removed)
@@ -216,6 +227,8 @@ pub fn unix_ms() -> u64 {
 pub struct Controller {
     /// The relays.
     pub registry: Registry,
+    /// What each session's legs are doing, as the relays report it here.
+    pub legs: crate::legs::LegBook,
     by_id: DashMap<u64, Arc<Session>>,
     /// `call_id` → session id. Keyed by caller-chosen strings: DashMap's default (SipHash,
     /// randomly keyed) resists collision floods.
@@ -258,6 +271,7 @@ impl Controller {
     ) -> Self {
         Self {
             registry: Registry::default(),
+            legs: crate::legs::LegBook::default(),
             // Pre-sized: growing a large map stalls allocations while its shards resize.
             by_id: DashMap::with_capacity(1 << 16),
             by_call: DashMap::with_capacity(1 << 16),
@@ -691,9 +705,11 @@ impl Controller {
                 _ = tick.tick() => {
                     for node in self.registry.sweep(relay_timeout) {
                         tracing::warn!(node_id = %node, "relay silent; marked down");
+                        self.legs.relay_down(&node);
                     }
                     if last_expire.elapsed() > Duration::from_secs(5) {
                         self.expire();
+                        self.legs.sweep(|id| self.by_id.contains_key(&id));
                         last_expire = Instant::now();
                     }
                 }

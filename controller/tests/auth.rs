@@ -96,6 +96,7 @@ async fn each_role_has_its_own_credentials() {
         .watch_session(with_token(
             pb::WatchSessionRequest {
                 session_id: s.session_id.clone(),
+                leg_events: false,
             },
             Some(RELAY),
         ))
@@ -272,5 +273,176 @@ async fn an_impostor_relay_credential_cannot_take_another_relays_node_id_or_sess
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
     }
+    controller.stop().await;
+}
+
+/// Attaches with a raw stream of `hello` alone, presenting `token`: `Ok` once the controller
+/// accepted the stream (which then ends), else its status.
+async fn attach_hello(url: &str, token: &str, hello: pb::RelayHello) -> Result<(), tonic::Status> {
+    let mut registry = pb::relay_registry_client::RelayRegistryClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let hello = pb::RelayMessage {
+        kind: Some(pb::relay_message::Kind::Hello(hello)),
+    };
+    let out = tokio_stream::iter(vec![hello]);
+    registry
+        .attach(with_token(out, Some(token)))
+        .await
+        .map(drop)
+}
+
+fn hello_at(node_id: &str, udp: &str, quic: &str) -> pb::RelayHello {
+    pb::RelayHello {
+        node_id: node_id.into(),
+        udp_address: udp.into(),
+        quic_address: quic.into(),
+        capacity_legs: 1_000_000,
+        key_ids: vec![1, 2],
+        instance_id: 7,
+        ..Default::default()
+    }
+}
+
+/// Relays advertise only addresses in their networks (`--relay-networks`): a relay credential,
+/// shared or a relay's own, cannot have the controller send participants to an address of its
+/// choosing (another host's, to flood it with their binds and media). A relay with networks of
+/// its own is held to those alone; the refusal names the field, never the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_advertise_an_address_outside_its_networks() {
+    use tonic_types::StatusExt as _;
+    let keys = generate_keys();
+    let mut settings = Settings::local(keys.clone());
+    settings.signaling_tokens = vec![SIGNALING.into()];
+    settings.relay_tokens = vec![RELAY.into()];
+    settings.relay_identities =
+        vec![veil_controller::config::RelayIdentity::parse(&format!("relay-0:{RELAY_0}")).unwrap()];
+    settings.relay_networks = veil_controller::config::RelayNetworks::parse(&[
+        "127.0.0.0/8".into(),
+        "::1/128".into(),
+        "relay-0=127.0.0.1/32".into(),
+    ])
+    .unwrap();
+    let controller = LocalController::start(settings).await;
+
+    // The genuine relay-0, a real relay on 127.0.0.1, attaches.
+    let mut s = veil_relay::config::Settings::local(keys, "relay-0", vec![controller.url.clone()]);
+    s.controller_token = Some(RELAY_0.into());
+    s.report_interval = Duration::from_millis(250);
+    let r = veil_relay::RelayServer::load(s).await.unwrap();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let relay_0 = tokio::spawn(r.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    controller.wait_relays(1).await;
+    let genuine = controller.state.registry.view("relay-0").unwrap().info;
+
+    let refused = [
+        // Outside every network, with the shared credential and with relay-0's own.
+        (
+            RELAY,
+            hello_at("relay-7", "192.0.2.99:4000", ""),
+            "udp_address",
+        ),
+        (
+            RELAY_0,
+            hello_at("relay-0", "192.0.2.99:4000", ""),
+            "udp_address",
+        ),
+        // A genuine UDP address and a QUIC one elsewhere.
+        (
+            RELAY_0,
+            hello_at("relay-0", "127.0.0.1:4000", "192.0.2.99:4001"),
+            "quic_address",
+        ),
+        // Inside the networks of every relay, but relay-0 is held to its own.
+        (
+            RELAY_0,
+            hello_at("relay-0", "127.0.0.5:4000", ""),
+            "udp_address",
+        ),
+        (
+            RELAY,
+            pb::RelayHello {
+                turn_udp: true,
+                turn_tcp_address: "192.0.2.99:4002".into(),
+                ..hello_at("relay-8", "127.0.0.8:4000", "")
+            },
+            "turn_tcp_address",
+        ),
+        (
+            RELAY,
+            pb::RelayHello {
+                turn_udp: true,
+                turn_tls_address: "192.0.2.99:443".into(),
+                ..hello_at("relay-8", "127.0.0.8:4000", "")
+            },
+            "turn_tls_address",
+        ),
+    ];
+    for (token, hello, field) in refused {
+        let node = hello.node_id.clone();
+        let e = attach_hello(&controller.url, token, hello)
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::PermissionDenied, "{node} {field}");
+        assert_eq!(
+            e.get_error_details().error_info().unwrap().reason,
+            "RELAY_ADDRESS_NOT_ALLOWED"
+        );
+        assert!(
+            e.message().contains(&format!("hello.{field}")),
+            "{}",
+            e.message()
+        );
+        assert!(!e.message().contains("192.0.2.99") && !e.message().contains("127.0.0."));
+    }
+    // Inside the networks: a relay of the shared credential on another loopback address, with
+    // a TURN over TLS name (proven to clients by its certificate, not checked here).
+    attach_hello(
+        &controller.url,
+        RELAY,
+        pb::RelayHello {
+            turn_udp: true,
+            turn_tls_address: "turn.example.net:443".into(),
+            ..hello_at("relay-9", "127.0.0.9:4000", "[::1]:4001")
+        },
+    )
+    .await
+    .expect("an address in the networks attaches");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while controller.state.registry.view("relay-9").is_none() {
+        assert!(std::time::Instant::now() < until, "relay-9 did not attach");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Nothing refused reached the registry, and relay-0 is only ever itself.
+    let views = controller.state.registry.views();
+    assert_eq!(
+        views
+            .iter()
+            .map(|v| v.info.node_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["relay-0", "relay-9"]
+    );
+    assert_eq!(
+        controller.state.registry.view("relay-0").unwrap().info,
+        genuine
+    );
+    let mut api = client(&controller.url).await;
+    for i in 0..10 {
+        let s = allocate(
+            &mut api,
+            with_token(request(&format!("networks-call-{i}"), 2), Some(SIGNALING)),
+        )
+        .await;
+        for r in &s.relays {
+            assert!(
+                !r.udp_address.starts_with("192.0.2.") && !r.quic_address.starts_with("192.0.2.")
+            );
+        }
+    }
+    stop.send(true).unwrap();
+    relay_0.await.unwrap().unwrap();
     controller.stop().await;
 }

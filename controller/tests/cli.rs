@@ -125,6 +125,14 @@ fn bad_configuration_exits_64_naming_the_field() {
             "--relay-identities: each NODE_ID",
         ),
         (
+            vec!["--key-file", good, "--relay-networks", "203.0.113.0/33"],
+            "--relay-networks: each entry must be CIDR or NODE_ID=CIDR",
+        ),
+        (
+            vec!["--key-file", good, "--relay-networks", "=203.0.113.0/24"],
+            "--relay-networks: each NODE_ID",
+        ),
+        (
             vec!["--key-file", good, "--relay-identities", "relay-0:short"],
             "--relay-identities: each token must be at least 16 characters",
         ),

@@ -46,6 +46,7 @@ async fn drained_relay_takes_no_new_sessions_and_moves_calls_at_the_deadline() {
     let mut events = api
         .watch_session(pb::WatchSessionRequest {
             session_id: s.session_id.clone(),
+            leg_events: false,
         })
         .await
         .unwrap()

@@ -540,6 +540,7 @@ async fn every_refusal_carries_a_stable_reason_and_what_to_fix() {
     let mut watch = api
         .watch_session(pb::WatchSessionRequest {
             session_id: "0123456789abcdef".into(),
+            leg_events: false,
         })
         .await;
     let e = watch.as_mut().unwrap_err();
@@ -795,8 +796,14 @@ async fn quotas_hold_each_signaling_credential_to_its_own_limits() {
     let watch = |token: &'static str, id: String| {
         let mut api = api.clone();
         async move {
-            api.watch_session(as_caller(pb::WatchSessionRequest { session_id: id }, token))
-                .await
+            api.watch_session(as_caller(
+                pb::WatchSessionRequest {
+                    session_id: id,
+                    leg_events: false,
+                },
+                token,
+            ))
+            .await
         }
     };
     let first = watch(SIGNALING_B, b1.session_id.clone()).await.unwrap();
@@ -939,6 +946,7 @@ async fn zero_means_unlimited() {
     for _ in 0..5 {
         let req = pb::WatchSessionRequest {
             session_id: id.clone(),
+            leg_events: false,
         };
         watches.push(
             api.watch_session(as_caller(req, SIGNALING_A))

@@ -91,6 +91,7 @@ async fn a_call_extended_past_its_ttl_loses_no_packet_and_its_tokens_bind_on() {
     let mut watch = api
         .watch_session(pb::WatchSessionRequest {
             session_id: s.session_id.clone(),
+            leg_events: false,
         })
         .await
         .unwrap()

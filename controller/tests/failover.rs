@@ -43,6 +43,7 @@ async fn killed_relay_fails_over(transports: &[pb::Transport]) {
     let mut events = api
         .watch_session(pb::WatchSessionRequest {
             session_id: s.session_id.clone(),
+            leg_events: false,
         })
         .await
         .unwrap()

@@ -139,6 +139,37 @@ async fn join_talk_and_leave_while_the_others_lose_nothing() {
     let carol = Peer::join(&carol_leg, "127.0.0.4", 3).await;
     let mut peers = vec![alice, bob, carol];
     exchange(&mut peers, 10, |_| primary).await;
+    // Every replica hears from the relays what each leg carried, the joiner's included.
+    for url in &c.controller_urls {
+        let mut one = client(url).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = one
+                .get_session(pb::GetSessionRequest {
+                    session_id: s.session_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .unwrap();
+            let counted: Vec<(bool, String, u64, u64)> = now
+                .legs
+                .iter()
+                .map(|l| {
+                    let a = l.activity.clone().unwrap_or_default();
+                    let st = a.stats.unwrap_or_default();
+                    (a.bound, a.node_id, st.packets_in, st.packets_out)
+                })
+                .collect();
+            let want = (true, s.relays[0].node_id.clone(), 10, 20);
+            if counted.iter().all(|c| *c == want) {
+                break;
+            }
+            assert!(Instant::now() < until, "replica {url}: {counted:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut carol = peers.pop().unwrap();
     let bob = peers.pop().unwrap();
     let alice = peers.pop().unwrap();
@@ -338,6 +369,7 @@ async fn participant_changes_get_precise_errors_and_events() {
     let mut watch = api
         .watch_session(pb::WatchSessionRequest {
             session_id: s.session_id.clone(),
+            leg_events: false,
         })
         .await
         .unwrap()

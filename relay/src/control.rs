@@ -3,6 +3,11 @@
 //! revocations the controller sends. Forwarding never waits on any of this: with every controller
 //! gone, bound calls keep flowing.
 //!
+//! Each link also tells its controller what happens to legs: every bind and unbind as it
+//! happens (from the directory's observer, [`leg_feed`]), all legs bound when the link opens,
+//! and after each load report a snapshot of every binding with its counters, from which the
+//! controller answers `GetSession` and `WatchSession` with per-leg activity. Never an address.
+//!
 //! A controller URL names a host, and the relay attaches to *every* address that host resolves
 //! to, as a headless Kubernetes Service gives one address per controller pod: the URL can stay
 //! the same while controllers scale. The name is resolved again every `--controller-resolve-secs`;
@@ -17,14 +22,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use veil_ops::dial::{FixedAddr, RESOLVE_RETRY, Resolve, host_port};
 use veil_proto::v1::{
-    LoadReport, RelayHello, RelayMessage, controller_message, relay_message,
+    LegBinding, LegChanges, LegEndReason, LegSnapshot, LegStats, LegTransport, LoadReport,
+    RelayHello, RelayMessage, controller_message, relay_message,
     relay_registry_client::RelayRegistryClient,
 };
-use veil_relay_core::{Node, SessionId};
+use veil_relay_core::{BoundLeg, ChangeKind, Counts, Ended, LegChange, Node, SessionId};
 
 use crate::drain::Drainer;
 use crate::metrics::RelayMetrics;
@@ -42,7 +48,165 @@ pub(crate) struct Link {
     pub(crate) drainer: Arc<Drainer>,
     pub(crate) cpu: CpuClock,
     pub(crate) interval: Duration,
+    /// Every leg change of the relay's directory ([`leg_feed`]).
+    pub(crate) leg_changes: broadcast::Sender<LegChange>,
     pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Leg changes queued for one link at most; a link that falls this far behind sends a full
+/// snapshot instead of the changes it missed.
+const LEG_FEED: usize = 8192;
+/// Bindings in one leg message at most: 1024 bindings of ~60 bytes stay well inside a
+/// controller's 64 KiB message limit.
+pub(crate) const BINDINGS_PER_MESSAGE: usize = 1024;
+
+/// Feeds every leg change of `node`'s directory to the links (each subscribes when it attaches).
+/// The directory calls the observer under its lock, on binds and unbinds only: a broadcast send
+/// is a short lock of its own, and never waits for a link.
+pub(crate) fn leg_feed(node: &Node) -> broadcast::Sender<LegChange> {
+    let (tx, _) = broadcast::channel(LEG_FEED);
+    let feed = tx.clone();
+    node.directory.observe(move |c| {
+        // No link attached: nobody to tell (a link reads every bound leg when it attaches).
+        let _ = feed.send(c);
+    });
+    tx
+}
+
+fn transport(name: &str) -> LegTransport {
+    match name {
+        "udp" => LegTransport::Udp,
+        "quic" => LegTransport::Quic,
+        "turn-udp" => LegTransport::TurnUdp,
+        "turn-tcp" => LegTransport::TurnTcp,
+        "turn-tls" => LegTransport::TurnTls,
+        _ => LegTransport::Unspecified,
+    }
+}
+
+fn stats(c: Counts) -> LegStats {
+    LegStats {
+        packets_in: c.packets_in,
+        bytes_in: c.bytes_in,
+        packets_out: c.packets_out,
+        bytes_out: c.bytes_out,
+        packets_dropped: c.packets_dropped,
+    }
+}
+
+fn binding(b: &BoundLeg) -> LegBinding {
+    LegBinding {
+        session_id: b.session.0,
+        slot: u32::from(b.slot),
+        binding_id: b.binding,
+        transport: transport(b.transport) as i32,
+        stats: Some(stats(b.counts)),
+    }
+}
+
+fn change(c: &LegChange) -> veil_proto::v1::LegChange {
+    let (bound, reason) = match c.kind {
+        ChangeKind::Bound { .. } => (true, LegEndReason::Unspecified),
+        ChangeKind::Unbound(why) => (
+            false,
+            match why {
+                Ended::Idle => LegEndReason::Idle,
+                Ended::Expired => LegEndReason::Expired,
+                Ended::Disconnected => LegEndReason::Disconnected,
+                Ended::Evicted => LegEndReason::Drained,
+                Ended::Released => LegEndReason::Released,
+                Ended::Removed => LegEndReason::Removed,
+                Ended::Replaced => LegEndReason::Replaced,
+            },
+        ),
+    };
+    veil_proto::v1::LegChange {
+        binding: Some(binding(&BoundLeg {
+            session: c.session,
+            slot: c.slot,
+            transport: c.transport,
+            binding: c.binding,
+            counts: c.counts,
+        })),
+        bound,
+        reason: reason as i32,
+    }
+}
+
+/// Every leg bound now, as changes (what a link sends when it opens).
+fn all_bound(node: &Node) -> Vec<veil_proto::v1::LegChange> {
+    node.directory
+        .bound_legs()
+        .iter()
+        .map(|b| veil_proto::v1::LegChange {
+            binding: Some(binding(b)),
+            bound: true,
+            reason: LegEndReason::Unspecified as i32,
+        })
+        .collect()
+}
+
+/// The changes queued for this link now, `first` included; `None` if the link fell behind
+/// (it then owes its controller a full snapshot).
+fn queued(
+    first: LegChange,
+    rx: &mut broadcast::Receiver<LegChange>,
+) -> Option<Vec<veil_proto::v1::LegChange>> {
+    let mut out = vec![change(&first)];
+    loop {
+        match rx.try_recv() {
+            Ok(c) => out.push(change(&c)),
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => {
+                return Some(out);
+            }
+            Err(broadcast::error::TryRecvError::Lagged(_)) => return None,
+        }
+    }
+}
+
+async fn send_changes(
+    tx: &mpsc::Sender<RelayMessage>,
+    changes: Vec<veil_proto::v1::LegChange>,
+) -> bool {
+    for chunk in changes.chunks(BINDINGS_PER_MESSAGE) {
+        let msg = RelayMessage {
+            kind: Some(relay_message::Kind::LegChanges(LegChanges {
+                changes: chunk.to_vec(),
+            })),
+        };
+        if tx.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends every binding of the relay with its counters, in messages of at most
+/// [`BINDINGS_PER_MESSAGE`], the last marked complete.
+async fn send_snapshot(tx: &mpsc::Sender<RelayMessage>, node: &Node) -> bool {
+    let bound = node.directory.bound_legs();
+    let mut chunks = bound.chunks(BINDINGS_PER_MESSAGE).peekable();
+    if chunks.peek().is_none() {
+        let msg = RelayMessage {
+            kind: Some(relay_message::Kind::LegSnapshot(LegSnapshot {
+                bindings: Vec::new(),
+                complete: true,
+            })),
+        };
+        return tx.send(msg).await.is_ok();
+    }
+    while let Some(chunk) = chunks.next() {
+        let msg = RelayMessage {
+            kind: Some(relay_message::Kind::LegSnapshot(LegSnapshot {
+                bindings: chunk.iter().map(binding).collect(),
+                complete: chunks.peek().is_none(),
+            })),
+        };
+        if tx.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -262,6 +426,11 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
         kind: Some(relay_message::Kind::Hello(hello)),
     })
     .await?;
+    // Subscribed before the bound legs are read: a leg bound in between is told twice, which a
+    // controller ignores, rather than not at all.
+    let mut leg_changes = link.leg_changes.subscribe();
+    // Sent once the stream is open (below): before, nothing reads the queue.
+    let bound = all_bound(&link.node);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(token) = &link.token {
         let value = format!("Bearer {token}")
@@ -274,6 +443,10 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
     link.metrics.controllers_attached.inc();
     let _attached = Attached(&link.metrics);
 
+    if !send_changes(&tx, bound).await {
+        return Ok(());
+    }
+
     let mut meter = LoadMeter::new(&link.metrics, link.cpu.clone());
     let mut ticker = tokio::time::interval(link.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -284,10 +457,41 @@ async fn attach(link: &mut Link) -> anyhow::Result<()> {
                 Some(m) => apply(&link.node, &link.drainer, m),
                 None => return Ok(()),
             },
+            c = leg_changes.recv() => {
+                let sent = match c {
+                    Ok(first) => match queued(first, &mut leg_changes) {
+                        Some(changes) => send_changes(&tx, changes).await,
+                        None => send_snapshot(&tx, &link.node).await,
+                    },
+                    // Changes missed: the full picture instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        send_snapshot(&tx, &link.node).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                if !sent {
+                    return Ok(());
+                }
+            }
             _ = ticker.tick() => {
                 let report = meter.report(&link.node, &link.metrics);
                 let msg = RelayMessage { kind: Some(relay_message::Kind::Load(report)) };
                 if tx.send(msg).await.is_err() {
+                    return Ok(());
+                }
+                // The changes so far go first, so that the snapshot after them is the newer
+                // word on every leg.
+                let pending = match leg_changes.try_recv() {
+                    Ok(first) => queued(first, &mut leg_changes),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => None,
+                    Err(_) => Some(Vec::new()),
+                };
+                if let Some(changes) = pending
+                    && !send_changes(&tx, changes).await
+                {
+                    return Ok(());
+                }
+                if !send_snapshot(&tx, &link.node).await {
                     return Ok(());
                 }
             }
@@ -496,6 +700,7 @@ mod tests {
             drainer: Arc::new(Drainer::new(node)),
             cpu: CpuClock::Process,
             interval: Duration::from_millis(100),
+            leg_changes: broadcast::channel(16).0,
             shutdown,
         };
         (link, metrics)

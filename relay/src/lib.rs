@@ -340,6 +340,7 @@ impl RelayServer {
 
         let hello = self.hello();
         let drainer = Arc::new(drain::Drainer::new(self.node.clone()));
+        let leg_changes = control::leg_feed(&self.node);
         let resolver = veil_ops::dial::system_resolver();
         for url in &self.settings.controllers {
             let link = control::Link {
@@ -355,6 +356,7 @@ impl RelayServer {
                     config::CpuSource::Workers => control::CpuClock::Workers(cpu_clocks.clone()),
                 },
                 interval: self.settings.report_interval,
+                leg_changes: leg_changes.clone(),
                 shutdown: stop_rx.clone(),
             };
             tasks.spawn(control::run_url(

@@ -963,3 +963,12 @@ pub async fn bind_udp(
     ))
     .await
 }
+
+/// A session as AllocateSession answers it: GetSession's live `activity` of each leg (where
+/// it is bound and what it carried, which changes as the call goes) left out, for comparing.
+pub fn without_activity(mut s: pb::Session) -> pb::Session {
+    for l in &mut s.legs {
+        l.activity = None;
+    }
+    s
+}

@@ -120,7 +120,13 @@ def main() -> int:
         again = api.AllocateSession(req, timeout=5)
         summary["idempotent"] = (not again.created) and again.session == s
         got = api.GetSession(pb.GetSessionRequest(session_id=s.session_id), timeout=5).session
-        summary["get_matches"] = got == s
+        # GetSession adds what each leg is doing (nobody bound yet): the rest is the allocation.
+        summary["get_activity"] = all(
+            leg.HasField("activity") and not leg.activity.bound for leg in got.legs
+        )
+        for leg in got.legs:
+            leg.ClearField("activity")
+        summary["get_matches"] = got == s and summary["get_activity"]
 
         events = []
         watch = api.WatchSession(pb.WatchSessionRequest(session_id=s.session_id), timeout=20)

@@ -4,6 +4,11 @@ pub struct WatchSessionRequest {
     /// The `session_id` returned by AllocateSession (16 lowercase hex digits).
     #[prost(string, tag = "1")]
     pub session_id: ::prost::alloc::string::String,
+    /// Also report what happens to each leg (KIND_LEG_BOUND, KIND_LEG_MOVED, KIND_LEG_UNBOUND,
+    /// KIND_LEG_REMOVED). Off by default, so that watchers written before leg events see only
+    /// the events they know.
+    #[prost(bool, tag = "2")]
+    pub leg_events: bool,
 }
 /// Something that happened to a watched session.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -23,6 +28,9 @@ pub struct SessionEvent {
     /// The session (SNAPSHOT, PARTICIPANTS_CHANGED and EXTENDED only).
     #[prost(message, optional, tag = "5")]
     pub session: ::core::option::Option<Session>,
+    /// The leg concerned (leg events only).
+    #[prost(message, optional, tag = "6")]
+    pub leg: ::core::option::Option<LegEvent>,
 }
 /// Nested message and enum types in `SessionEvent`.
 pub mod session_event {
@@ -61,6 +69,19 @@ pub mod session_event {
         ParticipantsChanged = 8,
         /// The session was extended (ExtendSession): `session` holds it with its new expiry.
         Extended = 9,
+        /// A participant's client bound its leg on a relay it was not bound on before (its first
+        /// bind in the session; `leg` says which relay and transport). Watches with `leg_events`
+        /// only, as are the three below. A ringing callee's leg has none until the callee binds.
+        LegBound = 10,
+        /// A leg bound on another relay of the session than the one it was last bound on (it failed
+        /// over to the backup, or came back): `leg.node_id` is the new relay, `leg.from_node_id` the
+        /// old one.
+        LegMoved = 11,
+        /// A relay stopped serving a leg: `leg.reason` says why. The leg's client may bind again
+        /// (an idle leg's client that comes back, a leg that moves to the backup).
+        LegUnbound = 12,
+        /// The leg was removed from the session (RemoveParticipant): its token binds nowhere again.
+        LegRemoved = 13,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -79,6 +100,10 @@ pub mod session_event {
                 Self::Expired => "KIND_EXPIRED",
                 Self::ParticipantsChanged => "KIND_PARTICIPANTS_CHANGED",
                 Self::Extended => "KIND_EXTENDED",
+                Self::LegBound => "KIND_LEG_BOUND",
+                Self::LegMoved => "KIND_LEG_MOVED",
+                Self::LegUnbound => "KIND_LEG_UNBOUND",
+                Self::LegRemoved => "KIND_LEG_REMOVED",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -94,10 +119,79 @@ pub mod session_event {
                 "KIND_EXPIRED" => Some(Self::Expired),
                 "KIND_PARTICIPANTS_CHANGED" => Some(Self::ParticipantsChanged),
                 "KIND_EXTENDED" => Some(Self::Extended),
+                "KIND_LEG_BOUND" => Some(Self::LegBound),
+                "KIND_LEG_MOVED" => Some(Self::LegMoved),
+                "KIND_LEG_UNBOUND" => Some(Self::LegUnbound),
+                "KIND_LEG_REMOVED" => Some(Self::LegRemoved),
                 _ => None,
             }
         }
     }
+}
+/// What happened to one leg (SessionEvent.leg).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegEvent {
+    /// The leg's index within the session.
+    #[prost(uint32, tag = "1")]
+    pub leg_index: u32,
+    /// Its participant.
+    #[prost(string, tag = "2")]
+    pub participant_id: ::prost::alloc::string::String,
+    /// The relay it is bound on now (BOUND, MOVED), or was bound on (UNBOUND); empty for REMOVED.
+    #[prost(string, tag = "3")]
+    pub node_id: ::prost::alloc::string::String,
+    /// That relay's role in the session.
+    #[prost(enumeration = "RelayRole", tag = "4")]
+    pub role: i32,
+    /// How the client reaches that relay (BOUND, MOVED, UNBOUND).
+    #[prost(enumeration = "LegTransport", tag = "5")]
+    pub transport: i32,
+    /// MOVED: the relay the leg was bound on before.
+    #[prost(string, tag = "6")]
+    pub from_node_id: ::prost::alloc::string::String,
+    /// UNBOUND: why.
+    #[prost(enumeration = "LegEndReason", tag = "7")]
+    pub reason: i32,
+}
+/// What a leg is doing and what it carried, as this controller replica hears from the relays
+/// (in their leg reports, about once a second). Never an address.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegActivity {
+    /// True while a relay of the session serves the leg.
+    #[prost(bool, tag = "1")]
+    pub bound: bool,
+    /// The relay it is bound on (or was last bound on); empty if it never bound.
+    #[prost(string, tag = "2")]
+    pub node_id: ::prost::alloc::string::String,
+    /// How its client reaches that relay.
+    #[prost(enumeration = "LegTransport", tag = "3")]
+    pub transport: i32,
+    /// What it carried on every relay of the session, since the session began (as far as this
+    /// replica has heard: counts reach it about once a second, and a relay that dies takes its
+    /// last second's counts with it).
+    #[prost(message, optional, tag = "4")]
+    pub stats: ::core::option::Option<LegStats>,
+}
+/// Media a leg carried through Veil: SRTP, SRTCP and DTLS (and, for TURN, what was relayed), not
+/// Veil's own control messages.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegStats {
+    /// Datagrams the relays received from the leg's client.
+    #[prost(uint64, tag = "1")]
+    pub packets_in: u64,
+    /// Their bytes.
+    #[prost(uint64, tag = "2")]
+    pub bytes_in: u64,
+    /// Datagrams the relays forwarded to the leg's client.
+    #[prost(uint64, tag = "3")]
+    pub packets_out: u64,
+    /// Their bytes.
+    #[prost(uint64, tag = "4")]
+    pub bytes_out: u64,
+    /// Of `packets_in`, those not forwarded (over the ticket's rate limits, no other participant
+    /// bound yet, a path not yet proven, revoked or expired).
+    #[prost(uint64, tag = "5")]
+    pub packets_dropped: u64,
 }
 /// One participant of a call, as the signaling service knows it.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -269,6 +363,10 @@ pub struct Leg {
     /// the token. Empty where no relay of the leg serves TURN.
     #[prost(message, repeated, tag = "7")]
     pub ice_servers: ::prost::alloc::vec::Vec<IceServer>,
+    /// What the leg is doing and what it carried: in GetSession answers and WatchSession
+    /// snapshots only (empty elsewhere).
+    #[prost(message, optional, tag = "8")]
+    pub activity: ::core::option::Option<LegActivity>,
 }
 /// One TURN server, as the W3C `RTCIceServer` dictionary has it.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -304,6 +402,110 @@ pub struct RelayEndpoint {
     /// Primary or backup.
     #[prost(enumeration = "RelayRole", tag = "6")]
     pub role: i32,
+}
+/// How a participant's client is bound on a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LegTransport {
+    Unspecified = 0,
+    /// Veil's native protocol over UDP (docs/PROTOCOL.md).
+    Udp = 1,
+    /// Veil's native protocol over QUIC.
+    Quic = 2,
+    /// A TURN allocation over UDP (a WebRTC client).
+    TurnUdp = 3,
+    /// A TURN allocation over TCP.
+    TurnTcp = 4,
+    /// A TURN allocation over TLS.
+    TurnTls = 5,
+}
+impl LegTransport {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LEG_TRANSPORT_UNSPECIFIED",
+            Self::Udp => "LEG_TRANSPORT_UDP",
+            Self::Quic => "LEG_TRANSPORT_QUIC",
+            Self::TurnUdp => "LEG_TRANSPORT_TURN_UDP",
+            Self::TurnTcp => "LEG_TRANSPORT_TURN_TCP",
+            Self::TurnTls => "LEG_TRANSPORT_TURN_TLS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LEG_TRANSPORT_UNSPECIFIED" => Some(Self::Unspecified),
+            "LEG_TRANSPORT_UDP" => Some(Self::Udp),
+            "LEG_TRANSPORT_QUIC" => Some(Self::Quic),
+            "LEG_TRANSPORT_TURN_UDP" => Some(Self::TurnUdp),
+            "LEG_TRANSPORT_TURN_TCP" => Some(Self::TurnTcp),
+            "LEG_TRANSPORT_TURN_TLS" => Some(Self::TurnTls),
+            _ => None,
+        }
+    }
+}
+/// Why a relay stopped serving a leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LegEndReason {
+    Unspecified = 0,
+    /// The client sent nothing for longer than the relay's idle timeout.
+    Idle = 1,
+    /// The session's tokens expired, or the TURN allocation's lifetime ended.
+    Expired = 2,
+    /// The client closed its QUIC or TURN connection, or released its TURN allocation.
+    Disconnected = 3,
+    /// The relay drained or stopped, and told the client to move to its backup relay.
+    Drained = 4,
+    /// The participant was removed (RemoveParticipant).
+    Removed = 5,
+    /// The session was released.
+    Released = 6,
+    /// The relay went down (stopped reporting to this controller, or restarted).
+    RelayDown = 7,
+    /// The client's address was bound to another leg since.
+    Replaced = 8,
+    /// The relay no longer lists the leg, and its word of why was lost.
+    Unknown = 9,
+}
+impl LegEndReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LEG_END_REASON_UNSPECIFIED",
+            Self::Idle => "LEG_END_REASON_IDLE",
+            Self::Expired => "LEG_END_REASON_EXPIRED",
+            Self::Disconnected => "LEG_END_REASON_DISCONNECTED",
+            Self::Drained => "LEG_END_REASON_DRAINED",
+            Self::Removed => "LEG_END_REASON_REMOVED",
+            Self::Released => "LEG_END_REASON_RELEASED",
+            Self::RelayDown => "LEG_END_REASON_RELAY_DOWN",
+            Self::Replaced => "LEG_END_REASON_REPLACED",
+            Self::Unknown => "LEG_END_REASON_UNKNOWN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LEG_END_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "LEG_END_REASON_IDLE" => Some(Self::Idle),
+            "LEG_END_REASON_EXPIRED" => Some(Self::Expired),
+            "LEG_END_REASON_DISCONNECTED" => Some(Self::Disconnected),
+            "LEG_END_REASON_DRAINED" => Some(Self::Drained),
+            "LEG_END_REASON_REMOVED" => Some(Self::Removed),
+            "LEG_END_REASON_RELEASED" => Some(Self::Released),
+            "LEG_END_REASON_RELAY_DOWN" => Some(Self::RelayDown),
+            "LEG_END_REASON_REPLACED" => Some(Self::Replaced),
+            "LEG_END_REASON_UNKNOWN" => Some(Self::Unknown),
+            _ => None,
+        }
+    }
 }
 /// How a participant prefers to reach its relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -542,7 +744,8 @@ pub mod session_service_client {
                 .insert(GrpcMethod::new("veil.v1.SessionService", "AllocateSession"));
             self.inner.unary(req, path, codec).await
         }
-        /// Reads a session, tokens included.
+        /// Reads a session, tokens included, and what each leg is doing: where it is bound, over which
+        /// transport, and what it carried (`Leg.activity`), as this replica hears from the relays.
         pub async fn get_session(
             &mut self,
             request: impl tonic::IntoRequest<super::GetSessionRequest>,
@@ -687,9 +890,12 @@ pub mod session_service_client {
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
         /// each time one of its relays goes down, comes back, or starts or stops draining, or its
         /// participants change, or it is extended, and finally
-        /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
+        /// RELEASED or EXPIRED, after which the stream ends. With `leg_events`, also an event each
+        /// time a participant's leg binds on a relay, moves to another relay, stops being served by
+        /// one, or is removed. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
+        /// No event carries an address: legs are named by index, relays by node id.
         pub async fn watch_session(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchSessionRequest>,
@@ -738,7 +944,8 @@ pub mod session_service_server {
             tonic::Response<super::AllocateSessionResponse>,
             tonic::Status,
         >;
-        /// Reads a session, tokens included.
+        /// Reads a session, tokens included, and what each leg is doing: where it is bound, over which
+        /// transport, and what it carried (`Leg.activity`), as this replica hears from the relays.
         async fn get_session(
             &self,
             request: tonic::Request<super::GetSessionRequest>,
@@ -804,9 +1011,12 @@ pub mod session_service_server {
         /// Streams what happens to a session's relays: first a SNAPSHOT of the session, then an event
         /// each time one of its relays goes down, comes back, or starts or stops draining, or its
         /// participants change, or it is extended, and finally
-        /// RELEASED or EXPIRED, after which the stream ends. Events reflect what this controller
+        /// RELEASED or EXPIRED, after which the stream ends. With `leg_events`, also an event each
+        /// time a participant's leg binds on a relay, moves to another relay, stops being served by
+        /// one, or is removed. Events reflect what this controller
         /// replica sees; participants' clients fail over by themselves, this is for the signaling
         /// service's information (for example, to allocate a new session if both relays are lost).
+        /// No event carries an address: legs are named by index, relays by node id.
         async fn watch_session(
             &self,
             request: tonic::Request<super::WatchSessionRequest>,
@@ -1277,7 +1487,7 @@ pub mod session_service_server {
 /// A message from a relay to a controller.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RelayMessage {
-    #[prost(oneof = "relay_message::Kind", tags = "1, 2")]
+    #[prost(oneof = "relay_message::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<relay_message::Kind>,
 }
 /// Nested message and enum types in `RelayMessage`.
@@ -1290,7 +1500,62 @@ pub mod relay_message {
         /// Periodic load report, about once a second.
         #[prost(message, tag = "2")]
         Load(super::LoadReport),
+        /// Legs bound and unbound on the relay, as it happens; after the hello, every leg bound
+        /// then.
+        #[prost(message, tag = "3")]
+        LegChanges(super::LegChanges),
+        /// Every leg bound on the relay now, with its counters: after each load report, in as many
+        /// messages as it takes.
+        #[prost(message, tag = "4")]
+        LegSnapshot(super::LegSnapshot),
     }
+}
+/// Legs bound and unbound on a relay. Carries no address: legs are named by session and slot.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LegChanges {
+    #[prost(message, repeated, tag = "1")]
+    pub changes: ::prost::alloc::vec::Vec<LegChange>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegChange {
+    /// The leg's binding: its session, slot, transport and counters (final ones when unbound).
+    #[prost(message, optional, tag = "1")]
+    pub binding: ::core::option::Option<LegBinding>,
+    /// True: bound (or moved to another endpoint of the relay); false: unbound, for `reason`.
+    #[prost(bool, tag = "2")]
+    pub bound: bool,
+    /// Why it was unbound.
+    #[prost(enumeration = "LegEndReason", tag = "3")]
+    pub reason: i32,
+}
+/// One binding of a leg on a relay: from its bind there until it is unbound there.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LegBinding {
+    /// The session id (the 64-bit value behind the 16 hex digits of the public API).
+    #[prost(fixed64, tag = "1")]
+    pub session_id: u64,
+    /// The leg's slot: its index (0 to 15), or `index + 16k` for the leg's k-th extra TURN
+    /// allocation.
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+    /// Unique among the bindings of this relay instance: the counters of one binding are
+    /// cumulative, and a controller adds up a leg's bindings by id.
+    #[prost(fixed64, tag = "3")]
+    pub binding_id: u64,
+    #[prost(enumeration = "LegTransport", tag = "4")]
+    pub transport: i32,
+    #[prost(message, optional, tag = "5")]
+    pub stats: ::core::option::Option<LegStats>,
+}
+/// The legs bound on a relay now. A snapshot too large for one message (at most 1024 bindings
+/// each) is split over several, the last with `complete` set: a binding a controller believed
+/// bound there and absent from a complete snapshot was unbound unseen.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LegSnapshot {
+    #[prost(message, repeated, tag = "1")]
+    pub bindings: ::prost::alloc::vec::Vec<LegBinding>,
+    #[prost(bool, tag = "2")]
+    pub complete: bool,
 }
 /// Who a relay is and how participants reach it.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

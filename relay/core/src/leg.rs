@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::counters::LegCounters;
 use crate::limit::Limiter;
 use crate::session::{Endpoint, Session};
 use crate::stats::{DropReason, Stats};
@@ -56,6 +57,9 @@ pub struct LegState {
     /// A TURN allocation's own state (its key, relayed address, answers); `None` for native
     /// legs.
     pub(crate) turn: Option<Box<crate::turn::Allocation>>,
+    /// What the binding carried (shared with the session's bound set, where the legs sending to
+    /// this one count what they sent).
+    pub(crate) counters: Arc<LegCounters>,
 }
 
 /// Why a leg stopped being served, as found by [`LegState::check`].
@@ -85,6 +89,7 @@ impl LegState {
         now: Instant,
         (expires_at, expiry_unix_ms): (Instant, u64),
         limiter: Limiter,
+        counters: Arc<LegCounters>,
     ) -> Self {
         Self {
             session,
@@ -96,6 +101,7 @@ impl LegState {
             limiter,
             path: None,
             turn: None,
+            counters,
         }
     }
 
@@ -179,26 +185,27 @@ impl LegState {
     /// `pkt` must already be classified as media and long enough.
     #[inline]
     pub(crate) fn forward(&mut self, now: Instant, pkt: &[u8], stats: &mut Stats) -> Verdict {
+        self.counters.received(pkt.len());
         if self.session.is_closed_for(self.leg) {
-            return dropped(stats, DropReason::SessionClosed);
+            return leg_dropped(&self.counters, stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
             // Past the expiry it was bound with: its session may have been extended since.
             self.renew();
             if now >= self.expires_at {
-                return dropped(stats, DropReason::Expired);
+                return leg_dropped(&self.counters, stats, DropReason::Expired);
             }
         }
         let legs = self.session.legs();
         if legs.get(self.leg) != Some(self.endpoint) {
-            return dropped(stats, DropReason::Unbound);
+            return leg_dropped(&self.counters, stats, DropReason::Unbound);
         }
         // Any packet keeps the leg alive, admitted or not; the limiter refills for the time
         // since the previous one.
         let elapsed = now.saturating_duration_since(self.last_seen).as_secs_f32();
         self.last_seen = now;
         if !self.limiter.admit(elapsed, pkt.len()) {
-            return dropped(stats, DropReason::RateLimited);
+            return leg_dropped(&self.counters, stats, DropReason::RateLimited);
         }
         // Legs whose QUIC path is unproven get nothing: an address that has not shown it
         // receives must not be sent media in its name (docs/SECURITY.md §2).
@@ -209,11 +216,13 @@ impl LegState {
         let n = (legs.len() - 1 - withheld - legs.turn_legs()) as u64;
         if n == 0 {
             return if withheld > 0 {
+                self.counters.dropped();
                 Verdict::Drop(DropReason::UnprovenPath)
             } else {
-                dropped(stats, DropReason::NoPeer)
+                leg_dropped(&self.counters, stats, DropReason::NoPeer)
             };
         }
+        legs.count_sent(self.leg, pkt.len());
         stats.forwarded_packets += n;
         stats.forwarded_bytes += n * pkt.len() as u64;
         Verdict::Forward(Targets::new(legs, self.leg))
@@ -223,6 +232,12 @@ impl LegState {
 fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
     stats.count_drop(reason);
     Verdict::Drop(reason)
+}
+
+/// A drop of one of a bound leg's datagrams: counted for the relay and for the leg.
+fn leg_dropped(counters: &LegCounters, stats: &mut Stats, reason: DropReason) -> Verdict {
+    counters.dropped();
+    dropped(stats, reason)
 }
 
 /// Checks that a media datagram is long enough for its class.

@@ -9,6 +9,7 @@
 //! transport, is tested, fuzzed and benchmarked without sockets.
 
 pub mod cookie;
+pub mod counters;
 pub mod leg;
 pub mod limit;
 pub mod node;
@@ -20,9 +21,10 @@ pub mod turn;
 
 pub use veil_protocol::{token, wire};
 
+pub use counters::{Counts, LegCounters};
 pub use leg::{LegState, LegStatus};
 pub use node::{Config, Node, Refusal};
-pub use session::{ConnId, Endpoint};
+pub use session::{BoundLeg, ChangeKind, ConnId, Ended, Endpoint, LegChange};
 pub use stats::{BindResult, DropReason, SharedStats, Stats};
 pub use table::{Event, ForwardingTable, Message, Targets, Transmit, Verdict};
 pub use token::{KeyId, KeyRing, Limits, SessionId, Ticket, Token};

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::cookie::Cookies;
 use crate::leg::LegState;
 use crate::limit::Limiter;
-use crate::session::{BindError, Directory, Endpoint};
+use crate::session::{BindError, Directory, Ended, Endpoint};
 use crate::stats::DropReason;
 use crate::token::{KeyRing, SessionId, Ticket, VerifyError};
 use crate::wire::{Bind, EXPORTER_LEN, ErrorCode};
@@ -239,14 +239,15 @@ impl Node {
             now,
             (now + Duration::from_millis(left), expiry),
             limiter,
+            bound.counters,
         );
         Ok((leg, bound.previous))
     }
 
     /// Unbinds `leg` if it is still bound where it was.
-    pub(crate) fn unbind_leg(&self, leg: &LegState) -> bool {
+    pub(crate) fn unbind_leg(&self, leg: &LegState, why: Ended) -> bool {
         self.directory
-            .unbind(leg.session_ref(), leg.slot(), leg.endpoint())
+            .unbind(leg.session_ref(), leg.slot(), leg.endpoint(), why)
     }
 
     pub(crate) fn idle_timeout_secs(&self) -> u16 {

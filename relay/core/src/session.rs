@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
+use crate::counters::{Counts, LegCounters};
 use crate::token::{MAX_LEGS, SessionId, Ticket};
 
 /// Identifies a QUIC connection within one relay (assigned by the QUIC shell).
@@ -139,6 +140,8 @@ struct Slot {
     reachable: bool,
     /// A TURN allocation's permissions and channels; `None` for native legs.
     turn: Option<Arc<TurnView>>,
+    /// What this binding carried: kept while the leg moves within the relay.
+    counters: Arc<LegCounters>,
 }
 
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
@@ -169,6 +172,27 @@ impl LegSet {
             .iter()
             .filter(move |s| s.leg != except && s.reachable && s.turn.is_none())
             .map(|s| s.ep)
+    }
+
+    /// Counts one datagram of `len` bytes sent to each of [`LegSet::others`]`(except)`.
+    #[inline]
+    pub(crate) fn count_sent(&self, except: u8, len: usize) {
+        for s in self
+            .slots
+            .iter()
+            .filter(|s| s.leg != except && s.reachable && s.turn.is_none())
+        {
+            s.counters.sent(len);
+        }
+    }
+
+    /// The counters of leg `leg`'s binding, if it is bound.
+    #[inline]
+    pub(crate) fn counters(&self, leg: u8) -> Option<&Arc<LegCounters>> {
+        self.slots
+            .iter()
+            .find(|s| s.leg == leg)
+            .map(|s| &s.counters)
     }
 
     /// Bound native legs other than `except` whose media is withheld (unproven path).
@@ -221,12 +245,19 @@ impl LegSet {
         }
     }
 
-    fn with(&self, leg: u8, ep: Endpoint) -> Self {
+    /// The set with leg `leg` bound to `ep`: a leg already bound keeps its counters, a new one
+    /// takes `counters`.
+    fn with(&self, leg: u8, ep: Endpoint, counters: impl FnOnce() -> Arc<LegCounters>) -> Self {
+        let counters = match self.counters(leg) {
+            Some(c) => c.clone(),
+            None => counters(),
+        };
         let slot = Slot {
             leg,
             ep,
             reachable: true,
             turn: ep.is_turn().then(|| Arc::new(TurnView::default())),
+            counters,
         };
         // Sized exactly, so that boxing the slice moves nothing and frees nothing.
         let present = self.slots.iter().any(|s| s.leg == leg);
@@ -362,6 +393,95 @@ pub struct Bound {
     pub session: Arc<Session>,
     /// The endpoint the leg was bound to before, if it moved.
     pub previous: Option<Endpoint>,
+    /// The binding's counters.
+    pub counters: Arc<LegCounters>,
+}
+
+/// Why a leg stopped being bound on this relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It sent nothing for longer than the idle timeout.
+    Idle,
+    /// Its session's tokens (or its TURN allocation's lifetime) expired.
+    Expired,
+    /// Its QUIC or TURN connection closed, or its TURN client released the allocation.
+    Disconnected,
+    /// The relay drained or stopped: its client was told to move to the backup relay.
+    Evicted,
+    /// Its session was released.
+    Released,
+    /// Its participant was removed from the session.
+    Removed,
+    /// Its endpoint was bound to another leg since (one endpoint holds one leg).
+    Replaced,
+}
+
+/// What happened to a leg's binding on this relay: the directory tells its observer
+/// ([`Directory::observe`]) of every one, as it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegChange {
+    /// The session.
+    pub session: SessionId,
+    /// The leg's slot (its index, or `index + 16k` for an extra TURN allocation).
+    pub slot: u8,
+    /// The transport of the endpoint concerned ([`Endpoint::transport`]); never an address.
+    pub transport: &'static str,
+    /// The binding's id ([`LegCounters::id`]).
+    pub binding: u64,
+    /// Its counters at the change (final ones, for an unbind).
+    pub counts: Counts,
+    /// Bound, or unbound and why.
+    pub kind: ChangeKind,
+}
+
+/// The kinds of [`LegChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Bound here: first bound (`moved` false) or moved to another endpoint of this relay (its
+    /// counters go on).
+    Bound {
+        /// True if the leg was bound here at another endpoint before.
+        moved: bool,
+    },
+    /// No longer bound here.
+    Unbound(Ended),
+}
+
+/// One bound leg as [`Directory::bound_legs`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundLeg {
+    /// The session.
+    pub session: SessionId,
+    /// The leg's slot.
+    pub slot: u8,
+    /// Its endpoint's transport; never an address.
+    pub transport: &'static str,
+    /// The binding's id.
+    pub binding: u64,
+    /// Its counters now.
+    pub counts: Counts,
+}
+
+impl Slot {
+    fn change(&self, session: SessionId, kind: ChangeKind) -> LegChange {
+        LegChange {
+            session,
+            slot: self.leg,
+            transport: self.ep.transport(),
+            binding: self.counters.id(),
+            counts: self.counters.counts(),
+            kind,
+        }
+    }
+}
+
+/// Who hears of every [`LegChange`].
+struct Observer(Box<dyn Fn(LegChange) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -406,6 +526,9 @@ pub struct Directory {
     turn_legs: AtomicUsize,
     max_legs: usize,
     draining: AtomicBool,
+    /// The next binding's counters id.
+    next_binding: AtomicU64,
+    observer: std::sync::OnceLock<Observer>,
 }
 
 impl Directory {
@@ -417,7 +540,40 @@ impl Directory {
             turn_legs: AtomicUsize::new(0),
             max_legs,
             draining: AtomicBool::new(false),
+            next_binding: AtomicU64::new(1),
+            observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `f` with every [`LegChange`] from now on, as it happens (under the directory's
+    /// lock: `f` must not block or call back into the directory). At most one observer; a
+    /// second call changes nothing and returns false.
+    pub fn observe(&self, f: impl Fn(LegChange) + Send + Sync + 'static) -> bool {
+        self.observer.set(Observer(Box::new(f))).is_ok()
+    }
+
+    fn tell(&self, change: LegChange) {
+        if let Some(o) = self.observer.get() {
+            (o.0)(change);
+        }
+    }
+
+    /// Every leg bound now, with its counters.
+    pub fn bound_legs(&self) -> Vec<BoundLeg> {
+        let inner = self.lock();
+        let mut out = Vec::with_capacity(self.legs());
+        for s in inner.sessions.values() {
+            for slot in s.legs.load().slots.iter() {
+                out.push(BoundLeg {
+                    session: s.id,
+                    slot: slot.leg,
+                    transport: slot.ep.transport(),
+                    binding: slot.counters.id(),
+                    counts: slot.counters.counts(),
+                });
+            }
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -499,18 +655,41 @@ impl Directory {
             inner.sessions.insert(ticket.session, s.clone());
             s
         });
-        let next = session.legs.load().with(slot, ep);
+        let next = session.legs.load().with(slot, ep, || {
+            Arc::new(LegCounters::new(
+                self.next_binding.fetch_add(1, Ordering::Relaxed),
+            ))
+        });
+        let counters = next.counters(slot).expect("the leg was just bound").clone();
         session.legs.store(Arc::new(next));
-        Ok(Bound { session, previous })
+        let moved = previous.is_some();
+        if previous != Some(ep) {
+            self.tell(LegChange {
+                session: ticket.session,
+                slot,
+                transport: ep.transport(),
+                binding: counters.id(),
+                counts: counters.counts(),
+                kind: ChangeKind::Bound { moved },
+            });
+        }
+        Ok(Bound {
+            session,
+            previous,
+            counters,
+        })
     }
 
     /// Unbinds leg `leg` of `session` if it is still bound to `ep` (it may have moved since);
     /// returns whether it was. Removes the session once its last leg is gone.
-    pub fn unbind(&self, session: &Session, leg: u8, ep: Endpoint) -> bool {
+    pub fn unbind(&self, session: &Session, leg: u8, ep: Endpoint, why: Ended) -> bool {
         let mut inner = self.lock();
         let legs = session.legs.load();
         if legs.get(leg) != Some(ep) {
             return false;
+        }
+        if let Some(slot) = legs.slots.iter().find(|s| s.leg == leg) {
+            self.tell(slot.change(session.id, ChangeKind::Unbound(why)));
         }
         let next = legs.without(leg);
         let empty = next.is_empty();
@@ -577,6 +756,9 @@ impl Directory {
         };
         session.closed.store(ALL_LEGS, Ordering::Relaxed);
         let legs = session.legs.swap(Arc::new(LegSet::default()));
+        for slot in legs.slots.iter() {
+            self.tell(slot.change(id, ChangeKind::Unbound(Ended::Released)));
+        }
         self.legs.fetch_sub(legs.len(), Ordering::Relaxed);
         self.turn_legs
             .fetch_sub(legs.turn_legs(), Ordering::Relaxed);
@@ -600,6 +782,9 @@ impl Directory {
         };
         session.closed.fetch_or(leg_bit(leg), Ordering::Relaxed);
         let (next, gone) = session.legs.load().without_leg(leg);
+        for slot in &gone {
+            self.tell(slot.change(id, ChangeKind::Unbound(Ended::Removed)));
+        }
         let empty = next.is_empty();
         session.legs.store(Arc::new(next));
         self.legs.fetch_sub(gone.len(), Ordering::Relaxed);
@@ -742,16 +927,74 @@ mod tests {
         assert_eq!(moved.previous, Some(udp(2)));
         assert_eq!(d.legs(), 2);
         assert!(
-            !d.unbind(&a.session, 1, udp(2)),
+            !d.unbind(&a.session, 1, udp(2), Ended::Idle),
             "stale endpoint unbinds nothing"
         );
-        assert!(d.unbind(&a.session, 1, udp(3)));
-        assert!(d.unbind(&a.session, 0, udp(1)));
+        assert!(d.unbind(&a.session, 1, udp(3), Ended::Idle));
+        assert!(d.unbind(&a.session, 0, udp(1), Ended::Idle));
         assert_eq!((d.legs(), d.sessions()), (0, 0));
 
         // A new bind after the session emptied starts a new session object.
         let c = d.bind(&ticket(1, 0), udp(1)).unwrap();
         assert!(!Arc::ptr_eq(&a.session, &c.session));
+    }
+
+    #[test]
+    fn every_bind_move_and_unbind_is_told_with_its_binding_and_counters() {
+        let d = Directory::new(10);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        assert!(d.observe(move |c| log.lock().unwrap().push(c)));
+        assert!(!d.observe(|_| {}), "one observer");
+        let take = || std::mem::take(&mut *seen.lock().unwrap());
+
+        let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
+        let b = d.bind(&ticket(1, 1), udp(2)).unwrap();
+        assert_ne!(a.counters.id(), b.counters.id());
+        // A datagram from leg 0 to leg 1, as the forwarding path counts it.
+        a.counters.received(100);
+        a.session.legs().count_sent(0, 100);
+        assert_eq!(b.counters.counts().packets_out, 1);
+        assert_eq!(a.counters.counts().packets_out, 0, "not to the sender");
+        // Moving keeps the binding and its counters.
+        let moved = d.bind(&ticket(1, 1), udp(3)).unwrap();
+        assert!(Arc::ptr_eq(&moved.counters, &b.counters));
+        // Binding again where it is tells nothing.
+        d.bind(&ticket(1, 1), udp(3)).unwrap();
+        assert!(d.unbind(&a.session, 0, udp(1), Ended::Idle));
+        let kinds: Vec<_> = take().iter().map(|c| (c.slot, c.binding, c.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, a.counters.id(), ChangeKind::Bound { moved: false }),
+                (1, b.counters.id(), ChangeKind::Bound { moved: false }),
+                (1, b.counters.id(), ChangeKind::Bound { moved: true }),
+                (0, a.counters.id(), ChangeKind::Unbound(Ended::Idle)),
+            ]
+        );
+        let bound = d.bound_legs();
+        assert_eq!(bound.len(), 1);
+        assert_eq!((bound[0].slot, bound[0].counts.packets_out), (1, 1));
+
+        // Removal and release are told, with the final counters.
+        d.bind(&ticket(1, 2), udp(4)).unwrap();
+        take();
+        d.revoke_leg(SessionId(1), 1, 500);
+        let removed = take();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].kind, ChangeKind::Unbound(Ended::Removed));
+        assert_eq!(removed[0].counts.packets_out, 1);
+        assert_eq!(removed[0].transport, "udp");
+        d.revoke(SessionId(1), 500);
+        let released = take();
+        assert_eq!(
+            released
+                .iter()
+                .map(|c| (c.slot, c.kind))
+                .collect::<Vec<_>>(),
+            vec![(2, ChangeKind::Unbound(Ended::Released))]
+        );
+        assert!(d.bound_legs().is_empty());
     }
 
     #[test]
@@ -788,7 +1031,7 @@ mod tests {
             d.bind(&ticket(1, 0), udp(1)).unwrap_err(),
             BindError::SessionClosed
         );
-        assert!(!d.unbind(&a.session, 0, udp(1)));
+        assert!(!d.unbind(&a.session, 0, udp(1), Ended::Idle));
         d.forget_expired_revocations(499);
         assert!(d.is_revoked(SessionId(1)));
         d.forget_expired_revocations(500);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::leg::{LegState, LegStatus, Path, Probing, media_ok};
 use crate::limit::BindLimiter;
 use crate::node::{Node, Refusal};
-use crate::session::{Endpoint, LegSet};
+use crate::session::{Ended, Endpoint, LegSet};
 use crate::stats::{BindResult, DropReason, Stats};
 use crate::stun;
 use crate::token::SessionId;
@@ -428,7 +428,7 @@ impl ForwardingTable {
         let Some(leg) = self.legs.remove(&EndpointKey(ep)) else {
             return;
         };
-        self.node.unbind_leg(&leg);
+        self.node.unbind_leg(&leg, Ended::Disconnected);
         self.event(Event::Unbound {
             session: leg.session(),
             leg: leg.leg(),
@@ -625,7 +625,7 @@ impl ForwardingTable {
         if let Some(old) = self.legs.insert(EndpointKey(from), leg)
             && (old.session() != ticket.session || old.leg() != ticket.leg)
         {
-            node.unbind_leg(&old);
+            node.unbind_leg(&old, Ended::Replaced);
         }
         self.stats.binds[BindResult::Bound as usize] += 1;
         self.send(
@@ -656,7 +656,7 @@ impl ForwardingTable {
                 self.send(from, wire::close(ErrorCode::SessionClosed, session.0), true)
             }
             LegStatus::Expired => {
-                self.node.unbind_leg(&leg);
+                self.node.unbind_leg(&leg, Ended::Expired);
                 self.send(from, wire::close(ErrorCode::Expired, session.0), true);
             }
             _ => {}
@@ -724,11 +724,17 @@ impl ForwardingTable {
                 }
                 return true;
             }
-            if matches!(
-                why,
-                LegStatus::Expired | LegStatus::Idle | LegStatus::Evicted
-            ) {
-                node.unbind_leg(leg);
+            let end = match why {
+                LegStatus::Expired => Some(Ended::Expired),
+                LegStatus::Idle => Some(Ended::Idle),
+                LegStatus::Evicted => Some(Ended::Evicted),
+                LegStatus::Serving
+                | LegStatus::Closed
+                | LegStatus::Moved
+                | LegStatus::Disconnected => None,
+            };
+            if let Some(end) = end {
+                node.unbind_leg(leg, end);
             }
             ended.push(Event::Unbound {
                 session: leg.session(),
@@ -771,7 +777,7 @@ impl ForwardingTable {
     pub fn handle_shutdown(&mut self) {
         let legs: Vec<_> = self.legs.drain().collect();
         for (key, leg) in legs {
-            self.node.unbind_leg(&leg);
+            self.node.unbind_leg(&leg, Ended::Evicted);
             self.send(
                 key.0,
                 wire::close(ErrorCode::Draining, leg.session().0),

@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::cookie::CookieError;
+use crate::counters::LegCounters;
 use crate::leg::LegState;
 use crate::session::{Endpoint, LegSet, MAX_SLOTS, TurnView};
 use crate::stats::{BindResult, DropReason, Stats};
@@ -146,18 +147,19 @@ impl LegState {
         payload: Range<usize>,
         stats: &mut Stats,
     ) -> Verdict {
+        self.counters.received(payload.len());
         if self.session.is_closed_for(self.leg) {
-            return dropped(stats, DropReason::SessionClosed);
+            return leg_dropped(&self.counters, stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
-            return dropped(stats, DropReason::Expired);
+            return leg_dropped(&self.counters, stats, DropReason::Expired);
         }
         let legs = self.session.legs();
         let Some((at, own)) = legs.turn_view(self.leg) else {
-            return dropped(stats, DropReason::Unbound);
+            return leg_dropped(&self.counters, stats, DropReason::Unbound);
         };
         if at != self.endpoint {
-            return dropped(stats, DropReason::Unbound);
+            return leg_dropped(&self.counters, stats, DropReason::Unbound);
         }
         let elapsed = now.saturating_duration_since(self.last_seen).as_secs_f32();
         self.last_seen = now;
@@ -166,20 +168,23 @@ impl LegState {
             To::Leg(p) => Some(p),
         };
         let Some(peer) = peer.filter(|&p| own.permits(p, now_unix_ms)) else {
-            return dropped(stats, DropReason::TurnNoPermission);
+            return leg_dropped(&self.counters, stats, DropReason::TurnNoPermission);
         };
         let Some((dst, theirs)) = legs.turn_view(peer) else {
-            return dropped(stats, DropReason::NoPeer);
+            return leg_dropped(&self.counters, stats, DropReason::NoPeer);
         };
         let frame = match theirs.channel_of(self.leg) {
             Some(ch) => Frame::Channel(ch),
             None if theirs.permits(self.leg, now_unix_ms) => {
                 Frame::Data(SocketAddr::new(relayed_ip, relayed_port(self.leg)))
             }
-            None => return dropped(stats, DropReason::TurnNoPermission),
+            None => return leg_dropped(&self.counters, stats, DropReason::TurnNoPermission),
         };
         if !self.limiter.admit(elapsed, payload.len()) {
-            return dropped(stats, DropReason::RateLimited);
+            return leg_dropped(&self.counters, stats, DropReason::RateLimited);
+        }
+        if let Some(c) = legs.counters(peer) {
+            c.sent(payload.len());
         }
         stats.forwarded_packets += 1;
         stats.forwarded_bytes += payload.len() as u64;
@@ -194,6 +199,12 @@ impl LegState {
 fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
     stats.count_drop(reason);
     Verdict::Drop(reason)
+}
+
+/// A drop of one of a bound leg's datagrams: counted for the relay and for the leg.
+fn leg_dropped(counters: &LegCounters, stats: &mut Stats, reason: DropReason) -> Verdict {
+    counters.dropped();
+    dropped(stats, reason)
 }
 
 /// An authenticated request's credentials.
@@ -700,7 +711,7 @@ impl ForwardingTable {
         if let Some(old) = self.legs.insert(EndpointKey(ep), leg)
             && (old.session() != ticket.session || old.leg() != ticket.leg)
         {
-            node.unbind_leg(&old);
+            node.unbind_leg(&old, crate::session::Ended::Replaced);
         }
         self.turn_stats.binds[BindResult::Bound as usize] += 1;
         let relayed = SocketAddr::new(ip, relayed_port(slot));
@@ -726,7 +737,7 @@ impl ForwardingTable {
             let b = Builder::new(method::REFRESH, Kind::Success, &req.txn).u32(attr::LIFETIME, 0);
             self.answer(ep, req, b, Some(&v.key));
             if let Some(leg) = self.legs.remove(&EndpointKey(ep)) {
-                node.unbind_leg(&leg);
+                node.unbind_leg(&leg, crate::session::Ended::Disconnected);
                 self.event(Event::Unbound {
                     session: leg.session(),
                     leg: leg.leg(),
