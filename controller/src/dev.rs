@@ -168,6 +168,8 @@ impl Cluster {
             );
             s.workers = opts.workers_per_relay.max(1);
             s.core.leg_idle = opts.leg_idle;
+            // A local cluster shows everything GetSession can: per-leg counters included.
+            s.core.leg_counters = true;
             if !opts.regions.is_empty() {
                 s.region = opts.regions[i % opts.regions.len()].clone();
             }

@@ -48,7 +48,8 @@ enum State {
 struct Binding {
     state: State,
     transport: pb::LegTransport,
-    stats: pb::LegStats,
+    /// `None` from a relay that does not count.
+    stats: Option<pb::LegStats>,
     /// Order of binding, for which relay a leg is on now.
     since: u64,
 }
@@ -57,7 +58,7 @@ struct Binding {
 struct LegView {
     bindings: HashMap<BindingKey, Binding>,
     /// Ended bindings folded away.
-    folded: pb::LegStats,
+    folded: Option<pb::LegStats>,
     /// The relay the leg was last bound on, and how.
     last: Option<(String, pb::LegTransport)>,
 }
@@ -71,7 +72,7 @@ impl LegView {
             .map(|(k, b)| (k.node_id.as_str(), b.transport))
     }
 
-    fn totals(&self) -> pb::LegStats {
+    fn totals(&self) -> Option<pb::LegStats> {
         self.bindings
             .values()
             .fold(self.folded, |t, b| add(t, b.stats))
@@ -95,14 +96,19 @@ impl LegView {
     }
 }
 
-fn add(a: pb::LegStats, b: pb::LegStats) -> pb::LegStats {
-    pb::LegStats {
+/// The sum of two counts, either of which may be unknown.
+fn add(a: Option<pb::LegStats>, b: Option<pb::LegStats>) -> Option<pb::LegStats> {
+    let (a, b) = match (a, b) {
+        (None, x) | (x, None) => return x,
+        (Some(a), Some(b)) => (a, b),
+    };
+    Some(pb::LegStats {
         packets_in: a.packets_in + b.packets_in,
         bytes_in: a.bytes_in + b.bytes_in,
         packets_out: a.packets_out + b.packets_out,
         bytes_out: a.bytes_out + b.bytes_out,
         packets_dropped: a.packets_dropped + b.packets_dropped,
-    }
+    })
 }
 
 fn max(a: pb::LegStats, b: pb::LegStats) -> pb::LegStats {
@@ -314,7 +320,7 @@ impl LegBook {
         let leg = slot % veil_protocol::token::MAX_LEGS;
         let transport =
             pb::LegTransport::try_from(b.transport).unwrap_or(pb::LegTransport::Unspecified);
-        let stats = b.stats.unwrap_or_default();
+        let stats = b.stats;
         inner.next_since += 1;
         let since = inner.next_since;
         let s = inner.sessions.entry(b.session_id).or_default();
@@ -333,7 +339,10 @@ impl LegBook {
             stats,
             since,
         });
-        entry.stats = max(entry.stats, stats);
+        entry.stats = match (entry.stats, stats) {
+            (Some(a), Some(b)) => Some(max(a, b)),
+            (a, b) => a.or(b),
+        };
         let mut reason = None;
         match word {
             Word::Bound => {
@@ -404,7 +413,7 @@ impl LegBook {
             bound: bound.is_some(),
             node_id,
             transport: transport as i32,
-            stats: Some(view.totals()),
+            stats: view.totals(),
         }
     }
 

@@ -101,6 +101,7 @@ async fn leg_events_and_counters_tell_the_signaling_service_what_each_leg_does_n
         "--quic-self-signed",
         "--leg-idle-secs",
         "3",
+        "--leg-counters",
     ];
     let relays = [
         RelayProcess::start(

@@ -93,6 +93,13 @@ pub struct Config {
     #[arg(long, env = "VEIL_RELAY_LEG_IDLE_SECS", default_value_t = 30)]
     pub leg_idle_secs: u64,
 
+    /// Count what each bound leg carries (media datagrams and bytes in and out, drops) and
+    /// report it to the controllers, for the signaling service's GetSession. Costs 256 bytes
+    /// per bound leg and a few atomic additions per forwarded datagram (docs/PERFORMANCE.md).
+    /// Leg events (bound, moved, unbound) are reported either way.
+    #[arg(long, env = "VEIL_RELAY_LEG_COUNTERS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub leg_counters: bool,
+
     /// BIND messages each source IP address may send per second (bursts of twice as many);
     /// beyond that they are dropped unanswered, before any cryptography.
     #[arg(long, env = "VEIL_RELAY_BINDS_PER_IP", default_value_t = 50)]
@@ -406,6 +413,7 @@ impl Settings {
             .set("region", &self.region)
             .set("zone", &self.zone)
             .set("leg-idle-secs", self.core.leg_idle.as_secs())
+            .set("leg-counters", self.core.leg_counters)
             .set("binds-per-ip", self.core.binds_per_ip)
             .set("binds-per-worker", self.core.binds_per_worker)
             .set("turn", self.turn)
@@ -607,6 +615,7 @@ impl Config {
             zone: self.zone.clone(),
             core: veil_relay_core::Config {
                 leg_idle: Duration::from_secs(self.leg_idle_secs),
+                leg_counters: self.leg_counters,
                 binds_per_ip: self.binds_per_ip,
                 binds_per_worker: self.binds_per_worker,
                 ..Default::default()

@@ -100,7 +100,7 @@ fn binding(b: &BoundLeg) -> LegBinding {
         slot: u32::from(b.slot),
         binding_id: b.binding,
         transport: transport(b.transport) as i32,
-        stats: Some(stats(b.counts)),
+        stats: b.counts.map(stats),
     }
 }
 

@@ -168,7 +168,8 @@ pub struct LegActivity {
     pub transport: i32,
     /// What it carried on every relay of the session, since the session began (as far as this
     /// replica has heard: counts reach it about once a second, and a relay that dies takes its
-    /// last second's counts with it).
+    /// last second's counts with it). Absent where none of the relays it bound on counts
+    /// (veil-relay --leg-counters).
     #[prost(message, optional, tag = "4")]
     pub stats: ::core::option::Option<LegStats>,
 }
@@ -1544,6 +1545,8 @@ pub struct LegBinding {
     pub binding_id: u64,
     #[prost(enumeration = "LegTransport", tag = "4")]
     pub transport: i32,
+    /// What the binding carried so far; absent where the relay does not count
+    /// (veil-relay --leg-counters off).
     #[prost(message, optional, tag = "5")]
     pub stats: ::core::option::Option<LegStats>,
 }

@@ -4,9 +4,10 @@
 //! never as metric labels.
 //!
 //! A binding's counters live from the leg's bind on this relay until it is unbound here (a move
-//! to another address or transport of the same relay keeps them). Each has an id unique within
-//! the relay process, so that a controller can add up a leg's bindings without counting one
-//! twice, however its reports arrive.
+//! to another address or transport of the same relay keeps them). They are opt-in
+//! (`Config::leg_counters`): each costs an allocation of 256 bytes per bound leg, and the media
+//! path four atomic additions per forwarded datagram and two more per extra target
+//! (docs/PERFORMANCE.md).
 //!
 //! The received half is written by the one worker that serves the leg; the sent half by the
 //! workers of the legs that send to it (in a two-party call, the one other worker): two cache
@@ -23,9 +24,8 @@ struct Line {
 }
 
 /// One binding's counters, shared by the forwarding tables that serve and send to the leg.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LegCounters {
-    id: u64,
     rx: Line,
     tx: Line,
 }
@@ -48,19 +48,6 @@ pub struct Counts {
 }
 
 impl LegCounters {
-    pub(crate) fn new(id: u64) -> Self {
-        Self {
-            id,
-            rx: Line::default(),
-            tx: Line::default(),
-        }
-    }
-
-    /// The binding's id: unique among this relay process's bindings.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
     #[inline]
     pub(crate) fn received(&self, len: usize) {
         self.rx.packets.fetch_add(1, Ordering::Relaxed);
@@ -96,7 +83,7 @@ mod tests {
 
     #[test]
     fn halves_sit_on_their_own_cache_lines() {
-        let c = LegCounters::new(7);
+        let c = LegCounters::default();
         let rx = std::ptr::addr_of!(c.rx) as usize;
         let tx = std::ptr::addr_of!(c.tx) as usize;
         assert!(rx.abs_diff(tx) >= 64);
@@ -114,6 +101,5 @@ mod tests {
                 packets_dropped: 1
             }
         );
-        assert_eq!(c.id(), 7);
     }
 }

@@ -57,9 +57,6 @@ pub struct LegState {
     /// A TURN allocation's own state (its key, relayed address, answers); `None` for native
     /// legs.
     pub(crate) turn: Option<Box<crate::turn::Allocation>>,
-    /// What the binding carried (shared with the session's bound set, where the legs sending to
-    /// this one count what they sent).
-    pub(crate) counters: Arc<LegCounters>,
 }
 
 /// Why a leg stopped being served, as found by [`LegState::check`].
@@ -89,7 +86,6 @@ impl LegState {
         now: Instant,
         (expires_at, expiry_unix_ms): (Instant, u64),
         limiter: Limiter,
-        counters: Arc<LegCounters>,
     ) -> Self {
         Self {
             session,
@@ -101,7 +97,6 @@ impl LegState {
             limiter,
             path: None,
             turn: None,
-            counters,
         }
     }
 
@@ -185,27 +180,32 @@ impl LegState {
     /// `pkt` must already be classified as media and long enough.
     #[inline]
     pub(crate) fn forward(&mut self, now: Instant, pkt: &[u8], stats: &mut Stats) -> Verdict {
-        self.counters.received(pkt.len());
+        let legs = self.session.legs();
+        let own = legs.bound(self.leg);
+        // The leg's binding's counters, where the relay counts (one branch otherwise).
+        let counters = own.and_then(|(_, c)| c);
+        if let Some(c) = counters {
+            c.received(pkt.len());
+        }
         if self.session.is_closed_for(self.leg) {
-            return leg_dropped(&self.counters, stats, DropReason::SessionClosed);
+            return leg_dropped(counters, stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
             // Past the expiry it was bound with: its session may have been extended since.
             self.renew();
             if now >= self.expires_at {
-                return leg_dropped(&self.counters, stats, DropReason::Expired);
+                return leg_dropped(counters, stats, DropReason::Expired);
             }
         }
-        let legs = self.session.legs();
-        if legs.get(self.leg) != Some(self.endpoint) {
-            return leg_dropped(&self.counters, stats, DropReason::Unbound);
+        if own.map(|(ep, _)| ep) != Some(self.endpoint) {
+            return leg_dropped(counters, stats, DropReason::Unbound);
         }
         // Any packet keeps the leg alive, admitted or not; the limiter refills for the time
         // since the previous one.
         let elapsed = now.saturating_duration_since(self.last_seen).as_secs_f32();
         self.last_seen = now;
         if !self.limiter.admit(elapsed, pkt.len()) {
-            return leg_dropped(&self.counters, stats, DropReason::RateLimited);
+            return leg_dropped(counters, stats, DropReason::RateLimited);
         }
         // Legs whose QUIC path is unproven get nothing: an address that has not shown it
         // receives must not be sent media in its name (docs/SECURITY.md §2).
@@ -216,13 +216,17 @@ impl LegState {
         let n = (legs.len() - 1 - withheld - legs.turn_legs()) as u64;
         if n == 0 {
             return if withheld > 0 {
-                self.counters.dropped();
+                if let Some(c) = counters {
+                    c.dropped();
+                }
                 Verdict::Drop(DropReason::UnprovenPath)
             } else {
-                leg_dropped(&self.counters, stats, DropReason::NoPeer)
+                leg_dropped(counters, stats, DropReason::NoPeer)
             };
         }
-        legs.count_sent(self.leg, pkt.len());
+        if counters.is_some() {
+            legs.count_sent(self.leg, pkt.len());
+        }
         stats.forwarded_packets += n;
         stats.forwarded_bytes += n * pkt.len() as u64;
         Verdict::Forward(Targets::new(legs, self.leg))
@@ -235,8 +239,14 @@ fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
 }
 
 /// A drop of one of a bound leg's datagrams: counted for the relay and for the leg.
-fn leg_dropped(counters: &LegCounters, stats: &mut Stats, reason: DropReason) -> Verdict {
-    counters.dropped();
+pub(crate) fn leg_dropped(
+    counters: Option<&LegCounters>,
+    stats: &mut Stats,
+    reason: DropReason,
+) -> Verdict {
+    if let Some(c) = counters {
+        c.dropped();
+    }
     dropped(stats, reason)
 }
 

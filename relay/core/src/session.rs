@@ -140,8 +140,11 @@ struct Slot {
     reachable: bool,
     /// A TURN allocation's permissions and channels; `None` for native legs.
     turn: Option<Arc<TurnView>>,
-    /// What this binding carried: kept while the leg moves within the relay.
-    counters: Arc<LegCounters>,
+    /// This binding's id (unique among the relay's bindings until it wraps at 2^32, in what
+    /// was padding), kept while the leg moves within the relay.
+    binding: u32,
+    /// What this binding carried (with `Config::leg_counters`), kept likewise.
+    counters: Option<Arc<LegCounters>>,
 }
 
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
@@ -182,17 +185,25 @@ impl LegSet {
             .iter()
             .filter(|s| s.leg != except && s.reachable && s.turn.is_none())
         {
-            s.counters.sent(len);
+            if let Some(c) = &s.counters {
+                c.sent(len);
+            }
         }
     }
 
-    /// The counters of leg `leg`'s binding, if it is bound.
+    /// Leg `leg`'s endpoint and its binding's counters (if the relay counts), if it is bound.
     #[inline]
-    pub(crate) fn counters(&self, leg: u8) -> Option<&Arc<LegCounters>> {
+    pub(crate) fn bound(&self, leg: u8) -> Option<(Endpoint, Option<&LegCounters>)> {
         self.slots
             .iter()
             .find(|s| s.leg == leg)
-            .map(|s| &s.counters)
+            .map(|s| (s.ep, s.counters.as_deref()))
+    }
+
+    /// The counters of leg `leg`'s binding, if it is bound and the relay counts.
+    #[inline]
+    pub(crate) fn counters(&self, leg: u8) -> Option<&LegCounters> {
+        self.bound(leg).and_then(|(_, c)| c)
     }
 
     /// Bound native legs other than `except` whose media is withheld (unproven path).
@@ -245,18 +256,24 @@ impl LegSet {
         }
     }
 
-    /// The set with leg `leg` bound to `ep`: a leg already bound keeps its counters, a new one
-    /// takes `counters`.
-    fn with(&self, leg: u8, ep: Endpoint, counters: impl FnOnce() -> Arc<LegCounters>) -> Self {
-        let counters = match self.counters(leg) {
-            Some(c) => c.clone(),
-            None => counters(),
+    /// The set with leg `leg` bound to `ep`: a leg already bound keeps its binding (id and
+    /// counters), a new one takes `fresh`'s.
+    fn with(
+        &self,
+        leg: u8,
+        ep: Endpoint,
+        fresh: impl FnOnce() -> (u32, Option<Arc<LegCounters>>),
+    ) -> Self {
+        let (binding, counters) = match self.slots.iter().find(|s| s.leg == leg) {
+            Some(s) => (s.binding, s.counters.clone()),
+            None => fresh(),
         };
         let slot = Slot {
             leg,
             ep,
             reachable: true,
             turn: ep.is_turn().then(|| Arc::new(TurnView::default())),
+            binding,
             counters,
         };
         // Sized exactly, so that boxing the slice moves nothing and frees nothing.
@@ -393,8 +410,6 @@ pub struct Bound {
     pub session: Arc<Session>,
     /// The endpoint the leg was bound to before, if it moved.
     pub previous: Option<Endpoint>,
-    /// The binding's counters.
-    pub counters: Arc<LegCounters>,
 }
 
 /// Why a leg stopped being bound on this relay.
@@ -426,10 +441,10 @@ pub struct LegChange {
     pub slot: u8,
     /// The transport of the endpoint concerned ([`Endpoint::transport`]); never an address.
     pub transport: &'static str,
-    /// The binding's id ([`LegCounters::id`]).
+    /// The binding's id: unique among the relay's bindings (until it wraps at 2^32).
     pub binding: u64,
-    /// Its counters at the change (final ones, for an unbind).
-    pub counts: Counts,
+    /// Its counters at the change (final ones, for an unbind), if the relay counts.
+    pub counts: Option<Counts>,
     /// Bound, or unbound and why.
     pub kind: ChangeKind,
 }
@@ -458,8 +473,8 @@ pub struct BoundLeg {
     pub transport: &'static str,
     /// The binding's id.
     pub binding: u64,
-    /// Its counters now.
-    pub counts: Counts,
+    /// Its counters now, if the relay counts.
+    pub counts: Option<Counts>,
 }
 
 impl Slot {
@@ -468,8 +483,8 @@ impl Slot {
             session,
             slot: self.leg,
             transport: self.ep.transport(),
-            binding: self.counters.id(),
-            counts: self.counters.counts(),
+            binding: u64::from(self.binding),
+            counts: self.counters.as_ref().map(|c| c.counts()),
             kind,
         }
     }
@@ -526,8 +541,10 @@ pub struct Directory {
     turn_legs: AtomicUsize,
     max_legs: usize,
     draining: AtomicBool,
-    /// The next binding's counters id.
-    next_binding: AtomicU64,
+    /// The next binding's id.
+    next_binding: std::sync::atomic::AtomicU32,
+    /// Whether bindings count what they carry (`Config::leg_counters`).
+    counting: bool,
     observer: std::sync::OnceLock<Observer>,
 }
 
@@ -540,9 +557,16 @@ impl Directory {
             turn_legs: AtomicUsize::new(0),
             max_legs,
             draining: AtomicBool::new(false),
-            next_binding: AtomicU64::new(1),
+            next_binding: std::sync::atomic::AtomicU32::new(1),
+            counting: false,
             observer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The directory, counting what each binding carries ([`LegCounters`]) if `on`.
+    pub fn with_leg_counters(mut self, on: bool) -> Self {
+        self.counting = on;
+        self
     }
 
     /// Calls `f` with every [`LegChange`] from now on, as it happens (under the directory's
@@ -568,8 +592,8 @@ impl Directory {
                     session: s.id,
                     slot: slot.leg,
                     transport: slot.ep.transport(),
-                    binding: slot.counters.id(),
-                    counts: slot.counters.counts(),
+                    binding: u64::from(slot.binding),
+                    counts: slot.counters.as_ref().map(|c| c.counts()),
                 });
             }
         }
@@ -656,28 +680,23 @@ impl Directory {
             s
         });
         let next = session.legs.load().with(slot, ep, || {
-            Arc::new(LegCounters::new(
+            (
                 self.next_binding.fetch_add(1, Ordering::Relaxed),
-            ))
+                self.counting.then(|| Arc::new(LegCounters::default())),
+            )
         });
-        let counters = next.counters(slot).expect("the leg was just bound").clone();
-        session.legs.store(Arc::new(next));
-        let moved = previous.is_some();
-        if previous != Some(ep) {
-            self.tell(LegChange {
-                session: ticket.session,
-                slot,
-                transport: ep.transport(),
-                binding: counters.id(),
-                counts: counters.counts(),
-                kind: ChangeKind::Bound { moved },
-            });
+        if previous != Some(ep)
+            && let Some(s) = next.slots.iter().find(|s| s.leg == slot)
+        {
+            self.tell(s.change(
+                ticket.session,
+                ChangeKind::Bound {
+                    moved: previous.is_some(),
+                },
+            ));
         }
-        Ok(Bound {
-            session,
-            previous,
-            counters,
-        })
+        session.legs.store(Arc::new(next));
+        Ok(Bound { session, previous })
     }
 
     /// Unbinds leg `leg` of `session` if it is still bound to `ep` (it may have moved since);
@@ -941,7 +960,7 @@ mod tests {
 
     #[test]
     fn every_bind_move_and_unbind_is_told_with_its_binding_and_counters() {
-        let d = Directory::new(10);
+        let d = Directory::new(10).with_leg_counters(true);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         assert!(d.observe(move |c| log.lock().unwrap().push(c)));
@@ -949,16 +968,26 @@ mod tests {
         let take = || std::mem::take(&mut *seen.lock().unwrap());
 
         let a = d.bind(&ticket(1, 0), udp(1)).unwrap();
-        let b = d.bind(&ticket(1, 1), udp(2)).unwrap();
-        assert_ne!(a.counters.id(), b.counters.id());
+        d.bind(&ticket(1, 1), udp(2)).unwrap();
+        let bound = take();
+        let (id_a, id_b) = (bound[0].binding, bound[1].binding);
+        assert_ne!(id_a, id_b);
         // A datagram from leg 0 to leg 1, as the forwarding path counts it.
-        a.counters.received(100);
-        a.session.legs().count_sent(0, 100);
-        assert_eq!(b.counters.counts().packets_out, 1);
-        assert_eq!(a.counters.counts().packets_out, 0, "not to the sender");
+        let legs = a.session.legs();
+        legs.counters(0).unwrap().received(100);
+        legs.count_sent(0, 100);
+        assert_eq!(legs.counters(1).unwrap().counts().packets_out, 1);
+        assert_eq!(
+            legs.counters(0).unwrap().counts().packets_out,
+            0,
+            "not to the sender"
+        );
         // Moving keeps the binding and its counters.
-        let moved = d.bind(&ticket(1, 1), udp(3)).unwrap();
-        assert!(Arc::ptr_eq(&moved.counters, &b.counters));
+        d.bind(&ticket(1, 1), udp(3)).unwrap();
+        assert_eq!(
+            a.session.legs().counters(1).unwrap().counts().packets_out,
+            1
+        );
         // Binding again where it is tells nothing.
         d.bind(&ticket(1, 1), udp(3)).unwrap();
         assert!(d.unbind(&a.session, 0, udp(1), Ended::Idle));
@@ -966,15 +995,16 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                (0, a.counters.id(), ChangeKind::Bound { moved: false }),
-                (1, b.counters.id(), ChangeKind::Bound { moved: false }),
-                (1, b.counters.id(), ChangeKind::Bound { moved: true }),
-                (0, a.counters.id(), ChangeKind::Unbound(Ended::Idle)),
+                (1, id_b, ChangeKind::Bound { moved: true }),
+                (0, id_a, ChangeKind::Unbound(Ended::Idle)),
             ]
         );
         let bound = d.bound_legs();
         assert_eq!(bound.len(), 1);
-        assert_eq!((bound[0].slot, bound[0].counts.packets_out), (1, 1));
+        assert_eq!(
+            (bound[0].slot, bound[0].counts.map(|c| c.packets_out)),
+            (1, Some(1))
+        );
 
         // Removal and release are told, with the final counters.
         d.bind(&ticket(1, 2), udp(4)).unwrap();
@@ -983,7 +1013,7 @@ mod tests {
         let removed = take();
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].kind, ChangeKind::Unbound(Ended::Removed));
-        assert_eq!(removed[0].counts.packets_out, 1);
+        assert_eq!(removed[0].counts.map(|c| c.packets_out), Some(1));
         assert_eq!(removed[0].transport, "udp");
         d.revoke(SessionId(1), 500);
         let released = take();
@@ -995,6 +1025,12 @@ mod tests {
             vec![(2, ChangeKind::Unbound(Ended::Released))]
         );
         assert!(d.bound_legs().is_empty());
+
+        // A relay that does not count tells the same changes, with no counts.
+        let quiet = Directory::new(10);
+        let b = quiet.bind(&ticket(1, 0), udp(1)).unwrap();
+        assert!(b.session.legs().counters(0).is_none());
+        assert_eq!(quiet.bound_legs()[0].counts, None);
     }
 
     #[test]

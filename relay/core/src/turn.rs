@@ -14,8 +14,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::cookie::CookieError;
-use crate::counters::LegCounters;
-use crate::leg::LegState;
+use crate::leg::{LegState, leg_dropped};
 use crate::session::{Endpoint, LegSet, MAX_SLOTS, TurnView};
 use crate::stats::{BindResult, DropReason, Stats};
 use crate::stun::{self, Builder, Kind, Message, attr, method};
@@ -147,19 +146,22 @@ impl LegState {
         payload: Range<usize>,
         stats: &mut Stats,
     ) -> Verdict {
-        self.counters.received(payload.len());
+        let legs = self.session.legs();
+        let counters = legs.counters(self.leg);
+        if let Some(c) = counters {
+            c.received(payload.len());
+        }
         if self.session.is_closed_for(self.leg) {
-            return leg_dropped(&self.counters, stats, DropReason::SessionClosed);
+            return leg_dropped(counters, stats, DropReason::SessionClosed);
         }
         if now >= self.expires_at {
-            return leg_dropped(&self.counters, stats, DropReason::Expired);
+            return leg_dropped(counters, stats, DropReason::Expired);
         }
-        let legs = self.session.legs();
         let Some((at, own)) = legs.turn_view(self.leg) else {
-            return leg_dropped(&self.counters, stats, DropReason::Unbound);
+            return leg_dropped(counters, stats, DropReason::Unbound);
         };
         if at != self.endpoint {
-            return leg_dropped(&self.counters, stats, DropReason::Unbound);
+            return leg_dropped(counters, stats, DropReason::Unbound);
         }
         let elapsed = now.saturating_duration_since(self.last_seen).as_secs_f32();
         self.last_seen = now;
@@ -168,20 +170,20 @@ impl LegState {
             To::Leg(p) => Some(p),
         };
         let Some(peer) = peer.filter(|&p| own.permits(p, now_unix_ms)) else {
-            return leg_dropped(&self.counters, stats, DropReason::TurnNoPermission);
+            return leg_dropped(counters, stats, DropReason::TurnNoPermission);
         };
         let Some((dst, theirs)) = legs.turn_view(peer) else {
-            return leg_dropped(&self.counters, stats, DropReason::NoPeer);
+            return leg_dropped(counters, stats, DropReason::NoPeer);
         };
         let frame = match theirs.channel_of(self.leg) {
             Some(ch) => Frame::Channel(ch),
             None if theirs.permits(self.leg, now_unix_ms) => {
                 Frame::Data(SocketAddr::new(relayed_ip, relayed_port(self.leg)))
             }
-            None => return leg_dropped(&self.counters, stats, DropReason::TurnNoPermission),
+            None => return leg_dropped(counters, stats, DropReason::TurnNoPermission),
         };
         if !self.limiter.admit(elapsed, payload.len()) {
-            return leg_dropped(&self.counters, stats, DropReason::RateLimited);
+            return leg_dropped(counters, stats, DropReason::RateLimited);
         }
         if let Some(c) = legs.counters(peer) {
             c.sent(payload.len());
@@ -194,17 +196,6 @@ impl LegState {
             payload,
         })
     }
-}
-
-fn dropped(stats: &mut Stats, reason: DropReason) -> Verdict {
-    stats.count_drop(reason);
-    Verdict::Drop(reason)
-}
-
-/// A drop of one of a bound leg's datagrams: counted for the relay and for the leg.
-fn leg_dropped(counters: &LegCounters, stats: &mut Stats, reason: DropReason) -> Verdict {
-    counters.dropped();
-    dropped(stats, reason)
 }
 
 /// An authenticated request's credentials.
