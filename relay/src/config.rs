@@ -94,7 +94,7 @@ pub struct Config {
     pub leg_idle_secs: u64,
 
     /// Count what each bound leg carries (media datagrams and bytes in and out, drops) and
-    /// report it to the controllers, for the signaling service's GetSession. Costs 256 bytes
+    /// report it to the controllers, for the signaling service's GetSession. Costs 192 bytes
     /// per bound leg and a few atomic additions per forwarded datagram (docs/PERFORMANCE.md).
     /// Leg events (bound, moved, unbound) are reported either way.
     #[arg(long, env = "VEIL_RELAY_LEG_COUNTERS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -5,7 +5,7 @@
 //!
 //! A binding's counters live from the leg's bind on this relay until it is unbound here (a move
 //! to another address or transport of the same relay keeps them). They are opt-in
-//! (`Config::leg_counters`): each costs an allocation of 256 bytes per bound leg, and the media
+//! (`Config::leg_counters`): each costs an allocation of 192 bytes per bound leg, and the media
 //! path four atomic additions per forwarded datagram and two more per extra target
 //! (docs/PERFORMANCE.md).
 //!

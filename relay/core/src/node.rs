@@ -38,7 +38,7 @@ pub struct Config {
     /// `None`: no TURN (STUN and ChannelData are dropped as unknown types).
     pub turn_ip: Option<std::net::IpAddr>,
     /// Count what each bound leg carries (media in, out, dropped) for the controller's
-    /// `GetSession`: 256 bytes more per bound leg, and a few atomic additions per packet.
+    /// `GetSession`: 192 bytes more per bound leg, and a few atomic additions per packet.
     pub leg_counters: bool,
 }
 
