@@ -300,7 +300,9 @@ impl RelayNetworks {
             };
             match node {
                 Some(n)
-                    if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                    if n.is_empty()
+                        || n.len() > crate::api::MAX_ID_LEN
+                        || n.chars().any(|c| c.is_whitespace() || c.is_control()) =>
                 {
                     bail!("--relay-networks: each NODE_ID must be 1 to 128 bytes without spaces")
                 }

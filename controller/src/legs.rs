@@ -64,6 +64,13 @@ struct LegView {
 }
 
 impl LegView {
+    /// True if a binding of the leg is bound on relay `node_id`.
+    fn bound_at(&self, node_id: &str) -> bool {
+        self.bindings
+            .iter()
+            .any(|(k, b)| b.state == State::Bound && k.node_id == node_id)
+    }
+
     fn bound_on(&self) -> Option<(&str, pb::LegTransport)> {
         self.bindings
             .iter()
@@ -168,6 +175,9 @@ pub struct LegBook {
 #[derive(Debug, Default)]
 struct Inner {
     sessions: HashMap<u64, SessionLegs>,
+    /// The legs (session, index) with a binding bound on each relay: what a relay's loss or
+    /// snapshot looks through, rather than every leg of every relay.
+    by_node: HashMap<String, std::collections::HashSet<(u64, u8)>>,
     next_since: u64,
 }
 
@@ -230,6 +240,7 @@ impl LegBook {
             let listed: std::collections::HashSet<_> = listed.drain(..).collect();
             news.extend(Self::presume_gone(
                 &mut inner,
+                node_id,
                 pb::LegEndReason::Unknown,
                 |k, session| {
                     k.node_id == node_id
@@ -240,6 +251,7 @@ impl LegBook {
             // Bindings of the relay's earlier instances are gone with it.
             news.extend(Self::presume_gone(
                 &mut inner,
+                node_id,
                 pb::LegEndReason::RelayDown,
                 |k, _| k.node_id == node_id && k.instance != instance,
             ));
@@ -253,7 +265,7 @@ impl LegBook {
     /// Relay `node_id` went down (or restarted): every leg bound there is presumed gone.
     pub fn relay_down(&self, node_id: &str) {
         let mut inner = self.lock();
-        let news = Self::presume_gone(&mut inner, pb::LegEndReason::RelayDown, |k, _| {
+        let news = Self::presume_gone(&mut inner, node_id, pb::LegEndReason::RelayDown, |k, _| {
             k.node_id == node_id
         });
         drop(inner);
@@ -265,7 +277,7 @@ impl LegBook {
     /// Relay `node_id` attached as `instance`: bindings of its other instances are gone.
     pub fn relay_attached(&self, node_id: &str, instance: u64) {
         let mut inner = self.lock();
-        let news = Self::presume_gone(&mut inner, pb::LegEndReason::RelayDown, |k, _| {
+        let news = Self::presume_gone(&mut inner, node_id, pb::LegEndReason::RelayDown, |k, _| {
             k.node_id == node_id && k.instance != instance
         });
         drop(inner);
@@ -274,15 +286,27 @@ impl LegBook {
         }
     }
 
-    /// Marks the bound bindings `gone` selects as presumed gone; news for legs left unbound.
+    /// Marks the bound bindings on relay `node_id` that `gone` selects as presumed gone; news
+    /// for legs left unbound.
     fn presume_gone(
         inner: &mut Inner,
+        node_id: &str,
         why: pb::LegEndReason,
         gone: impl Fn(&BindingKey, u64) -> bool,
     ) -> Vec<LegNews> {
         let mut news = Vec::new();
-        for (&session, s) in inner.sessions.iter_mut() {
-            for (&leg, view) in s.legs.iter_mut() {
+        let Some(here) = inner.by_node.get_mut(node_id) else {
+            return news;
+        };
+        let sessions = &mut inner.sessions;
+        here.retain(|&(session, leg)| {
+            let Some(view) = sessions
+                .get_mut(&session)
+                .and_then(|s| s.legs.get_mut(&leg))
+            else {
+                return false;
+            };
+            {
                 let before = view.bound_on().map(|(n, t)| (n.to_string(), t));
                 let mut reason = None;
                 for (k, b) in view.bindings.iter_mut() {
@@ -303,7 +327,8 @@ impl LegBook {
                     });
                 }
             }
-        }
+            view.bound_at(node_id)
+        });
         news
     }
 
@@ -362,6 +387,13 @@ impl LegBook {
             }
         }
         view.fold_old();
+        if view.bound_at(node_id) {
+            inner
+                .by_node
+                .entry(node_id.to_string())
+                .or_default()
+                .insert((b.session_id, leg));
+        }
         let after = view.bound_on().map(|(n, t)| (n.to_string(), t));
         let mut news = Vec::new();
         let last = view.last.clone();
@@ -427,6 +459,13 @@ impl LegBook {
                 || s.seen
                     .is_some_and(|t| now.duration_since(t) < UNKNOWN_GRACE)
         });
-        inner.sessions.len()
+        let Inner {
+            sessions, by_node, ..
+        } = &mut *inner;
+        for legs in by_node.values_mut() {
+            legs.retain(|(session, _)| sessions.contains_key(session));
+        }
+        by_node.retain(|_, legs| !legs.is_empty());
+        sessions.len()
     }
 }
