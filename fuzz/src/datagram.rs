@@ -46,7 +46,8 @@
 //! last address proven for it (its address at bind time, then whatever a PROBE_ACK proved), and
 //! which PROBEs the client received: those sent while it really was at the connection's current
 //! address, not while a forged address was. A QUIC leg is *reachable* while its connection's
-//! current address is proven.
+//! current address is proven. An IPv4 address and its IPv4-mapped IPv6 form are one address
+//! throughout, for the model as for the relay's cookies.
 //!
 //! # Invariants checked after every operation
 //!
@@ -600,6 +601,12 @@ impl Model {
     }
 }
 
+/// Whether two addresses are one endpoint: an IPv4 address and its IPv4-mapped IPv6 form are
+/// the same host (a dual-stack socket reports IPv4 peers mapped), and the relay counts them so.
+fn same(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
 /// A PROBE the relay sent to a QUIC connection.
 #[derive(Debug, Clone, Copy)]
 struct Probe {
@@ -1085,7 +1092,7 @@ impl Scenario {
             Endpoint::Udp(_) | Endpoint::TurnUdp(_) => true,
             Endpoint::Quic(id) => self
                 .slot_of(id)
-                .is_some_and(|s| self.conn(s).addr == self.conn(s).proven),
+                .is_some_and(|s| same(self.conn(s).addr, self.conn(s).proven)),
             Endpoint::TurnTcp(_) | Endpoint::TurnTls(_) => false,
         }
     }
@@ -1206,11 +1213,22 @@ impl Scenario {
             "a path change produced events: {events:?}"
         );
         let c = self.conn_mut(slot);
+        if same(c.addr, to) {
+            // The same endpoint in its other form: still where it was, so still probing the
+            // same address (or proven) and receiving there if it did, or if it moved there.
+            assert!(
+                transmits.is_empty(),
+                "a report of the same address in its other form sent {transmits:?}"
+            );
+            c.addr = to;
+            c.genuine |= !spoofed;
+            return;
+        }
         c.addr = to;
         c.genuine = !spoofed;
         c.episode = 0;
         c.last_probe = None;
-        if to == proven {
+        if same(to, proven) {
             assert!(
                 transmits.is_empty(),
                 "moving back to the proven address sent {transmits:?}"
@@ -1241,7 +1259,7 @@ impl Scenario {
             panic!("not a PROBE: {:02x?}", t.msg.as_bytes());
         };
         assert!(c.bound, "a PROBE to a connection that is not bound");
-        assert_ne!(c.addr, c.proven, "a PROBE for a proven path");
+        assert!(!same(c.addr, c.proven), "a PROBE for a proven path");
         c.episode += 1;
         assert!(
             c.episode <= MAX_PROBES,
@@ -1413,7 +1431,7 @@ impl Scenario {
             Door::Conn(slot) => {
                 let c = self.conn(slot);
                 c.bound
-                    && c.addr != c.proven
+                    && !same(c.addr, c.proven)
                     && c.episode < MAX_PROBES
                     && c.since_proof < MAX_PROBES
                     && c.last_probe
@@ -1811,11 +1829,10 @@ impl Scenario {
             match via {
                 Via::Datagram(slot) => {
                     let c = self.conn(slot);
-                    let echoes = c
-                        .probes
-                        .iter()
-                        .any(|p| p.addr == c.addr && p.cookie[..] == *cookie && self.fresh(p.at));
-                    let unproven = c.addr != c.proven;
+                    let echoes = c.probes.iter().any(|p| {
+                        same(p.addr, c.addr) && p.cookie[..] == *cookie && self.fresh(p.at)
+                    });
+                    let unproven = !same(c.addr, c.proven);
                     if outcome == Outcome::Control {
                         assert!(
                             echoes && unproven,

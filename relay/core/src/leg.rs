@@ -28,6 +28,13 @@ pub(crate) struct Path {
     pub(crate) probes_left: u8,
 }
 
+/// Whether `a` and `b` are one UDP endpoint: an IPv4 address and its IPv4-mapped IPv6 form
+/// (`::ffff:a.b.c.d`, as a dual-stack socket reports IPv4 peers) are the same host, as return
+/// routability cookies already count them.
+pub(crate) fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
 /// A path being proven.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Probing {

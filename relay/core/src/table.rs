@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::leg::{LegState, LegStatus, Path, Probing, media_ok};
+use crate::leg::{LegState, LegStatus, Path, Probing, media_ok, same_endpoint};
 use crate::limit::BindLimiter;
 use crate::node::{Node, Refusal};
 use crate::session::{Ended, Endpoint, LegSet};
@@ -391,7 +391,8 @@ impl ForwardingTable {
     /// migration). Until the client answers the PROBE sent to `addr`, the leg receives no media:
     /// a bound participant could otherwise forge packets from a victim's address and have the
     /// relay send the victim media in its name. Moving back to the last proven address needs no
-    /// proof.
+    /// proof. An address and its IPv4-mapped form are one address here, as in the cookies that
+    /// prove it.
     pub fn handle_path(&mut self, now: Instant, ep: Endpoint, addr: SocketAddr) {
         let Some(leg) = self.legs.get_mut(&EndpointKey(ep)) else {
             return;
@@ -399,7 +400,7 @@ impl ForwardingTable {
         let Some(path) = leg.path.as_mut() else {
             return;
         };
-        if addr == path.proven {
+        if same_endpoint(addr, path.proven) {
             if path.probing.take().is_some() {
                 self.node
                     .directory
@@ -407,7 +408,7 @@ impl ForwardingTable {
             }
             return;
         }
-        if path.probing.is_some_and(|p| p.addr == addr) {
+        if path.probing.is_some_and(|p| same_endpoint(p.addr, addr)) {
             return;
         }
         let first = path.probing.is_none();

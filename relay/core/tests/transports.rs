@@ -3,7 +3,7 @@
 //! table with the cookie round; a QUIC client through its connection's own table (as the QUIC
 //! shell has one per connection) with a channel-bound BIND on the connection's stream.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use veil_relay_core::token::{Limits, Token};
@@ -570,4 +570,56 @@ fn hopping_between_addresses_draws_at_most_four_probes_between_answers() {
     assert!(replies(r.table(&q)).is_empty());
     let other = clients[1];
     assert_eq!(targets(&r.send(&other, &rtp(1, 200))), vec![q.ep]);
+}
+
+/// The IPv4-mapped form of an address, as a dual-stack socket reports an IPv4 peer.
+fn mapped(a: SocketAddr) -> SocketAddr {
+    let IpAddr::V4(v4) = a.ip() else {
+        panic!("{a} is not IPv4")
+    };
+    SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port())
+}
+
+/// Regression (found by the `datagram` fuzz target): an address and its IPv4-mapped form are
+/// one endpoint, as the cookies that prove a path count them. A report of the proven address in
+/// its other form needed a new proof, and one of the address being proven started a new round
+/// of PROBEs whose cookies the old ones also matched.
+#[test]
+fn an_address_and_its_ipv4_mapped_form_are_one_path() {
+    let (mut r, clients) = call(&[Kind::Quic, Kind::Udp], 3_600_000);
+    let (q, other) = (clients[0], clients[1]);
+    r.net.advance(Duration::from_millis(10));
+    let now = r.net.now;
+    // The proven address in its mapped form: nothing to prove, media keeps flowing.
+    r.table(&q).handle_path(now, q.ep, mapped(q.addr));
+    assert!(
+        replies(r.table(&q)).is_empty(),
+        "no PROBE for the proven address"
+    );
+    assert_eq!(targets(&r.send(&other, &rtp(1, 200))), vec![q.ep]);
+    // A move to a new address, then a report of that address in its other form: one PROBE, and
+    // its echo proves the path.
+    let to = addr(99, 7000);
+    r.table(&q).handle_path(now, q.ep, mapped(to));
+    let out = replies(r.table(&q));
+    assert_eq!(out.len(), 1);
+    let RelayMessage::Probe { txn, cookie } = wire::parse_relay(out[0].msg.as_bytes()).unwrap()
+    else {
+        panic!("a PROBE is sent to the new path");
+    };
+    let cookie = cookie.to_vec();
+    r.table(&q).handle_path(now, q.ep, to);
+    assert!(
+        replies(r.table(&q)).is_empty(),
+        "one address, one round of PROBEs"
+    );
+    assert!(matches!(
+        r.send(&other, &rtp(2, 200)),
+        Verdict::Drop(DropReason::UnprovenPath)
+    ));
+    assert!(matches!(
+        r.send(&q, &wire::probe_ack(txn, &cookie)),
+        Verdict::Control
+    ));
+    assert_eq!(targets(&r.send(&other, &rtp(3, 200))), vec![q.ep]);
 }
