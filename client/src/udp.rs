@@ -1,4 +1,12 @@
-//! The UDP transport of a leg: the two-round bind with a cookie, keepalives, and failover.
+//! The UDP transport of a leg: the two-round bind with a cookie, keepalives, failover, and the
+//! hot standby ([`crate::Standby`]).
+//!
+//! One socket serves every relay of the leg. The leg has a current path (the relay media goes
+//! to) and, with a standby configured, a second path bound on another relay of the session and
+//! kept alive with KEEPALIVEs. When the current relay falls silent for `dead_after`, or answers
+//! that it is draining, the leg switches to the standby if it is bound (no round trip: the next
+//! datagram goes there) and keeps the old relay as its standby; otherwise it binds on the next
+//! relay as before. Media is delivered from either relay.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,16 +42,10 @@ pub(crate) async fn start(
         link,
         token,
         config,
-        state: State::Binding {
-            relay: 0,
-            txn: rand::random(),
-            cookie: None,
-            started: now,
-            rto: Duration::ZERO,
-            next: now,
-        },
-        last_rx: now,
-        last_keepalive: now,
+        active: Path::binding(0, now),
+        standby: None,
+        switched: None,
+        ended: false,
     };
     Ok((socket, tokio::spawn(driver.run())))
 }
@@ -63,19 +65,89 @@ fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-enum State {
-    Binding {
-        relay: usize,
-        txn: [u8; 8],
-        cookie: Option<[u8; COOKIE_LEN]>,
-        started: Instant,
-        rto: Duration,
-        next: Instant,
+/// A bind in progress on one relay.
+#[derive(Debug, Clone, Copy)]
+struct Bind {
+    txn: [u8; 8],
+    cookie: Option<[u8; COOKIE_LEN]>,
+    started: Instant,
+    rto: Duration,
+    next: Instant,
+}
+
+impl Bind {
+    fn new(now: Instant) -> Self {
+        Self {
+            txn: rand::random(),
+            cookie: None,
+            started: now,
+            rto: Duration::ZERO,
+            next: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Binding(Bind),
+    Bound,
+    /// A standby relay that failed: bind again at `until`.
+    Waiting {
+        until: Instant,
     },
-    Bound {
-        relay: usize,
-    },
-    Ended,
+}
+
+/// The leg on one relay.
+#[derive(Debug, Clone, Copy)]
+struct Path {
+    relay: usize,
+    phase: Phase,
+    /// The last datagram from the relay while bound (when bound, at first).
+    last_rx: Instant,
+    last_keepalive: Instant,
+}
+
+impl Path {
+    fn binding(relay: usize, now: Instant) -> Self {
+        Self {
+            relay,
+            phase: Phase::Binding(Bind::new(now)),
+            last_rx: now,
+            last_keepalive: now,
+        }
+    }
+
+    fn is_bound(&self) -> bool {
+        matches!(self.phase, Phase::Bound)
+    }
+
+    /// When this path next has something to do, with these timers.
+    fn deadline(&self, keepalive: Duration, dead_after: Duration) -> Instant {
+        match self.phase {
+            Phase::Binding(b) => b.next,
+            Phase::Bound => {
+                (self.last_rx.max(self.last_keepalive) + keepalive).min(self.last_rx + dead_after)
+            }
+            Phase::Waiting { until } => until,
+        }
+    }
+}
+
+/// Which path a datagram came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Active,
+    Standby,
+}
+
+/// What a path's timer asks for.
+enum Due {
+    Nothing,
+    /// Send (or resend) the bind.
+    Bind,
+    Keepalive,
+    /// The bind timed out, or the bound relay fell silent.
+    Failed,
 }
 
 struct Driver {
@@ -83,124 +155,266 @@ struct Driver {
     link: Link,
     token: Token,
     config: LegConfig,
-    state: State,
-    last_rx: Instant,
-    last_keepalive: Instant,
+    /// The relay media goes to.
+    active: Path,
+    /// The standby, with hot standby on.
+    standby: Option<Path>,
+    /// When the current relay last changed by a switch to the standby.
+    switched: Option<Instant>,
+    ended: bool,
 }
 
 impl Driver {
-    fn relay_addr(&self, i: usize) -> SocketAddr {
-        self.config.relays[i % self.config.relays.len()].udp
+    fn relays(&self) -> usize {
+        self.config.relays.len()
     }
 
+    fn relay_addr(&self, i: usize) -> SocketAddr {
+        self.config.relays[i % self.relays()].udp
+    }
+
+    fn publish_standby(&self) {
+        let i = self
+            .standby
+            .filter(Path::is_bound)
+            .map_or(usize::MAX, |p| p.relay);
+        self.link.shared.standby_index.store(i, Relaxed);
+    }
+
+    /// Binds afresh on `relay` as the current relay (no standby to switch to).
     fn start_binding(&mut self, relay: usize) {
-        let relay = relay % self.config.relays.len();
-        self.link.shared.set_relay(relay, self.relay_addr(relay));
+        let relay = relay % self.relays();
         let now = Instant::now();
-        self.state = State::Binding {
-            relay,
-            txn: rand::random(),
-            cookie: None,
-            started: now,
-            rto: Duration::ZERO,
-            next: now,
-        };
+        self.active = Path::binding(relay, now);
+        self.link.shared.set_relay(relay, self.relay_addr(relay));
+        if self.standby.is_some_and(|p| p.relay == relay) {
+            self.standby = None;
+            self.publish_standby();
+        }
         self.link.status.send_replace(LegStatus::Binding { relay });
     }
 
+    /// Makes the bound standby the current relay, and the current one the standby.
+    fn switch(&mut self, now: Instant) {
+        let Some(mut next) = self.standby.take() else {
+            return;
+        };
+        // A grace period: the new relay has been answering KEEPALIVEs, now it must carry media.
+        next.last_rx = now;
+        next.last_keepalive = now;
+        let old = std::mem::replace(&mut self.active, next);
+        self.standby = Some(old);
+        self.switched = Some(now);
+        self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+        let relay = self.active.relay;
+        self.link.shared.set_relay(relay, self.relay_addr(relay));
+        self.publish_standby();
+        self.link.status.send_replace(LegStatus::Bound { relay });
+        tracing::debug!(relay, "switched to the standby relay");
+    }
+
+    /// The current relay is gone (silent, draining, or its bind failed): switch to the standby
+    /// if it is bound, or bind on the next relay.
+    fn fail_over(&mut self, now: Instant) {
+        if self.standby.is_some_and(|p| p.is_bound()) {
+            self.switch(now);
+        } else {
+            self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+            self.start_binding(self.active.relay + 1);
+        }
+    }
+
+    /// The relay after `after` that is not the current one.
+    fn standby_candidate(&self, after: usize) -> Option<usize> {
+        let n = self.relays();
+        (1..=n)
+            .map(|k| (after + k) % n)
+            .find(|&r| r != self.active.relay)
+    }
+
+    /// With hot standby on and the current relay bound, starts binding a standby if there is
+    /// none.
+    fn ensure_standby(&mut self, now: Instant) {
+        if self.config.standby.is_none() || self.standby.is_some() || !self.active.is_bound() {
+            return;
+        }
+        if let Some(relay) = self.standby_candidate(self.active.relay) {
+            self.standby = Some(Path::binding(relay, now));
+        }
+    }
+
+    /// The standby relay refused, timed out or fell silent: try the next one after a pause.
+    fn standby_failed(&mut self, now: Instant) {
+        let (Some(s), Some(p)) = (self.config.standby, self.standby) else {
+            return;
+        };
+        self.standby = self.standby_candidate(p.relay).map(|relay| Path {
+            relay,
+            phase: Phase::Waiting {
+                until: now + s.retry_after,
+            },
+            last_rx: now,
+            last_keepalive: now,
+        });
+        self.publish_standby();
+    }
+
     fn end(&mut self, err: ClientError) {
-        self.state = State::Ended;
+        self.ended = true;
         self.link.end(err);
     }
 
     /// When the driver next has something to do without input.
     fn deadline(&self) -> Instant {
-        match &self.state {
-            State::Binding { next, .. } => *next,
-            State::Bound { .. } => (self.last_rx.max(self.last_keepalive)
-                + self.config.keepalive_interval)
-                .min(self.last_rx + self.config.dead_after),
-            State::Ended => Instant::now() + Duration::from_secs(3600),
+        if self.ended {
+            return Instant::now() + Duration::from_secs(3600);
         }
+        let active = self
+            .active
+            .deadline(self.config.keepalive_interval, self.config.dead_after);
+        match (self.config.standby, self.standby) {
+            (Some(s), Some(p)) => active.min(p.deadline(s.keepalive_interval, s.dead_after)),
+            _ => active,
+        }
+    }
+
+    /// What `path`'s timers ask for now, advancing its retransmission timer.
+    fn due(&self, path: &mut Path, now: Instant, keepalive: Duration, dead_after: Duration) -> Due {
+        match &mut path.phase {
+            Phase::Binding(b) => {
+                if now < b.next {
+                    return Due::Nothing;
+                }
+                if now.duration_since(b.started) >= self.config.bind_timeout {
+                    return Due::Failed;
+                }
+                b.rto = if b.rto.is_zero() {
+                    self.config.bind_rto
+                } else {
+                    (b.rto * 2).min(Duration::from_secs(1))
+                };
+                b.next = now + b.rto;
+                Due::Bind
+            }
+            Phase::Bound => {
+                if now.duration_since(path.last_rx) >= dead_after {
+                    Due::Failed
+                } else if now.duration_since(path.last_rx.max(path.last_keepalive)) >= keepalive {
+                    path.last_keepalive = now;
+                    Due::Keepalive
+                } else {
+                    Due::Nothing
+                }
+            }
+            Phase::Waiting { until } => {
+                if now < *until {
+                    return Due::Nothing;
+                }
+                path.phase = Phase::Binding(Bind::new(now));
+                self.due(path, now, keepalive, dead_after)
+            }
+        }
+    }
+
+    async fn send_bind(&self, path: &Path) {
+        if let Phase::Binding(b) = &path.phase {
+            let msg = wire::bind(&self.token, b.txn, b.cookie.as_ref());
+            let _ = self.socket.send_to(&msg, self.relay_addr(path.relay)).await;
+        }
+    }
+
+    async fn send_keepalive(&self, relay: usize) {
+        let _ = self
+            .socket
+            .send_to(&wire::keepalive(rand::random()), self.relay_addr(relay))
+            .await;
     }
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
-        match &mut self.state {
-            State::Binding {
-                relay,
-                txn,
-                cookie,
-                started,
-                rto,
-                next,
-            } => {
-                if now < *next {
-                    return;
-                }
-                if now.duration_since(*started) >= self.config.bind_timeout {
-                    let following = *relay + 1;
-                    if following % self.config.relays.len() == 0
-                        && self.link.shared.counters.binds.load(Relaxed) == 0
-                    {
-                        // Every relay tried once and none ever answered: give up.
-                        self.end(ClientError::Unreachable);
-                    } else {
-                        self.link.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(following);
-                    }
-                    return;
-                }
-                *rto = if rto.is_zero() {
-                    self.config.bind_rto
-                } else {
-                    (*rto * 2).min(Duration::from_secs(1))
-                };
-                *next = now + *rto;
-                let msg = wire::bind(&self.token, *txn, cookie.as_ref());
-                let dst = self.config.relays[*relay].udp;
-                let _ = self.socket.send_to(&msg, dst).await;
-            }
-            State::Bound { relay } => {
-                let relay = *relay;
-                if now.duration_since(self.last_rx) >= self.config.dead_after {
-                    tracing::debug!(relay, "relay silent, moving to the next one");
-                    self.link.shared.counters.failovers.fetch_add(1, Relaxed);
-                    self.start_binding(relay + 1);
-                } else if now.duration_since(self.last_rx.max(self.last_keepalive))
-                    >= self.config.keepalive_interval
+        let mut active = self.active;
+        let due = self.due(
+            &mut active,
+            now,
+            self.config.keepalive_interval,
+            self.config.dead_after,
+        );
+        self.active = active;
+        match due {
+            Due::Nothing => {}
+            Due::Bind => self.send_bind(&active).await,
+            Due::Keepalive => self.send_keepalive(active.relay).await,
+            Due::Failed => match active.phase {
+                Phase::Binding(_)
+                    if !self.standby.is_some_and(|p| p.is_bound())
+                        && (active.relay + 1).is_multiple_of(self.relays())
+                        && self.link.shared.counters.binds.load(Relaxed) == 0 =>
                 {
-                    self.last_keepalive = now;
-                    let _ = self
-                        .socket
-                        .send_to(&wire::keepalive(rand::random()), self.relay_addr(relay))
-                        .await;
+                    // Every relay tried once and none ever answered: give up.
+                    self.end(ClientError::Unreachable);
+                    return;
                 }
-            }
-            State::Ended => {}
+                _ => {
+                    tracing::debug!(relay = active.relay, "relay silent, moving on");
+                    self.fail_over(now);
+                }
+            },
+        }
+        let (Some(s), Some(mut standby)) = (self.config.standby, self.standby) else {
+            return;
+        };
+        let due = self.due(&mut standby, now, s.keepalive_interval, s.dead_after);
+        self.standby = Some(standby);
+        match due {
+            Due::Nothing => {}
+            Due::Bind => self.send_bind(&standby).await,
+            Due::Keepalive => self.send_keepalive(standby.relay).await,
+            Due::Failed => self.standby_failed(now),
         }
     }
 
     async fn on_datagram(&mut self, pkt: &[u8], from: SocketAddr) {
-        let current = match &self.state {
-            State::Binding { relay, .. } | State::Bound { relay } => self.relay_addr(*relay),
-            State::Ended => return,
-        };
-        if from != current {
-            self.link.shared.counters.foreign.fetch_add(1, Relaxed);
+        if self.ended {
             return;
         }
+        let role = if from == self.relay_addr(self.active.relay) {
+            Role::Active
+        } else if self.standby.is_some_and(|p| {
+            !matches!(p.phase, Phase::Waiting { .. }) && from == self.relay_addr(p.relay)
+        }) {
+            Role::Standby
+        } else {
+            self.link.shared.counters.foreign.fetch_add(1, Relaxed);
+            return;
+        };
         let now = Instant::now();
         match wire::classify(pkt) {
             Class::Rtp | Class::Dtls => {
-                if let State::Bound { .. } = self.state {
-                    self.last_rx = now;
+                match role {
+                    Role::Active => {
+                        if self.active.is_bound() {
+                            self.active.last_rx = now;
+                        }
+                    }
+                    Role::Standby => {
+                        let hold = self.config.standby.map_or(Duration::ZERO, |s| s.hold);
+                        if let Some(p) = self.standby.as_mut().filter(|p| p.is_bound()) {
+                            p.last_rx = now;
+                            // The others moved there: follow them.
+                            if self.switched.is_none_or(|t| now.duration_since(t) >= hold) {
+                                self.switch(now);
+                            }
+                        }
+                    }
                 }
                 self.link.deliver(Bytes::copy_from_slice(pkt), from, now);
             }
             Class::Control => {
                 if let Ok(msg) = wire::parse_relay(pkt) {
-                    self.on_control(msg, now).await;
+                    match role {
+                        Role::Active => self.on_control(msg, now).await,
+                        Role::Standby => self.on_standby_control(msg, now).await,
+                    }
                 }
             }
             Class::Other => {}
@@ -209,40 +423,24 @@ impl Driver {
 
     async fn on_control(&mut self, msg: RelayMessage<'_>, now: Instant) {
         let session = self.token.claims().session.0;
-        match (&mut self.state, msg) {
-            (
-                State::Binding {
-                    relay,
-                    txn,
-                    cookie,
-                    next,
-                    rto,
-                    ..
-                },
-                RelayMessage::Challenge { txn: t, cookie: c },
-            ) if t == *txn => {
-                let c: [u8; COOKIE_LEN] = c.try_into().expect("parser checked the length");
-                *cookie = Some(c);
-                *rto = self.config.bind_rto;
-                *next = now + *rto;
-                let msg = wire::bind(&self.token, *txn, Some(&c));
-                let dst = self.config.relays[*relay].udp;
-                let _ = self.socket.send_to(&msg, dst).await;
+        match (&mut self.active.phase, msg) {
+            (Phase::Binding(b), RelayMessage::Challenge { txn, cookie }) if txn == b.txn => {
+                b.cookie = Some(cookie.try_into().expect("parser checked the length"));
+                b.rto = self.config.bind_rto;
+                b.next = now + b.rto;
+                let path = self.active;
+                self.send_bind(&path).await;
             }
-            (State::Binding { relay, txn, .. }, RelayMessage::BindOk { txn: t, .. })
-                if t == *txn =>
-            {
-                let relay = *relay;
-                self.state = State::Bound { relay };
-                self.last_rx = now;
-                self.last_keepalive = now;
+            (Phase::Binding(b), RelayMessage::BindOk { txn, .. }) if txn == b.txn => {
+                let relay = self.active.relay;
+                self.active.phase = Phase::Bound;
+                self.active.last_rx = now;
+                self.active.last_keepalive = now;
                 self.link.shared.counters.binds.fetch_add(1, Relaxed);
                 self.link.status.send_replace(LegStatus::Bound { relay });
+                self.ensure_standby(now);
             }
-            (State::Binding { relay, txn, .. }, RelayMessage::Error { txn: t, code })
-                if t == *txn =>
-            {
-                let relay = *relay;
+            (Phase::Binding(b), RelayMessage::Error { txn, code }) if txn == b.txn => {
                 match ErrorCode::from_u16(code) {
                     Some(
                         c @ (ErrorCode::Unauthorized
@@ -252,34 +450,77 @@ impl Driver {
                         self.end(ClientError::Refused(c));
                     }
                     // Full, draining or rate limited: the next relay may take us.
-                    _ if self.config.relays.len() > 1 => {
-                        self.link.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(relay + 1);
-                    }
+                    _ if self.relays() > 1 => self.fail_over(now),
                     _ => {}
                 }
             }
-            (State::Bound { relay }, RelayMessage::KeepaliveAck { .. }) => {
-                let _ = relay;
-                self.last_rx = now;
+            (Phase::Bound, RelayMessage::KeepaliveAck { .. }) => {
+                self.active.last_rx = now;
             }
-            (State::Bound { relay }, RelayMessage::Error { code, .. })
+            (Phase::Bound, RelayMessage::Error { code, .. })
                 if code == ErrorCode::NotBound as u16 =>
             {
-                // The relay lost our leg (it restarted): bind again there.
-                let relay = *relay;
-                self.start_binding(relay);
-            }
-            (
-                State::Bound { relay } | State::Binding { relay, .. },
-                RelayMessage::Close { code, session: s },
-            ) if s == session => {
-                let relay = *relay;
-                match ErrorCode::from_u16(code) {
-                    Some(ErrorCode::Draining) => {
-                        self.link.shared.counters.failovers.fetch_add(1, Relaxed);
-                        self.start_binding(relay + 1);
+                // The relay lost our leg (it restarted): carry on on the standby if it is
+                // bound, and bind again there.
+                if self.standby.is_some_and(|p| p.is_bound()) {
+                    self.switch(now);
+                    if let Some(p) = self.standby.as_mut() {
+                        *p = Path::binding(p.relay, now);
                     }
+                    self.publish_standby();
+                } else {
+                    self.start_binding(self.active.relay);
+                }
+            }
+            (_, RelayMessage::Close { code, session: s }) if s == session => {
+                match ErrorCode::from_u16(code) {
+                    Some(ErrorCode::Draining) => self.fail_over(now),
+                    c => self.end(ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed))),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_standby_control(&mut self, msg: RelayMessage<'_>, now: Instant) {
+        let session = self.token.claims().session.0;
+        let Some(p) = self.standby.as_mut() else {
+            return;
+        };
+        match (&mut p.phase, msg) {
+            (Phase::Binding(b), RelayMessage::Challenge { txn, cookie }) if txn == b.txn => {
+                b.cookie = Some(cookie.try_into().expect("parser checked the length"));
+                b.rto = self.config.bind_rto;
+                b.next = now + b.rto;
+                let path = *p;
+                self.send_bind(&path).await;
+            }
+            (Phase::Binding(b), RelayMessage::BindOk { txn, .. }) if txn == b.txn => {
+                p.phase = Phase::Bound;
+                p.last_rx = now;
+                p.last_keepalive = now;
+                self.link
+                    .shared
+                    .counters
+                    .standby_binds
+                    .fetch_add(1, Relaxed);
+                self.publish_standby();
+            }
+            // Refused, full, draining or rate limited: another relay, or this one later. (A
+            // refusal for good reaches the current relay too, which ends the leg.)
+            (Phase::Binding(b), RelayMessage::Error { txn, .. }) if txn == b.txn => {
+                self.standby_failed(now);
+            }
+            (Phase::Bound, RelayMessage::KeepaliveAck { .. }) => p.last_rx = now,
+            (Phase::Bound, RelayMessage::Error { code, .. })
+                if code == ErrorCode::NotBound as u16 =>
+            {
+                *p = Path::binding(p.relay, now);
+                self.publish_standby();
+            }
+            (_, RelayMessage::Close { code, session: s }) if s == session => {
+                match ErrorCode::from_u16(code) {
+                    Some(ErrorCode::Draining) => self.standby_failed(now),
                     c => self.end(ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed))),
                 }
             }
@@ -290,7 +531,7 @@ impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; 2048];
         loop {
-            if let State::Ended = self.state {
+            if self.ended {
                 return;
             }
             let deadline = self.deadline();

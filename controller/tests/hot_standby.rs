@@ -1,0 +1,219 @@
+//! Hot standby (`LegConfig::hot_standby`): a UDP leg kept bound on the session's backup relay
+//! switches there with no bind round trip when its relay dies or drains, and the other
+//! participants follow it. Real relay processes, a real controller, SRTP media every 10 ms.
+//!
+//! The target is a media gap under 300 ms; on loopback detection takes 200 ms of
+//! silence (`dead_after`) and the switch nothing more, so these tests bound the gap at 300 ms
+//! and leave the rest of a noisy machine's margin to the network-namespace chaos runs
+//! (`deploy/tests/chaos_netns.py`), which measure it over many kills.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use veil_client::LegConfig;
+use veil_controller::config::Settings;
+use veil_controller::dev::generate_keys;
+use veil_proto::v1 as pb;
+
+struct Cluster {
+    controller: LocalController,
+    relays: Vec<RelayProcess>,
+    kf: std::path::PathBuf,
+}
+
+async fn cluster(extra: &[&str]) -> Cluster {
+    let keys = generate_keys();
+    let kf = key_file(&keys);
+    let controller = LocalController::start(Settings::local(keys)).await;
+    let relays = ["relay-a", "relay-b"]
+        .iter()
+        .zip(["zone-a", "zone-b"])
+        .map(|(id, zone)| {
+            RelayProcess::start(id, zone, &kf, std::slice::from_ref(&controller.url), extra)
+        })
+        .collect();
+    controller.wait_relays(2).await;
+    Cluster {
+        controller,
+        relays,
+        kf,
+    }
+}
+
+/// `n` participants on hot standby legs, talking; returns once every standby is bound. The
+/// first participant reaches the primary relay through `path` if given (a path the test can
+/// cut).
+async fn call(api: &mut Api, id: &str, n: usize, path: Option<&Path>) -> (pb::Session, Talk) {
+    let s = allocate(api, request(id, n)).await;
+    assert_eq!(s.relays.len(), 2);
+    let mut peers = Vec::new();
+    for (i, leg) in s.legs.iter().enumerate() {
+        let local = format!("127.0.0.{}:0", i + 2).parse().unwrap();
+        let mut cfg = LegConfig::from_pb(leg, local).hot_standby();
+        if let (0, Some(path)) = (i, path) {
+            cfg.relays[0].udp = path.start(cfg.relays[0].udp).await;
+        }
+        peers.push(Peer::join_config(cfg, i as u32 + 1).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while peers.iter().any(|p| p.leg.standby_index() != Some(1)) {
+        assert!(Instant::now() < deadline, "standby legs bind on the backup");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (s, Talk::start(peers, Duration::from_millis(10)))
+}
+
+/// A UDP path to a relay that the test can cut: datagrams cross it both ways until `cut`.
+#[derive(Default)]
+struct Path {
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Path {
+    /// Starts forwarding between a new loopback address and `relay`; returns the new address.
+    async fn start(&self, relay: std::net::SocketAddr) -> std::net::SocketAddr {
+        let outer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let inner = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = outer.local_addr().unwrap();
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = outer.recv_from(&mut a) => {
+                        client = Some(from);
+                        if !cut.load(Relaxed) {
+                            let _ = inner.send_to(&a[..n], relay).await;
+                        }
+                    }
+                    Ok((n, _)) = inner.recv_from(&mut b) => {
+                        if let (Some(c), false) = (client, cut.load(Relaxed)) {
+                            let _ = outer.send_to(&b[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_costs_a_hot_standby_leg_under_300_ms_and_no_bind() {
+    let c = cluster(&[]).await;
+    let mut api = client(&c.controller.url).await;
+    let (s, talk) = call(&mut api, "hot-kill", 3, None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = c
+        .relays
+        .iter()
+        .find(|r| r.node_id == s.relays[0].node_id)
+        .unwrap();
+    victim.signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (peer, got) in talk.stop().await {
+        let gap = longest_gap(&got, killed_at);
+        eprintln!("longest gap after the kill: {gap:?}");
+        assert!(
+            gap < Duration::from_millis(300),
+            "media stopped for {gap:?} after the relay died"
+        );
+        assert!(
+            got.last().unwrap().0 > killed_at + Duration::from_millis(1500),
+            "media flows on the backup"
+        );
+        assert_eq!(peer.leg.relay_index(), 1, "the leg switched to the backup");
+        let counters = peer.leg.counters();
+        assert_eq!(counters.binds.load(Relaxed), 1, "no bind at the switch");
+        assert_eq!(counters.standby_binds.load(Relaxed), 1);
+        assert_eq!(
+            counters.failovers.load(Relaxed),
+            1,
+            "one switch, no flapping"
+        );
+        assert_eq!(counters.foreign.load(Relaxed), 0);
+    }
+    drop(c.relays);
+    c.controller.stop().await;
+    std::fs::remove_file(c.kf).ok();
+}
+
+/// A participant cut off from its relay (the others still reach it) switches to the standby;
+/// the others follow the first media that reaches them through the standby, so the call does
+/// not stay split across two relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_others_follow_the_first_to_switch() {
+    let c = cluster(&[]).await;
+    let mut api = client(&c.controller.url).await;
+    let path = Path::default();
+    let (_s, talk) = call(&mut api, "hot-follow", 3, Some(&path)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    path.cut();
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, (peer, got)) in talk.stop().await.into_iter().enumerate() {
+        let gap = longest_gap(&got, cut_at);
+        eprintln!("participant {i}: longest gap after the cut: {gap:?}");
+        assert!(
+            gap < Duration::from_millis(300),
+            "participant {i}: media stopped for {gap:?}"
+        );
+        assert_eq!(
+            peer.leg.relay_index(),
+            1,
+            "participant {i} is on the backup"
+        );
+        let counters = peer.leg.counters();
+        assert_eq!(counters.binds.load(Relaxed), 1);
+        assert_eq!(
+            counters.failovers.load(Relaxed),
+            1,
+            "participant {i}: one switch, no flapping"
+        );
+    }
+    drop(c.relays);
+    c.controller.stop().await;
+    std::fs::remove_file(c.kf).ok();
+}
+
+/// A draining relay moves every leg to its standby at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_moves_everyone_to_the_standby_at_once() {
+    // Evicted at once: CLOSE (draining) to every leg.
+    let c = cluster(&["--drain-deadline-secs", "0"]).await;
+    let mut api = client(&c.controller.url).await;
+    let (s, talk) = call(&mut api, "hot-drain", 2, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let primary = c
+        .relays
+        .iter()
+        .find(|r| r.node_id == s.relays[0].node_id)
+        .unwrap();
+    primary.signal(Signal::SIGTERM);
+    let drained_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (peer, got) in talk.stop().await {
+        let gap = longest_gap(&got, drained_at);
+        eprintln!("longest gap after the drain: {gap:?}");
+        assert!(
+            gap < Duration::from_millis(100),
+            "a drain is a switch with no silence to wait out: {gap:?}"
+        );
+        assert_eq!(peer.leg.relay_index(), 1);
+        assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
+        assert_eq!(peer.leg.counters().failovers.load(Relaxed), 1);
+    }
+    drop(c.relays);
+    c.controller.stop().await;
+    std::fs::remove_file(c.kf).ok();
+}
