@@ -772,6 +772,7 @@ fn scenario_table(r: &Report) -> String {
             format!("{} calls of {} participants", s.calls, s.participants),
         ),
         ("transport", s.transport.describe().to_string()),
+        ("failover", s.failover.describe().to_string()),
         ("SRTP profile", s.srtp.rfc_name().to_string()),
         ("media profiles", mix.join(", ")),
         (

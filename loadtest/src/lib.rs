@@ -38,7 +38,7 @@ use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use crate::media::Source;
 use crate::report::{RelayFigures, Report, RunFacts};
-use crate::scenario::{Profile, Scenario, SrtpSuite, TransportMode};
+use crate::scenario::{FailoverMode, Profile, Scenario, SrtpSuite, TransportMode};
 use crate::stats::{Collector, LegTransport, StreamRx};
 
 /// Which cluster to drive.
@@ -74,6 +74,15 @@ pub struct Config {
     pub progress: bool,
     /// What the run must stay within to pass.
     pub thresholds: gate::Thresholds,
+}
+
+/// A participant's leg configuration, with the scenario's failover mode.
+fn leg_config(s: &Scenario, leg: &pb::Leg, ip: IpAddr) -> LegConfig {
+    let cfg = LegConfig::from_pb(leg, SocketAddr::new(ip, 0));
+    match s.failover {
+        FailoverMode::Cold => cfg,
+        FailoverMode::Hot => cfg.hot_standby(),
+    }
 }
 
 /// How long receivers keep listening after senders stop, for packets in flight.
@@ -492,6 +501,8 @@ pub struct CallResult {
     pub profiles: Vec<Profile>,
     /// Datagrams from anywhere but the relay, over all participants.
     pub foreign: u64,
+    /// Moves of participants' legs to another relay (failovers, switches to a standby).
+    pub failovers: u64,
     /// Each participant's transport.
     pub transports: Vec<LegTransport>,
     /// Media datagrams the participants' sockets read from their relay (RTP, RTCP, duplicates
@@ -686,7 +697,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
     let mut binds = tokio::task::JoinSet::new();
     for (j, leg) in session.legs.iter().enumerate() {
         let ip: IpAddr = s.client_ips[(call * n + j) % s.client_ips.len()];
-        let cfg = LegConfig::from_pb(leg, SocketAddr::new(ip, 0));
+        let cfg = leg_config(s, leg, ip);
         binds.spawn(async move {
             let t = Instant::now();
             Leg::bind(cfg).await.map(|l| (j, l, t.elapsed()))
@@ -798,7 +809,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
     let mut heard_from_joiners: Vec<HashMap<u32, StreamRx>> =
         (0..n).map(|_| HashMap::new()).collect();
     let mut socket_drops = vec![None; n];
-    let (mut foreign, mut datagrams_read, mut queue_overflows) = (0, 0, 0);
+    let (mut foreign, mut failovers, mut datagrams_read, mut queue_overflows) = (0, 0, 0, 0);
     let mut failure = None;
     while let Some(r) = tasks.join_next().await {
         let p = match r {
@@ -816,6 +827,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         received[p.j] = from_base;
         heard_from_joiners[p.j] = from_joiners;
         foreign += p.foreign;
+        failovers += p.failovers;
         datagrams_read += p.datagrams_read;
         queue_overflows += p.queue_overflows;
         socket_drops[p.j] = p.socket_drops;
@@ -855,6 +867,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         binds: bind_latency,
         profiles,
         foreign,
+        failovers,
         transports,
         datagrams_read,
         queue_overflows,
@@ -967,7 +980,7 @@ async fn joiner(ctx: Arc<RunCtx>, w: Joiner) -> ChurnResult {
             return out;
         }
     };
-    match Leg::bind(LegConfig::from_pb(&leg, SocketAddr::new(w.ip, 0))).await {
+    match Leg::bind(leg_config(s, &leg, w.ip)).await {
         Ok(bound) => {
             out.join_latency = Some(started.elapsed());
             let bound_at = ctx.seconds_since_epoch(Instant::now());
@@ -1025,6 +1038,7 @@ struct ParticipantOutcome {
     sent: SentStream,
     received: HashMap<u32, StreamRx>,
     foreign: u64,
+    failovers: u64,
     datagrams_read: u64,
     queue_overflows: u64,
     socket_drops: Option<u64>,
@@ -1232,6 +1246,7 @@ async fn participant(
         sent,
         received: rx.into_iter().map(|(k, (_, s))| (k, s)).collect(),
         foreign: counters.foreign.load(Relaxed),
+        failovers: counters.failovers.load(Relaxed),
         datagrams_read: counters.received.load(Relaxed),
         queue_overflows: counters.overflow.load(Relaxed),
         socket_drops,

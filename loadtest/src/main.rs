@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use veil_loadtest::gate::{self, Thresholds};
-use veil_loadtest::scenario::{self, Profile, Scenario, SrtpSuite, TransportMode};
+use veil_loadtest::scenario::{self, FailoverMode, Profile, Scenario, SrtpSuite, TransportMode};
 use veil_loadtest::{Config, Target};
 
 /// veil-loadtest: drives realistic calls with real SRTP through a Veil cluster and reports loss,
@@ -48,7 +48,7 @@ struct Flags {
     relay_metrics: Vec<String>,
 
     /// Scenario file (JSON); flags given explicitly override nothing in it.
-    #[arg(long, conflicts_with_all = ["calls", "participants", "churn", "churn_dwell", "duration", "ramp_up", "profile", "transport", "srtp"])]
+    #[arg(long, conflicts_with_all = ["calls", "participants", "churn", "churn_dwell", "duration", "ramp_up", "profile", "transport", "srtp", "failover"])]
     scenario: Option<PathBuf>,
 
     /// Concurrent calls.
@@ -89,6 +89,12 @@ struct Flags {
     /// SRTP protection profile.
     #[arg(long, value_enum)]
     srtp: Option<SrtpSuite>,
+
+    /// How legs fail over when their relay dies: `cold` binds on the backup after 1 s of
+    /// silence; `hot` keeps UDP legs bound on the backup too and switches after 200 ms, with
+    /// no bind (hot standby; each UDP leg holds a second, media-less leg on the backup).
+    #[arg(long, value_enum)]
+    failover: Option<FailoverMode>,
 
     /// Local addresses participants bind, as `A-B` (IPv4 range) or a comma-separated list.
     #[arg(long, value_parser = |s: &str| scenario::parse_ip_pool(s).map(Pool))]
@@ -219,6 +225,9 @@ impl Flags {
         }
         if let Some(v) = self.srtp {
             s.srtp = v;
+        }
+        if let Some(v) = self.failover {
+            s.failover = v;
         }
         if let Some(v) = &self.client_ip_pool {
             s.client_ips = v.0.clone();

@@ -405,6 +405,9 @@ pub struct Report {
     pub decrypt_failures: u64,
     /// Datagrams that came from anywhere but the participant's relay.
     pub foreign_datagrams: u64,
+    /// Times a participant's leg moved to another relay of its session (a failover, or a
+    /// switch to its hot standby); 0 while every relay stays up.
+    pub leg_failovers: u64,
     /// RTCP sender reports sent.
     pub rtcp_sent: u64,
     /// RTCP sender reports received and decrypted.
@@ -508,7 +511,7 @@ impl Report {
         let mut alloc = latency_histogram();
         let mut binds = latency_histogram();
         let (mut jitter_sum, mut jitter_n, mut jitter_max) = (0.0, 0u64, None::<f64>);
-        let (mut reordered, mut participants, mut foreign) = (0, 0, 0);
+        let (mut reordered, mut participants, mut foreign, mut failovers) = (0, 0, 0, 0);
         let (mut datagrams_read, mut queue_overflows) = (0u64, 0u64);
         let mut gaps = Vec::new();
 
@@ -530,6 +533,7 @@ impl Report {
             }
             participants += call.sent.len() as u64;
             foreign += call.foreign;
+            failovers += call.failovers;
             datagrams_read += call.datagrams_read;
             queue_overflows += call.queue_overflows;
             for (r, rx) in call.received.iter().enumerate() {
@@ -777,6 +781,7 @@ impl Report {
             packets_reordered: reordered,
             decrypt_failures: c.decrypt_failures.load(Relaxed),
             foreign_datagrams: foreign,
+            leg_failovers: failovers,
             rtcp_sent,
             rtcp_received: c.rtcp_received.load(Relaxed),
             bytes_sent: c.bytes_sent.load(Relaxed),
@@ -871,11 +876,12 @@ impl Report {
         );
         o += &format!("  target:            {}\n", self.target);
         o += &format!(
-            "  scenario:          {} calls of {} participants; transport {}; {}; profiles {}; \
-             ramp-up {} calls/s ({:.1} s), then {} s at full load\n",
+            "  scenario:          {} calls of {} participants; transport {}; failover {}; {}; \
+             profiles {}; ramp-up {} calls/s ({:.1} s), then {} s at full load\n",
             s.calls,
             s.participants,
             s.transport.describe(),
+            s.failover.describe(),
             s.srtp.rfc_name(),
             mix.join(","),
             s.ramp_up_per_sec,

@@ -54,6 +54,27 @@ impl TransportMode {
     }
 }
 
+/// How participants' UDP legs survive the loss of their relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    /// Bind on the backup relay once the relay has been silent for 1 s (`LegConfig::new`).
+    Cold,
+    /// Keep each UDP leg bound on the backup relay too and switch after 200 ms of silence,
+    /// with no bind (`LegConfig::hot_standby`). QUIC legs fail over as in `cold`.
+    Hot,
+}
+
+impl FailoverMode {
+    /// What the mode means, for a report's header.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Cold => "cold (bind on the backup after 1 s of silence)",
+            Self::Hot => "hot (UDP legs bound on the backup too, switch after 200 ms)",
+        }
+    }
+}
+
 /// SRTP protection profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -106,6 +127,8 @@ pub struct Scenario {
     /// How long each joiner stays.
     #[serde(with = "humantime_serde_compat")]
     pub churn_dwell: Duration,
+    /// How participants' legs fail over.
+    pub failover: FailoverMode,
 }
 
 impl Default for Scenario {
@@ -122,6 +145,7 @@ impl Default for Scenario {
             rtcp_interval_secs: 5,
             churn: 0,
             churn_dwell: Duration::from_secs(2),
+            failover: FailoverMode::Cold,
         }
     }
 }
