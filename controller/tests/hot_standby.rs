@@ -25,6 +25,19 @@ struct Cluster {
     kf: std::path::PathBuf,
 }
 
+impl Cluster {
+    /// The relay process with this node id.
+    fn relay(&self, node_id: &str) -> &RelayProcess {
+        self.relays.iter().find(|r| r.node_id == node_id).unwrap()
+    }
+
+    async fn stop(self) {
+        drop(self.relays);
+        self.controller.stop().await;
+        std::fs::remove_file(self.kf).ok();
+    }
+}
+
 async fn cluster(extra: &[&str]) -> Cluster {
     let keys = generate_keys();
     let kf = key_file(&keys);
@@ -113,12 +126,7 @@ async fn a_killed_relay_costs_a_hot_standby_leg_under_300_ms_and_no_bind() {
     let mut api = client(&c.controller.url).await;
     let (s, talk) = call(&mut api, "hot-kill", 3, None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let victim = c
-        .relays
-        .iter()
-        .find(|r| r.node_id == s.relays[0].node_id)
-        .unwrap();
-    victim.signal(Signal::SIGKILL);
+    c.relay(&s.relays[0].node_id).signal(Signal::SIGKILL);
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (peer, got) in talk.stop().await {
@@ -143,9 +151,7 @@ async fn a_killed_relay_costs_a_hot_standby_leg_under_300_ms_and_no_bind() {
         );
         assert_eq!(counters.foreign.load(Relaxed), 0);
     }
-    drop(c.relays);
-    c.controller.stop().await;
-    std::fs::remove_file(c.kf).ok();
+    c.stop().await;
 }
 
 /// A participant cut off from its relay (the others still reach it) switches to the standby;
@@ -181,9 +187,7 @@ async fn the_others_follow_the_first_to_switch() {
             "participant {i}: one switch, no flapping"
         );
     }
-    drop(c.relays);
-    c.controller.stop().await;
-    std::fs::remove_file(c.kf).ok();
+    c.stop().await;
 }
 
 /// A draining relay moves every leg to its standby at once.
@@ -194,12 +198,7 @@ async fn a_draining_relay_moves_everyone_to_the_standby_at_once() {
     let mut api = client(&c.controller.url).await;
     let (s, talk) = call(&mut api, "hot-drain", 2, None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let primary = c
-        .relays
-        .iter()
-        .find(|r| r.node_id == s.relays[0].node_id)
-        .unwrap();
-    primary.signal(Signal::SIGTERM);
+    c.relay(&s.relays[0].node_id).signal(Signal::SIGTERM);
     let drained_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (peer, got) in talk.stop().await {
@@ -213,7 +212,5 @@ async fn a_draining_relay_moves_everyone_to_the_standby_at_once() {
         assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
         assert_eq!(peer.leg.counters().failovers.load(Relaxed), 1);
     }
-    drop(c.relays);
-    c.controller.stop().await;
-    std::fs::remove_file(c.kf).ok();
+    c.stop().await;
 }
