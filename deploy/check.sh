@@ -18,9 +18,13 @@
 #      service of compose.yml gets the environment, Secret files, user and names its file gives
 #      it, in its own network namespace; `--check-config` passes with it, the probes pass, and
 #      calls flow through each cluster (deploy/tests/cluster_netns.py; needs root);
-#   h. chaos on separate hosts: relays SIGKILLed and cut off, the controller killed, the relays
-#      cut off from it, under a 20-call load with hot standby, each with its figures asserted
-#      (deploy/tests/chaos_netns.py; needs root; docs/RELIABILITY.md).
+#   h. chaos on separate hosts: over a link with 1% loss and jitter, no flapping, and relays
+#      SIGKILLed and cut off; a rolling restart of every relay; the controller killed, the
+#      relays cut off from it; under a 20-call load with hot standby, each with its figures
+#      asserted (deploy/tests/chaos_netns.py; needs root; docs/RELIABILITY.md);
+#   i. a 5-minute soak of a local cluster at a steady load with churn and hot standby: flat
+#      resident memory and descriptors over its second half, no call failed, no datagram
+#      failing authentication (veil-loadtest --soak).
 #
 # The workspace binaries (target/debug/veil-*) come from `cargo build --workspace --all-targets`,
 # which scripts/test.sh runs first; this script runs the same build, a no-op when up to date.
@@ -110,6 +114,11 @@ passed=$((passed + 1))
 
 step "h. chaos: relays, links and the controller lost under load, in network namespaces"
 "$VENV/bin/python" deploy/tests/chaos_netns.py
+passed=$((passed + 1))
+
+step "i. a 5-minute soak (veil-loadtest --soak --local): memory and descriptors stay flat"
+target/debug/veil-loadtest --local --local-relays 2 --soak --duration 5m --soak-round 30s \
+  --calls 10 --participants 3 --churn 1 --churn-dwell 5s --failover hot --quiet
 passed=$((passed + 1))
 
 echo "deploy checks passed in $((SECONDS - start)) s"

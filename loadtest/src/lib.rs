@@ -23,6 +23,7 @@ pub mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -600,10 +601,47 @@ fn srtp_profile(s: SrtpSuite) -> ProtectionProfile {
     }
 }
 
+#[derive(Clone)]
 struct Keys {
     ssrc: u32,
     key: Vec<u8>,
     salt: Vec<u8>,
+    /// The SRTP index (rollover counter << 16 | sequence number) of the next packet this
+    /// sender sends, starting at a random sequence number: what a receiver learns from
+    /// signaling when it joins (`media::prime_srtp`).
+    next: Arc<AtomicU64>,
+}
+
+impl Keys {
+    fn new(ssrc: u32, profile: ProtectionProfile) -> Self {
+        Self {
+            ssrc,
+            key: (0..profile.key_len()).map(|_| rand::random()).collect(),
+            salt: (0..profile.salt_len()).map(|_| rand::random()).collect(),
+            next: Arc::new(AtomicU64::new(u64::from(rand::random::<u16>()))),
+        }
+    }
+
+    /// A context that encrypts this sender's media.
+    fn sender(&self, profile: ProtectionProfile) -> Result<Context, CallFailure> {
+        Context::new(&self.key, &self.salt, profile, None, None)
+            .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))
+    }
+
+    /// A context that decrypts this sender's media from the packet it sends next on.
+    fn receiver(&self, profile: ProtectionProfile) -> Result<Context, CallFailure> {
+        let mut rx = self.sender(profile)?;
+        media::prime_srtp(
+            &mut rx,
+            &self.key,
+            &self.salt,
+            profile,
+            self.ssrc,
+            self.next.load(Relaxed),
+        )
+        .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))?;
+        Ok(rx)
+    }
 }
 
 fn pick_profile(mix: &[(Profile, u32)], rng: &mut impl Rng) -> Profile {
@@ -677,20 +715,22 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
     // Keys, exchanged among the participants only (as an end-to-end key exchange would).
     let profile = srtp_profile(s.srtp);
     let keys: Vec<Keys> = (0..n)
-        .map(|j| Keys {
-            ssrc: ((call as u32) << 8 | j as u32).wrapping_add(0x1000_0000),
-            key: (0..profile.key_len()).map(|_| rand::random()).collect(),
-            salt: (0..profile.salt_len()).map(|_| rand::random()).collect(),
+        .map(|j| {
+            Keys::new(
+                ((call as u32) << 8 | j as u32).wrapping_add(0x1000_0000),
+                profile,
+            )
         })
         .collect();
 
     // The joiners' keys, known to everyone in the call from the start (as a group key
     // exchange would tell them when each joins).
     let churn_keys: Vec<Keys> = (0..s.churn)
-        .map(|k| Keys {
-            ssrc: ((call as u32) << 8 | (n + k) as u32).wrapping_add(0x1000_0000),
-            key: (0..profile.key_len()).map(|_| rand::random()).collect(),
-            salt: (0..profile.salt_len()).map(|_| rand::random()).collect(),
+        .map(|k| {
+            Keys::new(
+                ((call as u32) << 8 | (n + k) as u32).wrapping_add(0x1000_0000),
+                profile,
+            )
         })
         .collect();
 
@@ -734,10 +774,6 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         let mut rng = rand::rng();
         (0..n).map(|_| pick_profile(&s.mix, &mut rng)).collect()
     };
-    let srtp = |k: &Keys| {
-        Context::new(&k.key, &k.salt, profile, None, None)
-            .map_err(|e| CallFailure::new("srtp_setup", anyhow::anyhow!("SRTP context: {e}")))
-    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut bind_latency = vec![Duration::ZERO; n];
     let mut transports = vec![LegTransport::Udp; n];
@@ -746,10 +782,10 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         bind_latency[j] = t;
         transports[j] = leg.transport().into();
         let me = &keys[j];
-        let tx = srtp(me)?;
+        let tx = me.sender(profile)?;
         let mut rx = HashMap::new();
         for other in keys.iter().chain(&churn_keys).filter(|k| k.ssrc != me.ssrc) {
-            rx.insert(other.ssrc, (srtp(other)?, StreamRx::default()));
+            rx.insert(other.ssrc, (other.receiver(profile)?, StreamRx::default()));
         }
         let role = Role {
             end: ctx.end,
@@ -763,6 +799,7 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
             j,
             leg,
             me.ssrc,
+            me.next.clone(),
             tx,
             rx,
             profiles[j],
@@ -781,10 +818,6 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
         for (k, me) in churn_keys.iter().enumerate() {
             let join_at = now + window.mul_f64(rand::random::<f64>());
             let leave_at = (join_at + s.churn_dwell).min(ctx.end);
-            let mut rx = HashMap::new();
-            for other in keys.iter().chain(&churn_keys).filter(|o| o.ssrc != me.ssrc) {
-                rx.insert(other.ssrc, (srtp(other)?, StreamRx::default()));
-            }
             let j = n + k;
             joiners.spawn(joiner(
                 ctx.clone(),
@@ -794,8 +827,15 @@ async fn run_call(ctx: Arc<RunCtx>, call: usize) -> Result<CallResult, CallFailu
                     j,
                     ip: s.client_ips[(call * (n + s.churn) + j) % s.client_ips.len()],
                     ssrc: me.ssrc,
-                    tx: srtp(me)?,
-                    rx,
+                    next: me.next.clone(),
+                    tx: me.sender(profile)?,
+                    srtp: profile,
+                    others: keys
+                        .iter()
+                        .chain(&churn_keys)
+                        .filter(|o| o.ssrc != me.ssrc)
+                        .cloned()
+                        .collect(),
                     profile: pick_profile(&s.mix, &mut rand::rng()),
                     seed: call as u64 * 16 + j as u64,
                     join_at,
@@ -920,8 +960,12 @@ struct Joiner {
     j: usize,
     ip: IpAddr,
     ssrc: u32,
+    next: Arc<AtomicU64>,
     tx: Context,
-    rx: HashMap<u32, (Context, StreamRx)>,
+    srtp: ProtectionProfile,
+    /// Everyone else's keys: the joiner's receiving contexts start where each sender is when
+    /// it joins.
+    others: Vec<Keys>,
     profile: Profile,
     seed: u64,
     join_at: Instant,
@@ -991,13 +1035,24 @@ async fn joiner(ctx: Arc<RunCtx>, w: Joiner) -> ChurnResult {
                 counted: None,
                 socket_snapshot: false,
             };
+            let mut rx = HashMap::new();
+            for other in &w.others {
+                match other.receiver(w.srtp) {
+                    Ok(c) => rx.insert(other.ssrc, (c, StreamRx::default())),
+                    Err(f) => {
+                        out.failure = Some((f.kind, format!("{:#}", f.error)));
+                        return out;
+                    }
+                };
+            }
             let p = participant(
                 ctx.clone(),
                 w.j,
                 bound,
                 w.ssrc,
+                w.next,
                 w.tx,
-                w.rx,
+                rx,
                 w.profile,
                 w.seed,
                 role,
@@ -1052,6 +1107,7 @@ async fn participant(
     j: usize,
     mut leg: Leg,
     ssrc: u32,
+    next_index: Arc<AtomicU64>,
     mut tx: Context,
     mut rx: HashMap<u32, (Context, StreamRx)>,
     profile: Profile,
@@ -1074,7 +1130,8 @@ async fn participant(
             first_sent_s: None,
             last_sent_s: 0.0,
         };
-        let (mut seq, mut ts): (u16, u32) = (rand::random(), rand::random());
+        let mut index = next_index.load(Relaxed);
+        let mut ts: u32 = rand::random();
         let mut buf = Vec::with_capacity(1500);
         let mut octets: u32 = 0;
         // Start at a random phase, as real participants do.
@@ -1099,14 +1156,15 @@ async fn participant(
                     &mut buf,
                     pt,
                     k == last,
-                    seq,
+                    index as u16,
                     ts,
                     ssrc,
                     sent_ns,
                     stream.sent,
                     *len,
                 );
-                seq = seq.wrapping_add(1);
+                index += 1;
+                next_index.store(index, Relaxed);
                 let Ok(srtp) = tx.encrypt_rtp(&buf) else {
                     continue;
                 };

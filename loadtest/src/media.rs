@@ -5,6 +5,9 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use webrtc_srtp::context::Context;
+use webrtc_srtp::protection_profile::ProtectionProfile;
+
 use crate::scenario::Profile;
 
 /// Largest RTP payload a frame is split into.
@@ -139,6 +142,40 @@ pub fn rtp(
     out.resize(RTP_HEADER_LEN + len.max(STAMP_LEN), 0xA5);
 }
 
+/// Largest step between the packets [`prime_srtp`] walks a context through: under half the
+/// sequence space, so that each is read as later than the one before.
+const PRIME_STEP: u64 = 30_000;
+
+/// Puts `rx`, a context that decrypts `ssrc`'s SRTP, at packet index `index` (rollover counter
+/// << 16 | sequence number), as a receiver that joins a stream late learns the sender's rollover
+/// counter from signaling (RFC 3711 §3.3.1). Without it, a receiver whose first packet of a
+/// stream comes after the sender's sequence number wrapped assumes a rollover counter of 0, and
+/// every packet of that stream fails authentication.
+///
+/// webrtc-srtp keeps the rollover counter to itself, so `rx` is walked there: it decrypts
+/// packets that a context with the same keys encrypted for indices 0, 30 000, 60 000, ...,
+/// `index`.
+pub fn prime_srtp(
+    rx: &mut Context,
+    key: &[u8],
+    salt: &[u8],
+    profile: ProtectionProfile,
+    ssrc: u32,
+    index: u64,
+) -> Result<(), webrtc_srtp::Error> {
+    let mut tx = Context::new(key, salt, profile, None, None)?;
+    let mut buf = Vec::with_capacity(RTP_HEADER_LEN + STAMP_LEN);
+    let mut at = 0;
+    loop {
+        rtp(&mut buf, 0, false, at as u16, 0, ssrc, 0, at, STAMP_LEN);
+        rx.decrypt_rtp(&tx.encrypt_rtp(&buf)?)?;
+        if at == index {
+            return Ok(());
+        }
+        at = (at + PRIME_STEP).min(index);
+    }
+}
+
 /// Reads the send time and index back from a decrypted RTP packet.
 pub fn stamp(rtp: &[u8]) -> Option<(u64, u64)> {
     let p = rtp.get(RTP_HEADER_LEN..RTP_HEADER_LEN + STAMP_LEN)?;
@@ -176,6 +213,41 @@ pub fn is_rtcp(pkt: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sender whose sequence number wrapped before a receiver's first packet: only a primed
+    /// receiver authenticates its packets (the fault that failed the 5-minute soak's joiners).
+    #[test]
+    fn a_late_receiver_primed_with_the_index_authenticates_after_a_wrap() {
+        let (key, salt) = ([7u8; 16], [9u8; 14]);
+        for profile in [
+            ProtectionProfile::Aes128CmHmacSha1_80,
+            ProtectionProfile::AeadAes128Gcm,
+        ] {
+            let (ks, ss) = (&key[..profile.key_len()], &salt[..profile.salt_len()]);
+            let mut tx = Context::new(ks, ss, profile, None, None).unwrap();
+            let mut buf = Vec::new();
+            // Two wraps and a bit: index 2 << 16 | 65 000 + 3 000.
+            let start = 65_000u64;
+            let mut packets = Vec::new();
+            for index in start..start + 2 * 65_536 + 3_000 {
+                rtp(&mut buf, 111, false, index as u16, 0, 42, 0, index, 100);
+                let p = tx.encrypt_rtp(&buf).unwrap();
+                if index >= start + 2 * 65_536 + 2_990 {
+                    packets.push((index, p));
+                }
+            }
+            let first = packets[0].0;
+            let mut fresh = Context::new(ks, ss, profile, None, None).unwrap();
+            assert!(fresh.decrypt_rtp(&packets[0].1).is_err(), "{profile:?}");
+            let mut primed = Context::new(ks, ss, profile, None, None).unwrap();
+            prime_srtp(&mut primed, ks, ss, profile, 42, first).unwrap();
+            // In order, and one late one.
+            for (index, p) in packets.iter().skip(1).chain(&packets[..1]) {
+                let plain = primed.decrypt_rtp(p).expect("authenticates");
+                assert_eq!(stamp(&plain).unwrap().1, *index);
+            }
+        }
+    }
 
     #[test]
     fn audio_is_one_small_packet_every_20_ms() {
