@@ -80,7 +80,8 @@ pub struct LegConfig {
     /// Send a keepalive when nothing was received from the relay for this long.
     pub keepalive_interval: Duration,
     /// Consider the relay dead when nothing was received from it for this long, and move to the
-    /// next relay.
+    /// next relay. Over UDP, never less than `keepalive_interval` plus SRTT + 4 RTTVAR of
+    /// the relay's measured round trip time (its answers to BINDs and KEEPALIVEs).
     pub dead_after: Duration,
     /// First BIND retransmission timeout over UDP; doubles on each retry.
     pub bind_rto: Duration,
@@ -148,15 +149,18 @@ impl LegConfig {
     }
 
     /// Hot standby with the defaults that keep a failover under 300 ms ([`Standby`]): the leg
-    /// stays bound on the next relay as well, the current relay is declared dead after 200 ms
-    /// without a datagram from it, and a KEEPALIVE goes to it after 50 ms of silence (so a dead
-    /// relay is asked three times before the leg leaves it: on a path with 1% loss both ways,
-    /// about one silent stretch in a hundred thousand switches needlessly, and a needless
-    /// switch costs nothing, since the standby is bound). UDP legs only: a QUIC leg keeps its
-    /// own keepalive and idle timers and binds on the next relay when its connection dies.
+    /// stays bound on the next relay as well, the current relay is declared dead after 150 ms
+    /// without a datagram from it, and a KEEPALIVE goes to it after 30 ms of silence and every
+    /// 30 ms after that, so a dead relay is asked four times before the leg leaves it. The
+    /// silence allowed is never less than a KEEPALIVE interval plus the longest answer the path's
+    /// measured round trip time allows (SRTT + 4 RTTVAR, RFC 6298), so a far or jittery relay
+    /// that still answers is not left: on a path with 1% loss and 20 +- 20 ms of delay each way
+    /// (deploy/tests/chaos_netns.py) no leg moves, and a needless switch would cost nothing,
+    /// since the standby is bound. UDP legs only: a QUIC leg keeps its own keepalive and idle
+    /// timers and binds on the next relay when its connection dies.
     pub fn hot_standby(mut self) -> Self {
-        self.keepalive_interval = Duration::from_millis(50);
-        self.dead_after = Duration::from_millis(200);
+        self.keepalive_interval = Duration::from_millis(30);
+        self.dead_after = Duration::from_millis(150);
         self.standby = Some(Standby::default());
         self
     }

@@ -73,6 +73,11 @@ struct Bind {
     started: Instant,
     rto: Duration,
     next: Instant,
+    /// When the BIND now being retransmitted (the first, or the one with the cookie) was first
+    /// sent: its answer times the round trip from there, which overestimates it when a
+    /// retransmission was answered (a longer wait before a silent relay counts as dead, never
+    /// a shorter one).
+    asked: Instant,
 }
 
 impl Bind {
@@ -83,7 +88,38 @@ impl Bind {
             started: now,
             rto: Duration::ZERO,
             next: now,
+            asked: now,
         }
+    }
+}
+
+/// The round-trip time to a relay, smoothed as TCP smooths it (RFC 6298), from the relay's
+/// answers to BINDs and KEEPALIVEs. (A KEEPALIVE is never resent, and its answer names it, so
+/// Karn's ambiguity arises only for a BIND; see [`Bind::asked`].)
+#[derive(Debug, Clone, Copy, Default)]
+struct Rtt {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl Rtt {
+    fn sample(&mut self, r: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(s) => {
+                let d = s.abs_diff(r);
+                self.rttvar = self.rttvar * 3 / 4 + d / 4;
+                self.srtt = Some(s * 7 / 8 + r / 8);
+            }
+        }
+    }
+
+    /// How long an answer may take: SRTT + 4 RTTVAR (0 before the first sample).
+    fn high(&self) -> Duration {
+        self.srtt.map_or(Duration::ZERO, |s| s + self.rttvar * 4)
     }
 }
 
@@ -105,6 +141,9 @@ struct Path {
     /// The last datagram from the relay while bound (when bound, at first).
     last_rx: Instant,
     last_keepalive: Instant,
+    /// The last KEEPALIVE's transaction id, until answered.
+    probe: Option<[u8; 8]>,
+    rtt: Rtt,
 }
 
 impl Path {
@@ -114,6 +153,32 @@ impl Path {
             phase: Phase::Binding(Bind::new(now)),
             last_rx: now,
             last_keepalive: now,
+            probe: None,
+            rtt: Rtt::default(),
+        }
+    }
+
+    /// How long the relay may stay silent before it counts as dead: `dead_after`, but never
+    /// less than a KEEPALIVE interval plus the longest answer this path's round trip time
+    /// allows, so a slow path (a far relay, a jittery link) with no media on it is not left
+    /// while it is still answering.
+    fn dead_after(&self, keepalive: Duration, dead_after: Duration) -> Duration {
+        dead_after.max(keepalive + self.rtt.high())
+    }
+
+    /// A KEEPALIVE_ACK: times the round trip if it answers the last KEEPALIVE.
+    fn on_keepalive_ack(&mut self, txn: [u8; 8], now: Instant) {
+        self.last_rx = now;
+        if self.probe == Some(txn) {
+            self.probe = None;
+            self.rtt.sample(now.duration_since(self.last_keepalive));
+        }
+    }
+
+    /// A BIND_OK for this path's bind: times the round trip.
+    fn on_bind_ok(&mut self, now: Instant) {
+        if let Phase::Binding(b) = self.phase {
+            self.rtt.sample(now.duration_since(b.asked));
         }
     }
 
@@ -125,9 +190,8 @@ impl Path {
     fn deadline(&self, keepalive: Duration, dead_after: Duration) -> Instant {
         match self.phase {
             Phase::Binding(b) => b.next,
-            Phase::Bound => {
-                (self.last_rx.max(self.last_keepalive) + keepalive).min(self.last_rx + dead_after)
-            }
+            Phase::Bound => (self.last_rx.max(self.last_keepalive) + keepalive)
+                .min(self.last_rx + self.dead_after(keepalive, dead_after)),
             Phase::Waiting { until } => until,
         }
     }
@@ -145,7 +209,8 @@ enum Due {
     Nothing,
     /// Send (or resend) the bind.
     Bind,
-    Keepalive,
+    /// Send a KEEPALIVE with this transaction id.
+    Keepalive([u8; 8]),
     /// The bind timed out, or the bound relay fell silent.
     Failed,
 }
@@ -202,6 +267,7 @@ impl Driver {
         // A grace period: the new relay has been answering KEEPALIVEs, now it must carry media.
         next.last_rx = now;
         next.last_keepalive = now;
+        next.probe = None;
         let old = std::mem::replace(&mut self.active, next);
         self.standby = Some(old);
         self.switched = Some(now);
@@ -249,12 +315,10 @@ impl Driver {
             return;
         };
         self.standby = self.standby_candidate(p.relay).map(|relay| Path {
-            relay,
             phase: Phase::Waiting {
                 until: now + s.retry_after,
             },
-            last_rx: now,
-            last_keepalive: now,
+            ..Path::binding(relay, now)
         });
         self.publish_standby();
     }
@@ -288,6 +352,9 @@ impl Driver {
                 if now.duration_since(b.started) >= self.config.bind_timeout {
                     return Due::Failed;
                 }
+                if b.rto.is_zero() {
+                    b.asked = now;
+                }
                 b.rto = if b.rto.is_zero() {
                     self.config.bind_rto
                 } else {
@@ -297,11 +364,13 @@ impl Driver {
                 Due::Bind
             }
             Phase::Bound => {
-                if now.duration_since(path.last_rx) >= dead_after {
+                if now.duration_since(path.last_rx) >= path.dead_after(keepalive, dead_after) {
                     Due::Failed
                 } else if now.duration_since(path.last_rx.max(path.last_keepalive)) >= keepalive {
                     path.last_keepalive = now;
-                    Due::Keepalive
+                    let txn = rand::random();
+                    path.probe = Some(txn);
+                    Due::Keepalive(txn)
                 } else {
                     Due::Nothing
                 }
@@ -323,10 +392,10 @@ impl Driver {
         }
     }
 
-    async fn send_keepalive(&self, relay: usize) {
+    async fn send_keepalive(&self, relay: usize, txn: [u8; 8]) {
         let _ = self
             .socket
-            .send_to(&wire::keepalive(rand::random()), self.relay_addr(relay))
+            .send_to(&wire::keepalive(txn), self.relay_addr(relay))
             .await;
     }
 
@@ -343,7 +412,7 @@ impl Driver {
         match due {
             Due::Nothing => {}
             Due::Bind => self.send_bind(&active).await,
-            Due::Keepalive => self.send_keepalive(active.relay).await,
+            Due::Keepalive(txn) => self.send_keepalive(active.relay, txn).await,
             Due::Failed => match active.phase {
                 Phase::Binding(_)
                     if !self.standby.is_some_and(|p| p.is_bound())
@@ -368,7 +437,7 @@ impl Driver {
         match due {
             Due::Nothing => {}
             Due::Bind => self.send_bind(&standby).await,
-            Due::Keepalive => self.send_keepalive(standby.relay).await,
+            Due::Keepalive(txn) => self.send_keepalive(standby.relay, txn).await,
             Due::Failed => self.standby_failed(now),
         }
     }
@@ -428,11 +497,13 @@ impl Driver {
                 b.cookie = Some(cookie.try_into().expect("parser checked the length"));
                 b.rto = self.config.bind_rto;
                 b.next = now + b.rto;
+                b.asked = now;
                 let path = self.active;
                 self.send_bind(&path).await;
             }
             (Phase::Binding(b), RelayMessage::BindOk { txn, .. }) if txn == b.txn => {
                 let relay = self.active.relay;
+                self.active.on_bind_ok(now);
                 self.active.phase = Phase::Bound;
                 self.active.last_rx = now;
                 self.active.last_keepalive = now;
@@ -454,8 +525,8 @@ impl Driver {
                     _ => {}
                 }
             }
-            (Phase::Bound, RelayMessage::KeepaliveAck { .. }) => {
-                self.active.last_rx = now;
+            (Phase::Bound, RelayMessage::KeepaliveAck { txn }) => {
+                self.active.on_keepalive_ack(txn, now);
             }
             (Phase::Bound, RelayMessage::Error { code, .. })
                 if code == ErrorCode::NotBound as u16 =>
@@ -492,10 +563,12 @@ impl Driver {
                 b.cookie = Some(cookie.try_into().expect("parser checked the length"));
                 b.rto = self.config.bind_rto;
                 b.next = now + b.rto;
+                b.asked = now;
                 let path = *p;
                 self.send_bind(&path).await;
             }
             (Phase::Binding(b), RelayMessage::BindOk { txn, .. }) if txn == b.txn => {
+                p.on_bind_ok(now);
                 p.phase = Phase::Bound;
                 p.last_rx = now;
                 p.last_keepalive = now;
@@ -511,7 +584,7 @@ impl Driver {
             (Phase::Binding(b), RelayMessage::Error { txn, .. }) if txn == b.txn => {
                 self.standby_failed(now);
             }
-            (Phase::Bound, RelayMessage::KeepaliveAck { .. }) => p.last_rx = now,
+            (Phase::Bound, RelayMessage::KeepaliveAck { txn }) => p.on_keepalive_ack(txn, now),
             (Phase::Bound, RelayMessage::Error { code, .. })
                 if code == ErrorCode::NotBound as u16 =>
             {
@@ -546,5 +619,38 @@ impl Driver {
                 _ = self.link.media.closed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_silence_allowed_follows_the_round_trip_time() {
+        let (k, dead) = (Duration::from_millis(30), Duration::from_millis(150));
+        let mut p = Path::binding(0, Instant::now());
+        // No sample yet: the configured silence.
+        assert_eq!(p.dead_after(k, dead), dead);
+        // A near relay: still the configured silence.
+        for _ in 0..20 {
+            p.rtt.sample(Duration::from_millis(2));
+        }
+        assert_eq!(p.dead_after(k, dead), dead);
+        // A far one (200 ms, steady): a KEEPALIVE interval plus about the round trip.
+        for _ in 0..50 {
+            p.rtt.sample(Duration::from_millis(200));
+        }
+        let d = p.dead_after(k, dead);
+        assert!(
+            d > Duration::from_millis(230) && d < Duration::from_millis(260),
+            "{d:?}"
+        );
+        // A jittery one: more.
+        for i in 0..50 {
+            p.rtt
+                .sample(Duration::from_millis(if i % 2 == 0 { 100 } else { 300 }));
+        }
+        assert!(p.dead_after(k, dead) > Duration::from_millis(500));
     }
 }

@@ -80,10 +80,12 @@ async fn call(api: &mut Api, id: &str, n: usize, path: Option<&Path>) -> (pb::Se
     (s, Talk::start(peers, Duration::from_millis(10)))
 }
 
-/// A UDP path to a relay that the test can cut: datagrams cross it both ways until `cut`.
+/// A UDP path to a relay that the test can cut: datagrams cross it both ways until `cut`,
+/// each `delay` late.
 #[derive(Default)]
 struct Path {
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
 }
 
 impl Path {
@@ -93,6 +95,16 @@ impl Path {
         let inner = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = outer.local_addr().unwrap();
         let cut = self.cut.clone();
+        let delay = self.delay;
+        let (outer, inner) = (std::sync::Arc::new(outer), std::sync::Arc::new(inner));
+        // Sends `pkt` from `sock` to `to` after the path's delay.
+        let later = move |sock: &std::sync::Arc<tokio::net::UdpSocket>, pkt: &[u8], to| {
+            let (sock, pkt) = (sock.clone(), pkt.to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = sock.send_to(&pkt, to).await;
+            });
+        };
         tokio::spawn(async move {
             let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
             let mut client = None;
@@ -101,12 +113,12 @@ impl Path {
                     Ok((n, from)) = outer.recv_from(&mut a) => {
                         client = Some(from);
                         if !cut.load(Relaxed) {
-                            let _ = inner.send_to(&a[..n], relay).await;
+                            later(&inner, &a[..n], relay);
                         }
                     }
                     Ok((n, _)) = inner.recv_from(&mut b) => {
                         if let (Some(c), false) = (client, cut.load(Relaxed)) {
-                            let _ = outer.send_to(&b[..n], c).await;
+                            later(&outer, &b[..n], c);
                         }
                     }
                 }
@@ -211,6 +223,55 @@ async fn a_draining_relay_moves_everyone_to_the_standby_at_once() {
         assert_eq!(peer.leg.relay_index(), 1);
         assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
         assert_eq!(peer.leg.counters().failovers.load(Relaxed), 1);
+    }
+    c.stop().await;
+}
+
+/// A far relay (200 ms round trip, more than the 150 ms of silence that declares a relay dead)
+/// that still answers is not left by legs with no media on them: the silence allowed grows to
+/// a KEEPALIVE interval plus the longest answer the measured round trip allows. Once the relay
+/// really dies, the legs still switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_relay_that_answers_is_not_left_and_a_dead_one_is() {
+    let c = cluster(&[]).await;
+    let mut api = client(&c.controller.url).await;
+    let s = allocate(&mut api, request("hot-far", 2)).await;
+    let mut peers = Vec::new();
+    let mut paths = Vec::new();
+    for (i, leg) in s.legs.iter().enumerate() {
+        let local = format!("127.0.0.{}:0", i + 2).parse().unwrap();
+        let mut cfg = LegConfig::from_pb(leg, local).hot_standby();
+        assert!(cfg.dead_after < Duration::from_millis(200));
+        let path = Path {
+            delay: Duration::from_millis(100),
+            ..Default::default()
+        };
+        cfg.relays[0].udp = path.start(cfg.relays[0].udp).await;
+        paths.push(path);
+        peers.push(Peer::join_config(cfg, i as u32 + 1).await);
+    }
+    // Muted: nothing but KEEPALIVEs and their answers for 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, p) in peers.iter().enumerate() {
+        assert_eq!(
+            p.leg.counters().failovers.load(Relaxed),
+            0,
+            "participant {i} left a relay that answers every KEEPALIVE in 200 ms"
+        );
+        assert_eq!(p.leg.relay_index(), 0);
+        assert_eq!(p.leg.standby_index(), Some(1), "participant {i}");
+    }
+    c.relay(&s.relays[0].node_id).signal(Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while peers.iter().any(|p| p.leg.relay_index() != 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the legs leave the dead far relay"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in &peers {
+        assert_eq!(p.leg.counters().failovers.load(Relaxed), 1);
     }
     c.stop().await;
 }

@@ -6,28 +6,34 @@ Run as root with the virtual environment's Python:
     .venv/bin/python deploy/tests/chaos_netns.py                  # CI: 10 kills, 10 cuts
     CHAOS_EVENTS=100 .venv/bin/python deploy/tests/chaos_netns.py # the issue's 50 and 50
 
-The test bed: a controller, two relays and a client host, each a network namespace
+The test bed: a controller, two relays and a router, each a network namespace
 (`veil-t<pid>-*`) on one bridge, with addresses of 10.231.60.0/24 that exist only there
-(deploy/tests/cluster_netns.py's `Net`). The client host has one address per participant and
-`tc netem` on its link for the relay-loss run (1% loss and 20 +- 10 ms delay each way), so
-every packet and every KEEPALIVE crosses a lossy, jittery path. CHAOS_NETEM=auto (the default)
-uses netem where the kernel has it and says so where it does not (the CI machines' kernel has
-no sch_netem); CHAOS_NETEM=1 requires it, 0 turns it off.
+(deploy/tests/cluster_netns.py's `Net`), and a client host behind the router with one address
+of 10.231.61.0/24 per participant. For the first two scenarios the router sends every packet to
+and from the client host through impair.py: 1% loss and 20 +- 20 ms delay, each way, per
+packet, what `tc netem loss 1% delay 20ms 20ms` does. (The CI machines' kernel is built without
+sch_netem, so the same impairment is done in userspace on a TUN device.) Every packet and every
+KEEPALIVE of those runs crosses a lossy, jittery path.
 
 Scenarios, each a `veil-loadtest` run of 20 two-party calls (UDP, `--failover hot`) from the
 client host, while this script acts on the cluster:
 
-1. **relay loss**: CHAOS_EVENTS events, alternating a SIGKILL of the relay carrying the media
-   (restarted right after, as its supervisor would) and a cut of that relay's host link (down
-   for 1.5 s, then up). Before each event every leg's standby is bound again (the other relay
-   holds all 40 legs). Asserted: no call dropped, and the longest media gap per participant
-   (`media_gap_ms`, the longest silence any participant saw over the whole run) at most
-   300 ms at p99.
-2. **the controller killed** (SIGKILL, restarted 3 s later) mid-run, netem off: no call
-   dropped during media, no leg moved, 0 packets lost. (The restarted lone controller has
-   forgotten the sessions, so the calls' final ReleaseSession answers NOT_FOUND: counted as
+1. **steady, impaired link**: 15 s with nothing failing. Asserted: no call dropped, no leg
+   moved (`leg_failovers` 0: the failure detector does not flap on 1% loss and jitter).
+2. **relay loss, impaired link**: CHAOS_EVENTS events, alternating a SIGKILL of the relay
+   carrying the media (restarted right after, as its supervisor would) and a cut of that
+   relay's host link (down for 1.5 s, then up). Before each event every leg's standby is bound
+   again (the other relay holds all 40 legs). Asserted: no call dropped, the longest media gap
+   per participant (`media_gap_ms`, the longest silence any participant saw over the whole run)
+   at most 300 ms at p99, and impair.py dropped about 1% of what it saw.
+3. **rolling restart**: each relay in turn gets SIGTERM (it drains: refuses new sessions and
+   tells its clients to move, with `--drain-deadline-secs 0` at once), exits, is started again,
+   re-registers, and takes every standby back before the next. Asserted: no call dropped.
+4. **the controller killed** (SIGKILL, restarted 3 s later) mid-run: no call dropped during
+   media, no leg moved, 0 packets lost. (The restarted lone controller has forgotten the
+   sessions, so the calls' final ReleaseSession answers NOT_FOUND: counted as
    `release_not_found`, and allowed here; replicas keep sessions across a replica's loss.)
-3. **relays cut off from the controller only** (the controller's host link down for 4 s):
+5. **relays cut off from the controller only** (the controller's host link down for 4 s):
    media keeps flowing on the same relays (no leg moves: the participants' failover counts,
    `leg_failovers`, stay 0) and 0 packets lost.
 
@@ -48,15 +54,17 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_netns import Host, Net, die, http, metric, run  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cluster_netns import PREFIX, Host, Net, die, http, metric, run  # noqa: E402
 from veiltest import binary, log, stop  # noqa: E402
 
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "20"))
-NETEM = os.environ.get("CHAOS_NETEM", "auto")  # auto: where the kernel has sch_netem
 CALLS = 20
 GRPC, OPS, UDP = 7000, 7001, 40000
 MAX_GAP_P99_MS = 300.0
+CLIENT_NET, CLIENT_GW = "10.231.61.0/24", "10.231.61.254"
+IMPAIR_LOSS, IMPAIR_DELAY_MS, IMPAIR_JITTER_MS = 0.01, 20, 20
 
 
 class Proc:
@@ -78,6 +86,17 @@ class Proc:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def terminate(self, timeout: float = 20) -> float:
+        """SIGTERM, as a rolling restart's supervisor sends; the seconds it took to exit."""
+        assert self.proc is not None
+        t = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            die(f"{self.name} still running {timeout:.0f} s after SIGTERM:\n{self.tail()}")
+        return time.monotonic() - t
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, self.name)
@@ -89,14 +108,32 @@ class Proc:
 
 class Bed:
     def __init__(self, workdir: Path):
+        self.workdir = workdir
         self.net = Net(60)
         self.ctl_host = self.net.host("ctl")
         self.relay_hosts = [self.net.host("r1"), self.net.host("r2")]
-        self.client = self.net.host("cl")
-        # One address per participant, as separate devices would have.
-        self.client_ips = [f"10.231.60.{100 + i}" for i in range(2 * CALLS)]
+        # The client host sits behind a router on the bridge, so that its traffic can be routed
+        # through the impaired link (impair.py): 10.231.61.0/24, one address per participant,
+        # as separate devices would have.
+        self.router = self.net.host("rt")
+        self.client = Host(f"{PREFIX}-cl"[:40], "10.231.61.1")
+        self.net.add_ns(self.client.ns)
+        run("ip", "-n", self.router.ns, "link", "add", "c0", "type", "veth", "peer", "name", "eth0",
+            "netns", self.client.ns)
+        run("ip", "-n", self.router.ns, "addr", "add", f"{CLIENT_GW}/24", "dev", "c0")
+        run("ip", "-n", self.router.ns, "link", "set", "c0", "up")
+        run("ip", "-n", self.client.ns, "addr", "add", f"{self.client.ip}/24", "dev", "eth0")
+        run("ip", "-n", self.client.ns, "link", "set", "eth0", "up")
+        run("ip", "-n", self.client.ns, "route", "add", "default", "via", CLIENT_GW)
+        self.client_ips = [f"10.231.61.{100 + i}" for i in range(2 * CALLS)]
         for ip in self.client_ips:
             run("ip", "-n", self.client.ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        for h in [self.ctl_host, *self.relay_hosts]:
+            run("ip", "-n", h.ns, "route", "add", CLIENT_NET, "via", self.router.ip)
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0"):
+            run("ip", "netns", "exec", self.router.ns, "sysctl", "-qw", key)
+        self.impair: subprocess.Popen | None = None
         keys = workdir / "keys.txt"
         keys.write_text(f"1 {secrets.token_hex(32)} signing\n")
         keys.chmod(0o600)
@@ -137,29 +174,49 @@ class Bed:
         run("ip", "-n", self.net.hub, "link", "set", port, "up" if up else "down")
 
     def net_index(self, host: Host) -> int:
+        # Net numbers its hosts 1, 2, ... and gives host n the address .n and bridge port pn.
         return int(host.ip.rsplit(".", 1)[1])
 
-    def netem_available(self) -> bool:
-        r = run("ip", "netns", "exec", self.client.ns, "tc", "qdisc", "replace", "dev", "lo", "root",
-                "netem", "delay", "1ms", check=False)
-        run("ip", "netns", "exec", self.client.ns, "tc", "qdisc", "del", "dev", "lo", "root", check=False)
-        return r.returncode == 0
-
-    def netem(self, on: bool) -> None:
+    def impaired(self, on: bool) -> dict | None:
+        """Routes the client host's traffic through impair.py (1% loss, 20 +- 20 ms each way),
+        or straight through the router again; turning it off returns what impair.py counted."""
+        rt = ["ip", "-n", self.router.ns]
         if on:
-            # Both ways: the client host's egress, and its bridge port's (the client's ingress).
-            run("ip", "netns", "exec", self.client.ns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-                "netem", "loss", "1%", "delay", "20ms", "10ms")
-            run("ip", "netns", "exec", self.net.hub, "tc", "qdisc", "replace", "dev",
-                f"p{self.net_index(self.client)}", "root", "netem", "loss", "1%", "delay", "20ms", "10ms")
-        else:
-            run("ip", "netns", "exec", self.client.ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
-            run("ip", "netns", "exec", self.net.hub, "tc", "qdisc", "del", "dev",
-                f"p{self.net_index(self.client)}", "root", check=False)
+            self.impair = subprocess.Popen(
+                ["ip", "netns", "exec", self.router.ns, sys.executable, str(HERE / "impair.py"), "imp0",
+                 "--loss", str(IMPAIR_LOSS), "--delay-ms", str(IMPAIR_DELAY_MS),
+                 "--jitter-ms", str(IMPAIR_JITTER_MS)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert self.impair.stdout is not None
+            line = self.impair.stdout.readline().strip()
+            if line != "ready":
+                die(f"impair.py did not start: {line} {self.impair.stdout.read()}")
+            run(*rt, "link", "set", "imp0", "txqueuelen", "10000", "up")
+            run("ip", "netns", "exec", self.router.ns, "sysctl", "-qw", "net.ipv4.conf.imp0.rp_filter=0")
+            run(*rt, "route", "add", "default", "dev", "imp0", "table", "100")
+            # Both ways: from the client host, and to it; what impair.py writes back arrives on
+            # imp0, which no rule names, and is routed on by the main table.
+            run(*rt, "rule", "add", "pref", "100", "iif", "c0", "lookup", "100")
+            run(*rt, "rule", "add", "pref", "101", "iif", "eth0", "to", CLIENT_NET, "lookup", "100")
+            return None
+        for pref in ("100", "101"):
+            run(*rt, "rule", "del", "pref", pref, check=False)
+        if self.impair is None:
+            return None
+        self.impair.send_signal(signal.SIGTERM)
+        out, _ = self.impair.communicate(timeout=10)
+        self.impair = None
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            die(f"impair.py: no figures: {out}")
+            raise
 
     def close(self) -> None:
         for p in [*self.relays, self.controller]:
             p.stop()
+        if self.impair is not None:
+            stop(self.impair, "impair.py")
         self.net.close()
 
 
@@ -246,6 +303,39 @@ def relay_loss(bed: Bed, workdir: Path) -> dict:
     return finish(lt, workdir, "relay-loss", timeout=seconds + 90)
 
 
+def steady(bed: Bed, workdir: Path) -> dict:
+    """The calls over the impaired link with nothing failing: the detector must not flap."""
+    return finish(loadtest(bed, workdir, "steady", 15), workdir, "steady", timeout=90)
+
+
+def rolling_restart(bed: Bed, workdir: Path) -> tuple[dict, list[str]]:
+    """Every relay in turn: SIGTERM (drain: the relay refuses new sessions and tells its clients
+    to move), restarted, back in the controller's view, every standby bound on it again."""
+    lt = loadtest(bed, workdir, "rolling-restart", 30)
+    legs = 2 * CALLS
+    steps = []
+    try:
+        for i in (0, 1):
+            wait_standbys(bed, i, legs, timeout=30)
+        for i in (0, 1):
+            took = bed.relays[i].terminate()
+            bed.relays[i].start()
+            t = time.monotonic()
+            bed.wait_relays_up()
+            up = time.monotonic() - t
+            wait_standbys(bed, i, legs)
+            steps.append(f"relay-{i + 1} drained and exited in {took:.1f} s, re-registered "
+                         f"{up:.1f} s after its start, every standby bound "
+                         f"{time.monotonic() - t:.1f} s after it")
+            log(f"  {steps[-1]}")
+            if lt.poll() is not None:
+                die(f"veil-loadtest ended during the restart of relay-{i + 1}")
+    except BaseException:
+        stop(lt, "veil-loadtest")
+        raise
+    return finish(lt, workdir, "rolling-restart", timeout=120), steps
+
+
 def controller_loss(bed: Bed, workdir: Path) -> dict:
     lt = loadtest(bed, workdir, "controller-loss", 10)
     time.sleep(5)
@@ -282,23 +372,31 @@ def main() -> None:
         log(f"test bed: controller {bed.ctl_host.ip}, relays {', '.join(h.ip for h in bed.relay_hosts)}, "
             f"client {bed.client.ip} ({len(bed.client_ips)} addresses)")
 
-        netem = NETEM != "0" and bed.netem_available()
-        if NETEM == "1" and not netem:
-            die("CHAOS_NETEM=1, but this kernel has no tc netem (sch_netem)")
-        if not netem:
-            log("NOTE: this kernel has no tc netem (sch_netem): the relay-loss run goes over clean "
-                "links, without the 1% loss and 20 +- 10 ms delay")
-        bed.netem(netem)
+        # Over the impaired link (impair.py: 1% loss, 20 +- 20 ms each way).
+        bed.impaired(True)
+        r = steady(bed, workdir)
+        log(summary("steady, impaired link", r))
+        if r["calls_failed"] != 0:
+            failures.append(f"steady: {r['calls_failed']} calls dropped: {r.get('call_failures')}")
+        if r["leg_failovers"] != 0:
+            failures.append(f"steady: {r['leg_failovers']} legs moved with no relay lost (flapping)")
         r = relay_loss(bed, workdir)
-        log(summary(f"relay loss ({EVENTS} events)", r))
+        link = bed.impaired(False)
+        log(summary(f"relay loss ({EVENTS} events), impaired link", r) + f"; impair.py: {link}")
         gap = (r.get("media_gap_ms") or {}).get("p99")
         if r["calls_failed"] != 0:
             failures.append(f"relay loss: {r['calls_failed']} calls dropped: {r.get('call_failures')}")
         if gap is None or gap > MAX_GAP_P99_MS:
             failures.append(f"relay loss: longest media gap p99 {gap} ms, over {MAX_GAP_P99_MS:.0f} ms")
+        if link is None or not 0.005 < link["dropped"] / max(1, link["in"]) < 0.02:
+            failures.append(f"the impaired link did not drop about 1%: {link}")
 
-        # Without netem: any loss here is Veil's.
-        bed.netem(False)
+        # Clean links from here: any loss is Veil's.
+        r, _ = rolling_restart(bed, workdir)
+        log(summary("rolling restart of every relay", r))
+        if r["calls_failed"] != 0:
+            failures.append(f"rolling restart: {r['calls_failed']} calls dropped: {r.get('call_failures')}")
+
         r = controller_loss(bed, workdir)
         log(summary("controller killed", r))
         if r["leg_failovers"] != 0:
