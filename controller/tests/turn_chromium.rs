@@ -11,6 +11,10 @@
 //! each browser's own NetLog (Chromium records every datagram its network service sends and
 //! receives, with the peer address; no root or capture tool needed): each browser exchanged
 //! datagrams with the relays' media addresses only.
+//!
+//! And what Chromium does when the relay of its selected pair dies (SIGKILL of a relay process):
+//! it moves to a pair through the session's other relay on its own, and audio comes back
+//! (`chromium_moves_to_the_backup_relay_when_its_turn_relay_dies`; docs/RELIABILITY.md).
 
 mod common;
 
@@ -642,4 +646,229 @@ async fn relay_counters(c: &Cluster) -> BTreeMap<String, u64> {
         }
     }
     out
+}
+
+/// What Chromium does when the relay its call runs through dies: each browser has both relays
+/// of the session in its `ice_servers` (the controller lists the primary and the backup), so
+/// it gathered a relay candidate on each and checked the pairs between them when the call
+/// started. The relay of the caller's selected pair is SIGKILLed (relay processes, so the kill
+/// is real); nothing in the page reacts (no ICE restart, no new offer). Chromium notices that
+/// the selected pair stopped receiving, switches to a pair through the surviving relay on its
+/// own, and audio flows again: the test asserts that, within `RESUME_WITHIN`, through the other
+/// relay, and reports each side's longest gap in audio packets (sampled in the page every
+/// 20 ms) for docs/RELIABILITY.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_moves_to_the_backup_relay_when_its_turn_relay_dies() {
+    browser::require_installed();
+    let _one = ONE_CALL.lock().await;
+    let keys = veil_controller::dev::generate_keys();
+    let kf = key_file(&keys);
+    let controller = LocalController::start(veil_controller::config::Settings::local(keys)).await;
+    let relays: Vec<RelayProcess> = [("relay-a", "zone-a"), ("relay-b", "zone-b")]
+        .iter()
+        .map(|(id, zone)| {
+            RelayProcess::start(id, zone, &kf, std::slice::from_ref(&controller.url), &[])
+        })
+        .collect();
+    controller.wait_relays(2).await;
+    let mut api = client(&controller.url).await;
+    let s = allocate(&mut api, request("chromium-relay-loss", 2)).await;
+    assert_eq!(s.relays.len(), 2, "{s:?}");
+    let servers = [
+        ice_servers(&s.legs[0], Over::Udp),
+        ice_servers(&s.legs[1], Over::Udp),
+    ];
+    let by_addr: Vec<(SocketAddr, String)> = s
+        .relays
+        .iter()
+        .map(|r| (r.udp_address.parse().unwrap(), r.node_id.clone()))
+        .collect();
+    let (page, server) = serve_page().await;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let r = drive_relay_loss(page, servers, &relays, &by_addr);
+        (r, relays)
+    })
+    .await
+    .unwrap();
+    server.abort();
+    let (outcome, relays) = outcome;
+    let logs: Vec<String> = relays
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.stderr.lock().unwrap()).into_owned())
+        .collect();
+    drop(relays);
+    controller.stop().await;
+    std::fs::remove_file(kf).ok();
+    let lost = match outcome {
+        Ok(l) => l,
+        Err(e) => panic!("{e}\nrelay logs: {logs:#?}"),
+    };
+    for (side, gap, resumed, pair) in &lost.sides {
+        eprintln!(
+            "chromium relay loss: {} killed; {side}: longest audio gap {gap:.0} ms, audio back \
+             {resumed:.0} ms after the kill, now through {pair}",
+            lost.victim
+        );
+    }
+}
+
+/// Longest wait for audio through the surviving relay after the kill.
+const RESUME_WITHIN: Duration = Duration::from_secs(10);
+
+struct RelayLoss {
+    /// The relay killed.
+    victim: String,
+    /// Per side: the longest gap between audio packets from the kill on (ms), when audio came
+    /// back (ms after the kill), and the relay of the selected pair after it.
+    sides: Vec<(&'static str, f64, f64, String)>,
+}
+
+/// Which relay a selected pair's local relay candidate is on, by its TURN server URL.
+fn relay_of(t: &Value, by_addr: &[(SocketAddr, String)]) -> Option<String> {
+    let url = t["local"]["url"].as_str()?;
+    let addr = url
+        .strip_prefix("turn:")?
+        .split('?')
+        .next()?
+        .parse::<SocketAddr>()
+        .ok()?;
+    by_addr
+        .iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, id)| id.clone())
+}
+
+fn drive_relay_loss(
+    page: String,
+    servers: [Value; 2],
+    relays: &[RelayProcess],
+    by_addr: &[(SocketAddr, String)],
+) -> Result<RelayLoss, String> {
+    let deadline = Instant::now() + BUDGET + RESUME_WITHIN;
+    let browsers = [
+        Browser::launch(SIDES[0], Options::default())?,
+        Browser::launch(SIDES[1], Options::default())?,
+    ];
+    let result = (|| -> Result<RelayLoss, String> {
+        for (b, s) in browsers.iter().zip(&servers) {
+            b.open(&page)?;
+            call(b, "start", json!([s, b.name == SIDES[0]]), deadline)?;
+        }
+        let [caller, callee] = &browsers;
+        let offer = call(caller, "offer", json!([]), deadline)?;
+        let answer = call(callee, "answer", json!([offer]), deadline)?;
+        call(caller, "accept", json!([answer]), deadline)?;
+        trickle(
+            &browsers,
+            deadline.min(Instant::now() + Duration::from_secs(15)),
+        )?;
+        for b in &browsers {
+            call(b, "audio", json!([AUDIO_PACKETS, 10000]), deadline)?;
+        }
+        // Both relays gathered on both sides: the backup pairs exist before the loss.
+        let before = call(caller, "report", json!([]), deadline)?;
+        let relays_gathered: BTreeSet<String> = before["localCandidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| relay_of(&json!({ "local": c }), by_addr))
+            .collect();
+        if relays_gathered.len() != 2 {
+            return Err(format!(
+                "the caller gathered on {relays_gathered:?}, not both relays: {before}"
+            ));
+        }
+        let victim = relay_of(&before["transports"][0], by_addr)
+            .ok_or_else(|| format!("the caller's selected pair is on no relay: {before}"))?;
+        for b in &browsers {
+            call(b, "watch", json!([]), deadline)?;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // The page clocks at the kill (each side's performance.now()).
+        let kill_ms: Vec<f64> = browsers
+            .iter()
+            .map(|b| {
+                call(b, "timeline", json!([]), deadline).map(|t| t["now_ms"].as_f64().unwrap())
+            })
+            .collect::<Result<_, _>>()?;
+        relays
+            .iter()
+            .find(|r| r.node_id == victim)
+            .expect("the victim is one of ours")
+            .signal(nix::sys::signal::Signal::SIGKILL);
+        let killed = Instant::now();
+        // Until both sides have had a second of audio again, or the limit.
+        let mut sides = Vec::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            sides.clear();
+            for (i, b) in browsers.iter().enumerate() {
+                let t = call(b, "timeline", json!([]), deadline)?;
+                let samples: Vec<(f64, u64)> = t["samples"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| (s["t_ms"].as_f64().unwrap(), s["packets"].as_u64().unwrap()))
+                    .filter(|s| s.0 >= kill_ms[i])
+                    .collect();
+                // The times at which new packets had arrived.
+                let arrivals: Vec<f64> = samples
+                    .windows(2)
+                    .filter(|w| w[1].1 > w[0].1)
+                    .map(|w| w[1].0)
+                    .collect();
+                let mut gap: f64 = 0.0;
+                let mut prev = kill_ms[i];
+                let mut resumed = None;
+                for &a in &arrivals {
+                    if a - prev > gap {
+                        gap = a - prev;
+                        resumed = Some(a - kill_ms[i]);
+                    }
+                    prev = a;
+                }
+                let back = resumed.is_some_and(|r| kill_ms[i] + r + 1000.0 < prev);
+                sides.push((i, gap, resumed.unwrap_or(f64::NAN), back));
+            }
+            if sides.iter().all(|s| s.3) {
+                break;
+            }
+            if killed.elapsed() > RESUME_WITHIN {
+                let reports: Vec<Value> = browsers
+                    .iter()
+                    .map(|b| call(b, "report", json!([]), deadline).unwrap_or_default())
+                    .map(|r| {
+                        json!({"connection": r["connectionState"], "transports": r["transports"],
+                                    "pairs": r["pairs"], "events": r["events"]})
+                    })
+                    .collect();
+                return Err(format!(
+                    "audio did not come back on both sides within {RESUME_WITHIN:?} of killing \
+                     {victim} (per side: index, longest gap, back at, whether back): {sides:?}; \
+                     {reports:?}"
+                ));
+            }
+        }
+        let mut out = RelayLoss {
+            victim: victim.clone(),
+            sides: Vec::new(),
+        };
+        for (i, gap, resumed, _) in sides {
+            let r = call(&browsers[i], "report", json!([]), deadline)?;
+            let now = relay_of(&r["transports"][0], by_addr)
+                .ok_or_else(|| format!("{}: selected pair on no relay: {r}", SIDES[i]))?;
+            if now == victim {
+                return Err(format!(
+                    "{}: audio back, but still through {victim}: {r}",
+                    SIDES[i]
+                ));
+            }
+            out.sides.push((SIDES[i], gap, resumed, now));
+        }
+        Ok(out)
+    })();
+    for mut b in browsers {
+        let _ = b.quit();
+    }
+    result
 }

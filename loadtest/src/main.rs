@@ -91,7 +91,7 @@ struct Flags {
     srtp: Option<SrtpSuite>,
 
     /// How legs fail over when their relay dies: `cold` binds on the backup after 1 s of
-    /// silence; `hot` keeps UDP legs bound on the backup too and switches after 200 ms, with
+    /// silence; `hot` keeps UDP legs bound on the backup too and switches after 150 ms, with
     /// no bind (hot standby; each UDP leg holds a second, media-less leg on the backup).
     #[arg(long, value_enum)]
     failover: Option<FailoverMode>,
