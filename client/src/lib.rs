@@ -87,8 +87,9 @@ pub struct LegConfig {
     pub bind_rto: Duration,
     /// Give up binding on one relay after this long and try the next.
     pub bind_timeout: Duration,
-    /// Hot standby (UDP legs): keep the leg bound on the next relay of the session too, so that
-    /// a failover is a switch of where media goes, with no bind round trip. `None`: bind on the
+    /// Hot standby: keep the leg bound on the next relay of the session too (over UDP, from the
+    /// same socket; over QUIC, a second connection from the same socket), so that a failover is
+    /// a switch of where media goes, with no handshake or bind round trip. `None`: bind on the
     /// next relay only once the current one is found dead.
     pub standby: Option<Standby>,
 }
@@ -156,8 +157,10 @@ impl LegConfig {
     /// measured round trip time allows (SRTT + 4 RTTVAR, RFC 6298), so a far or jittery relay
     /// that still answers is not left: on a path with 1% loss and 20 +- 20 ms of delay each way
     /// (deploy/tests/chaos_netns.py) no leg moves, and a needless switch would cost nothing,
-    /// since the standby is bound. UDP legs only: a QUIC leg keeps its own keepalive and idle
-    /// timers and binds on the next relay when its connection dies.
+    /// since the standby is bound. A QUIC leg holds a second connection on the standby relay;
+    /// its current connection is dead at QUIC's idle timeout (150 ms, which quinn never lets
+    /// fall under three probe timeouts of the path's measured round trip), with QUIC PINGs
+    /// every 30 ms.
     pub fn hot_standby(mut self) -> Self {
         self.keepalive_interval = Duration::from_millis(30);
         self.dead_after = Duration::from_millis(150);

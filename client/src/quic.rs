@@ -4,6 +4,14 @@
 //! datagrams, KEEPALIVEs as the relay's idle timeout requires, answers to the relay's PROBEs
 //! after a migration, and failover when the connection dies (its idle timeout is the client's
 //! `dead_after`, with QUIC keepalives every `keepalive_interval`).
+//!
+//! With hot standby ([`crate::Standby`]) the leg holds a second connection, bound with the same
+//! token on the next relay of the session from the same socket, kept alive and carrying none of
+//! this participant's media; when the current connection dies (QUIC's idle timeout, which
+//! quinn never lets fall under three probe timeouts of the path's measured round trip) or its
+//! relay drains or loses the leg, media goes over the standby connection at once, and media
+//! arriving over the standby moves the leg there too (after [`crate::Standby::hold`]), as on
+//! UDP legs.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
@@ -198,8 +206,80 @@ enum End {
     Gone,
 }
 
+/// A connection bound on one relay.
+struct Bound {
+    relay: usize,
+    conn: quinn::Connection,
+    control: quinn::RecvStream,
+    /// The relay's idle timeout for the leg.
+    idle: Duration,
+    /// The CLOSE being read from the control stream.
+    close: Vec<u8>,
+    control_open: bool,
+    last_rx: Instant,
+    last_keepalive: Instant,
+}
+
+impl Bound {
+    fn new(
+        relay: usize,
+        (conn, control, idle): (quinn::Connection, quinn::RecvStream, Duration),
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            relay,
+            conn,
+            control,
+            idle,
+            close: Vec::new(),
+            control_open: true,
+            last_rx: now,
+            last_keepalive: now,
+        }
+    }
+
+    /// A KEEPALIVE when the relay's idle timeout needs one: after `keepalive` without anything
+    /// from the relay, and at least every third of its idle timeout.
+    fn keepalive(&mut self, keepalive: Duration, now: Instant) {
+        if now.duration_since(self.last_rx) >= keepalive
+            || now.duration_since(self.last_keepalive) >= self.idle / 3
+        {
+            self.last_keepalive = now;
+            let ka = wire::keepalive(rand::random());
+            let _ = self.conn.send_datagram(bytes::Bytes::copy_from_slice(&ka));
+        }
+    }
+
+    /// Control bytes read from the stream: the CLOSE they complete for `session`, if any.
+    fn on_control(&mut self, bytes: &[u8], session: u64) -> Option<Option<ErrorCode>> {
+        self.close.extend_from_slice(bytes);
+        if self.close.len() < wire::SHORT_LEN {
+            return None;
+        }
+        let close = match wire::parse_relay(&self.close[..wire::SHORT_LEN]) {
+            Ok(RelayMessage::Close { code, session: s }) if s == session => {
+                Some(ErrorCode::from_u16(code))
+            }
+            _ => None,
+        };
+        self.close.clear();
+        close
+    }
+}
+
+/// What a datagram from a relay was.
+enum Datagram {
+    Media,
+    /// The relay lost the leg (a KEEPALIVE answered NOT_BOUND).
+    NotBound,
+    Other,
+}
+
 impl Driver {
     async fn run(self) {
+        if let Some(standby) = self.config.standby {
+            return self.run_hot(standby).await;
+        }
         let n = self.config.relays.len();
         let mut relay = 0;
         let mut ever_bound = false;
@@ -247,12 +327,21 @@ impl Driver {
         &self,
         i: usize,
     ) -> Result<(quinn::Connection, quinn::RecvStream, Duration), BindFailure> {
+        self.connect_and_bind_with(i, self.config.keepalive_interval, self.config.dead_after)
+            .await
+    }
+
+    async fn connect_and_bind_with(
+        &self,
+        i: usize,
+        keepalive: Duration,
+        dead_after: Duration,
+    ) -> Result<(quinn::Connection, quinn::RecvStream, Duration), BindFailure> {
         let r = &self.config.relays[i];
         let (Some(addr), Some(pin)) = (r.quic, r.quic_cert_sha256) else {
             return Err(BindFailure::Next);
         };
-        let cfg = client_config(pin, self.config.keepalive_interval, self.config.dead_after)
-            .map_err(|_| BindFailure::Next)?;
+        let cfg = client_config(pin, keepalive, dead_after).map_err(|_| BindFailure::Next)?;
         let attempt = async {
             let conn = self
                 .endpoint
@@ -374,5 +463,280 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+impl Driver {
+    /// The next relay after `after` that is not `active`, for a standby.
+    fn standby_candidate(&self, after: usize, active: usize) -> Option<usize> {
+        let n = self.config.relays.len();
+        (1..=n).map(|k| (after + k) % n).find(|&r| r != active)
+    }
+
+    /// Binds as the current relay on `start`, or the relays after it; `None` when the leg
+    /// ended (refused for good, or no relay ever took it).
+    async fn bind_active(&self, start: usize, ever_bound: bool) -> Option<Bound> {
+        let n = self.config.relays.len();
+        let mut relay = start;
+        loop {
+            let r = &self.config.relays[relay % n];
+            self.link
+                .shared
+                .set_relay(relay % n, r.quic.unwrap_or(r.udp));
+            self.link
+                .status
+                .send_replace(LegStatus::Binding { relay: relay % n });
+            match self.connect_and_bind(relay % n).await {
+                Ok(b) => {
+                    let b = Bound::new(relay % n, b);
+                    self.link.shared.counters.binds.fetch_add(1, Relaxed);
+                    self.make_active(&b);
+                    return Some(b);
+                }
+                Err(BindFailure::Refused(code)) => {
+                    self.link.end(ClientError::Refused(code));
+                    return None;
+                }
+                Err(BindFailure::Next) => {
+                    if !ever_bound && relay + 1 >= start + n {
+                        self.link.end(ClientError::Unreachable);
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+            relay += 1;
+        }
+    }
+
+    /// Media goes over `b` from now on.
+    fn make_active(&self, b: &Bound) {
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(b.conn.clone());
+        let r = &self.config.relays[b.relay];
+        self.link.shared.set_relay(b.relay, r.quic.unwrap_or(r.udp));
+        self.link
+            .status
+            .send_replace(LegStatus::Bound { relay: b.relay });
+    }
+
+    fn publish_standby(&self, standby: Option<&Bound>) {
+        let i = standby.map_or(usize::MAX, |b| b.relay);
+        self.link.shared.standby_index.store(i, Relaxed);
+    }
+
+    /// Handles a datagram from the relay of `b`.
+    fn on_datagram(&self, b: &mut Bound, pkt: bytes::Bytes) -> Datagram {
+        b.last_rx = Instant::now();
+        match wire::classify(&pkt) {
+            Class::Rtp | Class::Dtls => {
+                self.link.deliver(pkt, b.conn.remote_address(), b.last_rx);
+                Datagram::Media
+            }
+            Class::Control => match wire::parse_relay(&pkt) {
+                Ok(RelayMessage::Probe { txn, cookie }) => {
+                    let ack = wire::probe_ack(txn, cookie);
+                    let _ = b.conn.send_datagram(bytes::Bytes::copy_from_slice(&ack));
+                    Datagram::Other
+                }
+                Ok(RelayMessage::Error { code, .. })
+                    if ErrorCode::from_u16(code) == Some(ErrorCode::NotBound) =>
+                {
+                    Datagram::NotBound
+                }
+                _ => Datagram::Other,
+            },
+            Class::Other => Datagram::Other,
+        }
+    }
+
+    /// Hot standby: the current connection, and a second one bound on the next relay.
+    async fn run_hot(&self, s: crate::Standby) {
+        let session = self.token.claims().session.0;
+        let Some(mut active) = self.bind_active(0, false).await else {
+            return;
+        };
+        let mut standby: Option<Bound> = None;
+        // The standby bind under way: which relay, and when it may start.
+        let mut next_standby = self
+            .standby_candidate(active.relay, active.relay)
+            .map(|r| (r, Instant::now()));
+        let mut connecting = None;
+        let mut switched: Option<Instant> = None;
+        let mut tick =
+            tokio::time::interval(self.config.keepalive_interval.min(s.keepalive_interval));
+        let (mut abuf, mut sbuf) = ([0u8; 64], [0u8; 64]);
+        loop {
+            if connecting.is_none()
+                && let Some((relay, at)) = next_standby.take()
+            {
+                connecting = Some(Box::pin(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    (
+                        relay,
+                        self.connect_and_bind_with(relay, s.keepalive_interval, s.dead_after)
+                            .await,
+                    )
+                }));
+            }
+            // What ended the current connection, if something did: `Some(true)` to move on.
+            let mut lost = false;
+            let standby_conn = standby.as_ref().map(|b| b.conn.clone());
+            tokio::select! {
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    active.keepalive(self.config.keepalive_interval, now);
+                    if let Some(b) = standby.as_mut() {
+                        b.keepalive(s.keepalive_interval, now);
+                    }
+                }
+                d = active.conn.read_datagram() => match d {
+                    Ok(pkt) => {
+                        if let Datagram::NotBound = self.on_datagram(&mut active, pkt) {
+                            active.conn.close(0u32.into(), b"not bound");
+                            lost = true;
+                        }
+                    }
+                    // Idle timeout (relay dead), or closed by the relay.
+                    Err(_) => lost = true,
+                },
+                d = async { standby_conn.as_ref().expect("guarded").read_datagram().await },
+                    if standby_conn.is_some() =>
+                {
+                    let b = standby.as_mut().expect("guarded");
+                    match d.map(|pkt| self.on_datagram(b, pkt)) {
+                        Ok(Datagram::Media) => {
+                            // The others moved there: follow them.
+                            let now = Instant::now();
+                            if switched.is_none_or(|t| now.duration_since(t) >= s.hold) {
+                                let b = standby.take().expect("guarded");
+                                standby = Some(std::mem::replace(&mut active, b));
+                                self.make_active(&active);
+                                self.publish_standby(standby.as_ref());
+                                self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+                                switched = Some(now);
+                            }
+                        }
+                        Ok(Datagram::Other) => {}
+                        // The standby is dead or lost the leg: bind one again, later.
+                        Ok(Datagram::NotBound) | Err(_) => {
+                            let b = standby.take().expect("guarded");
+                            b.conn.close(0u32.into(), b"standby lost");
+                            self.publish_standby(None);
+                            next_standby = self
+                                .standby_candidate(b.relay, active.relay)
+                                .map(|r| (r, Instant::now() + s.retry_after));
+                        }
+                    }
+                }
+                r = active.control.read(&mut abuf), if active.control_open => match r {
+                    Ok(Some(n)) => match active.on_control(&abuf[..n], session) {
+                        None => {}
+                        Some(Some(ErrorCode::Draining)) => lost = true,
+                        Some(c) => {
+                            return self.end_hot(&active, standby.as_ref(),
+                                ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed)));
+                        }
+                    },
+                    Ok(None) | Err(_) => active.control_open = false,
+                },
+                r = async { standby.as_mut().expect("guarded").control.read(&mut sbuf).await },
+                    if standby.as_ref().is_some_and(|b| b.control_open) =>
+                {
+                    let b = standby.as_mut().expect("guarded");
+                    match r {
+                        Ok(Some(n)) => match b.on_control(&sbuf[..n], session) {
+                            None => {}
+                            Some(Some(ErrorCode::Draining)) => {
+                                let b = standby.take().expect("guarded");
+                                b.conn.close(0u32.into(), b"draining");
+                                self.publish_standby(None);
+                                next_standby = self
+                                    .standby_candidate(b.relay, active.relay)
+                                    .map(|r| (r, Instant::now() + s.retry_after));
+                            }
+                            Some(c) => {
+                                return self.end_hot(&active, standby.as_ref(),
+                                    ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed)));
+                            }
+                        },
+                        Ok(None) | Err(_) => b.control_open = false,
+                    }
+                }
+                (relay, r) = async { connecting.as_mut().expect("guarded").await },
+                    if connecting.is_some() =>
+                {
+                    connecting = None;
+                    match r {
+                        Ok(b) if relay != active.relay => {
+                            standby = Some(Bound::new(relay, b));
+                            self.link.shared.counters.standby_binds.fetch_add(1, Relaxed);
+                            self.publish_standby(standby.as_ref());
+                        }
+                        // The leg moved onto that relay meanwhile.
+                        Ok((conn, _, _)) => {
+                            conn.close(0u32.into(), b"not needed");
+                            next_standby = self
+                                .standby_candidate(relay, active.relay)
+                                .map(|r| (r, Instant::now()));
+                        }
+                        Err(BindFailure::Refused(c)) => {
+                            return self.end_hot(&active, None, ClientError::Refused(c));
+                        }
+                        Err(BindFailure::Next) => {
+                            next_standby = self
+                                .standby_candidate(relay, active.relay)
+                                .map(|r| (r, Instant::now() + s.retry_after));
+                        }
+                    }
+                }
+                _ = self.link.media.closed() => {
+                    active.conn.close(0u32.into(), b"leg dropped");
+                    if let Some(b) = &standby {
+                        b.conn.close(0u32.into(), b"leg dropped");
+                    }
+                    return;
+                }
+            }
+            if !lost {
+                continue;
+            }
+            // The current relay is gone: the standby carries media from the next datagram, or
+            // (with none bound) the leg binds again as a cold one would.
+            self.link.shared.counters.failovers.fetch_add(1, Relaxed);
+            let old = active.relay;
+            match standby.take() {
+                Some(b) => {
+                    active = b;
+                    self.make_active(&active);
+                    switched = Some(Instant::now());
+                }
+                None => {
+                    *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+                    connecting = None;
+                    let Some(b) = self.bind_active(old + 1, true).await else {
+                        return;
+                    };
+                    active = b;
+                }
+            }
+            self.publish_standby(None);
+            if connecting.is_none() {
+                // The old relay again once it may be back, or the next one.
+                next_standby = self
+                    .standby_candidate(old, active.relay)
+                    .map(|r| (r, Instant::now() + s.retry_after));
+            }
+        }
+    }
+
+    /// Ends a hot standby leg: closes both connections and reports `err`.
+    fn end_hot(&self, active: &Bound, standby: Option<&Bound>, err: ClientError) {
+        active.conn.close(0u32.into(), b"leg over");
+        if let Some(b) = standby {
+            b.conn.close(0u32.into(), b"leg over");
+        }
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.link.end(err);
     }
 }

@@ -61,7 +61,17 @@ async fn cluster(extra: &[&str]) -> Cluster {
 /// first participant reaches the primary relay through `path` if given (a path the test can
 /// cut).
 async fn call(api: &mut Api, id: &str, n: usize, path: Option<&Path>) -> (pb::Session, Talk) {
-    let s = allocate(api, request(id, n)).await;
+    call_over(api, id, &vec![pb::Transport::Udp; n], path).await
+}
+
+/// `call` with each participant's transport given.
+async fn call_over(
+    api: &mut Api,
+    id: &str,
+    transports: &[pb::Transport],
+    path: Option<&Path>,
+) -> (pb::Session, Talk) {
+    let s = allocate(api, request_with(id, transports)).await;
     assert_eq!(s.relays.len(), 2);
     let mut peers = Vec::new();
     for (i, leg) in s.legs.iter().enumerate() {
@@ -78,6 +88,81 @@ async fn call(api: &mut Api, id: &str, n: usize, path: Option<&Path>) -> (pb::Se
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (s, Talk::start(peers, Duration::from_millis(10)))
+}
+
+/// Relays serving QUIC too.
+const QUIC: [&str; 3] = ["--quic-addr", "127.0.0.1:0", "--quic-self-signed"];
+
+/// QUIC legs on hot standby: a second connection bound on the backup; a SIGKILLed relay costs
+/// the QUIC idle timeout (150 ms here: quinn holds it to at least three probe timeouts, well
+/// under that on loopback) and no handshake or bind; a drain moves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_legs_on_hot_standby_switch_with_no_handshake() {
+    let c = cluster(&QUIC).await;
+    let mut api = client(&c.controller.url).await;
+    // Mixed: a QUIC leg and a UDP leg in one call.
+    let (s, talk) = call_over(
+        &mut api,
+        "hot-quic-kill",
+        &[pb::Transport::Quic, pb::Transport::Quic, pb::Transport::Udp],
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.relay(&s.relays[0].node_id).signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, (peer, got)) in talk.stop().await.into_iter().enumerate() {
+        let gap = longest_gap(&got, killed_at);
+        eprintln!(
+            "participant {i} ({:?}): longest gap after the kill: {gap:?}",
+            peer.leg.transport()
+        );
+        assert!(
+            gap < Duration::from_millis(300),
+            "participant {i}: media stopped for {gap:?} after the relay died"
+        );
+        assert_eq!(peer.leg.relay_index(), 1, "participant {i} on the backup");
+        let counters = peer.leg.counters();
+        assert_eq!(
+            counters.binds.load(Relaxed),
+            1,
+            "participant {i}: no bind at the switch"
+        );
+        assert_eq!(counters.standby_binds.load(Relaxed), 1);
+        assert_eq!(
+            counters.failovers.load(Relaxed),
+            1,
+            "participant {i}: one switch"
+        );
+        assert_eq!(counters.foreign.load(Relaxed), 0);
+    }
+    c.stop().await;
+
+    let c = cluster(&[&QUIC[..], &["--drain-deadline-secs", "0"]].concat()).await;
+    let mut api = client(&c.controller.url).await;
+    let (s, talk) = call_over(
+        &mut api,
+        "hot-quic-drain",
+        &[pb::Transport::Quic, pb::Transport::Quic],
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.relay(&s.relays[0].node_id).signal(Signal::SIGTERM);
+    let drained_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (peer, got) in talk.stop().await {
+        let gap = longest_gap(&got, drained_at);
+        eprintln!("QUIC: longest gap after the drain: {gap:?}");
+        assert!(
+            gap < Duration::from_millis(100),
+            "a drain is a switch: {gap:?}"
+        );
+        assert_eq!(peer.leg.relay_index(), 1);
+        assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
+    }
+    c.stop().await;
 }
 
 /// A UDP path to a relay that the test can cut: datagrams cross it both ways until `cut`,

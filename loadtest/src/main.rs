@@ -91,8 +91,9 @@ struct Flags {
     srtp: Option<SrtpSuite>,
 
     /// How legs fail over when their relay dies: `cold` binds on the backup after 1 s of
-    /// silence; `hot` keeps UDP legs bound on the backup too and switches after 150 ms, with
-    /// no bind (hot standby; each UDP leg holds a second, media-less leg on the backup).
+    /// silence; `hot` keeps legs bound on the backup too and switches after 150 ms, with no
+    /// bind (hot standby; each leg holds a second, media-less leg on the backup, a second
+    /// connection for QUIC legs).
     #[arg(long, value_enum)]
     failover: Option<FailoverMode>,
 

@@ -60,8 +60,8 @@ impl TransportMode {
 pub enum FailoverMode {
     /// Bind on the backup relay once the relay has been silent for 1 s (`LegConfig::new`).
     Cold,
-    /// Keep each UDP leg bound on the backup relay too and switch after 150 ms of silence,
-    /// with no bind (`LegConfig::hot_standby`). QUIC legs fail over as in `cold`.
+    /// Keep each leg bound on the backup relay too (a QUIC leg: a second connection) and
+    /// switch after 150 ms of silence, with no bind (`LegConfig::hot_standby`).
     Hot,
 }
 
@@ -70,7 +70,7 @@ impl FailoverMode {
     pub fn describe(self) -> &'static str {
         match self {
             Self::Cold => "cold (bind on the backup after 1 s of silence)",
-            Self::Hot => "hot (UDP legs bound on the backup too, switch after 150 ms)",
+            Self::Hot => "hot (legs bound on the backup too, switch after 150 ms)",
         }
     }
 }
