@@ -583,13 +583,8 @@ impl Driver {
             let mut lost = false;
             let standby_conn = standby.as_ref().map(|b| b.conn.clone());
             tokio::select! {
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    active.keepalive(self.config.keepalive_interval, now);
-                    if let Some(b) = standby.as_mut() {
-                        b.keepalive(s.keepalive_interval, now);
-                    }
-                }
+                // What has arrived, before the timer (as on UDP legs).
+                biased;
                 d = active.conn.read_datagram() => match d {
                     Ok(pkt) => {
                         if let Datagram::NotBound = self.on_datagram(&mut active, pkt) {
@@ -688,6 +683,13 @@ impl Driver {
                                 .standby_candidate(relay, active.relay)
                                 .map(|r| (r, Instant::now() + s.retry_after));
                         }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    active.keepalive(self.config.keepalive_interval, now);
+                    if let Some(b) = standby.as_mut() {
+                        b.keepalive(s.keepalive_interval, now);
                     }
                 }
                 _ = self.link.media.closed() => {

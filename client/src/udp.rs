@@ -609,6 +609,10 @@ impl Driver {
             }
             let deadline = self.deadline();
             tokio::select! {
+                // What has arrived first: after a stall (a busy machine, a suspended process)
+                // the datagrams waiting in the socket are signs of life that a timer due
+                // meanwhile must not overlook.
+                biased;
                 r = self.socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => self.on_datagram(&buf[..n], from).await,
                     // ICMP port unreachable from a dead relay shows up here on some systems:
