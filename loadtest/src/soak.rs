@@ -330,11 +330,12 @@ pub async fn run(
         watched: Vec::new(),
         failures: Vec::new(),
     };
-    // Rounds until the duration is up; the last one is cut to fit.
-    while Instant::now() + round.ramp_time() + Duration::from_secs(1) < end {
-        let left = end.saturating_duration_since(Instant::now() + round.ramp_time());
-        let mut this = round.clone();
-        this.duration = settings.round.min(left);
+    // Rounds until the duration is up; the last one is cut to fit, or left out where what is
+    // left is too short for a round of this scenario.
+    while let Some(this) = next_round(
+        &round,
+        end.saturating_duration_since(Instant::now() + round.ramp_time()),
+    ) {
         let r = drive(&this, endpoint, SOAK_TTL_SECS, false).await?;
         report.rounds += 1;
         report.calls += r.calls;
@@ -405,9 +406,56 @@ pub async fn run(
     Ok(report)
 }
 
+/// The next round of a soak with `left` of its duration to go: `round`, cut to fit; `None`
+/// where what is left is too short for a valid round (under a second, or too short for the
+/// scenario's churn dwell).
+fn next_round(round: &Scenario, left: Duration) -> Option<Scenario> {
+    if left <= Duration::from_secs(1) {
+        return None;
+    }
+    let mut this = round.clone();
+    this.duration = round.duration.min(left);
+    this.validate().is_ok().then_some(this)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last round is cut to fit, and left out where the cut would make it invalid: the
+    /// 1-hour soak once ended with "churn_dwell must be ... shorter than duration" and no
+    /// verdict, 111 rounds in.
+    #[test]
+    fn the_last_round_is_cut_to_fit_or_left_out() {
+        let mut round = Scenario {
+            duration: Duration::from_secs(30),
+            churn: 1,
+            churn_dwell: Duration::from_secs(5),
+            ..Scenario::default()
+        };
+        round.validate().unwrap();
+        assert_eq!(
+            next_round(&round, Duration::from_secs(100))
+                .unwrap()
+                .duration,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            next_round(&round, Duration::from_secs(10))
+                .unwrap()
+                .duration,
+            Duration::from_secs(10)
+        );
+        assert!(next_round(&round, Duration::from_millis(5500)).is_none());
+        assert!(next_round(&round, Duration::from_millis(900)).is_none());
+        round.churn = 0;
+        assert_eq!(
+            next_round(&round, Duration::from_millis(5500))
+                .unwrap()
+                .duration,
+            Duration::from_millis(5500)
+        );
+    }
 
     const MIB: f64 = 1024.0 * 1024.0;
     const RSS: Growth = Growth {
