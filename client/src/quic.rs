@@ -280,46 +280,21 @@ impl Driver {
         if let Some(standby) = self.config.standby {
             return self.run_hot(standby).await;
         }
-        let n = self.config.relays.len();
-        let mut relay = 0;
-        let mut ever_bound = false;
+        let (mut start, mut ever_bound) = (0, false);
         loop {
-            let r = &self.config.relays[relay % n];
-            self.link
-                .shared
-                .set_relay(relay % n, r.quic.unwrap_or(r.udp));
-            self.link
-                .status
-                .send_replace(LegStatus::Binding { relay: relay % n });
-            match self.connect_and_bind(relay % n).await {
-                Ok((conn, control, idle)) => {
-                    ever_bound = true;
-                    self.link.shared.counters.binds.fetch_add(1, Relaxed);
-                    *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-                    self.link
-                        .status
-                        .send_replace(LegStatus::Bound { relay: relay % n });
-                    let end = self.serve(&conn, control, idle).await;
-                    *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
-                    match end {
-                        End::Failover => {}
-                        End::Over(e) => return self.link.end(e),
-                        End::Gone => return,
-                    }
-                }
-                Err(BindFailure::Refused(code)) => {
-                    return self.link.end(ClientError::Refused(code));
-                }
-                Err(BindFailure::Next) => {
-                    if !ever_bound && relay + 1 >= n {
-                        // Every relay tried once and none ever took us.
-                        return self.link.end(ClientError::Unreachable);
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            let Some(mut b) = self.bind_active(start, ever_bound).await else {
+                return;
+            };
+            ever_bound = true;
+            let end = self.serve(&mut b).await;
+            *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+            match end {
+                End::Failover => {}
+                End::Over(e) => return self.link.end(e),
+                End::Gone => return,
             }
             self.link.shared.counters.failovers.fetch_add(1, Relaxed);
-            relay += 1;
+            start = b.relay + 1;
         }
     }
 
@@ -386,79 +361,39 @@ impl Driver {
         }
     }
 
-    async fn serve(
-        &self,
-        conn: &quinn::Connection,
-        mut control: quinn::RecvStream,
-        idle: Duration,
-    ) -> End {
+    /// Carries the leg over `b` until its connection ends.
+    async fn serve(&self, b: &mut Bound) -> End {
         let session = self.token.claims().session.0;
-        let mut close = Vec::new();
         let mut buf = [0u8; 64];
-        let mut control_open = true;
-        // The relay unbinds a leg that sends nothing for `idle`: a KEEPALIVE after
-        // `keepalive_interval` without anything from the relay, and at least every third of
-        // `idle` whatever arrives (a muted participant still receives media).
         let mut tick = tokio::time::interval(self.config.keepalive_interval);
-        let (mut last_rx, mut last_keepalive) = (Instant::now(), Instant::now());
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    if now.duration_since(last_rx) >= self.config.keepalive_interval
-                        || now.duration_since(last_keepalive) >= idle / 3
-                    {
-                        last_keepalive = now;
-                        let ka = wire::keepalive(rand::random());
-                        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&ka));
-                    }
-                }
-                d = conn.read_datagram() => match d {
+                _ = tick.tick() => b.keepalive(self.config.keepalive_interval, Instant::now()),
+                d = b.conn.read_datagram() => match d {
                     Ok(pkt) => {
-                        last_rx = Instant::now();
-                        match wire::classify(&pkt) {
-                            Class::Rtp | Class::Dtls => self.link.deliver(pkt, conn.remote_address(), last_rx),
-                            Class::Control => match wire::parse_relay(&pkt) {
-                                // The connection moved (or the relay thinks so): prove the new
-                                // path, or the relay withholds media from it.
-                                Ok(RelayMessage::Probe { txn, cookie }) => {
-                                    let ack = wire::probe_ack(txn, cookie);
-                                    let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&ack));
-                                }
-                                // A KEEPALIVE answered NOT_BOUND: the relay lost the leg.
-                                Ok(RelayMessage::Error { code, .. })
-                                    if ErrorCode::from_u16(code) == Some(ErrorCode::NotBound) =>
-                                {
-                                    conn.close(0u32.into(), b"not bound");
-                                    return End::Failover;
-                                }
-                                _ => {}
-                            },
-                            Class::Other => {}
+                        if let Datagram::NotBound = self.on_datagram(b, pkt) {
+                            // A KEEPALIVE answered NOT_BOUND: the relay lost the leg.
+                            b.conn.close(0u32.into(), b"not bound");
+                            return End::Failover;
                         }
                     }
                     // Idle timeout (relay dead), or closed by the relay.
                     Err(_) => return End::Failover,
                 },
-                r = control.read(&mut buf), if control_open => match r {
-                    Ok(Some(n)) => {
-                        close.extend_from_slice(&buf[..n]);
-                        if close.len() >= wire::SHORT_LEN {
-                            if let Ok(RelayMessage::Close { code, session: s }) = wire::parse_relay(&close[..wire::SHORT_LEN])
-                                && s == session
-                            {
-                                return match ErrorCode::from_u16(code) {
-                                    Some(ErrorCode::Draining) => End::Failover,
-                                    c => End::Over(ClientError::Closed(c.unwrap_or(ErrorCode::SessionClosed))),
-                                };
-                            }
-                            close.clear();
+                r = b.control.read(&mut buf), if b.control_open => match r {
+                    Ok(Some(n)) => match b.on_control(&buf[..n], session) {
+                        None => {}
+                        Some(Some(ErrorCode::Draining)) => return End::Failover,
+                        Some(c) => {
+                            return End::Over(ClientError::Closed(
+                                c.unwrap_or(ErrorCode::SessionClosed),
+                            ));
                         }
-                    }
-                    Ok(None) | Err(_) => control_open = false,
+                    },
+                    Ok(None) | Err(_) => b.control_open = false,
                 },
                 _ = self.link.media.closed() => {
-                    conn.close(0u32.into(), b"leg dropped");
+                    b.conn.close(0u32.into(), b"leg dropped");
                     return End::Gone;
                 }
             }

@@ -57,14 +57,9 @@ async fn cluster(extra: &[&str]) -> Cluster {
     }
 }
 
-/// `n` participants on hot standby legs, talking; returns once every standby is bound. The
-/// first participant reaches the primary relay through `path` if given (a path the test can
-/// cut).
-async fn call(api: &mut Api, id: &str, n: usize, path: Option<&Path>) -> (pb::Session, Talk) {
-    call_over(api, id, &vec![pb::Transport::Udp; n], path).await
-}
-
-/// `call` with each participant's transport given.
+/// Participants on hot standby legs over `transports`, talking; returns once every standby is
+/// bound. The first participant reaches the primary relay through `path` if given (a path the
+/// test can cut).
 async fn call_over(
     api: &mut Api,
     id: &str,
@@ -99,21 +94,49 @@ const QUIC: [&str; 3] = ["--quic-addr", "127.0.0.1:0", "--quic-self-signed"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_legs_on_hot_standby_switch_with_no_handshake() {
     let c = cluster(&QUIC).await;
-    let mut api = client(&c.controller.url).await;
     // Mixed: a QUIC leg and a UDP leg in one call.
-    let (s, talk) = call_over(
-        &mut api,
-        "hot-quic-kill",
-        &[pb::Transport::Quic, pb::Transport::Quic, pb::Transport::Udp],
-        None,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.relay(&s.relays[0].node_id).signal(Signal::SIGKILL);
-    let killed_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for (i, (peer, got)) in talk.stop().await.into_iter().enumerate() {
-        let gap = longest_gap(&got, killed_at);
+    let legs = [pb::Transport::Quic, pb::Transport::Quic, pb::Transport::Udp];
+    let (got, killed_at) = signal_primary(&c, "hot-quic-kill", &legs, Signal::SIGKILL).await;
+    assert_switched_after_kill(got, killed_at);
+    c.stop().await;
+
+    let c = cluster(&[&QUIC[..], &["--drain-deadline-secs", "0"]].concat()).await;
+    let legs = [pb::Transport::Quic, pb::Transport::Quic];
+    let (got, drained_at) = signal_primary(&c, "hot-quic-drain", &legs, Signal::SIGTERM).await;
+    for (peer, _) in assert_moved_at_once(got, drained_at) {
+        assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
+    }
+    c.stop().await;
+}
+
+/// Starts a call of hot standby legs over `transports`, sends `signal` to its primary relay
+/// (after 500 ms of media for a SIGKILL, 300 ms for a drain's SIGTERM) and lets the call run
+/// on (2 s, 1 s); returns what each participant received, and when the signal went.
+async fn signal_primary(
+    c: &Cluster,
+    id: &str,
+    transports: &[pb::Transport],
+    signal: Signal,
+) -> (Vec<(Peer, Arrivals)>, Instant) {
+    let kill = signal == Signal::SIGKILL;
+    let mut api = client(&c.controller.url).await;
+    let (s, talk) = call_over(&mut api, id, transports, None).await;
+    tokio::time::sleep(Duration::from_millis(if kill { 500 } else { 300 })).await;
+    c.relay(&s.relays[0].node_id).signal(signal);
+    let at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(if kill { 2 } else { 1 })).await;
+    (talk.stop().await, at)
+}
+
+/// Every participant of a call whose primary was SIGKILLed at `killed_at`: media back within
+/// 300 ms, on the backup, with no bind at the switch (one bind, one standby bind), one switch,
+/// and nothing from a foreign address.
+fn assert_switched_after_kill(
+    got: Vec<(Peer, Arrivals)>,
+    killed_at: Instant,
+) -> Vec<(Peer, Arrivals)> {
+    for (i, (peer, got)) in got.iter().enumerate() {
+        let gap = longest_gap(got, killed_at);
         eprintln!(
             "participant {i} ({:?}): longest gap after the kill: {gap:?}",
             peer.leg.transport()
@@ -133,36 +156,29 @@ async fn quic_legs_on_hot_standby_switch_with_no_handshake() {
         assert_eq!(
             counters.failovers.load(Relaxed),
             1,
-            "participant {i}: one switch"
+            "participant {i}: one switch, no flapping"
         );
         assert_eq!(counters.foreign.load(Relaxed), 0);
     }
-    c.stop().await;
+    got
+}
 
-    let c = cluster(&[&QUIC[..], &["--drain-deadline-secs", "0"]].concat()).await;
-    let mut api = client(&c.controller.url).await;
-    let (s, talk) = call_over(
-        &mut api,
-        "hot-quic-drain",
-        &[pb::Transport::Quic, pb::Transport::Quic],
-        None,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    c.relay(&s.relays[0].node_id).signal(Signal::SIGTERM);
-    let drained_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for (peer, got) in talk.stop().await {
-        let gap = longest_gap(&got, drained_at);
-        eprintln!("QUIC: longest gap after the drain: {gap:?}");
+/// Every participant of a call whose primary started draining at `drained_at`: on the backup,
+/// with a gap under 100 ms (a drain's CLOSE leaves no silence to wait out).
+fn assert_moved_at_once(got: Vec<(Peer, Arrivals)>, drained_at: Instant) -> Vec<(Peer, Arrivals)> {
+    for (i, (peer, got)) in got.iter().enumerate() {
+        let gap = longest_gap(got, drained_at);
+        eprintln!(
+            "participant {i} ({:?}): longest gap after the drain: {gap:?}",
+            peer.leg.transport()
+        );
         assert!(
             gap < Duration::from_millis(100),
-            "a drain is a switch: {gap:?}"
+            "participant {i}: a drain is a switch with no silence to wait out: {gap:?}"
         );
-        assert_eq!(peer.leg.relay_index(), 1);
-        assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
+        assert_eq!(peer.leg.relay_index(), 1, "participant {i} on the backup");
     }
-    c.stop().await;
+    got
 }
 
 /// A UDP path to a relay that the test can cut: datagrams cross it both ways until `cut`,
@@ -220,33 +236,13 @@ impl Path {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_relay_costs_a_hot_standby_leg_under_300_ms_and_no_bind() {
     let c = cluster(&[]).await;
-    let mut api = client(&c.controller.url).await;
-    let (s, talk) = call(&mut api, "hot-kill", 3, None).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.relay(&s.relays[0].node_id).signal(Signal::SIGKILL);
-    let killed_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for (peer, got) in talk.stop().await {
-        let gap = longest_gap(&got, killed_at);
-        eprintln!("longest gap after the kill: {gap:?}");
-        assert!(
-            gap < Duration::from_millis(300),
-            "media stopped for {gap:?} after the relay died"
-        );
+    let legs = [pb::Transport::Udp; 3];
+    let (got, killed_at) = signal_primary(&c, "hot-kill", &legs, Signal::SIGKILL).await;
+    for (_, got) in assert_switched_after_kill(got, killed_at) {
         assert!(
             got.last().unwrap().0 > killed_at + Duration::from_millis(1500),
             "media flows on the backup"
         );
-        assert_eq!(peer.leg.relay_index(), 1, "the leg switched to the backup");
-        let counters = peer.leg.counters();
-        assert_eq!(counters.binds.load(Relaxed), 1, "no bind at the switch");
-        assert_eq!(counters.standby_binds.load(Relaxed), 1);
-        assert_eq!(
-            counters.failovers.load(Relaxed),
-            1,
-            "one switch, no flapping"
-        );
-        assert_eq!(counters.foreign.load(Relaxed), 0);
     }
     c.stop().await;
 }
@@ -259,7 +255,8 @@ async fn the_others_follow_the_first_to_switch() {
     let c = cluster(&[]).await;
     let mut api = client(&c.controller.url).await;
     let path = Path::default();
-    let (_s, talk) = call(&mut api, "hot-follow", 3, Some(&path)).await;
+    let legs = [pb::Transport::Udp; 3];
+    let (_s, talk) = call_over(&mut api, "hot-follow", &legs, Some(&path)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     path.cut();
     let cut_at = Instant::now();
@@ -292,20 +289,9 @@ async fn the_others_follow_the_first_to_switch() {
 async fn a_draining_relay_moves_everyone_to_the_standby_at_once() {
     // Evicted at once: CLOSE (draining) to every leg.
     let c = cluster(&["--drain-deadline-secs", "0"]).await;
-    let mut api = client(&c.controller.url).await;
-    let (s, talk) = call(&mut api, "hot-drain", 2, None).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    c.relay(&s.relays[0].node_id).signal(Signal::SIGTERM);
-    let drained_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    for (peer, got) in talk.stop().await {
-        let gap = longest_gap(&got, drained_at);
-        eprintln!("longest gap after the drain: {gap:?}");
-        assert!(
-            gap < Duration::from_millis(100),
-            "a drain is a switch with no silence to wait out: {gap:?}"
-        );
-        assert_eq!(peer.leg.relay_index(), 1);
+    let legs = [pb::Transport::Udp; 2];
+    let (got, drained_at) = signal_primary(&c, "hot-drain", &legs, Signal::SIGTERM).await;
+    for (peer, _) in assert_moved_at_once(got, drained_at) {
         assert_eq!(peer.leg.counters().binds.load(Relaxed), 1);
         assert_eq!(peer.leg.counters().failovers.load(Relaxed), 1);
     }

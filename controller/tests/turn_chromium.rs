@@ -407,20 +407,9 @@ fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<C
         Browser::launch(SIDES[1], options)?,
     ];
     let result = (|| -> Result<_, String> {
-        for (b, s) in browsers.iter().zip(&servers) {
-            b.open(&page)?;
-            call(b, "start", json!([s, b.name == SIDES[0]]), deadline)?;
-        }
-        let [caller, callee] = &browsers;
-        let offer = call(caller, "offer", json!([]), deadline)?;
-        let offered = Instant::now();
-        let answer = call(callee, "answer", json!([offer]), deadline)?;
-        call(caller, "accept", json!([answer]), deadline)?;
-        trickle(
-            &browsers,
-            deadline.min(Instant::now() + Duration::from_secs(15)),
-        )?;
+        let offered = connect(&browsers, &page, &servers, deadline)?;
         let connected_after = offered.elapsed();
+        let [caller, callee] = &browsers;
         let echoed = call(caller, "echo", json!([MESSAGES]), deadline)?["echoed"]
             .as_u64()
             .unwrap_or(0);
@@ -474,6 +463,31 @@ fn drive(page: String, servers: [Value; 2], extra_args: Vec<String>) -> Result<C
         connected_after,
         browsers_took: start.elapsed(),
     })
+}
+
+/// Opens the page in both browsers, each with its own `ice_servers`, and connects them: the
+/// caller's offer, the callee's answer, candidates trickled until both are connected (at most
+/// 15 s). Returns when the offer was made.
+fn connect(
+    browsers: &[Browser; 2],
+    page: &str,
+    servers: &[Value; 2],
+    deadline: Instant,
+) -> Result<Instant, String> {
+    for (b, s) in browsers.iter().zip(servers) {
+        b.open(page)?;
+        call(b, "start", json!([s, b.name == SIDES[0]]), deadline)?;
+    }
+    let [caller, callee] = browsers;
+    let offer = call(caller, "offer", json!([]), deadline)?;
+    let offered = Instant::now();
+    let answer = call(callee, "answer", json!([offer]), deadline)?;
+    call(caller, "accept", json!([answer]), deadline)?;
+    trickle(
+        browsers,
+        deadline.min(Instant::now() + Duration::from_secs(15)),
+    )?;
+    Ok(offered)
 }
 
 /// Carries each side's candidates to the other as they are gathered, until both are connected
@@ -750,18 +764,8 @@ fn drive_relay_loss(
         Browser::launch(SIDES[1], Options::default())?,
     ];
     let result = (|| -> Result<RelayLoss, String> {
-        for (b, s) in browsers.iter().zip(&servers) {
-            b.open(&page)?;
-            call(b, "start", json!([s, b.name == SIDES[0]]), deadline)?;
-        }
-        let [caller, callee] = &browsers;
-        let offer = call(caller, "offer", json!([]), deadline)?;
-        let answer = call(callee, "answer", json!([offer]), deadline)?;
-        call(caller, "accept", json!([answer]), deadline)?;
-        trickle(
-            &browsers,
-            deadline.min(Instant::now() + Duration::from_secs(15)),
-        )?;
+        connect(&browsers, &page, &servers, deadline)?;
+        let [caller, _] = &browsers;
         for b in &browsers {
             call(b, "audio", json!([AUDIO_PACKETS, 10000]), deadline)?;
         }
