@@ -27,7 +27,12 @@ client host, while this script acts on the cluster:
    run) at most 300 ms at p99.
 2. Over the impaired link: **steady**, 15 s with nothing failing. Asserted: no call dropped,
    no leg moved (`leg_failovers` 0: the failure detector does not flap on 1% loss and
-   jitter). Then **relay loss**: CHAOS_IMPAIRED_EVENTS events as in 1. Asserted: no call
+   jitter). A shared CI machine sometimes stops a whole process for half a second, and legs
+   rightly move then; so the host's stalls are measured apart from the detector (the latest
+   a sender of veil-loadtest woke for a frame, the latest impair.py wrote a packet, and the
+   latest a watchdog thread woke from a 10 ms sleep), and
+   a run in which legs moved during a stall of 100 ms or more is repeated, up to 3 runs. A
+   run with moves and no such stall fails at once. Then **relay loss**: CHAOS_IMPAIRED_EVENTS events as in 1. Asserted: no call
    dropped, impair.py dropped about 1% of what it saw, and the longest gap at most 380 ms at
    p99: the 300 ms target plus the 80 ms by which the link alone can stretch a gap (a relayed
    packet crosses it twice, each time 0 to 40 ms late; the last packet before the loss may
@@ -76,6 +81,9 @@ IMPAIR_LOSS, IMPAIR_DELAY_MS, IMPAIR_JITTER_MS = 0.01, 20, 20
 # time 0 to 40 ms late: the last packet before a loss may come early and the first after it
 # late, so the link alone can stretch a gap by up to twice the jitter range.
 MAX_GAP_P99_IMPAIRED_MS = MAX_GAP_P99_MS + 2 * 2 * IMPAIR_JITTER_MS
+# A host stall this long can take a leg past its detection time (150 ms, less the silence
+# already under way) with no fault of the detector's; a steady run that saw one is repeated.
+STALL_MS, STEADY_TRIES = 100.0, 3
 
 
 class Proc:
@@ -317,9 +325,64 @@ def relay_loss(bed: Bed, workdir: Path, label: str, events: int) -> dict:
     return finish(lt, workdir, label, timeout=seconds + 90)
 
 
-def steady(bed: Bed, workdir: Path) -> dict:
-    """The calls over the impaired link with nothing failing: the detector must not flap."""
-    return finish(loadtest(bed, workdir, "steady", 15), workdir, "steady", timeout=90)
+class Watchdog(threading.Thread):
+    """Sleeps 10 ms at a time at normal priority, as the relays and veil-loadtest run, and keeps
+    the latest it woke: how long this host left such processes without a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.late_ms = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            t = time.monotonic()
+            time.sleep(0.01)
+            self.late_ms = max(self.late_ms, (time.monotonic() - t - 0.01) * 1e3)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.late_ms
+
+
+def stalled_ms(r: dict, link: dict | None, watchdog: float = 0.0) -> float:
+    """How long this host stopped running the test bed during a run, as measured apart from the
+    detector under test: the latest a sender of veil-loadtest woke for its frame, the latest
+    impair.py (at real-time priority) wrote a packet after its due time, and the latest the
+    watchdog woke."""
+    lag = ((r.get("generator") or {}).get("send_lag_ms") or {}).get("max") or 0.0
+    return max(lag, (link or {}).get("late_ms") or 0.0, watchdog)
+
+
+def steady(bed: Bed, workdir: Path) -> tuple[dict, dict | None, list[str]]:
+    """The calls over the impaired link with nothing failing: the detector must not flap.
+
+    A leg that moves because the whole host stopped for longer than the detection time (a
+    shared 2-core machine can stop for half a second) says nothing of how the detector treats
+    loss and jitter; such a run is measured as stalled (`stalled_ms`) and repeated, up to
+    STEADY_TRIES runs. The last run's figures are returned, with a line per stalled run."""
+    stalls = []
+    for attempt in range(1, STEADY_TRIES + 1):
+        bed.impaired(True)
+        label = f"steady-{attempt}"
+        watchdog = Watchdog()
+        watchdog.start()
+        try:
+            r = finish(loadtest(bed, workdir, label, 15), workdir, label, timeout=90)
+        finally:
+            link = bed.impaired(False)
+            late = watchdog.stop()
+        r["stalled_ms"] = stall = stalled_ms(r, link, late)
+        if r["leg_failovers"] == 0 or stall < STALL_MS or attempt == STEADY_TRIES:
+            return r, link, stalls
+        stalls.append(f"run {attempt}: {r['leg_failovers']} legs moved while the host stalled "
+                      f"{stall:.0f} ms (the senders' latest wake-up "
+                      f"{stalled_ms(r, None):.0f} ms late, impair.py's latest packet "
+                      f"{(link or {}).get('late_ms', 0):.0f} ms, the watchdog's {late:.0f} ms): "
+                      "run again")
+        log(f"  {stalls[-1]}")
+    raise AssertionError("unreachable")
 
 
 def rolling_restart(bed: Bed, workdir: Path) -> tuple[dict, list[str]]:
@@ -396,13 +459,15 @@ def main() -> None:
             failures.append(f"relay loss: longest media gap p99 {gap} ms, over {MAX_GAP_P99_MS:.0f} ms")
 
         # Over the impaired link (impair.py: 1% loss, 20 +- 20 ms each way).
-        bed.impaired(True)
-        r = steady(bed, workdir)
-        log(summary("steady, impaired link", r))
+        r, _, stalls = steady(bed, workdir)
+        log(summary("steady, impaired link", r) + f"; host stalled at most {r['stalled_ms']:.0f} ms"
+            + (f" ({len(stalls)} earlier runs stalled)" if stalls else ""))
         if r["calls_failed"] != 0:
             failures.append(f"steady: {r['calls_failed']} calls dropped: {r.get('call_failures')}")
         if r["leg_failovers"] != 0:
-            failures.append(f"steady: {r['leg_failovers']} legs moved with no relay lost (flapping)")
+            failures.append(f"steady: {r['leg_failovers']} legs moved with no relay lost (flapping; "
+                            f"the host stalled at most {r['stalled_ms']:.0f} ms)")
+        bed.impaired(True)
         r = relay_loss(bed, workdir, "relay-loss-impaired", IMPAIRED_EVENTS)
         link = bed.impaired(False)
         log(summary(f"relay loss ({IMPAIRED_EVENTS} events), impaired link", r) + f"; impair.py: {link}")
