@@ -24,7 +24,11 @@
 #      asserted (deploy/tests/chaos_netns.py; needs root; docs/RELIABILITY.md);
 #   i. a 5-minute soak of a local cluster at a steady load with churn and hot standby: flat
 #      resident memory and descriptors over its second half, no call failed, no datagram
-#      failing authentication (veil-loadtest --soak).
+#      failing authentication (veil-loadtest --soak);
+#   j. the kernel fast path on separate hosts: veil-relay built with `xdp`, real calls
+#      forwarded by its XDP program, captured on a participant's host (the relay's own header
+#      fields, checksums), legs gone within 1 s of release, the ticket's rate limits
+#      (deploy/tests/xdp_netns.py; needs root; docs/PERFORMANCE.md).
 #
 # The workspace binaries (target/debug/veil-*) come from `cargo build --workspace --all-targets`,
 # which scripts/test.sh runs first; this script runs the same build, a no-op when up to date.
@@ -119,6 +123,11 @@ passed=$((passed + 1))
 step "i. a 5-minute soak (veil-loadtest --soak --local): memory and descriptors stay flat"
 target/debug/veil-loadtest --local --local-relays 2 --soak --duration 5m --soak-round 30s \
   --calls 10 --participants 3 --churn 1 --churn-dwell 5s --failover hot --quiet
+passed=$((passed + 1))
+
+step "j. the XDP fast path: real calls through the program, in network namespaces"
+[[ $(id -u) -eq 0 ]] || die "step j loads XDP programs in network namespaces: run this script as root"
+"$VENV/bin/python" deploy/tests/xdp_netns.py
 passed=$((passed + 1))
 
 echo "deploy checks passed in $((SECONDS - start)) s"

@@ -25,6 +25,12 @@ command -v openssl >/dev/null || need+=(openssl)
 # Only the client is wanted: Debian enables and starts the package's turnserver under systemd
 # (/etc/default/coturn gates only the sysvinit script), so it is stopped and disabled below.
 command -v turnutils_uclient >/dev/null || need+=(coturn)
+# The kernel fast path (veil-relay's `xdp` feature): clang builds relay/xdp/veil.bpf.c against
+# libbpf's headers; bpftool and ethtool set up its test bed (deploy/tests/xdp_netns.py).
+command -v clang >/dev/null || need+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v bpftool >/dev/null || need+=(bpftool)
+command -v ethtool >/dev/null || need+=(ethtool)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "error: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
@@ -52,9 +58,12 @@ cargo build --workspace --all-targets --locked
 
 echo "== lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p veil-relay --features xdp --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --workspace --locked -- --test-threads=2
+# The XDP program in the kernel (BPF_PROG_TEST_RUN; root: under CI=true a skip is a failure).
+cargo test -p veil-relay --features xdp --locked --test xdp_program
 
 echo "== deploy checks"
 ./deploy/check.sh

@@ -122,6 +122,20 @@ pub struct Config {
     #[arg(long, env = "VEIL_RELAY_DRAIN_DEADLINE_SECS", default_value_t = 30)]
     pub drain_deadline_secs: u64,
 
+    /// The kernel fast path: an XDP program forwards the media of 2-party sessions whose legs
+    /// are both bound over UDP (IPv4) before the kernel's UDP stack, with the same checks as
+    /// the workers (docs/PERFORMANCE.md). `auto`: native mode, else generic, else userspace
+    /// alone with a warning; `native` or `generic`: that mode or the relay does not start.
+    /// Needs a build with the `xdp` feature, root (CAP_BPF, CAP_NET_ADMIN), a concrete IPv4
+    /// --udp-addr and --xdp-interfaces.
+    #[arg(long, env = "VEIL_RELAY_XDP", value_enum, default_value_t = crate::xdp::Mode::Off)]
+    pub xdp: crate::xdp::Mode,
+
+    /// Interfaces the XDP fast path attaches to (comma-separated): where clients' datagrams
+    /// to --udp-addr arrive.
+    #[arg(long, env = "VEIL_RELAY_XDP_INTERFACES", value_delimiter = ',')]
+    pub xdp_interfaces: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "VEIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -318,6 +332,8 @@ pub struct Settings {
     pub cpu_source: CpuSource,
     /// How often controller host names are resolved again.
     pub controller_resolve: Duration,
+    /// The kernel fast path.
+    pub xdp: crate::xdp::Settings,
 }
 
 /// What the CPU figure of a relay's load reports measures.
@@ -355,6 +371,7 @@ impl Settings {
             drain_deadline: Duration::ZERO,
             cpu_source: CpuSource::Workers,
             controller_resolve: Duration::from_secs(10),
+            xdp: crate::xdp::Settings::default(),
         }
     }
 }
@@ -414,6 +431,8 @@ impl Settings {
             .set("zone", &self.zone)
             .set("leg-idle-secs", self.core.leg_idle.as_secs())
             .set("leg-counters", self.core.leg_counters)
+            .set("xdp", format!("{:?}", self.xdp.mode).to_lowercase())
+            .list("xdp-interfaces", &self.xdp.interfaces)
             .set("binds-per-ip", self.core.binds_per_ip)
             .set("binds-per-worker", self.core.binds_per_worker)
             .set("turn", self.turn)
@@ -557,6 +576,17 @@ impl Config {
         if !self.turn && (self.turn_tcp_addr.is_some() || self.turn_tls_addr.is_some()) {
             bail!("--turn-tcp-addr and --turn-tls-addr need TURN on (--turn true)");
         }
+        if self.xdp != crate::xdp::Mode::Off {
+            if !cfg!(feature = "xdp") && self.xdp != crate::xdp::Mode::Auto {
+                bail!(
+                    "--xdp {}: this veil-relay was built without the `xdp` feature",
+                    format!("{:?}", self.xdp).to_lowercase()
+                );
+            }
+            if self.xdp_interfaces.is_empty() {
+                bail!("--xdp needs --xdp-interfaces: where clients' datagrams arrive");
+            }
+        }
         if self.turn_max_connections == 0 {
             bail!("--turn-max-connections must be at least 1");
         }
@@ -627,6 +657,10 @@ impl Config {
             drain_deadline: Duration::from_secs(self.drain_deadline_secs),
             cpu_source: CpuSource::Process,
             controller_resolve: Duration::from_secs(self.controller_resolve_secs),
+            xdp: crate::xdp::Settings {
+                mode: self.xdp,
+                interfaces: self.xdp_interfaces.clone(),
+            },
         })
     }
 }

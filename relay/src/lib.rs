@@ -18,6 +18,7 @@ pub mod quic;
 pub mod send;
 pub mod turn_stream;
 pub mod udp;
+pub mod xdp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,6 +63,7 @@ pub struct RelayServer {
     running: Arc<AtomicBool>,
     stop_ops: watch::Sender<bool>,
     ops_task: tokio::task::JoinHandle<()>,
+    fast_path: Option<xdp::FastPath>,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -141,6 +143,7 @@ impl RelayServer {
                 })
             },
         };
+        let fast_path = xdp::attach(&settings.xdp, udp_addr, &metrics.xdp)?;
         let (ops_addr, ops_task) = veil_ops::http::serve(settings.ops_addr, ops, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         })
@@ -163,6 +166,7 @@ impl RelayServer {
             running,
             stop_ops,
             ops_task,
+            fast_path,
         })
     }
 
@@ -341,6 +345,17 @@ impl RelayServer {
         let hello = self.hello();
         let drainer = Arc::new(drain::Drainer::new(self.node.clone()));
         let leg_changes = control::leg_feed(&self.node);
+        if let Some(fp) = self.fast_path.take() {
+            let stats = Arc::new(SharedStats::default());
+            self.metrics.add_source(Transport::Udp, stats.clone());
+            tasks.spawn(fp.run(
+                self.node.clone(),
+                leg_changes.subscribe(),
+                stats,
+                self.metrics.xdp.clone(),
+                stop_rx.clone(),
+            ));
+        }
         let resolver = veil_ops::dial::system_resolver();
         for url in &self.settings.controllers {
             let link = control::Link {

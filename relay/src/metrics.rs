@@ -79,6 +79,11 @@ pub struct RelayMetrics {
     turn_connections: IntGaugeVec,
     turn_accepted: IntCounterVec,
     turn_refused: IntCounterVec,
+    xdp_mode: IntGaugeVec,
+    xdp_legs: IntGauge,
+    xdp_packets: IntCounterVec,
+    /// What the kernel fast path is doing (`--xdp`).
+    pub xdp: Arc<crate::xdp::Status>,
     /// Time from receiving a batch of datagrams to having sent everything it caused.
     pub forwarding_latency: Histogram,
     sources: Mutex<Vec<(Transport, Arc<SharedStats>)>>,
@@ -298,6 +303,29 @@ impl RelayMetrics {
                 "TURN TCP and TLS connections the relay closed, by reason: full (--turn-max-connections), handshake (TLS failed or took over 5 s), no_allocation (none within 10 s), framing (bytes that are not TURN messages, or a message over 4 KiB).",
                 &["transport", "reason"],
             )?,
+            xdp_mode: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "veil_relay_xdp_mode",
+                        "The kernel fast path (--xdp): 1 for the mode in force: off (not asked for), userspace (asked for, could not attach: the workers forward everything), native, generic.",
+                    ),
+                    &["mode"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            xdp_legs: gauge(
+                registry,
+                "veil_relay_xdp_legs",
+                "Legs the kernel fast path forwards now (both legs of each 2-party UDP session it holds).",
+            )?,
+            xdp_packets: counter(
+                registry,
+                "veil_relay_xdp_packets_total",
+                "Datagrams of offloaded legs the kernel fast path decided on, by result: forwarded, rate_limited (dropped; also counted in veil_relay_dropped_packets_total), or handed to the workers: passed_expired, passed_not_media (control, malformed, too large), passed_peer_unknown (the peer's next hop not learned yet). Its forwarded datagrams are also counted in the transport-udp series of the other counters.",
+                &["result"],
+            )?,
+            xdp: Arc::new(crate::xdp::Status::default()),
             forwarding_latency,
             sources: Mutex::new(Vec::new()),
             quic: Mutex::new(None),
@@ -316,6 +344,9 @@ impl RelayMetrics {
         }
         for r in RESOLUTION_RESULTS {
             m.resolutions.with_label_values(&[r]);
+        }
+        for r in XDP_RESULTS {
+            m.xdp_packets.with_label_values(&[r]);
         }
         for r in QuicRefusal::ALL {
             m.quic_refused.with_label_values(&[r.as_str()]);
@@ -455,8 +486,36 @@ impl RelayMetrics {
         self.revocations.set(d.revocations() as i64);
         self.leg_revocations.set(d.leg_revocations() as i64);
         self.extensions.set(d.extensions() as i64);
+        let x = &self.xdp;
+        for mode in crate::xdp::Status::MODES {
+            self.xdp_mode
+                .with_label_values(&[mode])
+                .set(i64::from(x.mode() == mode));
+        }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.xdp_legs.set(x.legs.load(Relaxed) as i64);
+            for (r, c) in XDP_RESULTS.into_iter().zip([
+                &x.forwarded,
+                &x.rate_limited,
+                &x.passed_expired,
+                &x.passed_not_media,
+                &x.passed_peer_unknown,
+            ]) {
+                set(&self.xdp_packets, &[r], c.load(Relaxed));
+            }
+        }
     }
 }
+
+/// The results of `veil_relay_xdp_packets_total`, in the order of [`crate::xdp::Status`].
+const XDP_RESULTS: [&str; 5] = [
+    "forwarded",
+    "rate_limited",
+    "passed_expired",
+    "passed_not_media",
+    "passed_peer_unknown",
+];
 
 /// The stream transports of TURN, in the order of [`TurnStreams::counters`].
 const STREAMS: [Transport; 2] = [Transport::TurnTcp, Transport::TurnTls];

@@ -24,7 +24,7 @@ pub use veil_protocol::{token, wire};
 pub use counters::{Counts, LegCounters};
 pub use leg::{LegState, LegStatus};
 pub use node::{Config, Node, Refusal};
-pub use session::{BoundLeg, ChangeKind, ConnId, Ended, Endpoint, LegChange};
+pub use session::{BoundLeg, ChangeKind, ConnId, Ended, Endpoint, FastPair, LegChange, Session};
 pub use stats::{BindResult, DropReason, SharedStats, Stats};
 pub use table::{Event, ForwardingTable, Message, Targets, Transmit, Verdict};
 pub use token::{KeyId, KeyRing, Limits, SessionId, Ticket, Token};

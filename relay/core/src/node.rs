@@ -125,7 +125,14 @@ impl Node {
             + now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    pub(crate) fn mono_ms(&self, now: Instant) -> u64 {
+    /// The instant `mono_ms` milliseconds after the node's epoch ([`Node::mono_ms`]).
+    pub fn instant_at(&self, mono_ms: u64) -> Instant {
+        self.epoch + std::time::Duration::from_millis(mono_ms)
+    }
+
+    /// `now` as milliseconds since the node's epoch: the clock of cookies and of
+    /// [`crate::session::Session::note_fast`].
+    pub fn mono_ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 

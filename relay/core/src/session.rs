@@ -10,12 +10,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use arc_swap::ArcSwap;
 
 use crate::counters::{Counts, LegCounters};
-use crate::token::{MAX_LEGS, SessionId, Ticket};
+use crate::token::{Limits, MAX_LEGS, SessionId, Ticket};
 
 /// Identifies a QUIC connection within one relay (assigned by the QUIC shell).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -145,6 +145,8 @@ struct Slot {
     binding: u32,
     /// What this binding carried (with `Config::leg_counters`), kept likewise.
     counters: Option<Arc<LegCounters>>,
+    /// The rate limits of the ticket it was bound with (a kernel fast path enforces them too).
+    limits: Limits,
 }
 
 /// The bound legs of one session: an immutable snapshot, replaced on every change.
@@ -262,6 +264,7 @@ impl LegSet {
         &self,
         leg: u8,
         ep: Endpoint,
+        limits: Limits,
         fresh: impl FnOnce() -> (u32, Option<Arc<LegCounters>>),
     ) -> Self {
         let (binding, counters) = match self.slots.iter().find(|s| s.leg == leg) {
@@ -275,6 +278,7 @@ impl LegSet {
             turn: ep.is_turn().then(|| Arc::new(TurnView::default())),
             binding,
             counters,
+            limits,
         };
         // Sized exactly, so that boxing the slice moves nothing and frees nothing.
         let present = self.slots.iter().any(|s| s.leg == leg);
@@ -342,6 +346,10 @@ pub struct Session {
     legs: ArcSwap<LegSet>,
     /// Bit `i` set: leg `i` was revoked (its participant removed); all set: the session was.
     closed: AtomicU16,
+    /// When a kernel fast path last saw each leg's media (the node's monotonic ms + 1; 0:
+    /// never): what keeps an offloaded leg from going idle. Allocated on the first note, so a
+    /// session no fast path serves pays one pointer.
+    fast_seen: OnceLock<Box<[AtomicU64; MAX_LEGS as usize]>>,
 }
 
 /// Every leg of a session, as a [`Session::closed`] mask.
@@ -375,6 +383,24 @@ impl Session {
     #[inline]
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed) == ALL_LEGS
+    }
+
+    /// Notes that a kernel fast path forwarded or saw media of leg `slot` at `mono_ms` (the
+    /// node's monotonic milliseconds, [`crate::Node::mono_ms`]): the leg is not idle.
+    pub fn note_fast(&self, slot: u8, mono_ms: u64) {
+        let seen = self
+            .fast_seen
+            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        seen[usize::from(slot % MAX_LEGS)].fetch_max(mono_ms + 1, Ordering::Relaxed);
+    }
+
+    /// When a kernel fast path last saw leg `slot`'s media, the node's monotonic ms, if ever.
+    pub fn fast_seen(&self, slot: u8) -> Option<u64> {
+        let seen = self.fast_seen.get()?;
+        match seen[usize::from(slot % MAX_LEGS)].load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        }
     }
 
     /// True once the session, or leg `slot` of it alone, was revoked: forward nothing more from
@@ -460,6 +486,19 @@ pub enum ChangeKind {
     },
     /// No longer bound here.
     Unbound(Ended),
+}
+
+/// A session a kernel fast path may forward: two legs, both bound over native UDP at addresses of
+/// one family, both reachable, neither revoked. Anything else (a third leg, TURN, QUIC) is
+/// forwarded by the workers alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastPair {
+    /// The session.
+    pub session: SessionId,
+    /// Its expiry, Unix milliseconds (extensions included).
+    pub expires_unix_ms: u64,
+    /// Each leg: its slot, its client's address and its ticket's limits.
+    pub legs: [(u8, SocketAddr, Limits); 2],
 }
 
 /// One bound leg as [`Directory::bound_legs`] reads it.
@@ -582,6 +621,48 @@ impl Directory {
         }
     }
 
+    /// Session `id` as a kernel fast path may forward it, if it may ([`FastPair`]).
+    pub fn fast_pair(&self, id: SessionId) -> Option<FastPair> {
+        let inner = self.lock();
+        let session = inner.sessions.get(&id)?;
+        if session.closed.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        let legs = session.legs.load();
+        let [a, b] = &legs.slots[..] else {
+            return None;
+        };
+        let udp = |s: &Slot| match s.ep {
+            Endpoint::Udp(addr) if s.reachable => Some((s.leg, addr, s.limits)),
+            _ => None,
+        };
+        let (a, b) = (udp(a)?, udp(b)?);
+        (a.1.is_ipv4() == b.1.is_ipv4()).then(|| FastPair {
+            session: id,
+            expires_unix_ms: session.expires_unix_ms(),
+            legs: [a, b],
+        })
+    }
+
+    /// The counters of leg `slot` of session `id`'s binding, if it is bound and the relay
+    /// counts, and the session: for a fast path to add what it carried.
+    pub fn fast_leg(
+        &self,
+        id: SessionId,
+        slot: u8,
+    ) -> Option<(Arc<Session>, Option<Arc<LegCounters>>)> {
+        let inner = self.lock();
+        let session = inner.sessions.get(&id)?.clone();
+        let counters = session
+            .legs
+            .load()
+            .slots
+            .iter()
+            .find(|s| s.leg == slot)
+            .and_then(|s| s.counters.clone());
+        Some((session, counters))
+    }
+
     /// Every leg bound now, with its counters.
     pub fn bound_legs(&self) -> Vec<BoundLeg> {
         let inner = self.lock();
@@ -675,11 +756,12 @@ impl Directory {
                 expires_unix_ms: AtomicU64::new(expiry),
                 legs: ArcSwap::from_pointee(LegSet::default()),
                 closed: AtomicU16::new(0),
+                fast_seen: OnceLock::new(),
             });
             inner.sessions.insert(ticket.session, s.clone());
             s
         });
-        let next = session.legs.load().with(slot, ep, || {
+        let next = session.legs.load().with(slot, ep, ticket.limits, || {
             (
                 self.next_binding.fetch_add(1, Ordering::Relaxed),
                 self.counting.then(|| Arc::new(LegCounters::default())),

@@ -715,6 +715,10 @@ impl ForwardingTable {
         self.legs.retain(|key, leg| {
             // An extended session's native legs go on past their tokens' expiry.
             leg.renew();
+            // Media a kernel fast path forwarded for the leg keeps it alive as its own would.
+            if let Some(ms) = leg.session.fast_seen(leg.slot()) {
+                leg.last_seen = leg.last_seen.max(node.instant_at(ms));
+            }
             let why = match leg.check(now, now_unix, idle) {
                 LegStatus::Serving if evicting => LegStatus::Evicted,
                 why => why,
