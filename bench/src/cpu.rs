@@ -21,6 +21,19 @@ pub fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     parse_stat(&stat).with_context(|| format!("parse /proc/{pid}/stat"))
 }
 
+/// Run time of thread `tid` (any thread, a kernel thread such as a NAPI poller too), from
+/// `/proc/<tid>/schedstat`: nanoseconds the scheduler counted it on a CPU, not tick-sampled.
+pub fn thread_runtime(tid: u32) -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
+        .with_context(|| format!("read /proc/{tid}/schedstat"))?;
+    let ns: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .with_context(|| format!("parse /proc/{tid}/schedstat: {text:?}"))?;
+    Ok(Duration::from_nanos(ns))
+}
+
 /// CPU time of this process.
 pub fn self_cpu() -> anyhow::Result<Duration> {
     process_cpu(std::process::id())

@@ -243,6 +243,10 @@ pub struct Cores {
     pub relay: usize,
     /// The generator's core (this process's), if it is pinned to one.
     pub generator: Option<usize>,
+    /// A kernel thread whose run time counts as the forwarder's: the threaded NAPI poller of
+    /// the forwarder's receiving device in the veth benchmark (`xdp-bench`), where receiving,
+    /// and an XDP program, run.
+    pub napi: Option<u32>,
 }
 
 /// CPU figures read at one end of a measurement window.
@@ -258,7 +262,11 @@ impl Sample {
     /// Reads the figures now.
     pub fn take(relay_pid: Option<u32>, cores: Cores) -> anyhow::Result<Self> {
         Ok(Self {
-            relay_cpu: relay_pid.map(cpu::process_cpu).transpose()?,
+            relay_cpu: match (relay_pid.map(cpu::process_cpu).transpose()?, cores.napi) {
+                (Some(p), Some(tid)) => Some(p + cpu::thread_runtime(tid)?),
+                (p, None) => p,
+                (None, Some(tid)) => Some(cpu::thread_runtime(tid)?),
+            },
             relay_core: cpu::core_busy(cores.relay).ok(),
             gen_cpu: cpu::self_cpu().ok(),
             gen_core: cores.generator.and_then(|c| cpu::core_busy(c).ok()),

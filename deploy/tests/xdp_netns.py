@@ -28,6 +28,9 @@ Asserted, over `veil-loadtest` runs of 2-party UDP calls with real SRTP from the
    kernel numbers a socket's datagrams; the UDP checksums verify; and no datagram reaching a
    participant has another participant's address in it.
 4. **Revocation**: when the calls end (ReleaseSession), the program holds no leg within 1 s.
+   **Expiry**: calls that outlive their sessions' TTL (`--ttl-secs 60`, the API's least): at
+   the tokens' expiry the program hands their datagrams to the workers (which drop them as
+   expired and unbind the legs), and holds no leg, and forwards nothing more, within 1 s.
 5. **Rate limits**: with the controller's `--leg-max-pps 30` and 50 packets per second sent,
    the program drops what exceeds the ticket's rate (`result="rate_limited"`), the drops
    show in `veil_relay_dropped_packets_total{reason="rate_limited"}` too, and about 30% of
@@ -173,9 +176,9 @@ class Bed:
         shutil.rmtree(self.pins, ignore_errors=True)
 
 
-def loadtest(bed: Bed, label: str, seconds: int) -> subprocess.Popen:
+def loadtest(bed: Bed, label: str, seconds: int, *extra: str, calls: int = CALLS) -> subprocess.Popen:
     argv = ["ip", "netns", "exec", bed.client.ns, str(binary("veil-loadtest")), "--controller", bed.url,
-            "--calls", str(CALLS), "--participants", "2", "--duration", f"{seconds}s", "--ramp-up", "20",
+            "--calls", str(calls), "--participants", "2", "--duration", f"{seconds}s", "--ramp-up", "20", *extra,
             "--transport", "udp", "--quiet", "--client-ip-pool", ",".join(bed.client_ips),
             "--report-json", str(bed.workdir / f"{label}.json")]
     return subprocess.Popen(argv, stdout=open(bed.workdir / f"{label}.log", "w"), stderr=subprocess.STDOUT)
@@ -183,10 +186,10 @@ def loadtest(bed: Bed, label: str, seconds: int) -> subprocess.Popen:
 
 def report(bed: Bed, proc: subprocess.Popen, label: str) -> dict:
     try:
-        proc.wait(timeout=90)
+        proc.wait(timeout=150)
     except subprocess.TimeoutExpired:
         stop(proc, "veil-loadtest")
-        die(f"{label}: veil-loadtest ran past 90 s")
+        die(f"{label}: veil-loadtest ran past 150 s")
     path = bed.workdir / f"{label}.json"
     if not path.exists():
         die(f"{label}: no report:\n" + (bed.workdir / f"{label}.log").read_text(errors="replace")[-3000:])
@@ -289,6 +292,53 @@ def rate_limited(bed: Bed) -> list[str]:
     return failures
 
 
+def expiry(bed: Bed) -> list[str]:
+    """Calls that outlive their sessions' 60 s TTL: at the tokens' expiry the program stops
+    forwarding them (it hands their datagrams to the workers, which drop them as expired and
+    unbind the legs), within a second."""
+    calls, ttl = 2, 60
+    t0 = time.monotonic()
+    lt = loadtest(bed, "expiry", ttl + 4, "--ttl-secs", str(ttl), calls=calls)
+    samples = []
+    try:
+        time.sleep(ttl - 3)
+        while time.monotonic() - t0 < ttl + 3:
+            m = bed.metrics()
+            samples.append((time.monotonic() - t0, metric(m, "veil_relay_xdp_legs"),
+                            metric(m, "veil_relay_xdp_packets_total", result="forwarded"),
+                            metric(m, "veil_relay_xdp_packets_total", result="passed_expired")))
+            time.sleep(0.1)
+    except BaseException:
+        stop(lt, "veil-loadtest")
+        raise
+    r = report(bed, lt, "expiry")
+    after = bed.metrics()
+    failures = []
+    first = next((s for s in samples if s[3] > 0 or s[1] < 2 * calls), None)
+    if samples[0][1] != 2 * calls or samples[0][2] == 0:
+        failures.append(f"expiry: before the TTL the program held {samples[0][1]:.0f} legs and had forwarded "
+                        f"{samples[0][2]:.0f}")
+    if first is None:
+        failures.append("expiry: nothing changed on the fast path at the sessions' expiry")
+        return failures
+    gone = next((s for s in samples if s[0] >= first[0] and s[1] == 0), None)
+    # The program's counters reach the metrics at the relay's next harvest (every 250 ms):
+    # compare from half a second after the legs went.
+    settled = next((s for s in samples if gone and s[0] >= gone[0] + 0.5), samples[-1])
+    forwarded_after = samples[-1][2] - settled[2]
+    log(f"expiry: the program first handed an expired datagram to the workers {first[0]:.1f} s after the "
+        f"calls started (TTL {ttl} s); held no leg {gone[0] - first[0] if gone else float('nan'):.2f} s later; "
+        f"forwarded {forwarded_after:.0f} more from 0.5 s after that; {metric(after, 'veil_relay_dropped_packets_total', reason='expired'):.0f} "
+        f"datagrams dropped as expired; the calls: {r['calls_failed']} ended early ({r.get('call_failures')})")
+    if gone is None or gone[0] - first[0] > 1.0:
+        failures.append("expiry: the program still held legs 1 s after the sessions expired")
+    if forwarded_after:
+        failures.append(f"expiry: the program forwarded {forwarded_after:.0f} datagrams after it held no leg")
+    if metric(after, "veil_relay_dropped_packets_total", reason="expired") == 0:
+        failures.append("expiry: the workers dropped nothing as expired")
+    return failures
+
+
 def main() -> None:
     if os.geteuid() != 0:
         die("xdp_netns.py creates network namespaces and loads XDP programs: run it as root")
@@ -296,7 +346,7 @@ def main() -> None:
     failures = []
     try:
         exe, obj = build_relay(workdir)
-        for max_pps, scenario in ((5000, calls), (30, rate_limited)):
+        for max_pps, scenario in ((5000, calls), (30, rate_limited), (5000, expiry)):
             bed = Bed(workdir, exe, obj, max_pps)
             try:
                 bed.start()

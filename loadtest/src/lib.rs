@@ -75,6 +75,8 @@ pub struct Config {
     pub progress: bool,
     /// What the run must stay within to pass.
     pub thresholds: gate::Thresholds,
+    /// The sessions' TTL asked of AllocateSession, seconds (0: the API's default, an hour).
+    pub ttl_seconds: u32,
 }
 
 /// A participant's leg configuration, with the scenario's failover mode.
@@ -93,7 +95,7 @@ const GRACE: Duration = Duration::from_millis(1000);
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     cfg.scenario.validate()?;
     let (cluster, endpoint) = connect(&cfg.target).await?;
-    let report = drive(&cfg.scenario, &endpoint, 0, cfg.progress).await;
+    let report = drive(&cfg.scenario, &endpoint, cfg.ttl_seconds, cfg.progress).await;
     if let Some(c) = cluster {
         c.shutdown().await?;
     }

@@ -97,6 +97,11 @@ struct Flags {
     #[arg(long, value_enum)]
     failover: Option<FailoverMode>,
 
+    /// The sessions' TTL asked of AllocateSession, seconds: 60 to 86400, or 0 for the API's
+    /// default (an hour). A call that outlives it is ended by the relays (its tokens expire).
+    #[arg(long, default_value_t = 0, conflicts_with = "soak")]
+    ttl_secs: u32,
+
     /// Local addresses participants bind, as `A-B` (IPv4 range) or a comma-separated list.
     #[arg(long, value_parser = |s: &str| scenario::parse_ip_pool(s).map(Pool))]
     client_ip_pool: Option<Pool>,
@@ -281,6 +286,7 @@ async fn main() {
             max_failed_calls: flags.max_failed_calls,
             max_gap_ms: flags.max_gap_ms,
         },
+        ttl_seconds: flags.ttl_secs,
     };
     let report = match veil_loadtest::run(cfg).await {
         Ok(r) => r,
@@ -398,6 +404,7 @@ fn check_config(flags: &Flags, s: &Scenario) -> veil_ops::check::Effective {
         .set("participants", s.participants)
         .set("churn", s.churn)
         .set("churn-dwell", humantime::format_duration(s.churn_dwell))
+        .set("ttl-secs", flags.ttl_secs)
         .set("duration", humantime::format_duration(s.duration))
         .set("ramp-up", format!("{} calls/s", s.ramp_up_per_sec))
         .list("profile", &mix)

@@ -216,11 +216,10 @@ fn dtls_is_forwarded_and_everything_else_goes_to_userspace_unchanged() {
 
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         // Veil's own control messages (KEEPALIVE, BIND...) are userspace's to answer.
-        ("a control message", {
-            let mut m = vec![0xF0u8];
-            m.resize(20, 0);
-            m
-        }),
+        (
+            "a KEEPALIVE",
+            veil_relay_core::wire::keepalive([7; 8]).to_vec(),
+        ),
         ("STUN (TURN)", {
             let mut m = vec![0x00u8, 0x01];
             m.resize(20, 0);
@@ -326,4 +325,20 @@ fn a_removed_leg_is_forwarded_no_more() {
     assert!(p.is_empty());
     let f = frame(MAC_A, A, RELAY, &rtp(100));
     assert_eq!(run(&p, &f), (XDP_PASS, f));
+}
+
+#[test]
+fn a_participant_that_only_receives_is_reached_once_it_sent_a_keepalive() {
+    if !root() {
+        return;
+    }
+    let p = installed((0, 0), FOREVER);
+    let media = frame(MAC_A, A, RELAY, &rtp(100));
+    assert_eq!(run(&p, &media).0, XDP_PASS, "B's next hop not known yet");
+    // B sends no media, only Veil KEEPALIVEs (handed to userspace, which answers them).
+    let k = frame(MAC_B, B, RELAY, &veil_relay_core::wire::keepalive([7; 8]));
+    assert_eq!(run(&p, &k), (XDP_PASS, k));
+    let (v, out) = run(&p, &media);
+    assert_eq!(v, XDP_TX);
+    assert_eq!(&out[0..6], &MAC_B);
 }

@@ -201,6 +201,13 @@ int veil_fast_path(struct xdp_md *ctx)
 	if (!leg)
 		return XDP_PASS;
 
+	// Learn where this leg's datagrams come from, whatever they carry (a participant that
+	// only receives sends KEEPALIVEs): its peer's entry sends there.
+	if (leg->ifindex != ctx->ingress_ifindex)
+		leg->ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(leg->peer_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(leg->own_mac, eth->h_dest, ETH_ALEN);
+
 	// The datagram exactly as the headers say, and media by RFC 7983; anything else is
 	// userspace's to classify and count.
 	__u32 ip_len = bpf_ntohs(ip->tot_len);
@@ -225,12 +232,6 @@ int veil_fast_path(struct xdp_md *ctx)
 		count(STAT_PASS_EXPIRED, 1);
 		return XDP_PASS;
 	}
-
-	// Learn where this leg's datagrams come from: its peer's entry sends there.
-	if (leg->ifindex != ctx->ingress_ifindex)
-		leg->ifindex = ctx->ingress_ifindex;
-	__builtin_memcpy(leg->peer_mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(leg->own_mac, eth->h_dest, ETH_ALEN);
 
 	__sync_fetch_and_add(&leg->rx_packets, 1);
 	__sync_fetch_and_add(&leg->rx_bytes, len);

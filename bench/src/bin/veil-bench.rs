@@ -524,6 +524,7 @@ fn forward(args: ForwardArgs, video: bool) -> anyhow::Result<()> {
     let cores = Cores {
         relay: args.relay_core,
         generator: own_core(),
+        napi: None,
     };
     match cores.generator {
         Some(c) if c == args.relay_core => {
