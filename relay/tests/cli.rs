@@ -74,6 +74,8 @@ fn help_documents_every_flag_and_its_environment_variable() {
         ("--public-turn-tcp-addr", "VEIL_RELAY_PUBLIC_TURN_TCP_ADDR"),
         ("--public-turn-tls-addr", "VEIL_RELAY_PUBLIC_TURN_TLS_ADDR"),
         ("--turn-max-connections", "VEIL_RELAY_TURN_MAX_CONNECTIONS"),
+        ("--xdp", "VEIL_RELAY_XDP"),
+        ("--xdp-interfaces", "VEIL_RELAY_XDP_INTERFACES"),
     ] {
         assert!(out.contains(flag), "--help lacks {flag}");
         assert!(out.contains(env), "--help lacks {env}");
@@ -90,6 +92,29 @@ fn bad_configuration_exits_64_naming_the_field() {
     let bad = key_file("1 00ff signing\n");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![], "--key-file"),
+        // Without interfaces, or (in a build without the `xdp` feature) at all.
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--xdp",
+                "native",
+            ],
+            "--xdp",
+        ),
+        (
+            vec![
+                "--key-file",
+                good.as_str(),
+                "--udp-addr",
+                "127.0.0.1:0",
+                "--xdp",
+                "auto",
+            ],
+            "--xdp-interfaces",
+        ),
         (vec!["--key-file", "/nonexistent/veil-keys"], "--key-file"),
         (vec!["--key-file", bad.as_str()], "line 1"),
         (
