@@ -150,9 +150,9 @@ mod fast {
     use std::time::Instant;
 
     use anyhow::{Context, bail};
-    use aya::Ebpf;
-    use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
     use aya::programs::{Xdp, XdpMode};
+    use aya::{Ebpf, EbpfLoader};
     use tokio::sync::{broadcast, watch};
     use veil_relay_core::token::{Limits, SessionId};
     use veil_relay_core::{FastPair, LegChange, Node, SharedStats, Stats, stats::DropReason};
@@ -343,13 +343,11 @@ mod fast {
     impl Program {
         /// Loads the program into the kernel, writing `ttl` as the TTL of what it forwards.
         pub fn load(ttl: u8) -> anyhow::Result<Self> {
-            let mut ebpf = Ebpf::load(OBJECT).context("loading the XDP object")?;
-            // `struct config`: one __u32, the TTL.
-            let mut config: Array<_, u32> = Array::try_from(
-                ebpf.take_map("config")
-                    .context("the object has no config map")?,
-            )?;
-            config.set(0, u32::from(ttl), 0)?;
+            let ttl = u32::from(ttl);
+            let mut ebpf = EbpfLoader::new()
+                .override_global("veil_ttl", &ttl, true)
+                .load(OBJECT)
+                .context("loading the XDP object")?;
             let legs = BpfHashMap::try_from(ebpf.take_map("legs").context("no legs map")?)?;
             let stats = PerCpuArray::try_from(ebpf.take_map("stats").context("no stats map")?)?;
             for name in ["veil_fast_path", "veil_pass"] {
@@ -395,15 +393,6 @@ mod fast {
         /// The fast-path program, for `BPF_PROG_TEST_RUN`.
         pub fn fast_path(&self) -> &Xdp {
             self.program("veil_fast_path")
-        }
-
-        /// The pass-through program (for a veth's far end in tests and benchmarks).
-        pub fn pass(&mut self) -> &mut Xdp {
-            self.ebpf
-                .program_mut("veil_pass")
-                .expect("loaded")
-                .try_into()
-                .expect("an XDP program")
         }
 
         fn program(&self, name: &str) -> &Xdp {
@@ -662,48 +651,36 @@ mod fast {
             [0, 1].map(|i| self.fp.program.get(inst.keys[i]).unwrap_or(inst.seen[i]))
         }
 
-        /// Adds what the program carried for `inst` since its last reading.
+        /// Adds what the program carried for `inst` since its last reading: into the relay's
+        /// counters, and into the legs' counters and idle clocks.
         fn credit(&mut self, inst: &Installed, now: [LegValue; 2]) {
+            let session = self.node.directory.session(inst.pair.session);
             let mono = self.node.mono_ms(Instant::now());
-            let session = self
-                .node
-                .directory
-                .fast_leg(inst.pair.session, inst.pair.legs[0].0);
             for (i, (old, new)) in inst.seen.iter().zip(&now).enumerate() {
-                let rx = new.rx_packets.saturating_sub(old.rx_packets);
-                let rx_bytes = new.rx_bytes.saturating_sub(old.rx_bytes);
-                let fwd = new.fwd_packets.saturating_sub(old.fwd_packets);
-                let fwd_bytes = new.fwd_bytes.saturating_sub(old.fwd_bytes);
+                let rx = (
+                    new.rx_packets.saturating_sub(old.rx_packets),
+                    new.rx_bytes.saturating_sub(old.rx_bytes),
+                );
+                let fwd = (
+                    new.fwd_packets.saturating_sub(old.fwd_packets),
+                    new.fwd_bytes.saturating_sub(old.fwd_bytes),
+                );
                 let limited = new.limited_packets.saturating_sub(old.limited_packets);
-                self.stats.rx_packets += rx;
-                self.stats.rx_bytes += rx_bytes;
-                self.stats.forwarded_packets += fwd;
-                self.stats.forwarded_bytes += fwd_bytes;
+                self.stats.rx_packets += rx.0;
+                self.stats.rx_bytes += rx.1;
+                self.stats.forwarded_packets += fwd.0;
+                self.stats.forwarded_bytes += fwd.1;
                 self.stats.count_drops(DropReason::RateLimited, limited);
-                if rx == 0 {
-                    continue;
-                }
-                let slot = inst.pair.legs[i].0;
-                let peer = inst.pair.legs[1 - i].0;
-                if let Some((s, _)) = &session {
-                    s.note_fast(slot, mono);
-                }
-                if let Some((_, Some(c))) = self.node.directory.fast_leg(inst.pair.session, slot) {
-                    c.add_fast((rx, rx_bytes), limited, (0, 0));
-                }
-                if let Some((_, Some(c))) = self.node.directory.fast_leg(inst.pair.session, peer) {
-                    c.add_fast((0, 0), 0, (fwd, fwd_bytes));
+                if let Some(s) = session.as_ref().filter(|_| rx.0 > 0) {
+                    let (slot, peer) = (inst.pair.legs[i].0, inst.pair.legs[1 - i].0);
+                    s.credit_fast(slot, peer, mono, rx, limited, fwd);
                 }
             }
         }
 
         /// Reads back every entry; moves the expiry of extended sessions.
         fn harvest(&mut self) {
-            let ids: Vec<SessionId> = self.installed.keys().copied().collect();
-            for id in ids {
-                let Some(inst) = self.installed.remove(&id) else {
-                    continue;
-                };
+            for (id, inst) in std::mem::take(&mut self.installed) {
                 let mut now = self.read(&inst);
                 self.credit(&inst, now);
                 let mut inst = Installed { seen: now, ..inst };

@@ -90,6 +90,20 @@ fn bound(ip: Ipv4Addr) -> anyhow::Result<UdpSocket> {
     UdpSocket::bind(SocketAddrV4::new(ip, 0)).context("bind a generator socket")
 }
 
+/// A flow from `tx` through the forwarder at `relay` to `rx`, its sockets set up as the
+/// generator needs them; `keepalive` for Veil's receiving legs.
+fn flow(tx: UdpSocket, rx: UdpSocket, relay: SocketAddr, keepalive: bool) -> anyhow::Result<Flow> {
+    udpgen::setup_tx(&tx)?;
+    udpgen::setup_rx(&rx, false)?;
+    Ok(Flow {
+        tx,
+        dst: relay,
+        framing: Framing::Plain,
+        rx,
+        keepalive_to: keepalive.then_some(relay),
+    })
+}
+
 struct Target {
     flows: Vec<Flow>,
     service: Service,
@@ -108,15 +122,7 @@ fn setup(args: &Args, config: &str, dir: &TempDir, port: u16) -> anyhow::Result<
                     "--route".to_string(),
                     format!("{}={}", tx.local_addr()?, rx.local_addr()?),
                 ]);
-                udpgen::setup_tx(&tx)?;
-                udpgen::setup_rx(&rx, false)?;
-                flows.push(Flow {
-                    tx,
-                    dst: relay,
-                    framing: Framing::Plain,
-                    rx,
-                    keepalive_to: None,
-                });
+                flows.push(flow(tx, rx, relay, false)?);
             }
             let log = dir.path().join(format!("floor-{port}.log"));
             let mut service = Service::spawn("veil-floor", cmd, &log)?;
@@ -156,15 +162,7 @@ fn setup(args: &Args, config: &str, dir: &TempDir, port: u16) -> anyhow::Result<
                 let session: u64 = rand::random();
                 veil::bind_udp(&tx, relay, &veil::token(&keys, session, 0, 2))?;
                 veil::bind_udp(&rx, relay, &veil::token(&keys, session, 1, 2))?;
-                udpgen::setup_tx(&tx)?;
-                udpgen::setup_rx(&rx, false)?;
-                flows.push(Flow {
-                    tx,
-                    dst: relay,
-                    framing: Framing::Plain,
-                    rx,
-                    keepalive_to: Some(relay),
-                });
+                flows.push(flow(tx, rx, relay, true)?);
             }
             Ok(Target { flows, service })
         }

@@ -67,7 +67,7 @@ impl LegCounters {
 
     /// Adds what a kernel fast path carried for this binding since its last reading: media
     /// received from the leg's client, of it dropped, and sent to it.
-    pub fn add_fast(&self, received: (u64, u64), dropped: u64, sent: (u64, u64)) {
+    pub(crate) fn add_fast(&self, received: (u64, u64), dropped: u64, sent: (u64, u64)) {
         self.rx.packets.fetch_add(received.0, Ordering::Relaxed);
         self.rx.bytes.fetch_add(received.1, Ordering::Relaxed);
         self.rx.dropped.fetch_add(dropped, Ordering::Relaxed);

@@ -385,9 +385,30 @@ impl Session {
         self.closed.load(Ordering::Relaxed) == ALL_LEGS
     }
 
-    /// Notes that a kernel fast path forwarded or saw media of leg `slot` at `mono_ms` (the
-    /// node's monotonic milliseconds, [`crate::Node::mono_ms`]): the leg is not idle.
-    pub fn note_fast(&self, slot: u8, mono_ms: u64) {
+    /// Credits what a kernel fast path carried for leg `slot` since its last reading, at
+    /// `mono_ms` (the node's monotonic milliseconds, [`crate::Node::mono_ms`]): `rx` media
+    /// datagrams and bytes received from it, `dropped` of them, `fwd` forwarded to leg `peer`.
+    /// Into their bindings' counters where the relay counts, and into `slot`'s idle clock.
+    pub fn credit_fast(
+        &self,
+        slot: u8,
+        peer: u8,
+        mono_ms: u64,
+        rx: (u64, u64),
+        dropped: u64,
+        fwd: (u64, u64),
+    ) {
+        self.note_fast(slot, mono_ms);
+        let legs = self.legs.load();
+        if let Some(c) = legs.counters(slot) {
+            c.add_fast(rx, dropped, (0, 0));
+        }
+        if let Some(c) = legs.counters(peer) {
+            c.add_fast((0, 0), 0, fwd);
+        }
+    }
+
+    fn note_fast(&self, slot: u8, mono_ms: u64) {
         let seen = self
             .fast_seen
             .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
@@ -395,7 +416,7 @@ impl Session {
     }
 
     /// When a kernel fast path last saw leg `slot`'s media, the node's monotonic ms, if ever.
-    pub fn fast_seen(&self, slot: u8) -> Option<u64> {
+    pub(crate) fn fast_seen(&self, slot: u8) -> Option<u64> {
         let seen = self.fast_seen.get()?;
         match seen[usize::from(slot % MAX_LEGS)].load(Ordering::Relaxed) {
             0 => None,
@@ -644,23 +665,9 @@ impl Directory {
         })
     }
 
-    /// The counters of leg `slot` of session `id`'s binding, if it is bound and the relay
-    /// counts, and the session: for a fast path to add what it carried.
-    pub fn fast_leg(
-        &self,
-        id: SessionId,
-        slot: u8,
-    ) -> Option<(Arc<Session>, Option<Arc<LegCounters>>)> {
-        let inner = self.lock();
-        let session = inner.sessions.get(&id)?.clone();
-        let counters = session
-            .legs
-            .load()
-            .slots
-            .iter()
-            .find(|s| s.leg == slot)
-            .and_then(|s| s.counters.clone());
-        Some((session, counters))
+    /// Session `id`, if a leg of it is bound here.
+    pub fn session(&self, id: SessionId) -> Option<Arc<Session>> {
+        self.lock().sessions.get(&id).cloned()
     }
 
     /// Every leg bound now, with its counters.
